@@ -1,0 +1,65 @@
+# kvmpod — `make demo` and `make test` are the contract (README.md). Everything they need is
+# installed by `make setup`, which is idempotent and quick the second time.
+
+PYTHON     ?= python3
+VENV       := .venv
+VPY        := $(VENV)/bin/python
+KVMPOD     := $(VENV)/bin/kvmpod
+STAMPS     := .stamps
+BUILD      := build
+DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod gcc make python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: setup deps venv agent kernel kernel-distro initrd demo test unit bench clean
+
+setup: deps venv agent kernel
+
+# Debian packages: apt runs only when one is missing.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing Debian packages:" $$missing; \
+	  [ "$$(id -u)" = 0 ] || { echo "setup: run as root to install:" $$missing >&2; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+agent:
+	$(MAKE) -C guest-agent PYTHON=$(PYTHON)
+
+# The distro kernel (Debian cloud) until kvmpod's own minimal kernel lands (docs/kernel.md).
+kernel: kernel-distro
+kernel-distro: venv
+	$(VPY) -m kvmpod.boot.distro fetch
+
+initrd: setup
+	$(VPY) -c 'from kvmpod.boot.initrd import build_initrd, find_agent; from kvmpod.boot.kernel import find_kernel; print(build_initrd(find_agent(), find_kernel()))'
+
+$(BUILD)/busybox.aci: setup tests/make-busybox-rootfs.sh
+	@mkdir -p $(BUILD)
+	tests/make-busybox-rootfs.sh $(BUILD)/busybox-rootfs
+	$(KVMPOD) image build --rootfs $(BUILD)/busybox-rootfs --name example.com/busybox --label version=1.0 \
+	    --exec '/bin/sh -c "cat /etc/greeting; uname -sr"' -o $@
+
+demo: $(BUILD)/busybox.aci
+	$(KVMPOD) run $(BUILD)/busybox.aci
+
+test: setup
+	$(VPY) -m pytest $(PYTEST_ARGS) tests
+
+unit: venv
+	$(VPY) -m pytest -m 'not vm' $(PYTEST_ARGS) tests
+
+bench: setup
+	$(VPY) bench/start.py
+
+clean:
+	$(MAKE) -C guest-agent clean
+	rm -rf $(BUILD) $(STAMPS) .pytest_cache

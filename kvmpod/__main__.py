@@ -1,0 +1,3 @@
+from kvmpod.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""The host end of the agent channel: handshake, processes multiplexed by stream, flow control.
+
+The guest is untrusted. Every frame is checked (protocol.decode_header, Fields.decode), a frame
+that breaks the protocol fails the whole session with ProtocolError, and every waiter wakes up
+with that error: nothing hangs and no traceback escapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvmpod.agent import protocol as p
+from kvmpod.errors import (EXIT_CANNOT_INVOKE, EXIT_KVMPOD_FAILURE, EXIT_NOT_FOUND, EXIT_SIGNAL_BASE,
+                           AgentError, AppStartError, ProtocolError)
+
+OutputSink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    app_name: str
+    disk_serial: str
+    argv: list[str]
+    env: list[str]
+    workdir: str = "/"
+    user: str = "0"
+    group: str = "0"
+    supplementary_gids: list[int] = field(default_factory=list)
+    stdin: bool = False
+    readonly_rootfs: bool = False
+
+    def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
+        flags = (p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
+        out: list[tuple[p.Field, p.FieldValue | str]] = [
+            (p.Field.APP_NAME, self.app_name), (p.Field.DISK_SERIAL, self.disk_serial)]
+        out += [(p.Field.ARG, a) for a in self.argv]
+        out += [(p.Field.ENV, e) for e in self.env]
+        out += [(p.Field.WORKDIR, self.workdir), (p.Field.USER, self.user), (p.Field.GROUP, self.group)]
+        out += [(p.Field.SUPP_GID, g) for g in self.supplementary_gids]
+        out.append((p.Field.START_FLAGS, int(flags)))
+        return out
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    code: int | None = None
+    signal: int | None = None
+
+    @property
+    def shell_code(self) -> int:
+        """The status a shell would report: the exit code, or 128 + the terminating signal."""
+        return EXIT_SIGNAL_BASE + self.signal if self.signal is not None else (self.code or 0) & 0xFF
+
+    def describe(self) -> str:
+        return f"killed by signal {self.signal}" if self.signal is not None else f"exited with code {self.code}"
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    agent_version: str
+    boot_ns: int
+
+
+def _start_error(stage: str, err: int | None, message: str) -> AppStartError:
+    code = EXIT_KVMPOD_FAILURE
+    if stage == "exec" and err == errno.ENOENT:
+        code = EXIT_NOT_FOUND
+    elif stage == "exec" and err in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR):
+        code = EXIT_CANNOT_INVOKE
+    return AppStartError(message or f"{stage} failed" + (f": {os.strerror(err)}" if err else ""), code)
+
+
+class GuestProcess:
+    """A process running in the guest, as seen through its stream."""
+
+    def __init__(self, session: "AgentSession", stream: int, on_stdout: OutputSink, on_stderr: OutputSink):
+        self.session = session
+        self.stream = stream
+        self.pid: int | None = None
+        self.on_stdout = on_stdout
+        self.on_stderr = on_stderr
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[int] = loop.create_future()
+        self.exited: asyncio.Future[ExitStatus] = loop.create_future()
+        self._window = p.STDIN_WINDOW
+        self._window_open = asyncio.Event()
+        self._window_open.set()
+
+    async def write_stdin(self, data: bytes) -> None:
+        """Send stdin bytes, never more than the agent's window allows."""
+        view = memoryview(data)
+        while view:
+            if self.exited.done():
+                return
+            await self._window_open.wait()
+            self.session.raise_if_failed()
+            n = min(len(view), self._window, p.DATA_CHUNK)
+            await self.session.send(p.Frame(p.MessageType.STDIN, self.stream, bytes(view[:n])))
+            self._window -= n
+            if self._window == 0:
+                self._window_open.clear()
+            view = view[n:]
+
+    async def close_stdin(self) -> None:
+        if not self.exited.done():
+            await self.session.send(p.Frame(p.MessageType.STDIN_EOF, self.stream))
+
+    async def signal(self, signo: int) -> None:
+        if not self.exited.done():
+            await self.session.send(p.message(p.MessageType.SIGNAL, self.stream, (p.Field.SIGNO, signo)))
+
+    async def wait(self) -> ExitStatus:
+        return await self.exited
+
+    def _grant(self, nbytes: int) -> None:
+        if nbytes > p.STDIN_WINDOW - self._window:
+            raise ProtocolError(f"stream {self.stream}: WINDOW returns {nbytes} bytes that were never sent")
+        self._window += nbytes
+        self._window_open.set()
+
+    def _fail(self, error: BaseException) -> None:
+        for fut in (self.started, self.exited):
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # mark retrieved: the session's own failure is what gets reported
+        self._window_open.set()
+
+
+class AgentSession:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 on_log: Callable[[str], None] | None = None):
+        self._reader = reader
+        self._writer = writer
+        self._on_log = on_log
+        self._processes: dict[int, GuestProcess] = {}
+        self._finished: set[int] = set()
+        self._next_stream = 1
+        self._write_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        self.hello: asyncio.Future[Hello] = loop.create_future()
+        self.failed: asyncio.Future[AgentError] = loop.create_future()  # resolves (not raises) on failure
+        self._reader_task: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def handshake(self) -> Hello:
+        """Wait for HELLO, agree on a version, and start dispatching frames."""
+        mtype, stream, payload = await self._read_frame()
+        if mtype is not p.MessageType.HELLO:
+            raise ProtocolError(f"agent sent {mtype.name} before HELLO")
+        f = p.Fields.decode(payload)
+        lo, hi = f.get(p.Field.PROTO_MIN), f.get(p.Field.PROTO_MAX)
+        if not isinstance(lo, int) or not isinstance(hi, int):
+            raise ProtocolError("HELLO lacks PROTO_MIN/PROTO_MAX")
+        version = min(hi, p.VERSION)
+        if version < max(lo, p.MIN_VERSION):
+            raise AgentError(f"guest agent speaks protocol {lo}..{hi}, kvmpod speaks {p.MIN_VERSION}..{p.VERSION}: "
+                             "rebuild the initrd (make agent)")
+        await self.send(p.message(p.MessageType.HELLO_ACK, 0, (p.Field.PROTO_VERSION, version)))
+        boot_ns = f.get(p.Field.BOOT_NS, 0)
+        hello = Hello(version, f.text(p.Field.AGENT_VERSION), boot_ns if isinstance(boot_ns, int) else 0)
+        self.hello.set_result(hello)
+        self._reader_task = asyncio.get_running_loop().create_task(self._dispatch_forever())
+        return hello
+
+    async def start(self, spec: ProcessSpec, on_stdout: OutputSink, on_stderr: OutputSink) -> GuestProcess:
+        """Start a process; returns once it runs. Raises AppStartError if the agent could not start it."""
+        self.raise_if_failed()
+        if len(self._processes) >= p.MAX_STREAMS:
+            raise AgentError(f"too many processes in one pod (the agent serves {p.MAX_STREAMS})")
+        stream = self._next_stream
+        self._next_stream += 1
+        proc = GuestProcess(self, stream, on_stdout, on_stderr)
+        self._processes[stream] = proc
+        await self.send(p.message(p.MessageType.START, stream, *spec.fields()))
+        await self._first(proc.started)
+        return proc
+
+    async def shutdown(self) -> None:
+        """Ask the agent to kill everything, sync and power off. The VM's end tells when it is done."""
+        if not self.failed.done():
+            try:
+                await self.send(p.Frame(p.MessageType.SHUTDOWN, 0))
+            except (AgentError, ConnectionError):
+                pass
+
+    async def close(self) -> None:
+        if self._reader_task:
+            self._reader_task.cancel()
+        self._writer.close()
+
+    # -- I/O -------------------------------------------------------------------------------
+
+    async def send(self, frame: p.Frame) -> None:
+        async with self._write_lock:
+            self.raise_if_failed()
+            try:
+                self._writer.write(frame.encode())
+                await self._writer.drain()
+            except (ConnectionError, OSError) as e:
+                self._fail(AgentError(f"agent channel broke while sending: {e}"))
+                self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self.failed.done():
+            raise self.failed.result()
+
+    async def _first(self, fut: asyncio.Future):
+        """Await `fut`, or raise the session's failure if that comes first."""
+        done, _ = await asyncio.wait({fut, self.failed}, return_when=asyncio.FIRST_COMPLETED)
+        if fut in done:
+            return fut.result()
+        raise self.failed.result()
+
+    async def _read_frame(self) -> tuple[p.MessageType, int, bytes]:
+        try:
+            header = await self._reader.readexactly(p.HEADER_SIZE)
+            mtype, stream, length = p.decode_header(header)
+            payload = await self._reader.readexactly(length) if length else b""
+        except asyncio.IncompleteReadError as e:
+            raise AgentError("agent channel closed" + (" in the middle of a frame" if e.partial else "")) from None
+        except (ConnectionError, OSError) as e:
+            raise AgentError(f"agent channel broke: {e}") from None
+        if p.MESSAGE_SPECS[mtype]["from"] != "guest":
+            raise ProtocolError(f"guest sent {mtype.name}, a host-to-guest message")
+        return mtype, stream, payload
+
+    async def _dispatch_forever(self) -> None:
+        try:
+            while True:
+                self._dispatch(*await self._read_frame())
+        except AgentError as e:
+            self._fail(e)
+        except asyncio.CancelledError:
+            self._fail(AgentError("agent session closed"))
+            raise
+
+    def _dispatch(self, mtype: p.MessageType, stream: int, payload: bytes) -> None:
+        T = p.MessageType
+        if mtype is T.LOG:
+            if self._on_log:
+                self._on_log(p.Fields.decode(payload).text(p.Field.MESSAGE))
+            return
+        if mtype is T.HELLO:
+            raise ProtocolError("agent sent HELLO twice")
+        if mtype is T.ERROR and stream == 0:
+            f = p.Fields.decode(payload)
+            raise AgentError(f"guest agent failed: {f.text(p.Field.STAGE)}: {f.text(p.Field.MESSAGE)}")
+        proc = self._processes.get(stream)
+        if proc is None:
+            state = "has ended" if stream in self._finished else "was never started"
+            raise ProtocolError(f"{mtype.name} for stream {stream}, which {state}")
+        if mtype is T.STARTED:
+            pid = p.Fields.decode(payload).get(p.Field.PID)
+            if not isinstance(pid, int) or proc.started.done():
+                raise ProtocolError(f"stream {stream}: unexpected or malformed STARTED")
+            proc.pid = pid
+            proc.started.set_result(pid)
+        elif mtype is T.ERROR:
+            f = p.Fields.decode(payload)
+            err = f.get(p.Field.ERRNO)
+            error = _start_error(f.text(p.Field.STAGE), err if isinstance(err, int) else None, f.text(p.Field.MESSAGE))
+            if proc.started.done():
+                raise ProtocolError(f"stream {stream}: ERROR after the process started")
+            proc.started.set_exception(error)
+            self._finish(stream)
+        elif not proc.started.done():
+            raise ProtocolError(f"{mtype.name} for stream {stream} before STARTED")
+        elif mtype is T.STDOUT:
+            proc.on_stdout(payload)
+        elif mtype is T.STDERR:
+            proc.on_stderr(payload)
+        elif mtype is T.WINDOW:
+            nbytes = p.Fields.decode(payload).get(p.Field.BYTES)
+            if not isinstance(nbytes, int):
+                raise ProtocolError(f"stream {stream}: WINDOW without BYTES")
+            proc._grant(nbytes)
+        elif mtype is T.EXIT:
+            f = p.Fields.decode(payload)
+            code, sig = f.get(p.Field.EXIT_CODE), f.get(p.Field.TERM_SIGNAL)
+            if (code is None) == (sig is None):
+                raise ProtocolError(f"stream {stream}: EXIT needs exactly one of EXIT_CODE and TERM_SIGNAL")
+            proc.exited.set_result(ExitStatus(code=code if isinstance(code, int) else None,
+                                              signal=sig if isinstance(sig, int) else None))
+            self._finish(stream)
+        else:  # every guest-sent type is handled above
+            raise ProtocolError(f"unexpected {mtype.name}")
+
+    def _finish(self, stream: int) -> None:
+        del self._processes[stream]
+        self._finished.add(stream)
+
+    def _fail(self, error: AgentError) -> None:
+        if not self.failed.done():
+            self.failed.set_result(error)
+        for proc in list(self._processes.values()):
+            proc._fail(error)

@@ -1,0 +1,71 @@
+"""kvmpod's exception hierarchy and the exit codes the CLI maps them to.
+
+Every error kvmpod raises on purpose is a KvmpodError whose str() is one line that names
+the problem and the offending path or field. The CLI prints it as `kvmpod: error: ...`.
+"""
+
+from __future__ import annotations
+
+# Exit codes of `kvmpod run` (documented in docs/cli.md), podman's convention:
+EXIT_KVMPOD_FAILURE = 125   # kvmpod itself failed (bad input, VM did not start, guest died)
+EXIT_CANNOT_INVOKE = 126    # the app's exec path exists but could not be executed
+EXIT_NOT_FOUND = 127        # the app's exec path does not exist in its rootfs
+EXIT_SIGNAL_BASE = 128      # the app was killed by signal N: 128 + N
+
+
+class KvmpodError(Exception):
+    """Base of every error kvmpod reports to the user."""
+
+    exit_code = EXIT_KVMPOD_FAILURE
+
+
+class UsageError(KvmpodError):
+    """The command line is wrong."""
+
+
+class ImageError(KvmpodError):
+    """An image is missing, malformed or unsafe."""
+
+
+class ManifestError(ImageError):
+    """An image or pod manifest breaks the appc spec."""
+
+
+class DiskError(KvmpodError):
+    """A rootfs cannot be packed into a disk image."""
+
+
+class KernelError(KvmpodError):
+    """No usable guest kernel or initrd."""
+
+
+class VMError(KvmpodError):
+    """QEMU could not be started, or the VM died."""
+
+
+class GuestPanic(VMError):
+    """The guest kernel panicked."""
+
+
+class AgentError(KvmpodError):
+    """The guest agent reported a failure or stopped answering."""
+
+
+class ProtocolError(AgentError):
+    """The guest sent something that breaks the agent protocol (the guest is untrusted)."""
+
+
+class AppStartError(AgentError):
+    """The agent could not start an app (missing exec path, working directory, user...)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_KVMPOD_FAILURE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupted(KvmpodError):
+    """The user stopped the pod (a second SIGINT/SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,1 @@
+"""App Container images: reading ACIs, their manifests, and building new ones."""

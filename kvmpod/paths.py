@@ -1,0 +1,59 @@
+"""Where kvmpod keeps things: the runtime pod dirs, the image store and the build caches.
+
+Root uses system locations; other users get their XDG directories. Environment overrides
+exist for tests and packagers (documented in docs/layout.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _home() -> Path:
+    return Path(os.environ.get("HOME") or Path.home())
+
+
+def runtime_dir() -> Path:
+    """Pod directories live here (tmpfs: they do not survive a host reboot, nor should pods)."""
+    if env := os.environ.get("KVMPOD_RUN_DIR"):
+        return Path(env)
+    if _is_root():
+        return Path("/run/kvmpod")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "kvmpod" if xdg else Path("/tmp") / f"kvmpod-{os.getuid()}"
+
+
+def store_dir() -> Path:
+    if env := os.environ.get("KVMPOD_STORE_DIR"):
+        return Path(env)
+    if _is_root():
+        return Path("/var/lib/kvmpod")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else _home() / ".local" / "share") / "kvmpod"
+
+
+def cache_dir() -> Path:
+    """Guest kernels and initrds: rebuildable, so a cache, not the store."""
+    if env := os.environ.get("KVMPOD_CACHE_DIR"):
+        return Path(env)
+    if _is_root():
+        return Path("/var/cache/kvmpod")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else _home() / ".cache") / "kvmpod"
+
+
+def config_files() -> list[Path]:
+    """Config files, later ones overriding earlier ones."""
+    files = [Path("/etc/kvmpod/kvmpod.toml")]
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    files.append((Path(xdg) if xdg else _home() / ".config") / "kvmpod" / "kvmpod.toml")
+    if env := os.environ.get("KVMPOD_CONFIG"):
+        files.append(Path(env))
+    return files

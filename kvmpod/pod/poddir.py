@@ -1,0 +1,60 @@
+"""The pod directory: everything one pod has on the host while it runs (docs/layout.md).
+
+    <runtime>/pods/<uuid>/
+        pod-manifest     the resolved appc PodManifest
+        state.json       state, pids, apps and their exit statuses (rewritten atomically)
+        console.log      the guest's serial console
+        qemu.log         QEMU's stderr
+        qmp.sock         QMP (kvmpod listens, QEMU connects)
+        agent.sock       the agent channel (likewise)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmpod import paths
+
+
+@dataclass
+class PodDir:
+    uuid: str
+    path: Path
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, root: Path | None = None) -> "PodDir":
+        pods = (root or paths.runtime_dir()) / "pods"
+        pods.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pod_uuid = str(uuidlib.uuid4())
+        path = pods / pod_uuid
+        path.mkdir(mode=0o700)
+        pod = cls(pod_uuid, path, {"uuid": pod_uuid, "state": "preparing", "created": time.time(),
+                                   "kvmpod_pid": os.getpid()})
+        pod.save()
+        return pod
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, data: Any) -> None:
+        tmp = self.file(f".{name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.file(name))
+
+    def update(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.save()
+
+    def save(self) -> None:
+        self.write_json("state.json", self.state)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Virtual machines: accelerator choice, the QEMU command line, and the backends that run a VM."""

@@ -1,0 +1,77 @@
+"""A VM described as data, and the one place that turns it into a QEMU command line.
+
+No other module pastes QEMU option strings: backends take a VMConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+AGENT_PORT_NAME = "org.kvmpod.agent"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A read-only image disk; the guest finds it by its virtio-blk serial."""
+
+    path: Path
+    serial: str
+    format: str = "raw"
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    name: str
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    console_log: Path
+    qmp_socket: Path          # kvmpod listens, QEMU connects (so no startup race)
+    agent_socket: Path        # likewise, for the agent's virtio-serial port
+    machine: str = "pc"       # "pc" | "q35" | "microvm"
+    accel: str = "tcg"
+    memory_mib: int = 256
+    cpus: int = 1
+    disks: list[Disk] = field(default_factory=list)
+    firmware: Path | None = None  # e.g. qboot.rom; None = QEMU's default
+
+    @property
+    def virtio_suffix(self) -> str:
+        # microvm has no PCI bus: its virtio devices sit on virtio-mmio transports.
+        return "device" if self.machine == "microvm" else "pci"
+
+
+def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
+    v = cfg.virtio_suffix
+    argv = [
+        binary,
+        "-name", f"{cfg.name},debug-threads=on",
+        "-machine", cfg.machine,
+        "-accel", cfg.accel,
+        "-m", f"{cfg.memory_mib}M",
+        "-smp", str(cfg.cpus),
+        "-nodefaults", "-no-user-config", "-nographic",
+        "-no-reboot",                       # a guest reset (panic=-1, reboot=t) ends QEMU
+        "-action", "panic=exit-failure",    # with pvpanic: the panic is reported, then QEMU exits
+        "-kernel", str(cfg.kernel),
+        "-initrd", str(cfg.initrd),
+        "-append", cfg.cmdline,
+        # -nodefaults drops the serial port: add it back, logged to a file.
+        "-chardev", f"file,id=console,path={cfg.console_log}",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={cfg.qmp_socket},server=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-device", f"virtio-serial-{v},id=vser0",
+        "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+        "-device", "pvpanic-pci" if v == "pci" else "pvpanic",
+    ]
+    if cfg.firmware:
+        argv += ["-bios", str(cfg.firmware)]
+    for i, disk in enumerate(cfg.disks):
+        argv += [
+            "-drive", f"file={disk.path},if=none,id=disk{i},format={disk.format},readonly=on",
+            "-device", f"virtio-blk-{v},drive=disk{i},serial={disk.serial}",
+        ]
+    return argv

@@ -1,0 +1,104 @@
+"""Pure rules of the run path: accelerator choice, app environment, CLI parsing, QEMU argv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmpod import cli
+from kvmpod.errors import UsageError, VMError
+from kvmpod.pod.spec import DEFAULT_PATH, app_environment, default_app_name
+from kvmpod.vm.accel import HostFacts, choose_accelerator
+from kvmpod.vm.config import Disk, VMConfig, qemu_argv
+
+PVM = HostFacts(dev_kvm_exists=True, dev_kvm_usable=True, cpu_virt_flags=False, hw_kvm_module=False, pvm_module=True)
+VMX = HostFacts(dev_kvm_exists=True, dev_kvm_usable=True, cpu_virt_flags=True, hw_kvm_module=True, pvm_module=False)
+NO_KVM = HostFacts(False, False, True, False, False)
+
+
+def test_pvm_only_host_falls_back_to_tcg_and_says_why():
+    accel = choose_accelerator("auto", PVM)
+    assert accel.name == "tcg" and accel.automatic and "PVM-only" in accel.reason
+
+
+def test_real_kvm_is_used():
+    assert choose_accelerator("auto", VMX).name == "kvm"
+
+
+def test_missing_dev_kvm_falls_back():
+    assert "does not exist" in choose_accelerator("auto", NO_KVM).reason
+
+
+def test_forced_kvm_on_pvm_host_is_an_error():
+    with pytest.raises(VMError, match="PVM-only"):
+        choose_accelerator("kvm", PVM)
+
+
+def test_forced_tcg_is_not_automatic():
+    assert not choose_accelerator("tcg", VMX).automatic
+
+
+def test_this_machine_is_probed_consistently():
+    facts = HostFacts.probe()
+    assert facts.dev_kvm_exists == Path("/dev/kvm").exists()
+
+
+def test_environment_follows_the_executor_spec():
+    env = app_environment("web", [("FOO", "image"), ("BAR", "image")], {"BAR": "pod"}, {"BAZ": "app"})
+    assert env == [f"PATH={DEFAULT_PATH}", "AC_APP_NAME=web", "container=kvmpod", "FOO=image", "BAR=pod", "BAZ=app"]
+
+
+def test_app_path_replaces_the_default_and_ac_app_name_cannot_be_overridden():
+    env = app_environment("web", [("PATH", "/opt/bin")], {}, {"AC_APP_NAME": "evil"})
+    assert "PATH=/opt/bin" in env and f"PATH={DEFAULT_PATH}" not in env
+    assert "AC_APP_NAME=web" in env and "AC_APP_NAME=evil" not in env
+
+
+class _M:
+    def __init__(self, name): self.name = name
+
+
+@pytest.mark.parametrize("image, app", [("example.com/busybox", "busybox"), ("a/B_C.d", "b-c-d"), ("x/__", "app")])
+def test_default_app_name(image, app):
+    assert default_app_name(_M(image)) == app
+
+
+def test_rkt_syntax_splits_pod_flags_app_flags_and_args():
+    ns = cli.build_parser().parse_args(
+        ["run", "--memory", "1G", "--set-env", "A=1", "img.aci", "--exec", "/bin/sh", "--set-env", "B=2",
+         "--user", "app", "--", "-c", "echo --exec"])
+    assert ns.memory == 1024 and dict(ns.set_env) == {"A": "1"}
+    (app,) = cli._parse_apps(ns.app_words, ns.image)
+    assert (app.image, app.exec, app.env, app.user, app.args) == ("img.aci", "/bin/sh", {"B": "2"}, "app",
+                                                                    ["-c", "echo --exec"])
+
+
+def test_triple_dash_separates_apps():
+    ns = cli.build_parser().parse_args(["run", "a.aci", "--name", "one", "---", "b.aci", "--", "x"])
+    apps = cli._parse_apps(ns.app_words, ns.image)
+    assert [(a.image, a.name, a.args) for a in apps] == [("a.aci", "one", None), ("b.aci", None, ["x"])]
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["run", "--memory", "12X", "a.aci"], "memory size"),
+    (["run", "--cpus", "0", "a.aci"], "at least 1"),
+    (["run", "a.aci", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "a.aci", "---", "--exec", "/x"], "an image must follow ---"),
+])
+def test_usage_errors_are_one_line(argv, problem, capsys):
+    assert cli.main(argv) == 125
+    err = capsys.readouterr().err
+    assert problem in err and err.count("\n") == 1
+
+
+def test_qemu_argv_is_built_from_the_config(tmp_path):
+    cfg = VMConfig(name="kvmpod-x", kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0 quiet",
+                   console_log=tmp_path / "c", qmp_socket=tmp_path / "q", agent_socket=tmp_path / "a",
+                   disks=[Disk(Path("/d.iso"), "img0")])
+    argv = qemu_argv(cfg)
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet"
+    assert "-nodefaults" in argv and "-no-reboot" in argv
+    assert "virtio-blk-pci,drive=disk0,serial=img0" in argv
+    assert any("readonly=on" in a for a in argv)
+    assert not any(" " in a for a in argv if a != "console=ttyS0 quiet")
