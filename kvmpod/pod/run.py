@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Awaitable, TypeVar
 
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, ProcessSpec
-from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, Interrupted, KvmpodError, VMError
+from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
 from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.spec import AppOverrides, ResolvedApp, pod_manifest, resolve_app
 from kvmpod.vm.backend import VMBackend, VMExit
@@ -209,7 +209,7 @@ class PodRunner:
         if self.session:
             waits.add(self.session.failed)
         done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
+        if task in done and not self._failed_with_session(task):
             return task.result()
         task.cancel()
         with contextlib.suppress(BaseException):
@@ -222,6 +222,12 @@ class PodRunner:
                 raise GuestDied(await asyncio.wait_for(asyncio.shield(self.vm.ended), 2.0))
             raise self.session.failed.result()
         raise AgentError(f"{what} within {timeout:.0f} s (console log: {self.pod.file('console.log')})")
+
+    def _failed_with_session(self, task: asyncio.Future) -> bool:
+        """True when `task` failed only because the whole session did (explained below, not by the task)."""
+        error = task.exception()
+        return (error is not None and not isinstance(error, AppStartError)
+                and self.session is not None and self.session.failed.done())
 
     def _explain_death(self, vm_exit: VMExit) -> str:
         from kvmpod.vm.console import explain

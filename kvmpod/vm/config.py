@@ -27,8 +27,8 @@ class VMConfig:
     initrd: Path
     cmdline: str
     console_log: Path
-    qmp_socket: Path          # kvmpod listens, QEMU connects (so no startup race)
-    agent_socket: Path        # likewise, for the agent's virtio-serial port
+    qmp_socket: Path | None = None    # kvmpod listens, QEMU connects (so no start-up race)
+    agent_socket: Path | None = None  # likewise, for the agent's virtio-serial port
     machine: str = "pc"       # "pc" | "q35" | "microvm"
     accel: str = "tcg"
     memory_mib: int = 256
@@ -60,13 +60,17 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         # -nodefaults drops the serial port: add it back, logged to a file.
         "-chardev", f"file,id=console,path={cfg.console_log}",
         "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,path={cfg.qmp_socket},server=off",
-        "-mon", "chardev=qmp,mode=control",
-        "-device", f"virtio-serial-{v},id=vser0",
-        "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=off",
-        "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
         "-device", "pvpanic-pci" if v == "pci" else "pvpanic",
     ]
+    if cfg.qmp_socket:
+        argv += ["-chardev", f"socket,id=qmp,path={cfg.qmp_socket},server=off",
+                 "-mon", "chardev=qmp,mode=control"]
+    if cfg.agent_socket:
+        argv += [
+            "-device", f"virtio-serial-{v},id=vser0",
+            "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
     if cfg.firmware:
         argv += ["-bios", str(cfg.firmware)]
     for i, disk in enumerate(cfg.disks):

@@ -49,6 +49,9 @@ class QemuVM(VMBackend):
     async def start(self) -> AgentChannel:
         from qemu.qmp import QMPClient  # lazy: keeps `kvmpod --help` fast
 
+        if not (self.config.agent_socket and self.config.qmp_socket):
+            raise VMError("the QEMU backend needs both an agent socket and a QMP socket")
+
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # its errors surface as ours
         loop = asyncio.get_running_loop()
         agent_conn: asyncio.Future[AgentChannel] = loop.create_future()
@@ -116,8 +119,8 @@ class QemuVM(VMBackend):
         # QEMU emits GUEST_PANICKED/SHUTDOWN just before exiting; give the reader a moment to deliver them.
         if self._events_task and not self._events_task.done():
             await asyncio.sleep(0)
-        await self._close_listeners()
         self._ended.set_result(VMExit(returncode, self._panicked, self._shutdown_reason, self._stderr_tail()))
+        await self._close_listeners()
 
     def _stderr_tail(self, lines: int = 3) -> str:
         try:
@@ -135,8 +138,9 @@ class QemuVM(VMBackend):
         if self._agent_server is not None:
             self._agent_server.close()
         for path in (self.config.agent_socket, self.config.qmp_socket):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     async def wait(self) -> VMExit:
         return await asyncio.shield(self.ended)

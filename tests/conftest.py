@@ -1,0 +1,48 @@
+"""Shared test fixtures: an isolated store and runtime dir, the sample busybox image, a kvmpod runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MAKE_ROOTFS = REPO / "tests" / "make-busybox-rootfs.sh"
+
+
+@pytest.fixture(scope="session")
+def kvmpod_dirs(tmp_path_factory) -> dict[str, str]:
+    """Store and pod dirs of the test session only (the kernel cache stays the machine's: make kernel fills it)."""
+    base = tmp_path_factory.mktemp("kvmpod")
+    env = {"KVMPOD_STORE_DIR": str(base / "store"), "KVMPOD_RUN_DIR": str(base / "run")}
+    return env
+
+
+@pytest.fixture
+def kvmpod_env(kvmpod_dirs, monkeypatch) -> dict[str, str]:
+    for k, v in kvmpod_dirs.items():
+        monkeypatch.setenv(k, v)
+    return {**os.environ, **kvmpod_dirs}
+
+
+def kvmpod_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvmpod", *args]
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rootfs") / "busybox"
+    subprocess.run(["sh", str(MAKE_ROOTFS), str(root)], check=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def busybox_aci(busybox_rootfs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("images") / "busybox.aci"
+    subprocess.run(kvmpod_cmd("image", "build", "--rootfs", str(busybox_rootfs), "--name", "example.com/busybox",
+                              "--exec", "/bin/sh -c 'cat /etc/greeting'", "--env", "IMAGE_VAR=from-image",
+                              "-o", str(out)), check=True)
+    return out

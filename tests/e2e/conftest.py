@@ -1,0 +1,104 @@
+"""End-to-end fixtures: every test here boots a real VM (TCG on this machine) through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import kvmpod_cmd
+
+VM_TIMEOUT = 240
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def boot_assets_present():
+    """The VM tests need `make setup` (kernel + agent); say so instead of failing 30 times obscurely."""
+    from kvmpod.boot.initrd import find_agent
+    from kvmpod.boot.kernel import find_kernel
+    from kvmpod.errors import KvmpodError
+
+    try:
+        find_kernel()
+        find_agent()
+    except KvmpodError as e:
+        pytest.fail(f"boot assets missing: {e} — run `make setup` first", pytrace=False)
+
+
+def qemu_pids_of(run_dir: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{run_dir}"], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(kvmpod_env):
+    """After every VM test: no QEMU of ours, no pod directory (tests with --keep clean up themselves)."""
+    yield
+    run_dir = kvmpod_env["KVMPOD_RUN_DIR"]
+    deadline = time.time() + 5
+    while qemu_pids_of(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert qemu_pids_of(run_dir) == [], "a QEMU process outlived kvmpod"
+    pods = Path(run_dir, "pods")
+    assert not pods.exists() or list(pods.iterdir()) == [], f"pod directories left: {list(pods.iterdir())}"
+
+
+class Kvmpod:
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def run(self, *args: str, input: bytes | None = None, timeout: float = VM_TIMEOUT) -> subprocess.CompletedProcess:
+        return subprocess.run(kvmpod_cmd("run", *args), input=input, capture_output=True, env=self.env,
+                              timeout=timeout)
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(kvmpod_cmd("run", *args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=self.env)
+
+    def wait_for_running_pod(self, proc: subprocess.Popen, timeout: float = VM_TIMEOUT) -> dict:
+        pods = Path(self.env["KVMPOD_RUN_DIR"], "pods")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert proc.poll() is None, f"kvmpod exited early: {proc.communicate()}"
+            for state_file in pods.glob("*/state.json") if pods.exists() else []:
+                try:
+                    state = json.loads(state_file.read_text())
+                except (OSError, ValueError):
+                    continue
+                if state.get("state") == "running":
+                    return state
+            time.sleep(0.1)
+        raise AssertionError("pod never reached the running state")
+
+
+@pytest.fixture
+def kvmpod(kvmpod_env) -> Kvmpod:
+    return Kvmpod(kvmpod_env)
+
+
+def stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.decode().splitlines() if not line.startswith("kvmpod: notice:")]
+
+
+def the_error(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.decode().splitlines() if line.startswith("kvmpod: error:")]
+    assert len(errors) == 1, result.stderr.decode()
+    return errors[0]
+
+
+def proc_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
