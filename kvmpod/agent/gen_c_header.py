@@ -25,8 +25,34 @@ def render(definition: dict) -> str:
     lines.append("")
     for name, value in definition["flags"].items():
         lines.append(f"#define KP_{name} {value}u")
-    lines += ["", "#endif", ""]
+    lines += ["", *_rule_tables(definition), "", "#endif", ""]
     return "\n".join(lines)
+
+
+_FROM = {"host": "KP_FROM_HOST", "guest": "KP_FROM_GUEST"}
+_STREAM = {"zero": "KP_STREAM_ZERO", "process": "KP_STREAM_PROCESS", "any": "KP_STREAM_ANY"}
+_PAYLOAD = {"tlv": "KP_PAYLOAD_TLV", "raw": "KP_PAYLOAD_RAW", "empty": "KP_PAYLOAD_EMPTY"}
+_FIELD_TYPE = {"u32": "KP_T_U32", "i32": "KP_T_I32", "u64": "KP_T_U64", "str": "KP_T_STR"}
+
+
+def _rule_tables(definition: dict) -> list[str]:
+    """The per-message and per-field rules as X-macros, so the agent checks frames from data, not copies."""
+    lines = [
+        "enum kp_from { KP_FROM_HOST, KP_FROM_GUEST };",
+        "enum kp_stream_kind { KP_STREAM_ZERO, KP_STREAM_PROCESS, KP_STREAM_ANY };",
+        "enum kp_payload_kind { KP_PAYLOAD_TLV, KP_PAYLOAD_RAW, KP_PAYLOAD_EMPTY };",
+        "enum kp_field_type { KP_T_U32, KP_T_I32, KP_T_U64, KP_T_STR };",
+        "",
+        "/* X(NAME, from, stream kind, payload kind); the id is KP_MSG_##NAME. */",
+        "#define KP_MESSAGES(X) \\",
+    ]
+    for m in definition["message"]:
+        lines.append(f"    X({m['name']}, {_FROM[m['from']]}, {_STREAM[m['stream']]}, {_PAYLOAD[m['payload']]}) \\")
+    lines += ["", "/* X(NAME, type); the tag is KP_F_##NAME. */", "#define KP_FIELDS(X) \\"]
+    for f in definition["field"]:
+        lines.append(f"    X({f['name']}, {_FIELD_TYPE[f['type']]}) \\")
+    lines.append("")
+    return lines
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,291 @@
+#include "app.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#define KVMPOD_RUN "/run/kvmpod"
+#define IMAGES_DIR KVMPOD_RUN "/images"
+#define APPS_DIR KVMPOD_RUN "/apps"
+/* The disks are there before the agent starts serving (virtio_blk probes when it loads); the
+ * wait only covers a slow probe. */
+#define DISK_TIMEOUT_MS 5000u
+
+struct image {
+    struct image *next;
+    char *serial;
+    char path[PATH_MAX];
+};
+
+struct app {
+    struct app *next;
+    char *name, *serial;
+    char root[PATH_MAX];
+};
+
+static struct image *images;
+static struct app *apps;
+
+/* Every mount made, in order, so a failed setup and shutdown can undo them newest first. */
+static char **mounts;
+static size_t nmounts, mounts_cap;
+
+static int mount_at(const char *src, const char *target, const char *type, unsigned long flags, const char *data,
+                    const char *stage, struct failure *f)
+{
+    if (nmounts == mounts_cap) {
+        size_t cap = mounts_cap ? 2 * mounts_cap : 32;
+        char **grown = realloc(mounts, cap * sizeof *grown);
+        if (!grown)
+            return failf(f, stage, ENOMEM, "out of memory");
+        mounts = grown;
+        mounts_cap = cap;
+    }
+    char *copy = strdup(target);
+    if (!copy)
+        return failf(f, stage, ENOMEM, "out of memory");
+    if (mount(src, target, type, flags, data) < 0) {
+        int e = errno;
+        free(copy);
+        return failf(f, stage, e, "mount %s on %s: %s", type ? type : src, target, strerror(e));
+    }
+    mounts[nmounts++] = copy;
+    log_debug("mounted %s on %s", type ? type : src, target);
+    return 0;
+}
+
+static void unmount_to(size_t depth)
+{
+    while (nmounts > depth) {
+        char *target = mounts[--nmounts];
+        if (umount2(target, 0) < 0)
+            umount2(target, MNT_DETACH);
+        free(target);
+    }
+}
+
+void app_unmount_all(void)
+{
+    unmount_to(0);
+}
+
+/* Names become path components (and overlay options, where ',' and ':' are separators). */
+static bool safe_name(const char *s)
+{
+    if (!*s || *s == '.' || strlen(s) > NAME_MAX)
+        return false;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') || *s == '-' ||
+              *s == '_' || *s == '.'))
+            return false;
+    return true;
+}
+
+static int make_dir_or_fail(const char *path, const char *stage, struct failure *f)
+{
+    if (make_dir(path, 0755) < 0)
+        return failf(f, stage, errno, "mkdir %s: %s", path, strerror(errno));
+    return 0;
+}
+
+static const char *image_mount(const char *serial, struct failure *f)
+{
+    for (struct image *i = images; i; i = i->next)
+        if (strcmp(i->serial, serial) == 0)
+            return i->path;
+
+    char dev[PATH_MAX];
+    if (!sysfs_wait_for_dev("/sys/block", "serial", serial, DISK_TIMEOUT_MS, dev, sizeof dev)) {
+        failf(f, "mount", ENOENT, "no disk with serial %s", serial);
+        return NULL;
+    }
+    struct image *img = calloc(1, sizeof *img);
+    if (!img || !(img->serial = strdup(serial))) {
+        free(img);
+        failf(f, "mount", ENOMEM, "out of memory");
+        return NULL;
+    }
+    /* ISO 9660 with Rock Ridge, which the kernel uses by default when present. */
+    if (path_join(img->path, sizeof img->path, IMAGES_DIR "/%s", serial) < 0 ||
+        make_dir_or_fail(KVMPOD_RUN, "mount", f) < 0 || make_dir_or_fail(IMAGES_DIR, "mount", f) < 0 ||
+        make_dir_or_fail(img->path, "mount", f) < 0 ||
+        mount_at(dev, img->path, "iso9660", MS_RDONLY, NULL, "mount", f) < 0) {
+        free(img->serial);
+        free(img);
+        return NULL;
+    }
+    img->next = images;
+    images = img;
+    return img->path;
+}
+
+/* The writable root: an overlay of a tmpfs (upper/, work/) on the image. */
+static int overlay_root(const char *base, const char *image, const char *root, struct failure *f)
+{
+    char upper[PATH_MAX], work[PATH_MAX], opts[3 * PATH_MAX + 64];
+    if (mount_at("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", "rootfs", f) < 0)
+        return -1;
+    if (path_join(upper, sizeof upper, "%s/upper", base) < 0 || path_join(work, sizeof work, "%s/work", base) < 0 ||
+        path_join(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s", image, upper, work) < 0)
+        return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
+    if (make_dir_or_fail(upper, "rootfs", f) < 0 || make_dir_or_fail(work, "rootfs", f) < 0 ||
+        make_dir_or_fail(root, "rootfs", f) < 0)
+        return -1;
+    return mount_at("overlay", root, "overlay", 0, opts, "rootfs", f);
+}
+
+/* The read-only root: a bind mount of the image, itself read-only, made read-only explicitly
+ * (a bind mount does not inherit MS_RDONLY; the remount sets it on the new mount). */
+static int readonly_root(const char *image, const char *root, struct failure *f)
+{
+    if (make_dir_or_fail(root, "rootfs", f) < 0 || mount_at(image, root, NULL, MS_BIND, NULL, "rootfs", f) < 0)
+        return -1;
+    if (mount(NULL, root, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
+        return failf(f, "rootfs", errno, "remount %s read-only: %s", root, strerror(errno));
+    return 0;
+}
+
+/* --- the appc filesystem set inside an app root --- */
+
+struct fs_mount {
+    const char *path;
+    const char *type;
+    unsigned long flags;
+    const char *data;
+    bool in_dev; /* lives in the /dev tmpfs, so its mount point can always be created */
+};
+
+static const struct fs_mount APP_MOUNTS[] = {
+    {"proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, false},
+    {"sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, false},
+    {"dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755", false},
+    /* A private devpts instance: the app's ptys are its own. */
+    {"dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5", true},
+    {"dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", true},
+};
+
+static const struct {
+    const char *name;
+    unsigned major, minor;
+    mode_t mode;
+} DEV_NODES[] = {
+    {"null", 1, 3, 0666},   {"zero", 1, 5, 0666}, {"full", 1, 7, 0666},    {"random", 1, 8, 0666},
+    {"urandom", 1, 9, 0666}, {"tty", 5, 0, 0666},  {"console", 5, 1, 0600},
+};
+
+static const struct {
+    const char *name, *target;
+} DEV_LINKS[] = {
+    {"ptmx", "pts/ptmx"},          {"fd", "/proc/self/fd"},         {"stdin", "/proc/self/fd/0"},
+    {"stdout", "/proc/self/fd/1"}, {"stderr", "/proc/self/fd/2"},
+};
+
+static int mount_in_root(const char *root, const struct fs_mount *m, bool writable, struct failure *f)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    if (path_join(path, sizeof path, "%s/%s", root, m->path) < 0)
+        return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
+    if (writable || m->in_dev) {
+        if (make_dir_or_fail(path, "rootfs", f) < 0)
+            return -1;
+    } else if (stat(path, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        return failf(f, "rootfs", ENOENT, "/%s does not exist in the read-only rootfs", m->path);
+    }
+    return mount_at(m->type, path, m->type, m->flags, m->data, "rootfs", f);
+}
+
+static int populate_dev(const char *root, struct failure *f)
+{
+    char path[PATH_MAX];
+    for (size_t i = 0; i < ARRAY_LEN(DEV_NODES); i++) {
+        if (path_join(path, sizeof path, "%s/dev/%s", root, DEV_NODES[i].name) < 0)
+            return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
+        /* The agent runs with umask 0, so the mode is exact. */
+        if (mknod(path, S_IFCHR | DEV_NODES[i].mode, makedev(DEV_NODES[i].major, DEV_NODES[i].minor)) < 0)
+            return failf(f, "rootfs", errno, "mknod %s: %s", path, strerror(errno));
+    }
+    for (size_t i = 0; i < ARRAY_LEN(DEV_LINKS); i++) {
+        if (path_join(path, sizeof path, "%s/dev/%s", root, DEV_LINKS[i].name) < 0)
+            return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
+        if (symlink(DEV_LINKS[i].target, path) < 0)
+            return failf(f, "rootfs", errno, "symlink %s: %s", path, strerror(errno));
+    }
+    return 0;
+}
+
+static int appc_filesystems(const char *root, bool writable, struct failure *f)
+{
+    for (size_t i = 0; i < ARRAY_LEN(APP_MOUNTS); i++)
+        if (!APP_MOUNTS[i].in_dev && mount_in_root(root, &APP_MOUNTS[i], writable, f) < 0)
+            return -1;
+    if (populate_dev(root, f) < 0)
+        return -1;
+    for (size_t i = 0; i < ARRAY_LEN(APP_MOUNTS); i++)
+        if (APP_MOUNTS[i].in_dev && mount_in_root(root, &APP_MOUNTS[i], writable, f) < 0)
+            return -1;
+    return 0;
+}
+
+static int build_root(struct app *a, const char *image, bool readonly, struct failure *f)
+{
+    char base[PATH_MAX];
+    if (path_join(base, sizeof base, APPS_DIR "/%s", a->name) < 0 ||
+        path_join(a->root, sizeof a->root, "%s/rootfs", base) < 0)
+        return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
+    if (make_dir_or_fail(APPS_DIR, "rootfs", f) < 0 || make_dir_or_fail(base, "rootfs", f) < 0)
+        return -1;
+    if ((readonly ? readonly_root(image, a->root, f) : overlay_root(base, image, a->root, f)) < 0)
+        return -1;
+    return appc_filesystems(a->root, !readonly, f);
+}
+
+const char *app_prepare(const char *name, const char *serial, bool readonly, struct failure *f)
+{
+    if (!safe_name(name) || !safe_name(serial)) {
+        failf(f, "request", EINVAL, "bad app name %s or disk serial %s", name, serial);
+        return NULL;
+    }
+    for (struct app *a = apps; a; a = a->next) {
+        if (strcmp(a->name, name) != 0)
+            continue;
+        if (strcmp(a->serial, serial) != 0) {
+            failf(f, "request", EINVAL, "app %s runs from disk %s, not %s", name, a->serial, serial);
+            return NULL;
+        }
+        return a->root;
+    }
+
+    const char *image = image_mount(serial, f);
+    if (!image)
+        return NULL;
+    struct app *a = calloc(1, sizeof *a);
+    if (!a || !(a->name = strdup(name)) || !(a->serial = strdup(serial))) {
+        if (a)
+            free(a->name);
+        free(a);
+        failf(f, "rootfs", ENOMEM, "out of memory");
+        return NULL;
+    }
+    /* The image stays mounted for other apps; this app's own mounts are undone on failure, so a
+     * later START can try again from scratch. */
+    size_t depth = nmounts;
+    if (build_root(a, image, readonly, f) < 0) {
+        unmount_to(depth);
+        free(a->name);
+        free(a->serial);
+        free(a);
+        return NULL;
+    }
+    a->next = apps;
+    apps = a;
+    log_debug("app %s: root %s (%s)", name, a->root, readonly ? "read-only" : "overlay");
+    return a->root;
+}

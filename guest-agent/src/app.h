@@ -1,0 +1,18 @@
+/* App roots: the read-only image disk of an app, made writable (or not) and given the
+ * filesystems an appc executor provides (spec/ace.md, "Filesystem Setup"). */
+#ifndef KVMPOD_APP_H
+#define KVMPOD_APP_H
+
+#include <stdbool.h>
+
+#include "util.h"
+
+/* The root directory for a process of app `name` running from the disk with serial `serial`.
+ * The first START naming an app builds it; later ones reuse it. Returns NULL with *f filled:
+ * stage "request" (bad name), "mount" (the image disk) or "rootfs" (the app root). */
+const char *app_prepare(const char *name, const char *serial, bool readonly, struct failure *f);
+
+/* Unmounts everything app_prepare() mounted, newest first; best effort, for shutdown. */
+void app_unmount_all(void);
+
+#endif

@@ -1,0 +1,48 @@
+/* The agent channel: a virtio-serial port carrying framed messages (protocol.toml). */
+#ifndef KVMPOD_CHANNEL_H
+#define KVMPOD_CHANNEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util.h"
+
+struct frame {
+    uint16_t type;
+    uint32_t stream;
+    const uint8_t *payload; /* valid until the next channel_fill() */
+    uint32_t len;
+};
+
+/* Finds the virtio-serial port called `name` and opens it; fatal (stage "channel") on timeout. */
+void channel_open(const char *name);
+
+/* True once the port is open: fatal errors are then also sent as ERROR frames. */
+bool channel_is_open(void);
+int channel_fd(void);
+
+/* Waits until the host end of the port is connected (it may connect after the guest is up). */
+void channel_wait_for_host(void);
+
+/* Writes one whole frame, waiting while the port is full; powers off if the host has gone.
+ * len must not exceed KP_MAX_PAYLOAD. */
+void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t len);
+
+/* A message with one u32 field (STARTED, WINDOW, EXIT with TERM_SIGNAL ...). */
+void channel_send_u32(uint16_t type, uint32_t stream, uint16_t tag, uint32_t value);
+
+/* ERROR(STAGE, ERRNO if any, MESSAGE): a failed START on a process stream, the end on stream 0. */
+void channel_send_error(uint32_t stream, const struct failure *f);
+
+/* Reads what the host has sent so far. Returns false once the host has gone (EOF or error);
+ * frames that arrived before that can still be taken with channel_next(). */
+bool channel_fill(void);
+
+/* Takes the next complete frame. A frame that breaks the protocol (size, type, flags, stream
+ * kind, direction) is fatal (stage "protocol"). */
+bool channel_next(struct frame *f);
+
+const char *message_name(uint16_t type);
+
+#endif

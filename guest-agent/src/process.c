@@ -1,0 +1,393 @@
+#include "process.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "app.h"
+#include "log.h"
+#include "spawn.h"
+#include "tlv.h"
+
+#define KILL_WAIT_MS 2000u
+
+/* --- streams --- */
+
+enum stream_state { FREE, STARTING, RUNNING };
+enum { OUT_STDOUT, OUT_STDERR };
+
+struct stream {
+    enum stream_state state;
+    uint32_t id;
+    pid_t pid;
+    int report_fd;     /* the child's setup report pipe, while STARTING */
+    int stdin_fd;      /* -1: no stdin pipe, or closed */
+    int out_fd[2];     /* stdout, stderr read ends; -1 once closed */
+    uint8_t *in_buf;   /* stdin received but not yet written: at most KP_STDIN_WINDOW bytes */
+    size_t in_off, in_len;
+    bool in_eof;       /* STDIN_EOF came: close stdin once in_buf is written */
+};
+
+static struct stream streams[KP_MAX_STREAMS];
+
+static struct stream *stream_by_id(uint32_t id)
+{
+    for (size_t i = 0; i < ARRAY_LEN(streams); i++)
+        if (streams[i].state != FREE && streams[i].id == id)
+            return &streams[i];
+    return NULL;
+}
+
+static struct stream *stream_by_pid(pid_t pid)
+{
+    for (size_t i = 0; i < ARRAY_LEN(streams); i++)
+        if (streams[i].state != FREE && streams[i].pid == pid)
+            return &streams[i];
+    return NULL;
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+static struct stream *stream_alloc(uint32_t id)
+{
+    for (size_t i = 0; i < ARRAY_LEN(streams); i++) {
+        struct stream *s = &streams[i];
+        if (s->state == FREE) {
+            *s = (struct stream){.state = STARTING, .id = id, .report_fd = -1, .stdin_fd = -1, .out_fd = {-1, -1}};
+            return s;
+        }
+    }
+    return NULL;
+}
+
+static void stream_free(struct stream *s)
+{
+    close_fd(&s->report_fd);
+    close_fd(&s->stdin_fd);
+    close_fd(&s->out_fd[OUT_STDOUT]);
+    close_fd(&s->out_fd[OUT_STDERR]);
+    free(s->in_buf);
+    *s = (struct stream){.state = FREE};
+}
+
+/* --- START --- */
+
+static void on_start(const struct frame *fr)
+{
+    if (stream_by_id(fr->stream))
+        fatal("protocol", 0, "START for stream %u, which is already running", fr->stream);
+    struct start_req r = {0};
+    struct spawned sp;
+    struct failure f;
+    struct stream *s = NULL;
+    const char *root;
+
+    if (start_req_parse(&r, fr->payload, fr->len, &f) < 0)
+        goto failed;
+    log_debug("stream %u: START %s app %s disk %s", fr->stream, r.argv.v[0], r.app, r.serial);
+    if (!(s = stream_alloc(fr->stream))) {
+        failf(&f, "request", EAGAIN, "too many processes: the agent serves %u at once", KP_MAX_STREAMS);
+        goto failed;
+    }
+    root = app_prepare(r.app, r.serial, r.flags & KP_START_FLAG_READONLY_ROOTFS, &f);
+    if (!root || spawn(&r, root, &sp, &f) < 0)
+        goto failed;
+    s->pid = sp.pid;
+    s->stdin_fd = sp.stdin_fd;
+    s->out_fd[OUT_STDOUT] = sp.stdout_fd;
+    s->out_fd[OUT_STDERR] = sp.stderr_fd;
+    s->report_fd = sp.report_fd;
+    log_debug("stream %u: forked pid %d", s->id, (int)s->pid);
+    start_req_free(&r);
+    return;
+
+failed:
+    log_debug("stream %u: %s: %s", fr->stream, f.stage, f.msg);
+    channel_send_error(fr->stream, &f);
+    if (s)
+        stream_free(s);
+    start_req_free(&r);
+}
+
+/* Acts on the child's setup outcome: exec'd -> STARTED, the process runs. Failed -> ERROR and the
+ * stream is forgotten (the child exits by itself and is reaped as an orphan). */
+static void resolve_start(struct stream *s, bool child_gone)
+{
+    struct failure f;
+    int rc = spawn_result(s->report_fd, child_gone, &f);
+    if (rc == 0)
+        return;
+    close_fd(&s->report_fd);
+    if (rc > 0) {
+        s->state = RUNNING;
+        channel_send_u32(KP_MSG_STARTED, s->id, KP_F_PID, (uint32_t)s->pid);
+        log_debug("stream %u: pid %d started", s->id, (int)s->pid);
+        return;
+    }
+    log_debug("stream %u: %s: %s", s->id, f.stage, f.msg);
+    channel_send_error(s->id, &f);
+    stream_free(s);
+}
+
+/* --- stdin --- */
+
+static void close_stdin(struct stream *s)
+{
+    close_fd(&s->stdin_fd);
+    free(s->in_buf);
+    s->in_buf = NULL;
+    s->in_off = s->in_len = 0;
+}
+
+/* Writes buffered stdin as far as the pipe takes it and returns the credit (WINDOW). */
+static void stdin_flush(struct stream *s)
+{
+    size_t written = 0;
+    while (s->in_len > 0) {
+        ssize_t n = write(s->stdin_fd, s->in_buf + s->in_off, s->in_len);
+        if (n > 0) {
+            s->in_off += (size_t)n;
+            s->in_len -= (size_t)n;
+            written += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            break;
+        } else {
+            /* The process closed its stdin (EPIPE): it will never read the rest. Credit it, so
+             * the host does not wait for a window that would never open. */
+            written += s->in_len;
+            close_stdin(s);
+        }
+    }
+    if (s->in_len == 0)
+        s->in_off = 0;
+    if (s->in_eof && s->in_len == 0)
+        close_stdin(s);
+    if (written)
+        channel_send_u32(KP_MSG_WINDOW, s->id, KP_F_BYTES, (uint32_t)written);
+}
+
+static void on_stdin(struct stream *s, const struct frame *fr)
+{
+    if (fr->len == 0)
+        return;
+    if (s->stdin_fd < 0 || s->in_eof) { /* nobody reads it: drop it, but return the credit */
+        channel_send_u32(KP_MSG_WINDOW, s->id, KP_F_BYTES, fr->len);
+        return;
+    }
+    if (fr->len > KP_STDIN_WINDOW - s->in_len)
+        fatal("protocol", 0, "stream %u: STDIN overruns the %u-byte window", s->id, KP_STDIN_WINDOW);
+    if (!s->in_buf && !(s->in_buf = malloc(KP_STDIN_WINDOW)))
+        fatal("request", ENOMEM, "out of memory");
+    if (s->in_off + s->in_len + fr->len > KP_STDIN_WINDOW) {
+        memmove(s->in_buf, s->in_buf + s->in_off, s->in_len);
+        s->in_off = 0;
+    }
+    memcpy(s->in_buf + s->in_off + s->in_len, fr->payload, fr->len);
+    s->in_len += fr->len;
+    stdin_flush(s);
+}
+
+/* --- output and exit --- */
+
+/* Relays up to `limit` bytes from one output pipe, a KP_DATA_CHUNK frame at a time; stops at
+ * EAGAIN and closes the pipe at EOF. */
+static void relay_output(struct stream *s, int which, size_t limit)
+{
+    static uint8_t buf[KP_DATA_CHUNK];
+    static const uint16_t type[2] = {[OUT_STDOUT] = KP_MSG_STDOUT, [OUT_STDERR] = KP_MSG_STDERR};
+    size_t total = 0;
+    while (s->out_fd[which] >= 0 && total < limit) {
+        ssize_t n = read(s->out_fd[which], buf, sizeof buf);
+        if (n > 0) {
+            channel_send(type[which], s->id, buf, (size_t)n);
+            total += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            return;
+        } else {
+            close_fd(&s->out_fd[which]); /* EOF: every writer has closed it */
+        }
+    }
+}
+
+static void finish(struct stream *s, int wstatus)
+{
+    if (s->state == STARTING) {
+        resolve_start(s, true);
+        if (s->state != RUNNING)
+            return; /* it never ran: ERROR was sent instead */
+    }
+    /* Everything the process wrote before exiting is in its pipes; relay that, but no more than
+     * a pipe holds: a background child that inherited the pipe may keep writing forever. */
+    for (int which = OUT_STDOUT; which <= OUT_STDERR; which++) {
+        int size = s->out_fd[which] >= 0 ? fcntl(s->out_fd[which], F_GETPIPE_SZ) : 0;
+        relay_output(s, which, size > 0 ? (size_t)size : KP_DATA_CHUNK);
+    }
+    if (WIFSIGNALED(wstatus)) {
+        channel_send_u32(KP_MSG_EXIT, s->id, KP_F_TERM_SIGNAL, (uint32_t)WTERMSIG(wstatus));
+        log_debug("stream %u: pid %d killed by signal %d", s->id, (int)s->pid, WTERMSIG(wstatus));
+    } else {
+        uint8_t buf[16];
+        struct tlv_writer w = TLV_WRITER(buf);
+        tlv_put_i32(&w, KP_F_EXIT_CODE, WEXITSTATUS(wstatus));
+        channel_send(KP_MSG_EXIT, s->id, buf, w.len);
+        log_debug("stream %u: pid %d exited with %d", s->id, (int)s->pid, WEXITSTATUS(wstatus));
+    }
+    stream_free(s);
+}
+
+void process_reap(void)
+{
+    int wstatus;
+    pid_t pid;
+    while ((pid = waitpid(-1, &wstatus, WNOHANG)) > 0) {
+        struct stream *s = stream_by_pid(pid);
+        if (s)
+            finish(s, wstatus);
+    }
+}
+
+void process_kill_all(void)
+{
+    kill(-1, SIGKILL); /* every process but PID 1 */
+    uint64_t deadline = boottime_ns() + (uint64_t)KILL_WAIT_MS * 1000000u;
+    for (;;) {
+        pid_t pid = waitpid(-1, NULL, WNOHANG);
+        if (pid < 0 || (pid == 0 && boottime_ns() > deadline))
+            break; /* ECHILD: all reaped; or some are stuck in the kernel: power off regardless */
+        if (pid == 0)
+            sleep_ms(2);
+    }
+    for (size_t i = 0; i < ARRAY_LEN(streams); i++)
+        if (streams[i].state != FREE)
+            stream_free(&streams[i]);
+}
+
+/* --- frames and events --- */
+
+static void on_signal(struct stream *s, const struct frame *fr)
+{
+    struct tlv_reader rd;
+    struct tlv_field field;
+    struct failure f;
+    int more;
+    tlv_reader_init(&rd, fr->payload, fr->len);
+    while ((more = tlv_next(&rd, &field, &f)) > 0) {
+        if (field.tag == KP_F_SIGNO) {
+            uint32_t signo = tlv_u32(&field);
+            log_debug("stream %u: signal %u to pid %d", s->id, signo, (int)s->pid);
+            if (signo > 0 && signo < _NSIG)
+                kill(s->pid, (int)signo); /* ESRCH: it is exiting; EXIT follows */
+            return;
+        }
+    }
+    if (more < 0)
+        fatal_failure(&f);
+    fatal("protocol", 0, "stream %u: SIGNAL without SIGNO", s->id);
+}
+
+void process_handle_frame(const struct frame *fr)
+{
+    if (fr->type == KP_MSG_START) {
+        on_start(fr);
+        return;
+    }
+    struct stream *s = stream_by_id(fr->stream);
+    if (!s)
+        return; /* the stream has ended: this frame crossed its EXIT (or ERROR) on the wire */
+    switch (fr->type) {
+    case KP_MSG_STDIN:
+        on_stdin(s, fr);
+        break;
+    case KP_MSG_STDIN_EOF:
+        s->in_eof = true;
+        if (s->stdin_fd >= 0 && s->in_len == 0)
+            close_stdin(s);
+        break;
+    case KP_MSG_SIGNAL:
+        on_signal(s, fr);
+        break;
+    default:
+        fatal("protocol", 0, "unexpected %s frame on stream %u", message_name(fr->type), fr->stream);
+    }
+}
+
+enum fd_role { ROLE_REPORT, ROLE_STDIN, ROLE_STDOUT, ROLE_STDERR };
+
+/* What each pollfd stands for; the stream id guards against a stream that ended (and whose
+ * slot may have been reused) while the same poll round was being handled. */
+static struct {
+    struct stream *s;
+    uint32_t id;
+    enum fd_role role;
+} refs[PROCESS_MAX_POLLFDS];
+
+static size_t add_pollfd(struct pollfd *pfd, size_t n, size_t max, struct stream *s, int fd, short events,
+                         enum fd_role role)
+{
+    if (fd < 0 || n >= max || n >= ARRAY_LEN(refs))
+        return n;
+    pfd[n] = (struct pollfd){.fd = fd, .events = events};
+    refs[n].s = s;
+    refs[n].id = s->id;
+    refs[n].role = role;
+    return n + 1;
+}
+
+size_t process_pollfds(struct pollfd *pfd, size_t max)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < ARRAY_LEN(streams); i++) {
+        struct stream *s = &streams[i];
+        if (s->state == FREE)
+            continue;
+        if (s->in_len > 0)
+            n = add_pollfd(pfd, n, max, s, s->stdin_fd, POLLOUT, ROLE_STDIN);
+        if (s->state == STARTING) {
+            /* No output is relayed before STARTED went out. */
+            n = add_pollfd(pfd, n, max, s, s->report_fd, POLLIN, ROLE_REPORT);
+            continue;
+        }
+        n = add_pollfd(pfd, n, max, s, s->out_fd[OUT_STDOUT], POLLIN, ROLE_STDOUT);
+        n = add_pollfd(pfd, n, max, s, s->out_fd[OUT_STDERR], POLLIN, ROLE_STDERR);
+    }
+    return n;
+}
+
+void process_handle_events(const struct pollfd *pfd, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        struct stream *s = refs[i].s;
+        if (!pfd[i].revents || s->state == FREE || s->id != refs[i].id)
+            continue;
+        switch (refs[i].role) {
+        case ROLE_REPORT:
+            if (s->state == STARTING)
+                resolve_start(s, false);
+            break;
+        case ROLE_STDIN:
+            if (s->stdin_fd >= 0)
+                stdin_flush(s);
+            break;
+        case ROLE_STDOUT:
+            relay_output(s, OUT_STDOUT, KP_DATA_CHUNK);
+            break;
+        case ROLE_STDERR:
+            relay_output(s, OUT_STDERR, KP_DATA_CHUNK);
+            break;
+        }
+    }
+}
