@@ -97,6 +97,17 @@ async def _pair() -> tuple[AgentSession, FakeGuest]:
 SPEC = ProcessSpec("app", "img0", ["/bin/sh", "-c", "true"], ["PATH=/bin"])
 
 
+async def _running_process(on_stdout=lambda b: None, on_stderr=lambda b: None):
+    """A session past the handshake with one started process: (host, guest, process)."""
+    host, guest = await _pair()
+    await asyncio.gather(host.handshake(), guest.hello())
+    start = asyncio.ensure_future(host.start(SPEC, on_stdout, on_stderr))
+    mtype, stream, fields = await guest.recv()
+    assert mtype is T.START
+    guest.send(p.message(T.STARTED, stream, (F.PID, 42)))
+    return host, guest, await start
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 10))
 
@@ -124,12 +135,8 @@ def test_full_process_life_cycle():
 
 def test_stdin_respects_the_window():
     async def scenario():
-        host, guest = await _pair()
-        await asyncio.gather(host.handshake(), guest.hello())
-        start = asyncio.ensure_future(host.start(SPEC, lambda b: None, lambda b: None))
-        _, stream, _ = await guest.recv()
-        guest.send(p.message(T.STARTED, stream, (F.PID, 1)))
-        proc = await start
+        host, guest, proc = await _running_process()
+        stream = proc.stream
         data = bytes(range(256)) * 2048  # 512 KiB: twice the window
         writer = asyncio.ensure_future(proc.write_stdin(data))
         received = bytearray()
@@ -173,12 +180,7 @@ def test_start_error_maps_to_exit_code():
 ])
 def test_hostile_guest_fails_the_session_cleanly(evil, problem):
     async def scenario():
-        host, guest = await _pair()
-        await asyncio.gather(host.handshake(), guest.hello())
-        start = asyncio.ensure_future(host.start(SPEC, lambda b: None, lambda b: None))
-        _, stream, _ = await guest.recv()
-        guest.send(p.message(T.STARTED, stream, (F.PID, 1)))
-        proc = await start
+        host, guest, proc = await _running_process()
         guest.send(evil)
         guest.writer.close()
         error = await host.failed
