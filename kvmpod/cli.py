@@ -178,8 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(ns, "func", None):
             parser.print_help()
             return 2
-        logging.basicConfig(level=logging.DEBUG if getattr(ns, "debug", False) else logging.WARNING,
-                            format="kvmpod: debug: %(message)s")
+        debug = getattr(ns, "debug", False)
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmpod: %(message)s")
+        if not debug:
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its noise is ours to explain
         return ns.func(ns)
     except KvmpodError as e:
         print(f"kvmpod: error: {e}", file=sys.stderr)
@@ -188,4 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kvmpod: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        return EXIT_KVMPOD_FAILURE
+    except Exception as e:  # a bug: one line for users, the traceback with --debug
+        if getattr(locals().get("ns"), "debug", False):
+            raise
+        print(f"kvmpod: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
         return EXIT_KVMPOD_FAILURE

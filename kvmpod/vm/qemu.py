@@ -95,7 +95,13 @@ class QemuVM(VMBackend):
         done, _ = await asyncio.wait({task, self.ended}, timeout=self.connect_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if task in done:
-            return task.result()
+            try:
+                return task.result()
+            except Exception as e:  # the connection broke: usually because QEMU is exiting, so say why
+                with contextlib.suppress(asyncio.TimeoutError):
+                    vm_exit = await asyncio.wait_for(asyncio.shield(self.ended), 5)
+                    raise VMError(f"QEMU failed to start: {vm_exit.describe()}") from None
+                raise VMError(f"{what}: {e}") from None
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
