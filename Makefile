@@ -7,12 +7,13 @@ VPY        := $(VENV)/bin/python
 KVMPOD     := $(VENV)/bin/kvmpod
 STAMPS     := .stamps
 BUILD      := build
-DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod gcc make python3-venv
+DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod gcc make python3-venv \
+                linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils patch
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv agent kernel kernel-distro initrd demo test unit bench clean
 
-setup: deps venv agent kernel
+setup: deps venv agent kernel kernel-distro
 
 # Debian packages: apt runs only when one is missing.
 deps:
@@ -34,8 +35,10 @@ $(STAMPS)/venv: pyproject.toml
 agent:
 	$(MAKE) -C guest-agent PYTHON=$(PYTHON)
 
-# The distro kernel (Debian cloud) until kvmpod's own minimal kernel lands (docs/kernel.md).
-kernel: kernel-distro
+# kvmpod's own minimal kernel (the default; built from Debian's linux-source, ~6 min the first
+# time, nothing when unchanged) and the Debian cloud kernel (the fallback). docs/kernel.md.
+kernel: venv
+	$(VPY) -m kvmpod.boot.minimal build
 kernel-distro: venv
 	$(VPY) -m kvmpod.boot.distro fetch
 

@@ -49,14 +49,15 @@ def main() -> int:
 
     kernel = find_kernel()
     accel = choose_accelerator("auto")
-    plan = plan_boot(kernel, cpus=1, debug=False)
+    plan = plan_boot(kernel, cpus=1, debug=False, accel=accel.name)
     with tempfile.TemporaryDirectory(prefix="kvmpod-bench-") as tmp:
         work = Path(tmp)
         floor_initrd = build_initrd(build_floor_init(work), kernel)
         build_initrd(find_agent(), kernel)  # warm the cache kvmpod run uses
         floor_argv = qemu_argv(VMConfig(name="kvmpod-floor", kernel=kernel.image, initrd=floor_initrd,
                                         cmdline=plan.cmdline, console_log=work / "floor-console.log",
-                                        machine=plan.machine, accel=accel.name))
+                                        machine=plan.machine, machine_options=plan.machine_options,
+                                        accel=accel.name))
         rootfs = work / "rootfs"
         subprocess.run(["sh", str(REPO / "tests" / "make-busybox-rootfs.sh"), str(rootfs)], check=True)
         aci = work / "busybox.aci"
@@ -72,7 +73,7 @@ def main() -> int:
             floor.append(timed(floor_argv))
             run.append(timed(run_argv, env=env))
 
-    print(f"kernel {kernel.kind} {kernel.version}, machine {plan.machine}, accel {accel.name}, {args.runs} runs each")
+    print(f"kernel {kernel.kind} {kernel.version}, machine {plan.machine_arg}, accel {accel.name}, {args.runs} runs each")
     print(f"{'':24}{'min':>8}{'median':>9}")
     print(f"{'floor (bare QEMU)':24}{min(floor):8.3f}{statistics.median(floor):9.3f}")
     print(f"{'kvmpod run /bin/true':24}{min(run):8.3f}{statistics.median(run):9.3f}")

@@ -108,7 +108,7 @@ async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
     accel = choose_accelerator(options.accel)
     if accel.name == "tcg" and accel.automatic:
         notice(f"using TCG software emulation (slow): {accel.reason}")
-    plan = plan_boot(kernel, options.cpus, options.debug, options.kernel_args)
+    plan = plan_boot(kernel, options.cpus, options.debug, accel.name, options.kernel_args)
     store = Store()
     disks, seen = [], set()
     for app in resolved:
@@ -122,12 +122,13 @@ async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
         config = VMConfig(
             name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd, cmdline=plan.cmdline,
             console_log=pod.file("console.log"), qmp_socket=pod.file("qmp.sock"),
-            agent_socket=pod.file("agent.sock"), machine=plan.machine, accel=accel.name,
+            agent_socket=pod.file("agent.sock"), machine=plan.machine,
+            machine_options=plan.machine_options, accel=accel.name,
             memory_mib=options.memory_mib, cpus=options.cpus, disks=disks)
         for sock in (config.qmp_socket, config.agent_socket):
             check_socket_path(sock)
         log.debug("pod %s: kernel %s (%s), machine %s, accel %s (%s)", pod.uuid, kernel.image, kernel.kind,
-                  plan.machine, accel.name, accel.reason)
+                  plan.machine_arg, accel.name, accel.reason)
         log.debug("kernel cmdline: %s", plan.cmdline)
         vm = QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout)
         timings["qemu_spawn"] = time.time()

@@ -30,6 +30,7 @@ class VMConfig:
     qmp_socket: Path | None = None    # kvmpod listens, QEMU connects (so no start-up race)
     agent_socket: Path | None = None  # likewise, for the agent's virtio-serial port
     machine: str = "pc"       # "pc" | "q35" | "microvm"
+    machine_options: tuple[str, ...] = ()
     accel: str = "tcg"
     memory_mib: int = 256
     cpus: int = 1
@@ -47,7 +48,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
     argv = [
         binary,
         "-name", f"{cfg.name},debug-threads=on",
-        "-machine", cfg.machine,
+        "-machine", ",".join((cfg.machine, *cfg.machine_options)),
         "-accel", cfg.accel,
         "-m", f"{cfg.memory_mib}M",
         "-smp", str(cfg.cpus),

@@ -102,3 +102,32 @@ def test_qemu_argv_is_built_from_the_config(tmp_path):
     assert "virtio-blk-pci,drive=disk0,serial=img0" in argv
     assert any("readonly=on" in a for a in argv)
     assert not any(" " in a for a in argv if a != "console=ttyS0 quiet")
+
+
+def _kernel(tmp_path, kind: str, elf: bool, **config):
+    from kvmpod.boot.kernel import GuestKernel
+    image = tmp_path / ("vmlinux" if elf else "bzImage")
+    image.write_bytes((b"\x7fELF" if elf else b"MZ\x00\x00") + bytes(60))
+    return GuestKernel(image=image, version="6.1", kind=kind, config={f"CONFIG_{k}": v for k, v in config.items()})
+
+
+def test_minimal_pvh_kernel_gets_microvm_with_tsc_and_lapic_options(tmp_path, monkeypatch):
+    from kvmpod.vm import machine
+    monkeypatch.setattr(machine, "host_tsc_khz", lambda: 2_500_000)
+    plan = machine.plan_boot(_kernel(tmp_path, "minimal", True, PVH="y", VIRTIO_MMIO="y", ACPI="y"), 1, False)
+    assert plan.machine == "microvm" and "rtc=on" in plan.machine_options and "acpi=on" in plan.machine_options
+    assert "tsc_early_khz=2500000" in plan.cmdline.split() and "lapic_timer_khz=1000000" in plan.cmdline.split()
+
+
+def test_distro_kernel_gets_pc(tmp_path, monkeypatch):
+    from kvmpod.vm import machine
+    monkeypatch.setattr(machine, "host_tsc_khz", lambda: 2_500_000)
+    plan = machine.plan_boot(_kernel(tmp_path, "distro", False, PVH="y", VIRTIO_MMIO="m", ACPI="y"), 1, False)
+    assert plan.machine == "pc" and "tsc_early_khz" not in plan.cmdline and "lapic_timer_khz" not in plan.cmdline
+
+
+def test_microvm_under_tcg_needs_the_tsc_rate(tmp_path, monkeypatch):
+    from kvmpod.vm import machine
+    monkeypatch.setattr(machine, "host_tsc_khz", lambda: None)  # unknown: microvm would hang ~30 % of boots
+    plan = machine.plan_boot(_kernel(tmp_path, "minimal", True, PVH="y", VIRTIO_MMIO="y", ACPI="y"), 1, False)
+    assert plan.machine == "pc"
