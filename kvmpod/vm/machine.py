@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvmpod import paths
 from kvmpod.boot.kernel import GuestKernel
@@ -42,20 +43,26 @@ def microvm_capable(kernel: GuestKernel) -> bool:
 
 
 def host_tsc_khz() -> int | None:
-    """The host TSC rate, cached for this host boot in the runtime dir (a tmpfs)."""
-    cache = paths.runtime_dir() / "tsc-khz"
+    """The host TSC rate, probed once per host boot and cached (keyed by the kernel's boot id)."""
     try:
-        return int(cache.read_text())
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    cache = paths.cache_dir() / "host-tsc-khz"
+    try:
+        cached_boot, khz_text = cache.read_text().split()
+        if boot_id and cached_boot == boot_id:
+            return int(khz_text)
     except (OSError, ValueError):
         pass
     from kvmpod.boot.minimal import host_tsc_khz as probe  # spawns dmesg: once per host boot
 
     khz = probe()
-    if khz:
+    if khz and boot_id:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".tsc-khz.{os.getpid()}")
-            tmp.write_text(str(khz))
+            tmp = cache.with_name(f".host-tsc-khz.{os.getpid()}")
+            tmp.write_text(f"{boot_id} {khz}\n")
             os.replace(tmp, cache)
         except OSError:
             pass
