@@ -17,47 +17,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import pwd
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from kvmpod import paths
+from kvmpod.boot import kcache
 from kvmpod.boot.modules import guest_module_names, read_modules_dep, resolve_relative
 from kvmpod.errors import KernelError
 
 META_PACKAGE = "linux-image-cloud-amd64"
 DIR_PREFIX = "debian-cloud-"
-KERNEL_JSON = "kernel.json"
-
-_TOOLS = {"apt-cache": "apt", "apt-get": "apt", "dpkg": "dpkg", "depmod": "kmod"}
-
-
-def _tail(text: str, limit: int = 240) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    tail = " / ".join(lines[-3:])
-    return tail if len(tail) <= limit else "..." + tail[-limit:]
-
-
-def _run(cmd: list[str], cwd: Path | None = None) -> str:
-    """Run a command (C locale), return its stdout; KernelError with the stderr tail if it fails."""
-    env = dict(os.environ, LC_ALL="C", LANG="C", DEBIAN_FRONTEND="noninteractive")
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, errors="replace")
-    except FileNotFoundError:
-        raise KernelError(f"{cmd[0]} not found: install the Debian package {_TOOLS.get(cmd[0], cmd[0])}") from None
-    if proc.returncode != 0:
-        detail = _tail(proc.stderr) or _tail(proc.stdout) or "no output"
-        raise KernelError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {detail}")
-    return proc.stdout
-
 
 def _field(control: str, name: str) -> str | None:
     """A field of the first stanza of `apt-cache show` output (continuation lines joined)."""
@@ -79,7 +54,7 @@ def resolve_package(meta: str = META_PACKAGE) -> tuple[str, str]:
     One `apt-cache show` of the metapackage: its Depends names the real package, pinned with
     `(= version)` in Debian. (Each apt-cache run parses all package lists, ~0.5 s here.)
     """
-    control = _run(["apt-cache", "show", "--no-all-versions", meta])
+    control = kcache.run_tool(["apt-cache", "show", "--no-all-versions", meta])
     depends = _field(control, "Depends") or ""
     for alternative in (alt.strip() for dep in depends.split(",") for alt in dep.split("|")):
         m = re.match(r"^(linux-image-[^\s(]+)\s*(?:\(\s*=\s*([^\s)]+)\s*\))?", alternative)
@@ -90,14 +65,10 @@ def resolve_package(meta: str = META_PACKAGE) -> tuple[str, str]:
         raise KernelError(f"`apt-cache show {meta}` depends on no linux-image package (Depends: {depends or 'none'})")
     if version:
         return name, version
-    version = _field(_run(["apt-cache", "show", "--no-all-versions", name]), "Version")
+    version = _field(kcache.run_tool(["apt-cache", "show", "--no-all-versions", name]), "Version")
     if not version:
         raise KernelError(f"`apt-cache show {name}` gives no version (run `apt-get update`)")
     return name, version
-
-
-def kernels_dir(cache: Path | None = None) -> Path:
-    return (cache or paths.cache_dir()) / "kernels"
 
 
 def dir_name(version: str) -> str:
@@ -107,7 +78,7 @@ def dir_name(version: str) -> str:
 
 def _installed(kdir: Path) -> dict[str, object] | None:
     try:
-        meta = json.loads((kdir / KERNEL_JSON).read_text())
+        meta = json.loads((kdir / kcache.KERNEL_JSON).read_text())
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
@@ -127,25 +98,6 @@ def is_up_to_date(kdir: Path, package: str, package_version: str, names: list[st
     return True
 
 
-@contextlib.contextmanager
-def _locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    lock_path = directory / ".lock"
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise KernelError(f"cannot open lock file {lock_path}: {e.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another kernel fetch ({lock_path})")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _module_root(root: Path) -> tuple[Path, str]:
     """The lib/modules/<version> dir of an unpacked kernel package, and that version."""
     candidates = [d for base in ("lib/modules", "usr/lib/modules") for d in sorted((root / base).glob("*"))
@@ -160,7 +112,7 @@ def _depmod(root: Path, version: str) -> None:
     # depmod -b looks in <root>/lib/modules; newer packages ship /usr/lib/modules only.
     if not (root / "lib" / "modules" / version).is_dir() and not (root / "lib").exists():
         (root / "lib").symlink_to("usr/lib")
-    _run(["depmod", "-b", str(root), version])
+    kcache.run_tool(["depmod", "-b", str(root), version])
 
 
 def install_kernel(root: Path, stage: Path, names: list[str], package: str = "", package_version: str = "") -> str:
@@ -205,9 +157,9 @@ def install_kernel(root: Path, stage: Path, names: list[str], package: str = "",
         "package_version": package_version,
         "guest_modules": names,
     }
-    tmp = stage / f".{KERNEL_JSON}.tmp"
+    tmp = stage / f".{kcache.KERNEL_JSON}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.rename(stage / KERNEL_JSON)
+    tmp.rename(stage / kcache.KERNEL_JSON)
     return version
 
 
@@ -218,18 +170,11 @@ def _download(package: str, workdir: Path) -> Path:
         # Let apt's sandbox user write there, or apt warns it downloads unsandboxed as root.
         with contextlib.suppress(KeyError, OSError):
             os.chown(debdir, pwd.getpwnam("_apt").pw_uid, -1)
-    _run(["apt-get", "download", "-q", package], cwd=debdir)
+    kcache.run_tool(["apt-get", "download", "-q", package], cwd=debdir)
     debs = sorted(debdir.glob("*.deb"))
     if len(debs) != 1:
         raise KernelError(f"`apt-get download {package}` left {len(debs)} .deb files in {debdir}")
     return debs[0]
-
-
-def _replace_dir(stage: Path, final: Path, scratch: Path) -> None:
-    """Rename stage to final; an existing final is moved into scratch (deleted with it)."""
-    if final.exists():
-        final.rename(scratch / "old")
-    stage.rename(final)
 
 
 class _MaybeStaleLists(KernelError):
@@ -243,7 +188,7 @@ def _fetch_locked(kdir_root: Path, meta: str, names: list[str], force: bool, log
         raise _MaybeStaleLists(str(e)) from None
     version = package.removeprefix("linux-image-")
     final = kdir_root / dir_name(version)
-    with _locked(kdir_root, log):
+    with kcache.locked(kdir_root, log):
         if not force and is_up_to_date(final, package, package_version, names):
             log(f"guest kernel {version} ({package} {package_version}) is up to date in {final}")
             return final
@@ -262,12 +207,12 @@ def _fetch_locked(kdir_root: Path, meta: str, names: list[str], force: bool, log
             except KernelError as e:
                 raise _MaybeStaleLists(str(e)) from None
             root = work / "root"
-            _run(["dpkg", "-x", str(deb), str(root)])
+            kcache.run_tool(["dpkg", "-x", str(deb), str(root)])
             stage = work / "stage"
             version = install_kernel(root, stage, names, package, package_version)
             final = kdir_root / dir_name(version)
             stage.chmod(0o755)
-            _replace_dir(stage, final, work)
+            kcache.replace_dir(stage, final, work)
         except OSError as e:
             raise KernelError(f"cannot install the guest kernel in {kdir_root}: {e}") from None
         finally:
@@ -284,18 +229,18 @@ def fetch(cache: Path | None = None, meta: str = META_PACKAGE, force: bool = Fal
     As root, a package that cannot be resolved or downloaded makes it run `apt-get update` and
     try once more (a fresh Debian install may have no or stale package lists).
     """
-    kdir_root = kernels_dir(cache)
+    kdir_root = kcache.kernels_dir(cache)
     names = guest_module_names()
     if update:
         log("refreshing package lists (apt-get update)")
-        _run(["apt-get", "update", "-q"])
+        kcache.run_tool(["apt-get", "update", "-q"])
     try:
         return _fetch_locked(kdir_root, meta, names, force, log)
     except _MaybeStaleLists as e:
         if update or os.geteuid() != 0:
             raise
         log(f"{e}: refreshing package lists (apt-get update) and retrying")
-    _run(["apt-get", "update", "-q"])
+    kcache.run_tool(["apt-get", "update", "-q"])
     return _fetch_locked(kdir_root, meta, names, force, log)
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from kvmpod import paths
+from kvmpod.boot.kcache import KERNEL_JSON, kernels_dir
 from kvmpod.errors import KernelError
 
 KINDS = ("distro", "minimal", "custom")
@@ -130,7 +131,7 @@ def load_kernel_json(path: Path) -> GuestKernel:
     """Read a kernel.json (or the kernel.json in a directory)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "kernel.json"
+        path = path / KERNEL_JSON
     base = path.parent
     try:
         meta = json.loads(path.read_text())
@@ -167,10 +168,6 @@ def load_kernel_json(path: Path) -> GuestKernel:
 
 # Where `make kernel` run as root puts kernels; other users look there after their own cache.
 SYSTEM_KERNELS = Path("/var/cache/kvmpod/kernels")
-
-
-def kernels_dir() -> Path:
-    return paths.cache_dir() / "kernels"
 
 
 def kernel_cache_dirs() -> list[Path]:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvmpod import paths
-from kvmpod.boot.distro import KERNEL_JSON, _locked, _replace_dir, _run, _tail, kernels_dir
+from kvmpod.boot import kcache
 from kvmpod.errors import KernelError
 
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -166,7 +166,7 @@ def source_version(package: str = SOURCE_PACKAGE) -> str:
 
 def _meta(kdir: Path) -> dict[str, object] | None:
     try:
-        meta = json.loads((kdir / KERNEL_JSON).read_text())
+        meta = json.loads((kdir / kcache.KERNEL_JSON).read_text())
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
@@ -281,7 +281,7 @@ def _make(src: Path, out: Path, targets: list[str], log_path: Path | None = None
     """Run make in src with O=out; with log_path, output goes to that file (errors name it)."""
     cmd = ["make", "-s", f"-j{jobs}", f"O={out}", *_KBUILD_VARS, *targets]
     if log_path is None:
-        return _run(cmd, cwd=src)
+        return kcache.run_tool(cmd, cwd=src)
     env = dict(os.environ, LC_ALL="C", LANG="C")
     with open(log_path, "w") as log:
         try:
@@ -291,7 +291,7 @@ def _make(src: Path, out: Path, targets: list[str], log_path: Path | None = None
     if proc.returncode != 0:
         text = log_path.read_text(errors="replace")
         errors = [line for line in text.splitlines() if "error" in line.lower()]
-        detail = _tail("\n".join(errors[:3])) if errors else _tail(text)
+        detail = kcache.tail("\n".join(errors[:3])) if errors else kcache.tail(text)
         raise KernelError(f"`make {' '.join(targets)}` failed (exit {proc.returncode}): {detail} "
                           f"(full log: {log_path})")
     return ""
@@ -311,7 +311,7 @@ def _unpack(tarball: Path, src: Path, patches: list[Path], stamp: str, log: Call
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=src.parent))
     try:
         log(f"unpacking {tarball}")
-        _run(["tar", "-xf", str(tarball), "-C", str(tmp)])
+        kcache.run_tool(["tar", "-xf", str(tarball), "-C", str(tmp)])
         tops = [d for d in tmp.iterdir() if d.is_dir()]
         if len(tops) != 1 or not (tops[0] / "Makefile").is_file():
             raise KernelError(f"{tarball} does not hold one kernel source tree")
@@ -320,7 +320,7 @@ def _unpack(tarball: Path, src: Path, patches: list[Path], stamp: str, log: Call
         shutil.rmtree(tmp, ignore_errors=True)
     for patch in patches:
         log(f"applying {patch.name}")
-        _run(["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i", str(patch)], cwd=src)
+        kcache.run_tool(["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i", str(patch)], cwd=src)
     stamp_file.write_text(stamp)
 
 
@@ -328,7 +328,7 @@ def _configure(src: Path, out: Path, fragment_path: Path, wanted: dict[str, str 
     """tinyconfig + fragment + olddefconfig in out; returns the verified .config text."""
     out.mkdir(parents=True, exist_ok=True)
     _make(src, out, ["tinyconfig"])
-    _run([str(src / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(out), str(out / ".config"),
+    kcache.run_tool([str(src / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(out), str(out / ".config"),
           str(fragment_path)], cwd=src)
     _make(src, out, ["olddefconfig"])
     text = (out / ".config").read_text()
@@ -358,12 +358,12 @@ def build(cache: Path | None = None, fragment_path: Path = FRAGMENT, patch_dir: 
     patch_data = [(p.name, p.read_bytes()) for p in patches]
     version = source_version()
     digest = build_hash(fragment, version, patch_data)
-    kdir_root = kernels_dir(cache)
+    kdir_root = kcache.kernels_dir(cache)
     if not force and (done := installed_kernel(kdir_root, digest)):
         log(f"minimal kernel is up to date in {done}")
         return done
     jobs = jobs or len(os.sched_getaffinity(0))
-    with _locked(kdir_root, log):
+    with kcache.locked(kdir_root, log):
         if not force and (done := installed_kernel(kdir_root, digest)):
             log(f"minimal kernel is up to date in {done}")
             return done
@@ -416,12 +416,12 @@ def build(cache: Path | None = None, fragment_path: Path = FRAGMENT, patch_dir: 
                     "patches": [name for name, _ in patch_data],
                     "recipe": RECIPE_VERSION,
                 }
-                tmp = stage / f".{KERNEL_JSON}.tmp"
+                tmp = stage / f".{kcache.KERNEL_JSON}.tmp"
                 tmp.write_text(json.dumps(meta, indent=2) + "\n")
-                tmp.rename(stage / KERNEL_JSON)
+                tmp.rename(stage / kcache.KERNEL_JSON)
                 stage.chmod(0o755)
                 final = kdir_root / dir_name(release, digest)
-                _replace_dir(stage, final, scratch)
+                kcache.replace_dir(stage, final, scratch)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             _remove_older(kdir_root, final, log)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvmpod import paths
-from kvmpod.boot import distro, initrd, kernel, modules
+from kvmpod.boot import distro, initrd, kcache, kernel, modules
 from kvmpod.boot.initrd import CpioWriter, build_initrd, find_agent
 from kvmpod.boot.kernel import GuestKernel, find_kernel
 from kvmpod.boot.modules import guest_module_names, parse_module_list, resolve_modules
@@ -459,7 +459,7 @@ def fake_apt(env, monkeypatch):
             return ""
         raise AssertionError(f"unexpected command {cmd}")
 
-    monkeypatch.setattr(distro, "_run", run)
+    monkeypatch.setattr(kcache, "run_tool", run)
     return calls
 
 
@@ -500,12 +500,12 @@ def test_distro_fetch_refetches_when_guest_modules_grow(env, fake_apt, monkeypat
 
 def test_distro_errors_are_one_line(env, monkeypatch):
     with pytest.raises(KernelError) as exc:
-        distro._run(["sh", "-c", "echo first >&2; echo 'E: the real reason' >&2; exit 100"])
+        kcache.run_tool(["sh", "-c", "echo first >&2; echo 'E: the real reason' >&2; exit 100"])
     msg = str(exc.value)
     assert "\n" not in msg and "exit 100" in msg and "E: the real reason" in msg and "sh -c" in msg
     with pytest.raises(KernelError, match="not found: install"):
-        distro._run(["kvmpod-no-such-tool"])
-    monkeypatch.setattr(distro, "_run", lambda cmd, cwd=None: "Package: linux-image-cloud-amd64\nDepends: foo\n")
+        kcache.run_tool(["kvmpod-no-such-tool"])
+    monkeypatch.setattr(kcache, "run_tool", lambda cmd, cwd=None: "Package: linux-image-cloud-amd64\nDepends: foo\n")
     with pytest.raises(KernelError, match="no linux-image package"):
         distro.resolve_package()
 

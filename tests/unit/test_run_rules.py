@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvmpod import cli
-from kvmpod.errors import UsageError, VMError
+from kvmpod.errors import VMError
 from kvmpod.pod.spec import DEFAULT_PATH, app_environment, default_app_name
 from kvmpod.vm.accel import HostFacts, choose_accelerator
 from kvmpod.vm.config import Disk, VMConfig, qemu_argv

@@ -1,0 +1,73 @@
+"""The guest-kernel cache, shared by the distro fetcher and the minimal-kernel builder.
+
+Where kernels live (<cache>/kernels/<name>/ with kernel.json), the lock that serialises installs
+into it, the atomic swap of a finished kernel dir, and running the external tools both need
+(apt, dpkg, depmod, tar, patch, make) with one-line errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from kvmpod import paths
+from kvmpod.errors import KernelError
+
+KERNEL_JSON = "kernel.json"
+
+# Which Debian package provides a tool, for the "not found" message.
+_TOOLS = {"apt-cache": "apt", "apt-get": "apt", "dpkg": "dpkg", "depmod": "kmod", "tar": "tar", "patch": "patch",
+          "make": "make"}
+
+
+def kernels_dir(cache: Path | None = None) -> Path:
+    return (cache or paths.cache_dir()) / "kernels"
+
+
+def tail(text: str, limit: int = 240) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    tail = " / ".join(lines[-3:])
+    return tail if len(tail) <= limit else "..." + tail[-limit:]
+
+
+def run_tool(cmd: list[str], cwd: Path | None = None) -> str:
+    """Run a command (C locale), return its stdout; KernelError with the stderr tail if it fails."""
+    env = dict(os.environ, LC_ALL="C", LANG="C", DEBIAN_FRONTEND="noninteractive")
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, errors="replace")
+    except FileNotFoundError:
+        raise KernelError(f"{cmd[0]} not found: install the Debian package {_TOOLS.get(cmd[0], cmd[0])}") from None
+    if proc.returncode != 0:
+        detail = tail(proc.stderr) or tail(proc.stdout) or "no output"
+        raise KernelError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {detail}")
+    return proc.stdout
+
+
+@contextlib.contextmanager
+def locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    lock_path = directory / ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise KernelError(f"cannot open lock file {lock_path}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another kernel fetch ({lock_path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def replace_dir(stage: Path, final: Path, scratch: Path) -> None:
+    """Rename stage to final; an existing final is moved into scratch (deleted with it)."""
+    if final.exists():
+        final.rename(scratch / "old")
+    stage.rename(final)
