@@ -82,9 +82,8 @@ def prepare_apps(apps: list[AppOverrides], pod_env: dict[str, str]) -> list[Reso
     resolved = []
     for overrides in apps:
         image = store.import_aci(Path(overrides.image))
-        store.rootfs_disk(image)
         serial = serials.setdefault(image.id, f"img{len(serials)}")
-        resolved.append(resolve_app(image, overrides, pod_env, serial))
+        resolved.append(resolve_app(image, overrides, pod_env, store.rootfs_disk(image), serial))
     names = [a.name for a in resolved]
     if len(set(names)) != len(names):
         raise KvmpodError(f"two apps are named {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
@@ -95,7 +94,6 @@ def prepare_apps(apps: list[AppOverrides], pod_env: dict[str, str]) -> list[Reso
 async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
     from kvmpod.boot.initrd import build_initrd, find_agent
     from kvmpod.boot.kernel import find_kernel
-    from kvmpod.store import Store
     from kvmpod.vm.accel import choose_accelerator
     from kvmpod.vm.config import Disk, VMConfig
     from kvmpod.vm.machine import plan_boot
@@ -109,12 +107,7 @@ async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
     if accel.name == "tcg" and accel.automatic:
         notice(f"using TCG software emulation (slow): {accel.reason}")
     plan = plan_boot(kernel, options.cpus, options.debug, accel.name, options.kernel_args)
-    store = Store()
-    disks, seen = [], set()
-    for app in resolved:
-        if app.disk_serial not in seen:
-            seen.add(app.disk_serial)
-            disks.append(Disk(store.rootfs_disk(app.image), app.disk_serial))
+    disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved}.values())
 
     pod = PodDir.create()
     try:

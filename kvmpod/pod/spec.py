@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kvmpod.errors import UsageError
 from kvmpod.image.manifest import AC_NAME, AC_VERSION, ImageManifest
@@ -31,7 +32,8 @@ class AppOverrides:
 class ResolvedApp:
     name: str
     image: StoredImage
-    disk_serial: str
+    disk: Path              # the image's rootfs disk on the host
+    disk_serial: str        # how the guest finds that disk
     argv: list[str]
     env: list[str]
     working_dir: str
@@ -63,7 +65,8 @@ def app_environment(app_name: str, image_env: list[tuple[str, str]], pod_env: di
     return [f"{k}={v}" for k, v in env.items()]
 
 
-def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, str], disk_serial: str) -> ResolvedApp:
+def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, str], disk: Path,
+                disk_serial: str) -> ResolvedApp:
     manifest = image.manifest
     app = manifest.app
     exec_ = list(app.exec) if app else []
@@ -85,6 +88,7 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
     return ResolvedApp(
         name=name,
         image=image,
+        disk=disk,
         disk_serial=disk_serial,
         argv=exec_,
         env=app_environment(name, image_env, pod_env, overrides.env),
