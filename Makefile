@@ -60,8 +60,10 @@ test: setup
 unit: venv
 	$(VPY) -m pytest -m 'not vm' $(PYTEST_ARGS) tests
 
+# All benchmarks, each against a baseline measured in the same run; writes bench/results/<date>.{json,png}.
 bench: setup
-	$(VPY) bench/start.py
+	$(VPY) -m pip install -q -e '.[bench]'
+	$(VPY) bench/run_all.py
 
 clean:
 	$(MAKE) -C guest-agent clean

@@ -1,0 +1,107 @@
+"""Helpers shared by the benchmarks (bench/start.py, bench/run_all.py): the floor VM, the busybox ACI,
+timing. Not a test module; asserts nothing."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from kvmpod.boot.initrd import build_initrd, find_agent  # noqa: E402
+from kvmpod.boot.kernel import find_kernel  # noqa: E402
+from kvmpod.vm.accel import choose_accelerator  # noqa: E402
+from kvmpod.vm.config import VMConfig, qemu_argv  # noqa: E402
+from kvmpod.vm.machine import plan_boot  # noqa: E402
+
+KVMPOD = [sys.executable, "-m", "kvmpod"]
+
+
+def timed(argv: list[str], **kwargs) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    return time.perf_counter() - start
+
+
+def build_floor_init(work: Path) -> Path:
+    init = work / "poweroff-init"
+    if not init.exists():
+        cc = "musl-gcc" if subprocess.run(["which", "musl-gcc"], capture_output=True).returncode == 0 else "gcc"
+        subprocess.run([cc, "-static", "-Os", "-o", str(init), str(REPO / "bench" / "poweroff-init.c")],
+                       check=True)
+    return init
+
+
+@dataclass
+class Floor:
+    """Bare QEMU with kvmpod's kernel, machine and cmdline; its /init powers off at once."""
+    kernel: object
+    machine: str
+    accel: str
+    argv: list[str]
+
+
+def floor_vm(work: Path, kernel_kind: str | None = None) -> Floor:
+    """The floor for `kernel_kind` (None: the default kernel). Also warms the initrd cache kvmpod uses."""
+    kernel = find_kernel(kernel_kind)
+    accel = choose_accelerator("auto")
+    plan = plan_boot(kernel, cpus=1, debug=False, accel=accel.name)
+    floor_initrd = build_initrd(build_floor_init(work), kernel)
+    build_initrd(find_agent(), kernel)  # warm the cache kvmpod run uses
+    argv = qemu_argv(VMConfig(name="kvmpod-floor", kernel=kernel.image, initrd=floor_initrd,
+                              cmdline=plan.cmdline, console_log=work / f"floor-{kernel.kind}-console.log",
+                              machine=plan.machine, machine_options=plan.machine_options, accel=accel.name))
+    return Floor(kernel, plan.machine_arg, accel.name, argv)
+
+
+def build_busybox_aci(work: Path) -> Path:
+    """A busybox ACI (exec /bin/true) built with the project's own tools."""
+    aci = work / "busybox.aci"
+    if not aci.exists():
+        rootfs = work / "rootfs"
+        subprocess.run(["sh", str(REPO / "tests" / "make-busybox-rootfs.sh"), str(rootfs)], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([*KVMPOD, "image", "build", "--rootfs", str(rootfs), "--name", "bench/busybox",
+                        "--exec", "/bin/true", "-o", str(aci)], check=True, stdout=subprocess.DEVNULL)
+    return aci
+
+
+def bench_env(work: Path) -> dict[str, str]:
+    """Environment for kvmpod: a private store and run dir, so the real ones are left alone."""
+    return {**os.environ, "KVMPOD_STORE_DIR": str(work / "store"), "KVMPOD_RUN_DIR": str(work / "run")}
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "n": len(values)}
+
+
+def measure_start(work: Path, aci: Path, runs: int, kernel_kind: str | None = None) -> dict:
+    """Floor vs `kvmpod run ACI` (/bin/true), interleaved so host noise hits both alike."""
+    floor = floor_vm(work, kernel_kind)
+    run_argv = [*KVMPOD, "run", *(["--kernel", kernel_kind] if kernel_kind else []), str(aci)]
+    env = bench_env(work)
+    timed(run_argv, env=env)  # warm: image disk built, store filled
+    floor_t, run_t = [], []
+    for _ in range(runs):
+        floor_t.append(timed(floor.argv))
+        run_t.append(timed(run_argv, env=env))
+    return {"kernel": f"{floor.kernel.kind} {floor.kernel.version}", "machine": floor.machine,
+            "accel": floor.accel, "runs": runs, "floor": stats(floor_t), "run": stats(run_t),
+            "floor_s": floor_t, "run_s": run_t}
+
+
+def print_start(result: dict) -> None:
+    f, r = result["floor"], result["run"]
+    print(f"kernel {result['kernel']}, machine {result['machine']}, accel {result['accel']}, "
+          f"{result['runs']} runs each")
+    print(f"{'':24}{'min':>8}{'median':>9}")
+    print(f"{'floor (bare QEMU)':24}{f['min']:8.3f}{f['median']:9.3f}")
+    print(f"{'kvmpod run /bin/true':24}{r['min']:8.3f}{r['median']:9.3f}")
+    print(f"{'ratio run/floor':24}{r['min'] / f['min']:8.2f}{r['median'] / f['median']:9.2f}")

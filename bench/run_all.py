@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""All of kvmpod's benchmarks, each next to a baseline measured in the same run (`make bench`).
+
+1. start      kvmpod run /bin/true vs bare QEMU (minimal kernel, then the distro kernel)
+2. breakdown  where a run's time goes, from `--keep` runs' state.json timings
+3. memory     PSS of QEMU + kvmpod for an idle pod vs a sleeping python3
+4. scale      N concurrent pods vs N=1
+5. cli        `kvmpod --help` vs `python3 -c pass`
+
+Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
+Usage: bench/run_all.py [--runs N] [--distro-runs N]   (not a test, asserts nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import KVMPOD, REPO, bench_env, build_busybox_aci, measure_start, print_start, stats, timed  # noqa: E402
+
+PHASES = [  # (label, from, to) over state.json timings
+    ("host prep", "start", "qemu_spawn"),
+    ("QEMU + boot to agent", "qemu_spawn", "agent_ready"),
+    ("app start", "agent_ready", "apps_started"),
+    ("app run", "apps_started", "apps_exited"),
+    ("teardown", "apps_exited", "vm_ended"),
+]
+
+
+def header(title: str) -> None:
+    print(f"\n== {title} ==")
+
+
+def breakdown(work: Path, aci: Path, runs: int) -> dict:
+    env = bench_env(work)
+    pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
+    phases: dict[str, list[float]] = {label: [] for label, _, _ in PHASES}
+    walls = []
+    for _ in range(runs):
+        before = set(pods.glob("*")) if pods.exists() else set()
+        walls.append(timed([*KVMPOD, "run", "--keep", str(aci)], env=env))
+        (pod,) = set(pods.glob("*")) - before
+        timings = json.loads((pod / "state.json").read_text())["timings"]
+        shutil.rmtree(pod)
+        for label, a, b in PHASES:
+            phases[label].append(timings[b] - timings[a])
+    medians = {label: statistics.median(v) for label, v in phases.items()}
+    total = sum(medians.values())
+    wall = statistics.median(walls)
+    print(f"{runs} runs, medians (s)")
+    for label, value in medians.items():
+        print(f"{label:28}{value:8.3f}{value / total:8.0%}")
+    print(f"{'sum of phases':28}{total:8.3f}")
+    print(f"{'wall (incl. python startup)':28}{wall:8.3f}   python+imports before 'start': {wall - total:.3f}")
+    return {"runs": runs, "median_s": medians, "sum_s": total, "wall_median_s": wall, "samples_s": phases}
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+
+def wait_state(state_file: Path, want: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads(state_file.read_text())
+            if state.get("state") == want:
+                return state
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{state_file} never reached state {want!r}")
+
+
+def memory(work: Path, aci: Path) -> dict:
+    env = bench_env(work)
+    pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
+    before = set(pods.glob("*")) if pods.exists() else set()
+    proc = subprocess.Popen([*KVMPOD, "run", str(aci), "--exec", "/bin/sleep", "--", "30"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (new := set(pods.glob("*")) - before if pods.exists() else set()):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("pod directory never appeared")
+            time.sleep(0.02)
+        (pod,) = new
+        state = wait_state(pod / "state.json", "running", 30)
+        time.sleep(0.5)  # let the idle pod settle
+        qemu_pid = state["qemu_pid"]
+        qemu, kvmpod = pss_kib(qemu_pid), pss_kib(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # the second signal kills the VM
+            proc.wait(timeout=10)
+    base = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)
+        baseline = pss_kib(base.pid)
+    finally:
+        base.kill()
+        base.wait()
+    total = qemu + kvmpod
+    print(f"{'':34}{'PSS MiB':>8}")
+    print(f"{'QEMU (256M guest, idle sleep)':34}{qemu / 1024:8.1f}")
+    print(f"{'kvmpod process':34}{kvmpod / 1024:8.1f}")
+    print(f"{'pod total':34}{total / 1024:8.1f}")
+    print(f"{'baseline: python3 sleeping':34}{baseline / 1024:8.1f}")
+    print(f"{'ratio pod/baseline':34}{total / baseline:8.1f}   kvmpod exit {proc.returncode}")
+    return {"qemu_pss_kib": qemu, "kvmpod_pss_kib": kvmpod, "total_pss_kib": total,
+            "baseline_python_sleep_pss_kib": baseline, "ratio": total / baseline, "kvmpod_exit": proc.returncode}
+
+
+def scale(work: Path, aci: Path, counts: list[int]) -> dict:
+    env = bench_env(work)
+    argv = [*KVMPOD, "run", str(aci), "--exec", "/bin/true"]
+    rows = {}
+    for n in counts:
+        start = time.perf_counter()
+        procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for _ in range(n)]
+        results = [(p.wait(), p.stderr.read().decode(errors="replace").strip()) for p in procs]
+        wall = time.perf_counter() - start
+        failures = [f"exit {rc}: {err[-300:]}" for rc, err in results if rc != 0]
+        rows[n] = {"wall_s": wall, "pods_per_s": n / wall, "failures": failures}
+    base = rows[counts[0]]["pods_per_s"]
+    print(f"{'N':>4}{'wall s':>9}{'pods/s':>9}{'vs N=1':>8}  failures")
+    for n, row in rows.items():
+        row["speedup_vs_n1"] = row["pods_per_s"] / base
+        print(f"{n:4}{row['wall_s']:9.3f}{row['pods_per_s']:9.2f}{row['speedup_vs_n1']:8.2f}  {len(row['failures'])}")
+        for failure in row["failures"]:
+            print(f"      {failure}")
+    return {str(n): row for n, row in rows.items()}
+
+
+def cli(runs: int) -> dict:
+    help_t = [timed([*KVMPOD, "--help"]) for _ in range(runs)]
+    pass_t = [timed([sys.executable, "-c", "pass"]) for _ in range(runs)]
+    h, p = statistics.median(help_t), statistics.median(pass_t)
+    print(f"{'kvmpod --help':24}{h:8.3f}")
+    print(f"{'baseline: python3 -c pass':24}{p:8.3f}")
+    print(f"{'ratio':24}{h / p:8.1f}   (median of {runs})")
+    return {"runs": runs, "help": stats(help_t), "python_pass": stats(pass_t), "ratio_median": h / p}
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    medians = result["median_s"]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    bottom = 0.0
+    for label, value in medians.items():
+        ax.bar(["kvmpod run /bin/true"], [value], bottom=bottom, label=f"{label} ({value:.3f}s)")
+        bottom += value
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"kvmpod start-time breakdown ({result['runs']} runs)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10, help="start runs with the minimal kernel, and breakdown runs")
+    parser.add_argument("--distro-runs", type=int, default=5)
+    parser.add_argument("--help-runs", type=int, default=20)
+    parser.add_argument("--scale", default="1,2,4,8,16")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    results: dict = {"date": datetime.date.today().isoformat(), "host": os.uname().nodename,
+                     "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="kvmpod-bench-") as tmp:
+        work = Path(tmp)
+        aci = build_busybox_aci(work)
+        header("1. start (minimal kernel)")
+        results["start_minimal"] = measure_start(work, aci, args.runs)
+        print_start(results["start_minimal"])
+        header("1. start (distro kernel)")
+        results["start_distro"] = measure_start(work, aci, args.distro_runs, "distro")
+        print_start(results["start_distro"])
+        header("2. breakdown (minimal kernel)")
+        results["breakdown"] = breakdown(work, aci, args.runs)
+        header("3. memory (idle busybox pod)")
+        results["memory"] = memory(work, aci)
+        header("4. scale (concurrent kvmpod run /bin/true)")
+        results["scale"] = scale(work, aci, [int(n) for n in args.scale.split(",")])
+        header("5. cli")
+        results["cli"] = cli(args.help_runs)
+    results["total_s"] = time.perf_counter() - began
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{results['date']}.json", out / f"{results['date']}.png"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results["breakdown"], png_path)
+    print(f"\nwrote {json_path.relative_to(REPO)}, {png_path.relative_to(REPO)}; "
+          f"total {results['total_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
