@@ -57,7 +57,8 @@ def floor_vm(work: Path, kernel_kind: str | None = None) -> Floor:
     build_initrd(find_agent(), kernel)  # warm the cache kvmpod run uses
     argv = qemu_argv(VMConfig(name="kvmpod-floor", kernel=kernel.image, initrd=floor_initrd,
                               cmdline=plan.cmdline, console_log=work / f"floor-{kernel.kind}-console.log",
-                              machine=plan.machine, machine_options=plan.machine_options, accel=accel.name))
+                              machine=plan.machine, machine_options=plan.machine_options,
+                              firmware=plan.firmware, accel=accel.name))
     return Floor(kernel, plan.machine_arg, accel.name, argv)
 
 

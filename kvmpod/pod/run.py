@@ -116,7 +116,7 @@ async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
             name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd, cmdline=plan.cmdline,
             console_log=pod.file("console.log"), qmp_socket=pod.file("qmp.sock"),
             agent_socket=pod.file("agent.sock"), machine=plan.machine,
-            machine_options=plan.machine_options, accel=accel.name,
+            machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
             memory_mib=options.memory_mib, cpus=options.cpus, disks=disks)
         for sock in (config.qmp_socket, config.agent_socket):
             check_socket_path(sock)
@@ -285,6 +285,10 @@ class PodRunner:
             if not self.vm.ended.done():
                 await self.vm.stop(grace=2.0)
         finally:
+            if self.options.debug:
+                from kvmpod.vm.console import tail
+                for line in tail(self.pod.file("console.log")):
+                    log.debug("console: %s", line)
             if self.session:
                 await self.session.close()
             self.timings["vm_ended"] = time.time()

@@ -17,6 +17,8 @@ from kvmpod.boot.kernel import GuestKernel
 
 # rtc stays on: without a CMOS clock this kernel polls for it for a whole second.
 MICROVM_OPTIONS = ("x-option-roms=off", "pit=off", "pic=off", "rtc=on", "acpi=on")
+# qboot: a minimal firmware for direct kernel boot on pc (SeaBIOS does far more than we need).
+QBOOT = Path("/usr/share/qemu/qboot.rom")
 # QEMU's emulated local APIC (and KVM's) counts at 1 GHz; the minimal kernel's lapic_timer_khz= patch
 # takes this instead of calibrating for ~100 ms (kernels/patches/0001-*).
 LAPIC_TIMER_KHZ = 1_000_000
@@ -27,6 +29,7 @@ class BootPlan:
     machine: str
     machine_options: tuple[str, ...]
     cmdline: str
+    firmware: Path | None = None   # None: QEMU's default (microvm's is already qboot-based)
 
     @property
     def machine_arg(self) -> str:
@@ -91,4 +94,5 @@ def plan_boot(kernel: GuestKernel, cpus: int, debug: bool, accel: str = "tcg",
         args.append(f"lapic_timer_khz={LAPIC_TIMER_KHZ}")
     args.append("kvmpod.debug=1" if debug else "quiet")
     args += extra_args or []
-    return BootPlan(machine, options, " ".join(args))
+    firmware = QBOOT if machine == "pc" and QBOOT.exists() else None
+    return BootPlan(machine, options, " ".join(args), firmware)
