@@ -70,6 +70,7 @@ class Store:
                 image_id = decompress_to(path, dest)
             blob = self.blobs / image_id.removeprefix("sha512-")
             manifest = read_aci_manifest(tmp, path)
+            check_rootfs_entries(tmp, path)  # a hostile archive never enters the store
             with self._lock(blob.name):
                 if blob.exists():
                     tmp.unlink()
@@ -95,6 +96,21 @@ class Store:
                 with tarfile.open(image.blob, "r:") as tar:
                     build_iso(entries_from_tar(tar), disk)
         return disk
+
+
+def check_rootfs_entries(tar_path: Path, shown_as: Path) -> None:
+    """Run every rootfs/ entry through the disk builder's safety checks (headers only, no data read)."""
+    from kvmpod.disk.entries import entries_from_tar
+    from kvmpod.errors import DiskError
+
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for _ in entries_from_tar(tar):
+                pass
+    except tarfile.TarError as e:
+        raise ImageError(f"{shown_as}: not a valid tar archive: {e}") from None
+    except (ImageError, DiskError) as e:
+        raise ImageError(f"{shown_as}: {e}") from None
 
 
 def read_aci_manifest(tar_path: Path, shown_as: Path) -> ImageManifest:

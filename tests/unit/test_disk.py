@@ -23,14 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmpod.disk import (
-    MAX_FILE_SIZE,
-    EntryKind,
-    RootfsEntry,
-    build_iso,
-    entries_from_dir,
-    entries_from_tar,
-)
+from kvmpod.disk.entries import MAX_FILE_SIZE, EntryKind, RootfsEntry, entries_from_dir, entries_from_tar
+from kvmpod.disk.iso import build_iso
 from kvmpod.errors import DiskError, ImageError
 
 # --------------------------------------------------------------------------------------------------

@@ -133,3 +133,27 @@ def test_rootfs_disk_is_built_once_and_reused(tmp_path):
     first = disk.stat().st_mtime_ns
     assert store.rootfs_disk(image) == disk and disk.stat().st_mtime_ns == first
     assert Path(disk).name == f"{image.hex}.iso"
+
+
+@pytest.mark.parametrize("name, kind, link, problem", [
+    ("rootfs/../../etc/evil", tarfile.REGTYPE, "", ".."),
+    ("/rootfs/abs", tarfile.REGTYPE, "", "absolute"),
+    ("rootfs/esc", tarfile.LNKTYPE, "etc/passwd", "rootfs/esc"),
+    ("rootfs/dev/sda", tarfile.BLKTYPE, "", "device"),
+    ("elsewhere/file", tarfile.REGTYPE, "", "elsewhere/file"),
+])
+def test_hostile_entries_are_refused_at_import_and_never_stored(tmp_path, name, kind, link, problem):
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(_tar())) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for member in src:
+            dst.addfile(member, src.extractfile(member) if member.isreg() else None)
+        evil = tarfile.TarInfo(name)
+        evil.type, evil.linkname = kind, link
+        dst.addfile(evil, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+    aci = tmp_path / "evil.aci"
+    aci.write_bytes(out.getvalue())
+    store = Store(tmp_path / "store")
+    with pytest.raises(ImageError) as info:
+        store.import_aci(aci)
+    assert problem in str(info.value) and str(aci) in str(info.value) and "\n" not in str(info.value)
+    _nothing_half_written(store)
