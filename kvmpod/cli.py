@@ -121,6 +121,46 @@ def cmd_image_build(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(ns: argparse.Namespace) -> int:
+    import json
+
+    from kvmpod.pod.registry import list_pods
+
+    pods = [p.summary() for p in list_pods()]
+    if ns.json:
+        print(json.dumps(pods, indent=2))
+        return 0
+    print(f"{'UUID':36}  {'STATE':9}  APPS")
+    for pod in pods:
+        apps = ", ".join(a.get("name", "?") for a in pod["apps"])
+        print(f"{pod['uuid']:36}  {pod['state']:9}  {apps}")
+    return 0
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    import json
+
+    from kvmpod.pod.registry import find_pod
+
+    pod = find_pod(ns.uuid)
+    summary = {**pod.summary(), "timings": pod.state.get("timings", {})}
+    if ns.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"uuid:  {summary['uuid']}\nstate: {summary['state']}\npath:  {summary['path']}")
+    for app in summary["apps"]:
+        print(f"app {app.get('name')}: {app.get('exit', 'running')} (image {app.get('image', '?')[:19]}…)")
+    return 0
+
+
+def cmd_gc(ns: argparse.Namespace) -> int:
+    from kvmpod.pod.registry import gc
+
+    for uuid in gc(ns.grace_period):
+        print(f"removed pod {uuid}")
+    return 0
+
+
 def build_parser() -> _Parser:
     parser = _Parser(prog="kvmpod", description="Run App Container images, each in its own lightweight VM.")
     parser.add_argument("--version", action="version", version=f"kvmpod {__version__}")
@@ -150,6 +190,18 @@ def build_parser() -> _Parser:
     run.add_argument("image", metavar="IMAGE", help="path of an ACI file")
     run.add_argument("app_words", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list the pods on this host")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+    status = sub.add_parser("status", help="show one pod (a unique UUID prefix is enough)")
+    status.add_argument("uuid", metavar="UUID")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    gcp = sub.add_parser("gc", help="remove pods whose kvmpod process is gone (and any QEMU they left)")
+    gcp.add_argument("--grace-period", type=float, default=0.0, metavar="S",
+                     help="keep pods that ended less than S seconds ago (default 0)")
+    gcp.set_defaults(func=cmd_gc)
 
     image = sub.add_parser("image", help="build and manage images")
     image_sub = image.add_subparsers(dest="image_command", metavar="COMMAND", parser_class=_Parser)

@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from kvmpod.vm.accel import HostFacts, kvm_unusable_reason
+from tests.conftest import kvmpod_cmd
 from tests.e2e.conftest import proc_alive, qemu_pids_of, stderr_lines, the_error
 
 SH = ["--exec", "/bin/sh", "--", "-c"]
@@ -187,9 +189,13 @@ def test_kvmpod_killed_takes_qemu_with_it(kvmpod, busybox_aci, kvmpod_env):
     while proc_alive(state["qemu_pid"]) and time.time() < deadline:
         time.sleep(0.1)
     assert not proc_alive(state["qemu_pid"])
-    # kvmpod had no chance to clean its pod directory: that is `kvmpod gc`'s job (pods issue)
-    import shutil
-    shutil.rmtree(Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods", state["uuid"]))
+    # kvmpod had no chance to clean its pod directory: `kvmpod gc` does
+    pod_dir = Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods", state["uuid"])
+    listed = subprocess.run(kvmpod_cmd("list"), capture_output=True, text=True, env=kvmpod_env).stdout
+    assert f"{state['uuid']}  abandoned" in listed
+    gc = subprocess.run(kvmpod_cmd("gc"), capture_output=True, text=True, env=kvmpod_env)
+    assert gc.returncode == 0 and f"removed pod {state['uuid']}" in gc.stdout
+    assert not pod_dir.exists()
 
 
 def test_first_sigterm_is_forwarded_to_the_app(kvmpod, busybox_aci):
@@ -216,8 +222,10 @@ def test_keep_leaves_the_pod_directory(kvmpod, busybox_aci, kvmpod_env):
     assert manifest["acKind"] == "PodManifest" and manifest["apps"][0]["image"]["id"].startswith("sha512-")
     assert (pods[0] / "console.log").exists()
     assert not (pods[0] / "qmp.sock").exists() and not (pods[0] / "agent.sock").exists()
-    import shutil
-    shutil.rmtree(pods[0])
+    status = subprocess.run(kvmpod_cmd("status", pods[0].name[:8]), capture_output=True, text=True, env=kvmpod_env)
+    assert "state: exited" in status.stdout and "exited with code 4" in status.stdout
+    subprocess.run(kvmpod_cmd("gc"), check=True, capture_output=True, env=kvmpod_env)
+    assert not pods[0].exists()
 
 
 def test_qemu_start_failure_shows_qemus_own_error(kvmpod, busybox_aci):

@@ -1,0 +1,108 @@
+"""The pods on this host, as their directories tell: listing, lookup by UUID prefix, and gc.
+
+A pod belongs to the `kvmpod run` process that made it (state.json's kvmpod_pid). While that
+process lives, nothing here touches the pod. Once it is gone — a normal exit with --keep, or a
+SIGKILL that gave it no chance to clean up — the pod is `exited`/`failed`, or `abandoned` if it
+died mid-run, and `kvmpod gc` may remove it, killing a stray QEMU first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmpod import paths
+from kvmpod.errors import UsageError
+from kvmpod.pod.poddir import PodDir
+
+FINISHED = ("exited", "failed")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    uuid: str
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def owner_alive(self) -> bool:
+        """Is the kvmpod process that runs this pod still there? (pid reuse: it must still be kvmpod)"""
+        pid = self.state.get("kvmpod_pid")
+        return isinstance(pid, int) and "kvmpod" in _cmdline(pid)
+
+    @property
+    def qemu_pid(self) -> int | None:
+        """The pod's QEMU, if it still runs (checked by the VM name on its command line)."""
+        pid = self.state.get("qemu_pid")
+        return pid if isinstance(pid, int) and f"kvmpod-{self.uuid}" in _cmdline(pid) else None
+
+    @property
+    def status(self) -> str:
+        recorded = self.state.get("state", "unknown")
+        if recorded in FINISHED or self.owner_alive:
+            return recorded
+        return "abandoned"
+
+    def summary(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "state": self.status, "created": self.state.get("created"),
+                "apps": self.state.get("apps", []), "qemu_pid": self.qemu_pid, "path": str(self.path)}
+
+
+def pods_root() -> Path:
+    return paths.runtime_dir() / "pods"
+
+
+def list_pods() -> list[PodInfo]:
+    pods = []
+    root = pods_root()
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, ValueError):
+            state = {}  # being created or half-removed: listed as unknown/abandoned, gc-able
+        pods.append(PodInfo(path.name, path, state))
+    return sorted(pods, key=lambda p: p.state.get("created", 0))
+
+
+def find_pod(prefix: str) -> PodInfo:
+    matches = [p for p in list_pods() if p.uuid.startswith(prefix)]
+    if not matches:
+        raise UsageError(f"no pod with UUID {prefix!r}")
+    if len(matches) > 1:
+        raise UsageError(f"UUID prefix {prefix!r} is ambiguous: {', '.join(p.uuid for p in matches)}")
+    return matches[0]
+
+
+def gc(grace_period: float = 0.0) -> list[str]:
+    """Remove pods whose kvmpod process is gone and that ended at least `grace_period` seconds ago."""
+    removed = []
+    now = time.time()
+    for pod in list_pods():
+        if pod.owner_alive:
+            continue
+        try:
+            changed = (pod.path / "state.json").stat().st_mtime
+        except OSError:
+            changed = 0.0
+        if now - changed < grace_period:
+            continue
+        if (pid := pod.qemu_pid) is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        PodDir(pod.uuid, pod.path).remove()
+        removed.append(pod.uuid)
+    return removed
