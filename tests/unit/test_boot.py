@@ -21,7 +21,6 @@ from kvmpod.boot.kernel import GuestKernel, find_kernel
 from kvmpod.boot.modules import guest_module_names, parse_module_list, resolve_modules
 from kvmpod.errors import KernelError
 
-REAL_DEBIAN_MODULES = Path("/tmp/k/x/lib/modules/6.1.0-56-cloud-amd64")
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -205,9 +204,17 @@ def test_resolve_modules_without_builtin_file(tmp_path):
         resolve_modules(mdir, ["overlay"])
 
 
-@pytest.mark.skipif(not (REAL_DEBIAN_MODULES / "modules.dep").is_file(), reason="no unpacked Debian kernel")
+def _cached_distro_modules() -> Path | None:
+    distro_kernels = [k for k in kernel.cached_kernels() if k.kind == "distro" and k.modules_dir]
+    return distro_kernels[0].modules_dir if distro_kernels else None
+
+
+@pytest.mark.skipif(_cached_distro_modules() is None,
+                    reason="no Debian cloud kernel in the cache: `make kernel-distro` (make setup) installs it")
 def test_resolve_guest_modules_on_real_debian_kernel():
-    got = resolve_modules(REAL_DEBIAN_MODULES, guest_module_names())
+    modules_dir = _cached_distro_modules()
+    assert modules_dir is not None
+    got = resolve_modules(modules_dir, guest_module_names())
     names = [p.name for p in got]
     assert len(names) == len(set(names))
     assert names.index("virtio_ring.ko") < names.index("virtio.ko") < names.index("virtio_pci.ko")
