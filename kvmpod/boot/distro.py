@@ -255,12 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update", action="store_true", help="run `apt-get update` first")
     p.add_argument("--force", action="store_true", help="fetch even if the cached kernel is up to date")
     args = parser.parse_args(argv)
-    try:
-        fetch(args.cache, args.package, force=args.force, update=args.update)
-    except KernelError as e:
-        print(f"kvmpod: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return kcache.run_command_line(lambda: fetch(args.cache, args.package, force=args.force, update=args.update))
 
 
 if __name__ == "__main__":

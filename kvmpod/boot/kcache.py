@@ -71,3 +71,15 @@ def replace_dir(stage: Path, final: Path, scratch: Path) -> None:
     if final.exists():
         final.rename(scratch / "old")
     stage.rename(final)
+
+
+def run_command_line(action: Callable[[], None]) -> int:
+    """Run a `python -m kvmpod.boot.*` command: KernelError becomes one line and exit status 1."""
+    import sys
+
+    try:
+        action()
+    except KernelError as e:
+        print(f"kvmpod: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("deps", help="print the Debian packages the build needs")
     sub.add_parser("tsc-khz", help="print the host TSC frequency in kHz (for tsc_early_khz=)")
     args = parser.parse_args(argv)
-    try:
+
+    def action() -> None:
         if args.command == "build":
             build(args.cache, fragment_path=args.fragment, force=args.force, jobs=args.jobs,
                   keep_source=args.keep_source)
@@ -459,10 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             if khz is None:
                 raise KernelError("cannot tell the host TSC frequency")
             print(khz)
-    except KernelError as e:
-        print(f"kvmpod: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return kcache.run_command_line(action)
 
 
 if __name__ == "__main__":
