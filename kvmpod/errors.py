@@ -23,6 +23,10 @@ class UsageError(KvmpodError):
     """The command line is wrong."""
 
 
+class ConfigError(KvmpodError):
+    """A kvmpod.toml config file is unreadable or holds a bad value."""
+
+
 class ImageError(KvmpodError):
     """An image is missing, malformed or unsafe."""
 

@@ -28,13 +28,13 @@ import json
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from kvmpod import paths
+from kvmpod.config import lookup as config_lookup
 from kvmpod.boot.kcache import KERNEL_JSON, kernels_dir
 from kvmpod.errors import KernelError
 
@@ -231,24 +231,12 @@ def _from_value(value: str, source: str, base: Path | None = None) -> GuestKerne
 
 def _config_value() -> tuple[str, Path] | None:
     """The last `kernel = "..."` in the config files, with the file it came from."""
-    result = None
-    for config_file in paths.config_files():
-        try:
-            with open(config_file, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise KernelError(f"cannot read config file {config_file}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise KernelError(f"invalid TOML in config file {config_file}: {e}") from None
-        value = data.get("kernel")
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value:
-            raise KernelError(f"\"kernel\" in config file {config_file} must be a non-empty string")
-        result = (value, config_file)
-    return result
+    found = config_lookup("kernel")
+    if found is None:
+        return None
+    if not isinstance(found.value, str) or not found.value:
+        raise KernelError(f"\"kernel\" in config file {found.source} must be a non-empty string")
+    return found.value, found.source
 
 
 def find_kernel(explicit: str | None = None) -> GuestKernel:

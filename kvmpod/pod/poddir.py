@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmpod import paths
+from kvmpod.fsutil import write_atomically
 
 
 @dataclass
@@ -45,9 +46,7 @@ class PodDir:
         return self.path / name
 
     def write_json(self, name: str, data: Any) -> None:
-        tmp = self.file(f".{name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.file(name))
+        write_atomically(self.file(name), (json.dumps(data, indent=2) + "\n").encode(), mode=0o600)
 
     def update(self, **changes: Any) -> None:
         self.state.update(changes)

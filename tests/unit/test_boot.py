@@ -19,7 +19,7 @@ from kvmpod.boot import distro, initrd, kcache, kernel, modules
 from kvmpod.boot.initrd import CpioWriter, build_initrd, find_agent
 from kvmpod.boot.kernel import GuestKernel, find_kernel
 from kvmpod.boot.modules import guest_module_names, parse_module_list, resolve_modules
-from kvmpod.errors import KernelError
+from kvmpod.errors import ConfigError, KernelError
 
 
 
@@ -324,7 +324,7 @@ def test_kernel_errors(env, monkeypatch):
         find_kernel(str(env / "empty"))
     monkeypatch.setenv("KVMPOD_CONFIG", str(env / "bad.toml"))
     (env / "bad.toml").write_text("kernel = \n")
-    with pytest.raises(KernelError, match="invalid TOML.*bad.toml"):
+    with pytest.raises(ConfigError, match="invalid TOML.*bad.toml"):
         find_kernel()
 
 
