@@ -121,7 +121,8 @@ def _member_kind(member: tarfile.TarInfo, shown: str) -> EntryKind:
     raise ImageError(f"{shown}: unsupported tar entry type {member.type!r}")
 
 
-def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/") -> Iterator[RootfsEntry]:
+def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/", *, implied_dirs: bool = True,
+                     lower_links: bool = False) -> Iterator[RootfsEntry]:
     """The rootfs entries of an image tar, in archive order, validated (see the module docstring).
 
     Only members under `prefix` are the rootfs (the ACI layout is `manifest` + `rootfs/`); the
@@ -133,8 +134,16 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/") -> Iterator[
     sets its attributes.
 
     `tar` must have been opened from a seekable, uncompressed file that stays open until the disk is
-    written: FILE openers call `tar.extractfile` lazily. Nothing is read beyond the member headers
-    here, so a member whose header claims a size the disk cannot hold is refused before any data.
+    written: FILE openers call `tar.extractfile` lazily (and may be called again). Nothing is read
+    beyond the member headers here, so a member whose header claims a size the disk cannot hold is
+    refused before any data.
+
+    For a tar that is one layer of several (kvmpod.image.layers.merge_layers):
+    * implied_dirs=False: directories the archive does not list are not yielded (they are still
+      checked), so that they do not reset the attributes a lower layer gave them.
+    * lower_links=True: a hard link may name a path this archive does not hold at all (a file of a
+      lower layer, which the merge checks); its link_target is that path, and later links to it
+      name the link itself.
     """
     pfx = _normalise_archive_name(prefix, prefix or "prefix")
     kinds: dict[str, EntryKind] = {}  # every path seen so far (explicit or implied) -> its kind
@@ -195,7 +204,8 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/") -> Iterator[
                 if ancestor_kind is None:
                     kinds[ancestor] = EntryKind.DIR
                     implied.add(ancestor)
-                    yield RootfsEntry(ancestor, EntryKind.DIR, 0o755, 0, 0, mtime)
+                    if implied_dirs:
+                        yield RootfsEntry(ancestor, EntryKind.DIR, 0o755, 0, 0, mtime)
                 elif ancestor_kind is EntryKind.SYMLINK:
                     raise ImageError(
                         f"{shown}: its parent {_shown_path(pfx, ancestor)} is a symlink; "
@@ -223,12 +233,18 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/") -> Iterator[
             if target is None or target == ROOT_PATH:
                 raise ImageError(f"{shown}: hard link target {member.linkname} is outside {pfx or 'the rootfs'}/")
             data_path = inode_of.get(target)
-            if data_path is None:
+            if data_path is None and lower_links and target not in kinds:
+                # A file of a lower layer (the merge checks it). This archive may still replace that
+                # path, so later links to this one name this link rather than the lower path.
+                entry = RootfsEntry(path, kind, mode, uid, gid, mtime, link_target=target)
+                inode_of[path] = path
+            elif data_path is None:
                 raise ImageError(
                     f"{shown}: hard link target {member.linkname} is not an earlier regular file of the image"
                 )
-            entry = RootfsEntry(path, kind, mode, uid, gid, mtime, link_target=data_path)
-            inode_of[path] = data_path
+            else:
+                entry = RootfsEntry(path, kind, mode, uid, gid, mtime, link_target=data_path)
+                inode_of[path] = data_path
 
         kinds[path] = kind
         yield entry

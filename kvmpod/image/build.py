@@ -1,37 +1,56 @@
-"""`kvmpod image build`: pack a directory tree and a manifest into a spec-valid ACI (like appc's actool)."""
+"""`kvmpod image build`: pack a directory tree and a manifest into a spec-valid ACI (like appc's actool).
+
+The tree is read with the same rules as an imported rootfs (kvmpod/disk/entries.py) and written by
+the same deterministic writer as converted images (kvmpod/image/layers.py): owners are numeric,
+nothing comes from the clock, so building the same tree twice gives the same image ID.
+"""
 
 from __future__ import annotations
 
-import io
-import json
+import bz2
+import gzip
+import lzma
 import os
-import tarfile
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO
 
 from kvmpod.errors import ImageError
 
-_MODES = {"none": "w", "gzip": "w:gz", "bzip2": "w:bz2", "xz": "w:xz"}
+COMPRESSIONS = ("gzip", "none", "bzip2", "xz")
+
+
+def _compressor(kind: str, raw: BinaryIO) -> BinaryIO:
+    if kind == "gzip":
+        return gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)  # no name, no time in the header
+    if kind == "bzip2":
+        return bz2.BZ2File(raw, "wb")  # type: ignore[return-value]
+    if kind == "xz":
+        return lzma.LZMAFile(raw, "wb")  # type: ignore[return-value]
+    return raw
 
 
 def build_aci(rootfs: Path, manifest: dict, out: Path, compression: str = "gzip") -> None:
     """Write `out` atomically: a tar holding `manifest` then `rootfs/` with owners, modes and links kept."""
+    from kvmpod.disk.entries import entries_from_dir
+    from kvmpod.image.layers import write_aci
+
     if not rootfs.is_dir() or rootfs.is_symlink():
         raise ImageError(f"{rootfs}: rootfs is not a directory")
-    if compression not in _MODES:
-        raise ImageError(f"unknown compression {compression!r} (choose one of {', '.join(_MODES)})")
+    if compression not in COMPRESSIONS:
+        raise ImageError(f"unknown compression {compression!r} (choose one of {', '.join(COMPRESSIONS)})")
     out_dir = out.resolve().parent
     if not out_dir.is_dir():
         raise ImageError(f"{out}: output directory does not exist")
-    data = json.dumps(manifest, indent=2).encode() + b"\n"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir)
     try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode=_MODES[compression],  # type: ignore[call-overload]
-                                                      format=tarfile.PAX_FORMAT) as tar:
-            info = tarfile.TarInfo("manifest")
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-            tar.add(rootfs, arcname="rootfs", recursive=True)
+        with os.fdopen(fd, "wb") as raw:
+            with ExitStack() as stack:
+                stream = _compressor(compression, raw)
+                if stream is not raw:
+                    stack.enter_context(stream)
+                write_aci(entries_from_dir(rootfs), manifest, stream)
             raw.flush()
             os.fsync(raw.fileno())
         os.chmod(tmp_name, 0o644)
