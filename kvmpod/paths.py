@@ -30,7 +30,18 @@ def runtime_dir() -> Path:
     return Path(xdg) / "kvmpod" if xdg else Path("/tmp") / f"kvmpod-{os.getuid()}"
 
 
+_store_override: Path | None = None
+
+
+def set_store_dir(path: str | Path) -> None:
+    """`kvmpod --dir DIR`: this process's store (it wins over the environment)."""
+    global _store_override
+    _store_override = Path(path).absolute()
+
+
 def store_dir() -> Path:
+    if _store_override is not None:
+        return _store_override
     if env := os.environ.get("KVMPOD_STORE_DIR"):
         return Path(env)
     if _is_root():

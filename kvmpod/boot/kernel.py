@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from kvmpod import paths
-from kvmpod.config import lookup as config_lookup
 from kvmpod.boot.kcache import KERNEL_JSON, kernels_dir
+from kvmpod.config import lookup as config_lookup
 from kvmpod.errors import KernelError
 
 KINDS = ("distro", "minimal", "custom")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -15,13 +17,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Awaitable, TypeVar
 
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
 from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.spec import AppOverrides, ResolvedApp, pod_manifest, resolve_app
+from kvmpod.store import Store, StoredImage
+from kvmpod.store.locks import SharedLocks
 from kvmpod.vm.backend import VMBackend, VMExit
 
 log = logging.getLogger(__name__)
@@ -73,17 +76,24 @@ def run(apps: list[AppOverrides], options: RunOptions) -> int:
     return asyncio.run(run_pod(apps, options))
 
 
-def prepare_apps(apps: list[AppOverrides], pod_env: dict[str, str]) -> list[ResolvedApp]:
-    """Import every image into the store and build (or reuse) its rootfs disk."""
-    from kvmpod.store import Store
+def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str],
+                 claims: SharedLocks) -> list[ResolvedApp]:
+    """Find or import every image, claim it against `image rm`, and build (or reuse) its rootfs disk."""
+    from kvmpod.image.manifest import check_runnable
 
-    store = Store()
     serials: dict[str, str] = {}
     resolved = []
     for overrides in apps:
-        image = store.import_aci(Path(overrides.image))
+        image = store.resolve(overrides.image)
+        try:
+            check_runnable(image.manifest)
+        except KvmpodError as e:
+            raise KvmpodError(f"{overrides.image}: {e}") from None
+        with store.claim([image]) as held:
+            disk = store.rootfs_disk(image)
+            claims.take_over(held)
         serial = serials.setdefault(image.id, f"img{len(serials)}")
-        resolved.append(resolve_app(image, overrides, pod_env, store.rootfs_disk(image), serial))
+        resolved.append(resolve_app(image, keep_docker_entrypoint(image, overrides), pod_env, disk, serial))
     names = [a.name for a in resolved]
     if len(set(names)) != len(names):
         raise KvmpodError(f"two apps are named {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
@@ -91,7 +101,30 @@ def prepare_apps(apps: list[AppOverrides], pod_env: dict[str, str]) -> list[Reso
     return resolved
 
 
+def keep_docker_entrypoint(image: StoredImage, overrides: AppOverrides) -> AppOverrides:
+    """`-- ARGS` replace a converted Docker image's CMD but keep its ENTRYPOINT, as with docker run
+    (the converter records the ENTRYPOINT in the appc.io/docker/entrypoint annotation, as docker2aci
+    does). An explicit --exec means the user takes over the command line: then the appc rule applies."""
+    if overrides.args is None or overrides.exec is not None:
+        return overrides
+    try:
+        entrypoint = json.loads(image.manifest.annotations.get("appc.io/docker/entrypoint", "null"))
+    except ValueError:
+        return overrides
+    if not isinstance(entrypoint, list) or not entrypoint or not all(isinstance(w, str) for w in entrypoint):
+        return overrides
+    # app.exec[0] is ENTRYPOINT[0] already resolved in the image's PATH by the converter
+    return dataclasses.replace(overrides, args=[*entrypoint[1:], *overrides.args])
+
+
 async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
+    timings = {"start": time.time()}
+    with SharedLocks() as claims:  # the pod's images stay in the store until the pod is gone
+        return await _run_claimed(apps, options, timings, claims)
+
+
+async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: dict[str, float],
+                       claims: SharedLocks) -> int:
     from kvmpod.boot.initrd import build_initrd, find_agent
     from kvmpod.boot.kernel import find_kernel
     from kvmpod.vm.accel import choose_accelerator
@@ -99,8 +132,7 @@ async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
     from kvmpod.vm.machine import plan_boot
     from kvmpod.vm.qemu import QemuVM, check_socket_path
 
-    timings = {"start": time.time()}
-    resolved = prepare_apps(apps, options.pod_env)
+    resolved = prepare_apps(Store(), apps, options.pod_env, claims)
     kernel = find_kernel(options.kernel)
     initrd = build_initrd(find_agent(), kernel)
     accel = choose_accelerator(options.accel)

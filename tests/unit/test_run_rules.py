@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvmpod import cli
+from kvmpod.cli import run as cli_run
 from kvmpod.errors import VMError
 from kvmpod.pod.spec import DEFAULT_PATH, app_environment, default_app_name
 from kvmpod.vm.accel import HostFacts, choose_accelerator
@@ -65,19 +66,31 @@ def test_default_app_name(image, app):
 
 
 def test_rkt_syntax_splits_pod_flags_app_flags_and_args():
-    ns = cli.build_parser().parse_args(
+    ns = cli._parse(cli.build_parser(), 
         ["run", "--memory", "1G", "--set-env", "A=1", "img.aci", "--exec", "/bin/sh", "--set-env", "B=2",
          "--user", "app", "--", "-c", "echo --exec"])
     assert ns.memory == 1024 and dict(ns.set_env) == {"A": "1"}
-    (app,) = cli._parse_apps(ns.app_words, ns.image)
+    (app,) = cli_run._parse_apps(ns.app_words, ns.image)
     assert (app.image, app.exec, app.env, app.user, app.args) == ("img.aci", "/bin/sh", {"B": "2"}, "app",
                                                                     ["-c", "echo --exec"])
 
 
 def test_triple_dash_separates_apps():
-    ns = cli.build_parser().parse_args(["run", "a.aci", "--name", "one", "---", "b.aci", "--", "x"])
-    apps = cli._parse_apps(ns.app_words, ns.image)
+    ns = cli._parse(cli.build_parser(), ["run", "a.aci", "--name", "one", "---", "b.aci", "--", "x"])
+    apps = cli_run._parse_apps(ns.app_words, ns.image)
     assert [(a.image, a.name, a.args) for a in apps] == [("a.aci", "one", None), ("b.aci", None, ["x"])]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "img", "--", "-c", "echo hi"], [("img", ["-c", "echo hi"])]),          # -- right after IMAGE
+    (["run", "--set-env", "A=--", "img", "--", "--"], [("img", ["--"])]),
+    (["run", "a", "---", "b", "--", "x", "--", "y"], [("a", None), ("b", ["x", "--", "y"])]),
+    (["run", "a", "---", "b"], [("a", None), ("b", None)]),
+])
+def test_double_dash_right_after_the_image_is_the_apps(argv, expected):
+    ns = cli._parse(cli.build_parser(), argv)
+    apps = cli_run._parse_apps(ns.app_words, ns.image)
+    assert [(a.image, a.args) for a in apps] == expected
 
 
 @pytest.mark.parametrize("argv, problem", [

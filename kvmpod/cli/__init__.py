@@ -1,0 +1,152 @@
+"""The `kvmpod` command line (rkt's syntax), one module per command group. Heavy modules are
+imported inside the commands, so `kvmpod --help` starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from kvmpod import __version__, paths
+from kvmpod.cli.images import (cmd_fetch, cmd_image_build, cmd_image_cat_manifest, cmd_image_export,
+                               cmd_image_gc, cmd_image_list, cmd_image_rm)
+from kvmpod.cli.pods import cmd_gc, cmd_list, cmd_status
+from kvmpod.cli.run import APP_SEPARATOR, cmd_run
+from kvmpod.cli.types import KvmpodParser, env_pair, memory_mib, positive_int
+from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
+
+
+def build_parser() -> KvmpodParser:
+    parser = KvmpodParser(prog="kvmpod", description="Run App Container images, each in its own lightweight VM.")
+    parser.add_argument("--version", action="version", version=f"kvmpod {__version__}")
+    parser.add_argument("--dir", metavar="DIR", help="image store directory (default /var/lib/kvmpod as root, "
+                        "else ~/.local/share/kvmpod; docs/store.md)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=KvmpodParser)
+
+    run = sub.add_parser(
+        "run", help="run an image in a new pod (VM)",
+        usage="kvmpod run [pod flags] IMAGE [--exec PATH] [app flags] [-- ARGS...] [--- IMAGE2 ...]",
+        description="Boot a VM, run the image's app in it, relay its output; exit with the app's exit "
+                    "code (128+N if killed by signal N, 125 if kvmpod itself failed, 126/127 if the exec "
+                    "path cannot be run / does not exist). App flags (after IMAGE): --exec, --set-env, "
+                    "--user, --group, --working-dir, --name, --readonly-rootfs.")
+    run.add_argument("--memory", type=memory_mib, default=256, metavar="SIZE", help="guest memory (default 256M)")
+    run.add_argument("--cpus", type=positive_int, default=1, help="guest vCPUs (default 1)")
+    run.add_argument("--kernel", metavar="PATH", help="guest kernel image or kernel dir (see docs/kernel.md)")
+    run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
+                     help="accelerator (auto: KVM where it can run a standard guest, else TCG)")
+    run.add_argument("--interactive", "-i", action="store_true", help="forward stdin to the app")
+    run.add_argument("--set-env", action="append", type=env_pair, default=[], metavar="NAME=VALUE",
+                     help="environment for every app of the pod")
+    run.add_argument("--keep", action="store_true", help="keep the pod directory after the pod ends")
+    run.add_argument("--boot-timeout", type=float, default=60.0, metavar="S",
+                     help="seconds the guest may take to boot its agent (default 60)")
+    run.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
+                     help="append ARG to the guest kernel command line (debugging)")
+    run.add_argument("--debug", action="store_true", help="show what kvmpod does, the agent's log and the console")
+    run.add_argument("image", metavar="IMAGE",
+                     help="an ACI file or URL, docker-archive:FILE, oci-archive:FILE, oci:DIR[:TAG], "
+                          "an image ID (sha512-…) or a store name (NAME[:VERSION][,LABEL=VALUE...])")
+    run.add_argument("app_words", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list the pods on this host")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+    status = sub.add_parser("status", help="show one pod (a unique UUID prefix is enough)")
+    status.add_argument("uuid", metavar="UUID")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    gcp = sub.add_parser("gc", help="remove pods whose kvmpod process is gone (and any QEMU they left)")
+    gcp.add_argument("--grace-period", type=float, default=0.0, metavar="S",
+                     help="keep pods that ended less than S seconds ago (default 0)")
+    gcp.set_defaults(func=cmd_gc)
+
+    fetch = sub.add_parser("fetch", help="import images into the store and print their IDs",
+                           description="Import each SOURCE (an ACI file or http(s) URL, docker-archive:FILE, "
+                                       "oci-archive:FILE or oci:DIR[:TAG]) and print its image ID.")
+    fetch.add_argument("sources", nargs="+", metavar="SOURCE")
+    fetch.set_defaults(func=cmd_fetch)
+
+    image = sub.add_parser("image", help="build and manage images")
+    image_sub = image.add_subparsers(dest="image_command", metavar="COMMAND", parser_class=KvmpodParser)
+    build = image_sub.add_parser("build", help="build an ACI from a directory tree (like actool build)")
+    build.add_argument("--rootfs", required=True, metavar="DIR", help="directory that becomes rootfs/")
+    build.add_argument("--name", required=True, help="image name (an AC Identifier, e.g. example.com/app)")
+    build.add_argument("--exec", required=True, metavar="CMD", help="app command line (split like a shell)")
+    build.add_argument("--user", default="0")
+    build.add_argument("--group", default="0")
+    build.add_argument("--working-dir", metavar="DIR")
+    build.add_argument("--env", action="append", type=env_pair, default=[], metavar="NAME=VALUE")
+    build.add_argument("--label", action="append", type=env_pair, default=[], metavar="NAME=VALUE",
+                       help="image label (os=linux and arch=amd64 are set unless given)")
+    build.add_argument("--annotation", action="append", type=env_pair, default=[], metavar="NAME=VALUE")
+    build.add_argument("--compression", choices=["gzip", "none", "bzip2", "xz"], default="gzip")
+    build.add_argument("-o", "--output", required=True, metavar="OUT.aci")
+    build.set_defaults(func=cmd_image_build)
+    imp = image_sub.add_parser("import", help="import images into the store (same as `kvmpod fetch`)")
+    imp.add_argument("sources", nargs="+", metavar="SOURCE")
+    imp.set_defaults(func=cmd_fetch)
+    ls = image_sub.add_parser("list", help="list the images in the store")
+    ls.add_argument("--json", action="store_true", help="everything, full IDs, as JSON")
+    ls.add_argument("--no-legend", action="store_true", help="no header line")
+    ls.set_defaults(func=cmd_image_list)
+    cat = image_sub.add_parser("cat-manifest", help="print an image's manifest")
+    cat.add_argument("image", metavar="IMAGE", help="image ID (a unique prefix of 12+ hex digits) or store name")
+    cat.add_argument("--pretty", action="store_true", help="indent the JSON")
+    cat.set_defaults(func=cmd_image_cat_manifest)
+    export = image_sub.add_parser("export", help="write a stored image as an (uncompressed) ACI file")
+    export.add_argument("image", metavar="IMAGE", help="image ID or store name")
+    export.add_argument("output", metavar="OUT.aci")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT.aci if it exists")
+    export.set_defaults(func=cmd_image_export)
+    rm = image_sub.add_parser("rm", help="remove images (refused for images a running pod uses)")
+    rm.add_argument("images", nargs="+", metavar="IMAGE", help="image ID or store name")
+    rm.set_defaults(func=cmd_image_rm)
+    igc = image_sub.add_parser("gc", help="remove rootfs disks, blobs and temp files no image references")
+    igc.set_defaults(func=cmd_image_gc)
+    image.set_defaults(func=lambda ns: (image.print_help(), 2)[1])
+    return parser
+
+
+def _parse(parser: KvmpodParser, argv: list[str]) -> argparse.Namespace:
+    """argparse, except that `run`'s `-- ARGS` and `--- IMAGE2 ...` never reach it: argparse would
+    swallow a `--` right after IMAGE. They are handed to the run command's own app parser intact."""
+    if "run" in argv:
+        cut = next((i for i in range(argv.index("run") + 1, len(argv)) if argv[i] in ("--", APP_SEPARATOR)),
+                   len(argv))
+        ns = parser.parse_args(argv[:cut])
+        if getattr(ns, "func", None) is cmd_run:
+            ns.app_words = [*ns.app_words, *argv[cut:]]
+            return ns
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        ns = _parse(parser, list(sys.argv[1:] if argv is None else argv))
+        if not getattr(ns, "func", None):
+            parser.print_help()
+            return 2
+        if ns.dir:
+            paths.set_store_dir(ns.dir)
+        debug = getattr(ns, "debug", False)
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmpod: %(message)s")
+        if not debug:
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its noise is ours to explain
+        return ns.func(ns)
+    except KvmpodError as e:
+        print(f"kvmpod: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kvmpod: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_KVMPOD_FAILURE
+    except Exception as e:  # a bug: one line for users, the traceback with --debug
+        if getattr(locals().get("ns"), "debug", False):
+            raise
+        print(f"kvmpod: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
+        return EXIT_KVMPOD_FAILURE

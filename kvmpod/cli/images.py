@@ -1,0 +1,107 @@
+"""`kvmpod fetch` and `kvmpod image ...`: building, importing, listing, exporting and removing images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError, UsageError
+
+SHORT_ID_HEX = 32   # as `rkt image list` prints them; any unique prefix of 12+ hex digits is accepted
+
+
+def cmd_fetch(ns: argparse.Namespace) -> int:
+    """Import each source and print its image ID (stdout: one ID per line, as rkt fetch does)."""
+    from kvmpod.store import Store
+
+    store = Store()
+    for source in ns.sources:
+        print(store.import_ref(source).id, flush=True)
+    return 0
+
+
+def cmd_image_list(ns: argparse.Namespace) -> int:
+    from kvmpod.image.limits import human_size
+    from kvmpod.store import Store
+
+    records = Store().list_records()
+    if ns.json:
+        print(json.dumps([{"id": r.id, "name": r.name, "labels": r.labels, "imported": r.imported,
+                           "size": r.size, "source": r.source, "signature": r.signature}
+                          for r in records], indent=2))
+        return 0
+    rows = [(f"sha512-{r.hex[:SHORT_ID_HEX]}", r.name, r.labels.get("version", ""), human_size(r.size),
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.imported)), r.signature) for r in records]
+    header = ("ID", "NAME", "VERSION", "SIZE", "IMPORTED", "SIGNATURE")
+    if ns.no_legend:
+        header_rows = rows
+    else:
+        header_rows = [header, *rows]
+    widths = [max((len(row[i]) for row in [header, *rows]), default=0) for i in range(len(header))]
+    for row in header_rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_image_cat_manifest(ns: argparse.Namespace) -> int:
+    from kvmpod.store import Store
+
+    record = Store().find_text(ns.image)
+    print(json.dumps(record.manifest, indent=2 if ns.pretty else None))
+    return 0
+
+
+def cmd_image_export(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvmpod.store import Store
+
+    store = Store()
+    store.export(store.find_text(ns.image), Path(ns.output), overwrite=ns.overwrite)
+    return 0
+
+
+def cmd_image_rm(ns: argparse.Namespace) -> int:
+    """Remove each image; carry on past failures and report them (exit 125 if any failed)."""
+    from kvmpod.store import Store
+
+    store = Store()
+    failed = False
+    for text in ns.images:
+        try:
+            record = store.find_text(text)
+            store.remove(record)
+        except KvmpodError as e:
+            print(f"kvmpod: error: {e}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"removed {record.id}")
+    return EXIT_KVMPOD_FAILURE if failed else 0
+
+
+def cmd_image_gc(ns: argparse.Namespace) -> int:
+    from kvmpod.store import Store
+
+    for what in Store().gc():
+        print(f"removed {what}")
+    return 0
+
+
+def cmd_image_build(ns: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from kvmpod.image.build import build_aci
+    from kvmpod.image.manifest import build_manifest
+
+    try:
+        exec_ = shlex.split(ns.exec)
+    except ValueError as e:
+        raise UsageError(f"--exec: {e}") from None
+    manifest = build_manifest(ns.name, exec_=exec_, user=ns.user, group=ns.group,
+                              working_directory=ns.working_dir, environment=dict(ns.env),
+                              labels=dict(ns.label), annotations=dict(ns.annotation))
+    build_aci(Path(ns.rootfs), manifest, Path(ns.output), ns.compression)
+    return 0

@@ -1,0 +1,47 @@
+"""`kvmpod list`, `status` and `gc`: the pods on this host."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    import json
+
+    from kvmpod.pod.registry import list_pods
+
+    pods = [p.summary() for p in list_pods()]
+    if ns.json:
+        print(json.dumps(pods, indent=2))
+        return 0
+    print(f"{'UUID':36}  {'STATE':9}  APPS")
+    for pod in pods:
+        apps = ", ".join(a.get("name", "?") for a in pod["apps"])
+        print(f"{pod['uuid']:36}  {pod['state']:9}  {apps}")
+    return 0
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    import json
+
+    from kvmpod.pod.registry import find_pod
+
+    pod = find_pod(ns.uuid)
+    summary = {**pod.summary(), "timings": pod.state.get("timings", {})}
+    if ns.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"uuid:  {summary['uuid']}\nstate: {summary['state']}\npath:  {summary['path']}")
+    for app in summary["apps"]:
+        print(f"app {app.get('name')}: {app.get('exit', 'running')} (image {app.get('image', '?')[:19]}…)")
+    return 0
+
+
+def cmd_gc(ns: argparse.Namespace) -> int:
+    from kvmpod.pod.registry import gc
+
+    for uuid in gc(ns.grace_period):
+        print(f"removed pod {uuid}")
+    return 0
+
+

@@ -1,0 +1,66 @@
+"""`kvmpod run`: rkt's command line (pod flags, then IMAGE [app flags] [-- ARGS] [--- IMAGE2 ...])."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvmpod.cli.types import env_pair
+from kvmpod.cli.types import KvmpodParser as _Parser
+from kvmpod.errors import UsageError
+
+APP_SEPARATOR = "---"
+
+
+def _app_parser() -> _Parser:
+    """Per-app flags: they follow the image they apply to."""
+    p = _Parser(prog="kvmpod run IMAGE", add_help=False)
+    p.add_argument("--exec", metavar="PATH", help="run PATH instead of the image's app.exec[0]")
+    p.add_argument("--set-env", action="append", type=env_pair, default=[], metavar="NAME=VALUE")
+    p.add_argument("--user", help="user name or number (names resolve in the image's /etc/passwd)")
+    p.add_argument("--group", help="group name or number (names resolve in the image's /etc/group)")
+    p.add_argument("--working-dir", metavar="DIR", help="absolute working directory in the app's rootfs")
+    p.add_argument("--name", help="the app's name in the pod (default: from the image name)")
+    p.add_argument("--readonly-rootfs", action="store_true", help="mount the app's rootfs read-only")
+    return p
+
+
+def _parse_apps(words: list[str], image: str) -> list:
+    """Split `IMAGE [app flags] [-- ARGS] [--- IMAGE2 ...]` into one AppOverrides per image."""
+    from kvmpod.pod.spec import AppOverrides
+
+    segments: list[list[str]] = [[]]
+    for word in words:
+        if word == APP_SEPARATOR:
+            segments.append([])
+        else:
+            segments[-1].append(word)
+    apps = []
+    parser = _app_parser()
+    for index, segment in enumerate(segments):
+        if index > 0:
+            if not segment or segment[0].startswith("-"):
+                raise UsageError(f"run: an image must follow {APP_SEPARATOR}")
+            image, segment = segment[0], segment[1:]
+        args = None
+        if "--" in segment:
+            cut = segment.index("--")
+            segment, args = segment[:cut], segment[cut + 1:]
+        ns = parser.parse_args(segment)
+        apps.append(AppOverrides(image=image, exec=ns.exec, args=args, env=dict(ns.set_env), user=ns.user,
+                                 group=ns.group, working_dir=ns.working_dir, name=ns.name,
+                                 readonly_rootfs=ns.readonly_rootfs))
+    return apps
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from kvmpod.pod.run import RunOptions, run
+
+    apps = _parse_apps(ns.app_words, ns.image)
+    if ns.interactive and len(apps) != 1:
+        raise UsageError("run: --interactive needs exactly one app")
+    options = RunOptions(memory_mib=ns.memory, cpus=ns.cpus, kernel=ns.kernel, accel=ns.accel, debug=ns.debug,
+                         interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
+                         pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg)
+    return run(apps, options)
+
+

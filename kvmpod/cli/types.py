@@ -1,0 +1,43 @@
+"""The parser class and argument types every kvmpod command shares."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvmpod.errors import UsageError
+
+
+class KvmpodParser(argparse.ArgumentParser):
+    """argparse, but usage errors are KvmpodErrors: one line, exit code 125."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def memory_mib(text: str) -> int:
+    units = {"": 1, "m": 1, "mi": 1, "mib": 1, "g": 1024, "gi": 1024, "gib": 1024}
+    number = text.rstrip("gGmMiIbB")
+    unit = text[len(number):].lower()
+    if not number.isdigit() or unit not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 256M or 1G")
+    mib = int(number) * units[unit]
+    if mib < 64:
+        raise argparse.ArgumentTypeError(f"{text}: a pod needs at least 64 MiB")
+    return mib

@@ -1,0 +1,5 @@
+"""The image store (docs/store.md): images by ID and name, their rootfs disks, locks for concurrency."""
+
+from kvmpod.store.store import Store, StoredImage
+
+__all__ = ["Store", "StoredImage"]

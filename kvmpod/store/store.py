@@ -1,0 +1,429 @@
+"""The image store: validated images by ID, an index to find them by name, their rootfs disks.
+
+Layout and locking are specified in docs/store.md:
+    <store>/blobs/sha512/<hex>   the image's uncompressed tar (its ID is the sha512 of exactly these bytes)
+    <store>/images/<hex>.json    its index record (kvmpod/store/index.py)
+    <store>/rootfs/<key>.iso     a rootfs disk (ISO 9660 + Rock Ridge) the VM boots from
+    <store>/sources/<key>.json   stamps of imported files, so an unchanged file is not read again
+    <store>/tmp/                 partial writes, renamed into place when complete
+    <store>/locks/               flock files (kvmpod/store/locks.py)
+A blob is renamed into place before its record is written and removed after its record, so a record
+always has its blob; `image gc` clears what a crash between the two steps left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmpod import paths
+from kvmpod.errors import ImageError, ManifestError
+from kvmpod.fsutil import pid_alive
+from kvmpod.image.archive import decompress_to
+from kvmpod.image.limits import ImportLimits
+from kvmpod.image.manifest import ImageManifest, parse_manifest
+from kvmpod.progress import progress
+from kvmpod.store import index, locks
+from kvmpod.store.index import SIGNATURE_NOT_CHECKED, SIGNATURE_UNSIGNED, ImageRecord, SourceStamp
+from kvmpod.store.refs import FileRef, IdRef, NameRef, OciRef, UrlRef, parse_image_ref
+
+_TMP_NAME = re.compile(r"^(?P<what>[a-z]+)-(?P<pid>\d+)-")
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    id: str                 # "sha512-<128 hex>"
+    blob: Path              # uncompressed tar
+    manifest: ImageManifest
+
+    @property
+    def hex(self) -> str:
+        return self.id.removeprefix("sha512-")
+
+
+class Store:
+    def __init__(self, root: Path | None = None, limits: ImportLimits | None = None):
+        self.root = root or paths.store_dir()
+        self._limits = limits
+        self.blobs = self.root / "blobs" / "sha512"
+        self.records = self.root / "images"
+        self.disks = self.root / "rootfs"
+        self.sources = self.root / "sources"
+        self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
+
+    @property
+    def limits(self) -> ImportLimits:
+        if self._limits is None:
+            self._limits = ImportLimits.from_config()
+        return self._limits
+
+    def _ensure_dirs(self) -> None:
+        for d in (self.blobs, self.records, self.disks, self.sources, self.tmp, self.locks):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def lock_file(self, key: str) -> Path:
+        return self.locks / f"{key}.lock"
+
+    def use_file(self, key: str) -> Path:
+        return self.locks / f"{key}.use"
+
+    @contextmanager
+    def temp_file(self, what: str, suffix: str = "") -> Iterator[Path]:
+        """A file in tmp/ removed on the way out unless renamed; its name carries our pid for `image gc`."""
+        self._ensure_dirs()
+        fd, name = tempfile.mkstemp(prefix=f"{what}-{os.getpid()}-", suffix=suffix, dir=self.tmp)
+        os.close(fd)
+        path = Path(name)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    # --- import ---------------------------------------------------------------------------
+
+    def import_ref(self, text: str) -> StoredImage:
+        """`kvmpod fetch` / `image import`: a file, URL or Docker/OCI source into the store."""
+        ref = parse_image_ref(text)
+        if isinstance(ref, FileRef):
+            return self.import_aci(ref.path)
+        if isinstance(ref, UrlRef):
+            return self.import_url(ref.url)
+        if isinstance(ref, OciRef):
+            return self.import_oci(ref.text)
+        raise ImageError(f"{text}: not a file, URL or docker-archive:/oci-archive:/oci: source")
+
+    def resolve(self, text: str) -> StoredImage:
+        """`kvmpod run IMAGE`: anything parse_image_ref accepts; store names and IDs must be in the store."""
+        ref = parse_image_ref(text)
+        if isinstance(ref, (IdRef, NameRef)):
+            return self.find(ref)
+        return self.import_ref(text)
+
+    def import_aci(self, path: Path) -> StoredImage:
+        """Store the ACI at `path` (any supported compression) and return it with its parsed manifest.
+
+        A file imported before and unchanged since (same inode, size, mtime and ctime) is not read again."""
+        if not path.is_file():
+            raise ImageError(f"{path}: no such image file")
+        source = str(path.resolve())
+        if cached := self._cached_source(source, path):
+            return cached
+        with self.temp_file("import", ".tar") as tmp:
+            with tmp.open("wb") as dest, progress(f"importing {path.name}", path.stat().st_size) as advance:
+                image_id = decompress_to(path, dest, self.limits, advance)
+            image = self._store_tar(tmp, image_id, path, source, SIGNATURE_UNSIGNED)
+        self._remember_source(source, path, image.id)
+        return image
+
+    def import_url(self, url: str) -> StoredImage:
+        from kvmpod.image.fetch import download
+
+        with self.temp_file("download") as tmp:
+            download(url, tmp, self.limits)
+            with self.temp_file("import", ".tar") as tar, tar.open("wb") as dest:
+                image_id = decompress_to(tmp, dest, self.limits)
+                dest.close()
+                return self._store_tar(tar, image_id, Path(url), url, SIGNATURE_UNSIGNED)
+
+    def import_oci(self, text: str) -> StoredImage:
+        """Convert a Docker/OCI image to an ACI and store it; an unchanged source is not converted again."""
+        import hashlib
+
+        from kvmpod.image.oci import convert, parse_reference
+
+        ref = parse_reference(text)
+        if ref is None:
+            raise ImageError(f"{text}: not a docker-archive:, oci-archive: or oci: reference")
+        source_path = Path(ref.path)
+        source = ref.canonical()  # the same image however the path was spelled
+        stamp_path = source_path / "index.json" if source_path.is_dir() else source_path
+        if cached := self._cached_source(source, stamp_path):
+            return cached
+        with self.temp_file("convert") as work_file, self.temp_file("import", ".tar") as tmp:
+            work_file.unlink()
+            work_file.mkdir()
+            try:
+                digest = hashlib.sha512()
+                with tmp.open("wb") as raw:
+                    out = _HashingWriter(raw, digest, self.limits.max_size, text)
+                    with progress(f"converting {source_path.name}", None) as advance:
+                        convert(ref, out, tmp_dir=work_file, progress=advance, limits=self.limits)
+                image = self._store_tar(tmp, "sha512-" + digest.hexdigest(), Path(text), source,
+                                        SIGNATURE_NOT_CHECKED)
+            finally:
+                shutil.rmtree(work_file, ignore_errors=True)
+        self._remember_source(source, stamp_path, image.id)
+        return image
+
+    def _store_tar(self, tmp: Path, image_id: str, shown_as: Path, source: str, signature: str) -> StoredImage:
+        """Check the uncompressed ACI tar `tmp` and move it into the store under `image_id`."""
+        hex_id = image_id.removeprefix("sha512-")
+        record_path = self.records / f"{hex_id}.json"
+        if (existing := index.read_record(record_path)) and (self.blobs / hex_id).is_file():
+            return self._image(existing)  # the same bytes were checked when first imported
+        try:
+            manifest = parse_manifest(read_aci_manifest(tmp, shown_as))
+        except ManifestError as e:
+            raise ManifestError(f"{shown_as}: {e}") from None
+        check_rootfs_entries(tmp, shown_as, self.limits)  # a hostile archive never enters the store
+        blob = self.blobs / hex_id
+        with locks.exclusive(self.lock_file(hex_id)):
+            if not blob.is_file():
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, blob)
+            record = index.read_record(record_path) or ImageRecord(
+                id=image_id, name=manifest.name, labels=dict(manifest.labels), imported=time.time(),
+                size=blob.stat().st_size, source=source, signature=signature, manifest=manifest.raw)
+            index.write_record(record_path, record)
+        return StoredImage(image_id, blob, manifest)
+
+    def _cached_source(self, source: str, path: Path) -> StoredImage | None:
+        stamp = index.read_stamp(self.sources / f"{index.source_key(source)}.json")
+        now = SourceStamp.of(source, path, "")
+        if stamp is None or now is None or not stamp.same_file(now):
+            return None
+        try:
+            return self.get(stamp.image_id)
+        except ImageError:
+            return None  # removed since: import again
+
+    def _remember_source(self, source: str, path: Path, image_id: str) -> None:
+        if stamp := SourceStamp.of(source, path, image_id):
+            index.write_stamp(self.sources / f"{index.source_key(source)}.json", stamp)
+
+    # --- lookup ---------------------------------------------------------------------------
+
+    def list_records(self) -> list[ImageRecord]:
+        """Every image in the store, oldest import first."""
+        if not self.records.is_dir():
+            return []
+        records = [r for p in self.records.glob("*.json") if (r := index.read_record(p))]
+        return sorted(records, key=lambda r: (r.imported, r.id))
+
+    def _image(self, record: ImageRecord) -> StoredImage:
+        import json
+
+        manifest = parse_manifest(json.dumps(record.manifest).encode(), validate=False)
+        return StoredImage(record.id, self.blobs / record.hex, manifest)
+
+    def get(self, image_id: str) -> StoredImage:
+        """The image with this full ID."""
+        hex_id = image_id.removeprefix("sha512-")
+        record = index.read_record(self.records / f"{hex_id}.json")
+        if record is None or not (self.blobs / hex_id).is_file():
+            raise ImageError(f"{image_id}: no such image in the store")
+        return self._image(record)
+
+    def find(self, ref: IdRef | NameRef) -> StoredImage:
+        return self._image(self.find_record(ref))
+
+    def find_record(self, ref: IdRef | NameRef) -> ImageRecord:
+        if isinstance(ref, IdRef):
+            matches = [r for r in self.list_records() if r.hex.startswith(ref.hex_prefix)]
+            shown = f"sha512-{ref.hex_prefix}"
+            if len(matches) > 1:
+                raise ImageError(f"{shown}: ambiguous image ID prefix ({len(matches)} images match; give more digits)")
+        else:
+            matches = [r for r in self.list_records() if r.name == ref.name and _labels_match(ref.labels, r.labels)]
+            shown = str(ref)
+        if not matches:
+            raise ImageError(f"{shown}: no such image in the store (`kvmpod image list` shows what is there)")
+        return matches[-1]  # several versions match a name: the newest import wins, as in rkt
+
+    def find_text(self, text: str) -> ImageRecord:
+        """An image named on the command line of `image rm/export/cat-manifest`: an ID or a store name."""
+        ref = parse_image_ref(text)
+        if not isinstance(ref, (IdRef, NameRef)):
+            raise ImageError(f"{text}: give an image ID (sha512-…) or a store name, not a file or source")
+        return self.find_record(ref)
+
+    # --- removal ----------------------------------------------------------------------------
+
+    def remove(self, record: ImageRecord) -> None:
+        """Remove an image and its rootfs disks; refused while a pod uses it."""
+        with locks.try_exclusive(self.use_file(record.hex)) as free:
+            if not free:
+                raise ImageError(f"{record.id}: in use by a running pod")
+            with locks.exclusive(self.lock_file(record.hex)):
+                (self.records / f"{record.hex}.json").unlink(missing_ok=True)
+                (self.blobs / record.hex).unlink(missing_ok=True)
+                (self.disks / f"{record.hex}.iso").unlink(missing_ok=True)
+        self.gc()  # disks assembled with this image as a dependency, its stamps
+
+    def gc(self) -> list[str]:
+        """Remove what no image references: blobs without a record (a crash between the two writes),
+        rootfs disks of removed images or of dependency sets that no longer resolve so, stale source
+        stamps, temp files of dead processes, lock files of removed images. Returns what was removed."""
+        from kvmpod.store.rootfs import disk_key
+
+        removed: list[str] = []
+        records = {r.hex: r for r in self.list_records()}
+        live_disks: set[str] = set()
+        for record in records.values():
+            try:
+                live_disks.add(disk_key(self, self._image(record)))
+            except ImageError:
+                pass  # a dependency is missing: its old disk (if any) is no longer valid either
+        for blob in _listdir(self.blobs):
+            if blob.name not in records:
+                with locks.try_exclusive(self.lock_file(blob.name)) as free:
+                    if free and not (self.records / f"{blob.name}.json").exists():
+                        blob.unlink(missing_ok=True)
+                        removed.append(f"blob sha512-{blob.name}")
+        for disk in _listdir(self.disks):
+            key = disk.name.removesuffix(".iso")
+            if key not in live_disks:
+                with locks.try_exclusive(self.use_file(key)) as free:
+                    if free:
+                        disk.unlink(missing_ok=True)
+                        removed.append(f"rootfs disk {disk.name}")
+        for stamp_file in _listdir(self.sources):
+            stamp = index.read_stamp(stamp_file)
+            if stamp is None or stamp.image_id.removeprefix("sha512-") not in records:
+                stamp_file.unlink(missing_ok=True)
+        for tmp in _listdir(self.tmp):
+            m = _TMP_NAME.match(tmp.name)
+            if m is None or not pid_alive(int(m.group("pid"))):
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+                removed.append(f"temporary file {tmp.name}")
+        for lock in _listdir(self.locks):
+            key = lock.name.rsplit(".", 1)[0]
+            if key not in records and key not in live_disks:
+                with locks.try_exclusive(lock) as free:
+                    if free:
+                        lock.unlink(missing_ok=True)
+        return removed
+
+    # --- export and disks -------------------------------------------------------------------------
+
+    def export(self, record: ImageRecord, out: Path, overwrite: bool = False) -> None:
+        """Write the image as an uncompressed ACI whose sha512 is its ID (so it re-imports to the same ID)."""
+        if out.exists() and not overwrite:
+            raise ImageError(f"{out}: already exists (use --overwrite)")
+        if not out.resolve().parent.is_dir():
+            raise ImageError(f"{out}: output directory does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+        try:
+            with os.fdopen(fd, "wb") as dest, (self.blobs / record.hex).open("rb") as src:
+                shutil.copyfileobj(src, dest, 1 << 20)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out)
+        except FileNotFoundError:
+            os.unlink(tmp)
+            raise ImageError(f"{record.id}: removed from the store while exporting") from None
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def rootfs_disk(self, image: StoredImage) -> Path:
+        """The image's rootfs disk (its dependencies laid down first), built on first use and reused."""
+        from kvmpod.store.rootfs import rootfs_disk
+
+        return rootfs_disk(self, image)
+
+    def claim(self, images: list[StoredImage]) -> locks.SharedLocks:
+        """Shared locks that keep `image rm`/`gc` away from these images (and their disks) while held."""
+        from kvmpod.store.rootfs import disk_key, resolve_chain
+
+        self._ensure_dirs()
+        held = locks.SharedLocks()
+        try:
+            for image in images:
+                for layer in resolve_chain(self, image):
+                    held.add(self.use_file(layer.hex))
+                held.add(self.use_file(disk_key(self, image)))
+                if not (self.blobs / image.hex).is_file():
+                    raise ImageError(f"{image.id}: removed from the store while the pod was starting")
+        except BaseException:
+            held.close()
+            raise
+        return held
+
+
+class _HashingWriter:
+    """The output of a conversion: hashed as written (the image ID), capped like any import."""
+
+    def __init__(self, raw, digest, max_size: int, shown: str):  # type: ignore[no-untyped-def]
+        self.raw, self.digest, self.max_size, self.shown, self.size = raw, digest, max_size, shown, 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.size > self.max_size:
+            from kvmpod.image.limits import human_size
+            raise ImageError(f"{self.shown}: converted image exceeds the {human_size(self.max_size)} limit; "
+                             "if it is genuine, raise [image] max-size in kvmpod.toml")
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _labels_match(wanted: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def _listdir(d: Path) -> list[Path]:
+    try:
+        return sorted(d.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def check_rootfs_entries(tar_path: Path, shown_as: Path, limits: ImportLimits) -> None:
+    """Run every rootfs/ entry through the disk builder's safety checks (headers only, no data read)."""
+    from kvmpod.disk.entries import entries_from_tar
+    from kvmpod.errors import DiskError
+
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for count, _ in enumerate(entries_from_tar(tar), 1):
+                if count > limits.max_entries:
+                    raise ImageError(f"more than {limits.max_entries} entries (a tar bomb?); if the image is "
+                                     "genuine, raise [image] max-entries in kvmpod.toml")
+    except tarfile.TarError as e:
+        raise ImageError(f"{shown_as}: not a valid tar archive: {e}") from None
+    except (ImageError, DiskError) as e:
+        raise ImageError(f"{shown_as}: {e}") from None
+
+
+def read_aci_manifest(tar_path: Path, shown_as: Path) -> bytes:
+    """The bytes of the top-level `manifest` of an uncompressed ACI tar, after the ACI layout basics."""
+    from kvmpod.image.manifest import MAX_MANIFEST_BYTES
+
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            member = None
+            has_rootfs = False
+            for m in tar:
+                name = m.name.removeprefix("./")
+                if name == "manifest":
+                    if member is not None:
+                        raise ImageError(f"{shown_as}: manifest: the archive holds it twice")
+                    member = m
+                elif name == "rootfs" or name.startswith("rootfs/"):
+                    has_rootfs = True
+            if member is None:
+                raise ImageError(f"{shown_as}: not an ACI: no top-level 'manifest' file")
+            if not member.isfile():
+                raise ImageError(f"{shown_as}: manifest: is not a regular file")
+            if member.size > MAX_MANIFEST_BYTES:
+                raise ImageError(f"{shown_as}: manifest: {member.size} bytes exceeds the "
+                                 f"{MAX_MANIFEST_BYTES}-byte limit")
+            if not has_rootfs:
+                raise ImageError(f"{shown_as}: not an ACI: no 'rootfs/' directory")
+            f = tar.extractfile(member)
+            assert f is not None
+            return f.read(member.size)
+    except tarfile.TarError as e:
+        raise ImageError(f"{shown_as}: not a valid tar archive: {e}") from None
+
