@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.oci_images"]  # the buildah-built busybox image fixture, for unit and e2e tests
+
 REPO = Path(__file__).resolve().parent.parent
 MAKE_ROOTFS = REPO / "tests" / "make-busybox-rootfs.sh"
 

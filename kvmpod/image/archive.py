@@ -25,6 +25,11 @@ _MAGICS: list[tuple[bytes, str]] = [
 COPY_CHUNK = 1 << 20
 
 
+def compression_of(head: bytes) -> str:
+    """"gzip", "bzip2", "xz", "zstd" or "none", from the first bytes of a stream (at least 6)."""
+    return next((name for magic, name in _MAGICS if head.startswith(magic)), "none")
+
+
 def detect_compression(path: Path) -> str:
     """Return "gzip", "bzip2", "xz", "zstd" or "none"."""
     try:
@@ -32,10 +37,7 @@ def detect_compression(path: Path) -> str:
             head = f.read(6)
     except OSError as e:
         raise ImageError(f"{path}: cannot read image: {e.strerror}") from None
-    for magic, name in _MAGICS:
-        if head.startswith(magic):
-            return name
-    return "none"
+    return compression_of(head)
 
 
 def decompression_errors() -> tuple[type[Exception], ...]:
