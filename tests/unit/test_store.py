@@ -339,3 +339,29 @@ def test_concurrent_imports_and_gc_leave_a_consistent_store(tmp_path):
     assert all((store.blobs / r.hex).is_file() for r in records)
     assert sorted(p.name for p in store.blobs.iterdir()) == sorted(r.hex for r in records)
     assert list(store.tmp.iterdir()) == []
+
+
+def test_progress_is_drawn_on_a_terminal_and_silent_otherwise(tmp_path):
+    import pty
+
+    aci = make_aci(tmp_path / "big.aci", files={"rootfs/blob": os.urandom(24 << 20)})
+    quiet = kvmpod("fetch", str(aci), store=tmp_path / "quiet")
+    assert quiet.stderr == ""
+    primary, secondary = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "KVMPOD_STORE_DIR"}
+    proc = subprocess.Popen([sys.executable, "-m", "kvmpod", "--dir", str(tmp_path / "tty"), "fetch", str(aci)],
+                            stdout=subprocess.PIPE, stderr=secondary, env={**env, "COLUMNS": "100"})
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(primary)
+    assert proc.wait(timeout=60) == 0 and proc.stdout.read().strip() == quiet.stdout.strip().encode()
+    proc.stdout.close()
+    assert b"importing big.aci" in seen
