@@ -1,11 +1,14 @@
 #include "app.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -126,7 +129,7 @@ static const char *image_mount(const char *serial, struct failure *f)
     return img->path;
 }
 
-/* The writable root: an overlay of a tmpfs (upper/, work/) on the image. */
+/* The app's root: an overlay of a tmpfs (upper/, work/) on the image. */
 static int overlay_root(const char *base, const char *image, const char *root, struct failure *f)
 {
     char upper[PATH_MAX], work[PATH_MAX], opts[3 * PATH_MAX + 64];
@@ -141,14 +144,59 @@ static int overlay_root(const char *base, const char *image, const char *root, s
     return mount_at("overlay", root, "overlay", 0, opts, "rootfs", f);
 }
 
-/* The read-only root: a bind mount of the image, itself read-only, made read-only explicitly
- * (a bind mount does not inherit MS_RDONLY; the remount sets it on the new mount). */
-static int readonly_root(const char *image, const char *root, struct failure *f)
+/* A read-only root is the same overlay, made read-only once the agent has added what the
+ * executor provides (mount points, /etc/hosts): MS_RDONLY on the overlay's own mount, so the app
+ * gets EROFS while the filesystems mounted inside it stay as they are. */
+static int make_readonly(const char *root, struct failure *f)
 {
-    if (make_dir_or_fail(root, "rootfs", f) < 0 || mount_at(image, root, NULL, MS_BIND, NULL, "rootfs", f) < 0)
-        return -1;
     if (mount(NULL, root, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
         return failf(f, "rootfs", errno, "remount %s read-only: %s", root, strerror(errno));
+    return 0;
+}
+
+/* --- /etc/hosts --- */
+
+/* openat2(2)'s struct open_how and RESOLVE_* (linux/openat2.h), which musl does not carry. */
+struct open_how_kp {
+    uint64_t flags, mode, resolve;
+};
+#define RESOLVE_NO_MAGICLINKS_KP 0x02u
+#define RESOLVE_IN_ROOT_KP 0x10u
+
+/* `path` (relative) opened as if the app's root were "/": the image's symlinks cannot lead the
+ * agent out of it. */
+static int open_in_root(int rootfd, const char *path, int flags, mode_t mode)
+{
+    struct open_how_kp how = {.flags = (uint64_t)flags | O_CLOEXEC, .mode = mode,
+                              .resolve = RESOLVE_IN_ROOT_KP | RESOLVE_NO_MAGICLINKS_KP};
+    return (int)syscall(SYS_openat2, rootfd, path, &how, sizeof how);
+}
+
+static const char HOSTS[] = "127.0.0.1 localhost\n::1 localhost\n";
+
+/* The executor gives an app without /etc/hosts one that resolves localhost; an image's own
+ * /etc/hosts (even a dangling symlink) is never touched: O_EXCL refuses any existing name. */
+static int ensure_hosts(const char *root, struct failure *f)
+{
+    int rootfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0)
+        return failf(f, "rootfs", errno, "open %s: %s", root, strerror(errno));
+    int fd = open_in_root(rootfd, "etc/hosts", O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (fd < 0 && errno == ENOENT && mkdirat(rootfd, "etc", 0755) == 0) /* an image without /etc */
+        fd = open_in_root(rootfd, "etc/hosts", O_WRONLY | O_CREAT | O_EXCL, 0644);
+    int e = errno;
+    close(rootfd);
+    if (fd < 0 && e == EEXIST)
+        return 0;
+    if (fd < 0)
+        return failf(f, "rootfs", e, "create /etc/hosts in the app's rootfs: %s", strerror(e));
+    ssize_t n = write(fd, HOSTS, sizeof HOSTS - 1);
+    e = errno;
+    close(fd);
+    if (n != (ssize_t)(sizeof HOSTS - 1))
+        return failf(f, "rootfs", n < 0 ? e : EIO, "write /etc/hosts in the app's rootfs: %s",
+                     n < 0 ? strerror(e) : "short write");
+    log_debug("created /etc/hosts in %s", root);
     return 0;
 }
 
@@ -159,7 +207,7 @@ struct fs_mount {
     const char *type;
     unsigned long flags;
     const char *data;
-    bool in_dev; /* lives in the /dev tmpfs, so its mount point can always be created */
+    bool in_dev; /* lives in the /dev tmpfs: mounted once the nodes are there */
 };
 
 static const struct fs_mount APP_MOUNTS[] = {
@@ -187,18 +235,18 @@ static const struct {
     {"stdout", "/proc/self/fd/1"}, {"stderr", "/proc/self/fd/2"},
 };
 
-static int mount_in_root(const char *root, const struct fs_mount *m, bool writable, struct failure *f)
+static int mount_in_root(const char *root, const struct fs_mount *m, struct failure *f)
 {
     char path[PATH_MAX];
     struct stat st;
     if (path_join(path, sizeof path, "%s/%s", root, m->path) < 0)
         return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
-    if (writable || m->in_dev) {
-        if (make_dir_or_fail(path, "rootfs", f) < 0)
-            return -1;
-    } else if (stat(path, &st) < 0 || !S_ISDIR(st.st_mode)) {
-        return failf(f, "rootfs", ENOENT, "/%s does not exist in the read-only rootfs", m->path);
-    }
+    /* A symlink here would point the mount outside the app's root (the agent is not chrooted). */
+    if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
+        return failf(f, "rootfs", ELOOP, "/%s is a symlink in the image: the executor mounts %s there", m->path,
+                     m->type);
+    if (make_dir_or_fail(path, "rootfs", f) < 0)
+        return -1;
     return mount_at(m->type, path, m->type, m->flags, m->data, "rootfs", f);
 }
 
@@ -221,15 +269,15 @@ static int populate_dev(const char *root, struct failure *f)
     return 0;
 }
 
-static int appc_filesystems(const char *root, bool writable, struct failure *f)
+static int appc_filesystems(const char *root, struct failure *f)
 {
     for (size_t i = 0; i < ARRAY_LEN(APP_MOUNTS); i++)
-        if (!APP_MOUNTS[i].in_dev && mount_in_root(root, &APP_MOUNTS[i], writable, f) < 0)
+        if (!APP_MOUNTS[i].in_dev && mount_in_root(root, &APP_MOUNTS[i], f) < 0)
             return -1;
     if (populate_dev(root, f) < 0)
         return -1;
     for (size_t i = 0; i < ARRAY_LEN(APP_MOUNTS); i++)
-        if (APP_MOUNTS[i].in_dev && mount_in_root(root, &APP_MOUNTS[i], writable, f) < 0)
+        if (APP_MOUNTS[i].in_dev && mount_in_root(root, &APP_MOUNTS[i], f) < 0)
             return -1;
     return 0;
 }
@@ -242,9 +290,10 @@ static int build_root(struct app *a, const char *image, bool readonly, struct fa
         return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
     if (make_dir_or_fail(APPS_DIR, "rootfs", f) < 0 || make_dir_or_fail(base, "rootfs", f) < 0)
         return -1;
-    if ((readonly ? readonly_root(image, a->root, f) : overlay_root(base, image, a->root, f)) < 0)
+    if (overlay_root(base, image, a->root, f) < 0 || appc_filesystems(a->root, f) < 0 ||
+        ensure_hosts(a->root, f) < 0)
         return -1;
-    return appc_filesystems(a->root, !readonly, f);
+    return readonly ? make_readonly(a->root, f) : 0;
 }
 
 const char *app_prepare(const char *name, const char *serial, bool readonly, struct failure *f)

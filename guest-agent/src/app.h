@@ -1,5 +1,6 @@
-/* App roots: the read-only image disk of an app, made writable (or not) and given the
- * filesystems an appc executor provides (spec/ace.md, "Filesystem Setup"). */
+/* App roots: the read-only image disk of an app under a tmpfs-backed overlay, given the
+ * filesystems an appc executor provides (spec/ace.md, "Filesystem Setup") and an /etc/hosts
+ * when the image has none, then left writable or made read-only. */
 #ifndef KVMPOD_APP_H
 #define KVMPOD_APP_H
 

@@ -61,6 +61,18 @@ void log_debug(const char *fmt, ...)
         early_dropped++;
 }
 
+void log_info(const char *fmt, ...)
+{
+    char line[LINE_MAX_LEN];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    one_line(line);
+    if (ready)
+        send_log(line);
+}
+
 void log_channel_ready(void)
 {
     ready = true;

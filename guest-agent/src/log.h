@@ -16,6 +16,10 @@ void log_set_debug(bool on);
  * it (nothing may precede HELLO_ACK). Only the agent process may call this, never a child. */
 void log_debug(const char *fmt, ...) PRINTF(1, 2);
 
+/* A LOG frame whether debugging or not, for what the host should always get to know (a failed
+ * post-stop handler). Dropped before the handshake. Agent process only. */
+void log_info(const char *fmt, ...) PRINTF(1, 2);
+
 /* The handshake is done: send the kept lines, and send new ones at once. */
 void log_channel_ready(void);
 

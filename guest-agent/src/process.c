@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -18,16 +19,23 @@
 
 /* --- streams --- */
 
-enum stream_state { FREE, STARTING, RUNNING };
+/* A stream's life: [PRE_START ->] STARTING -> RUNNING [-> POST_STOP] -> EXIT. PRE_START and
+ * POST_STOP run the app's event handlers; the main process runs from STARTING to RUNNING. */
+enum stream_state { FREE, PRE_START, STARTING, RUNNING, POST_STOP };
 enum { OUT_STDOUT, OUT_STDERR };
 
 struct stream {
     enum stream_state state;
     uint32_t id;
-    pid_t pid;
-    int report_fd;     /* the child's setup report pipe, while STARTING */
+    pid_t pid;         /* the process running now: an event handler or the main process */
+    int report_fd;     /* that process's setup report pipe, until its outcome is known */
     int stdin_fd;      /* -1: no stdin pipe, or closed */
     int out_fd[2];     /* stdout, stderr read ends; -1 once closed */
+    int child_in;      /* the main process's stdin, until it is forked */
+    int child_out[2];  /* the write ends every process of the stream gets, until the last is forked */
+    struct start_req req;
+    const char *root;
+    int main_status;   /* wait status of the main process, while post-stop runs */
     uint8_t *in_buf;   /* stdin received but not yet written: at most KP_STDIN_WINDOW bytes */
     size_t in_off, in_len;
     bool in_eof;       /* STDIN_EOF came: close stdin once in_buf is written */
@@ -63,7 +71,8 @@ static struct stream *stream_alloc(uint32_t id)
     for (size_t i = 0; i < ARRAY_LEN(streams); i++) {
         struct stream *s = &streams[i];
         if (s->state == FREE) {
-            *s = (struct stream){.state = STARTING, .id = id, .report_fd = -1, .stdin_fd = -1, .out_fd = {-1, -1}};
+            *s = (struct stream){.state = STARTING, .id = id, .pid = -1, .report_fd = -1, .stdin_fd = -1,
+                                 .out_fd = {-1, -1}, .child_in = -1, .child_out = {-1, -1}};
             return s;
         }
     }
@@ -72,25 +81,98 @@ static struct stream *stream_alloc(uint32_t id)
 
 static void stream_free(struct stream *s)
 {
-    close_fd(&s->report_fd);
-    close_fd(&s->stdin_fd);
-    close_fd(&s->out_fd[OUT_STDOUT]);
-    close_fd(&s->out_fd[OUT_STDERR]);
+    int *fds[] = {&s->report_fd, &s->stdin_fd, &s->out_fd[0], &s->out_fd[1], &s->child_in, &s->child_out[0],
+                  &s->child_out[1]};
+    for (size_t i = 0; i < ARRAY_LEN(fds); i++)
+        close_fd(fds[i]);
+    start_req_free(&s->req);
     free(s->in_buf);
     *s = (struct stream){.state = FREE};
 }
 
+/* --- output --- */
+
+/* Relays up to `limit` bytes from one output pipe, a KP_DATA_CHUNK frame at a time; stops at
+ * EAGAIN and closes the pipe at EOF. */
+static void relay_output(struct stream *s, int which, size_t limit)
+{
+    static uint8_t buf[KP_DATA_CHUNK];
+    static const uint16_t type[2] = {[OUT_STDOUT] = KP_MSG_STDOUT, [OUT_STDERR] = KP_MSG_STDERR};
+    size_t total = 0;
+    while (s->out_fd[which] >= 0 && total < limit) {
+        ssize_t n = read(s->out_fd[which], buf, sizeof buf);
+        if (n > 0) {
+            channel_send(type[which], s->id, buf, (size_t)n);
+            total += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            return;
+        } else {
+            close_fd(&s->out_fd[which]); /* EOF: every writer has closed it */
+        }
+    }
+}
+
+/* Everything written before a process ended is in the pipes; relay that, but no more than a pipe
+ * holds: a background child that inherited the pipe may keep writing forever. */
+static void drain_output(struct stream *s)
+{
+    for (int which = OUT_STDOUT; which <= OUT_STDERR; which++) {
+        int size = s->out_fd[which] >= 0 ? fcntl(s->out_fd[which], F_GETPIPE_SZ) : 0;
+        relay_output(s, which, size > 0 ? (size_t)size : KP_DATA_CHUNK);
+    }
+}
+
 /* --- START --- */
+
+/* Forks one of the stream's processes. `last`: no process follows it, so the agent lets go of
+ * the write ends (the pipes then see EOF once the processes are gone). */
+static int fork_child(struct stream *s, char *const *argv, int stdin_fd, bool last, struct failure *f)
+{
+    const int stdio[3] = {stdin_fd, s->child_out[OUT_STDOUT], s->child_out[OUT_STDERR]};
+    struct spawned sp;
+    if (spawn(&s->req, argv, s->root, stdio, &sp, f) < 0)
+        return -1;
+    s->pid = sp.pid;
+    s->report_fd = sp.report_fd;
+    if (last) {
+        close_fd(&s->child_out[OUT_STDOUT]);
+        close_fd(&s->child_out[OUT_STDERR]);
+    }
+    return 0;
+}
+
+static int start_main(struct stream *s, struct failure *f)
+{
+    if (fork_child(s, s->req.argv.v, s->child_in, s->req.post_stop.n == 0, f) < 0)
+        return -1;
+    close_fd(&s->child_in);
+    s->state = STARTING;
+    log_debug("stream %u: forked pid %d", s->id, (int)s->pid);
+    return 0;
+}
+
+/* Event handlers read /dev/null and write to the app's stdout and stderr. */
+static int start_handler(struct stream *s, enum stream_state state, struct failure *f)
+{
+    const struct strv *argv = state == PRE_START ? &s->req.pre_start : &s->req.post_stop;
+    if (fork_child(s, argv->v, -1, state == POST_STOP, f) < 0)
+        return -1;
+    s->state = state;
+    log_debug("stream %u: %s handler %s: pid %d", s->id, state == PRE_START ? "pre-start" : "post-stop",
+              argv->v[0], (int)s->pid);
+    return 0;
+}
 
 static void on_start(const struct frame *fr)
 {
     if (stream_by_id(fr->stream))
         fatal("protocol", 0, "START for stream %u, which is already running", fr->stream);
     struct start_req r = {0};
-    struct spawned sp;
+    struct stream_pipes pipes;
     struct failure f;
     struct stream *s = NULL;
-    const char *root;
 
     if (start_req_parse(&r, fr->payload, fr->len, &f) < 0)
         goto failed;
@@ -99,16 +181,19 @@ static void on_start(const struct frame *fr)
         failf(&f, "request", EAGAIN, "too many processes: the agent serves %u at once", KP_MAX_STREAMS);
         goto failed;
     }
-    root = app_prepare(r.app, r.serial, r.flags & KP_START_FLAG_READONLY_ROOTFS, &f);
-    if (!root || spawn(&r, root, &sp, &f) < 0)
+    s->req = r; /* the stream owns the request now */
+    r = (struct start_req){0};
+    if (!(s->root = app_prepare(s->req.app, s->req.serial, s->req.flags & KP_START_FLAG_READONLY_ROOTFS, &f)) ||
+        spawn_pipes(s->req.flags & KP_START_FLAG_STDIN, &pipes, &f) < 0)
         goto failed;
-    s->pid = sp.pid;
-    s->stdin_fd = sp.stdin_fd;
-    s->out_fd[OUT_STDOUT] = sp.stdout_fd;
-    s->out_fd[OUT_STDERR] = sp.stderr_fd;
-    s->report_fd = sp.report_fd;
-    log_debug("stream %u: forked pid %d", s->id, (int)s->pid);
-    start_req_free(&r);
+    s->stdin_fd = pipes.stdin_fd;
+    s->out_fd[OUT_STDOUT] = pipes.stdout_fd;
+    s->out_fd[OUT_STDERR] = pipes.stderr_fd;
+    s->child_in = pipes.child_in;
+    s->child_out[OUT_STDOUT] = pipes.child_out;
+    s->child_out[OUT_STDERR] = pipes.child_err;
+    if ((s->req.pre_start.n ? start_handler(s, PRE_START, &f) : start_main(s, &f)) < 0)
+        goto failed;
     return;
 
 failed:
@@ -119,8 +204,8 @@ failed:
     start_req_free(&r);
 }
 
-/* Acts on the child's setup outcome: exec'd -> STARTED, the process runs. Failed -> ERROR and the
- * stream is forgotten (the child exits by itself and is reaped as an orphan). */
+/* Acts on the main process's setup outcome: exec'd -> STARTED, the process runs. Failed -> ERROR
+ * and the stream is forgotten (the child exits by itself and is reaped as an orphan). */
 static void resolve_start(struct stream *s, bool child_gone)
 {
     struct failure f;
@@ -199,54 +284,109 @@ static void on_stdin(struct stream *s, const struct frame *fr)
     stdin_flush(s);
 }
 
-/* --- output and exit --- */
+/* --- exit and event handlers --- */
 
-/* Relays up to `limit` bytes from one output pipe, a KP_DATA_CHUNK frame at a time; stops at
- * EAGAIN and closes the pipe at EOF. */
-static void relay_output(struct stream *s, int which, size_t limit)
+static void describe_status(int wstatus, char *buf, size_t size)
 {
-    static uint8_t buf[KP_DATA_CHUNK];
-    static const uint16_t type[2] = {[OUT_STDOUT] = KP_MSG_STDOUT, [OUT_STDERR] = KP_MSG_STDERR};
-    size_t total = 0;
-    while (s->out_fd[which] >= 0 && total < limit) {
-        ssize_t n = read(s->out_fd[which], buf, sizeof buf);
-        if (n > 0) {
-            channel_send(type[which], s->id, buf, (size_t)n);
-            total += (size_t)n;
-        } else if (n < 0 && errno == EINTR) {
-            continue;
-        } else if (n < 0 && errno == EAGAIN) {
-            return;
-        } else {
-            close_fd(&s->out_fd[which]); /* EOF: every writer has closed it */
-        }
-    }
+    if (WIFSIGNALED(wstatus))
+        snprintf(buf, size, "was killed by signal %d", WTERMSIG(wstatus));
+    else
+        snprintf(buf, size, "exited with code %d", WEXITSTATUS(wstatus));
 }
 
+/* True (with *f, stage `name` or the setup's own) when an event handler did not succeed. */
+static bool handler_failed(struct stream *s, int wstatus, const char *name, const char *path, struct failure *f)
+{
+    int rc = spawn_result(s->report_fd, true, f);
+    close_fd(&s->report_fd);
+    if (rc < 0) {
+        /* A user, group or working directory problem is the app's, whoever met it first. */
+        if (strcmp(f->stage, "exec") == 0) {
+            char msg[sizeof f->msg];
+            memcpy(msg, f->msg, sizeof msg);
+            failf(f, name, f->err, "app %s: %s handler: %s", s->req.app, name, msg);
+        }
+        return true;
+    }
+    if (WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0)
+        return false;
+    char status[64];
+    describe_status(wstatus, status, sizeof status);
+    failf(f, name, 0, "app %s: %s handler %s %s", s->req.app, name, path, status);
+    return true;
+}
+
+/* The stream's end: its remaining output, then EXIT with the main process's status. */
 static void finish(struct stream *s, int wstatus)
 {
-    if (s->state == STARTING) {
-        resolve_start(s, true);
-        if (s->state != RUNNING)
-            return; /* it never ran: ERROR was sent instead */
-    }
-    /* Everything the process wrote before exiting is in its pipes; relay that, but no more than
-     * a pipe holds: a background child that inherited the pipe may keep writing forever. */
-    for (int which = OUT_STDOUT; which <= OUT_STDERR; which++) {
-        int size = s->out_fd[which] >= 0 ? fcntl(s->out_fd[which], F_GETPIPE_SZ) : 0;
-        relay_output(s, which, size > 0 ? (size_t)size : KP_DATA_CHUNK);
-    }
+    drain_output(s);
     if (WIFSIGNALED(wstatus)) {
         channel_send_u32(KP_MSG_EXIT, s->id, KP_F_TERM_SIGNAL, (uint32_t)WTERMSIG(wstatus));
-        log_debug("stream %u: pid %d killed by signal %d", s->id, (int)s->pid, WTERMSIG(wstatus));
+        log_debug("stream %u: killed by signal %d", s->id, WTERMSIG(wstatus));
     } else {
         uint8_t buf[16];
         struct tlv_writer w = TLV_WRITER(buf);
         tlv_put_i32(&w, KP_F_EXIT_CODE, WEXITSTATUS(wstatus));
         channel_send(KP_MSG_EXIT, s->id, buf, w.len);
-        log_debug("stream %u: pid %d exited with %d", s->id, (int)s->pid, WEXITSTATUS(wstatus));
+        log_debug("stream %u: exited with %d", s->id, WEXITSTATUS(wstatus));
     }
     stream_free(s);
+}
+
+/* pre-start ended: the main process starts, or the START fails (no EXIT follows). */
+static void pre_start_done(struct stream *s, int wstatus)
+{
+    struct failure f;
+    if (!handler_failed(s, wstatus, "pre-start", s->req.pre_start.v[0], &f) && start_main(s, &f) == 0)
+        return;
+    drain_output(s); /* the handler's own words come before the error */
+    log_debug("stream %u: %s: %s", s->id, f.stage, f.msg);
+    channel_send_error(s->id, &f);
+    stream_free(s);
+}
+
+/* The main process ended: post-stop runs (killed or not), then EXIT. */
+static void main_done(struct stream *s, int wstatus)
+{
+    struct failure f;
+    if (s->req.post_stop.n) {
+        s->main_status = wstatus;
+        if (start_handler(s, POST_STOP, &f) == 0)
+            return;
+        log_info("app %s: post-stop handler not run: %s", s->req.app, f.msg);
+    }
+    finish(s, wstatus);
+}
+
+/* A failing post-stop is reported, but the app's exit status is the main process's. */
+static void post_stop_done(struct stream *s, int wstatus)
+{
+    struct failure f;
+    if (handler_failed(s, wstatus, "post-stop", s->req.post_stop.v[0], &f))
+        log_info("%s (the app's exit status stands)", f.msg);
+    finish(s, s->main_status);
+}
+
+static void reaped(struct stream *s, int wstatus)
+{
+    switch (s->state) {
+    case PRE_START:
+        pre_start_done(s, wstatus);
+        break;
+    case STARTING:
+        resolve_start(s, true);
+        if (s->state == RUNNING)
+            main_done(s, wstatus);
+        break;
+    case RUNNING:
+        main_done(s, wstatus);
+        break;
+    case POST_STOP:
+        post_stop_done(s, wstatus);
+        break;
+    case FREE:
+        break;
+    }
 }
 
 void process_reap(void)
@@ -256,7 +396,7 @@ void process_reap(void)
     while ((pid = waitpid(-1, &wstatus, WNOHANG)) > 0) {
         struct stream *s = stream_by_pid(pid);
         if (s)
-            finish(s, wstatus);
+            reaped(s, wstatus);
     }
 }
 
@@ -289,8 +429,8 @@ static void on_signal(struct stream *s, const struct frame *fr)
         if (field.tag == KP_F_SIGNO) {
             uint32_t signo = tlv_u32(&field);
             log_debug("stream %u: signal %u to pid %d", s->id, signo, (int)s->pid);
-            if (signo > 0 && signo < _NSIG)
-                kill(s->pid, (int)signo); /* ESRCH: it is exiting; EXIT follows */
+            if (signo > 0 && signo < _NSIG && s->pid > 0)
+                kill(s->pid, (int)signo); /* the process running now; ESRCH: it is exiting */
             return;
         }
     }
@@ -357,7 +497,7 @@ size_t process_pollfds(struct pollfd *pfd, size_t max)
         if (s->in_len > 0)
             n = add_pollfd(pfd, n, max, s, s->stdin_fd, POLLOUT, ROLE_STDIN);
         if (s->state == STARTING) {
-            /* No output is relayed before STARTED went out. */
+            /* The main process's output waits for STARTED (a pre-start handler's came before). */
             n = add_pollfd(pfd, n, max, s, s->report_fd, POLLIN, ROLE_REPORT);
             continue;
         }

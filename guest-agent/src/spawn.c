@@ -8,9 +8,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "caps.h"
 #include "log.h"
 #include "protocol.h"
 #include "tlv.h"
@@ -52,9 +54,13 @@ void start_req_free(struct start_req *r)
     free(r->workdir);
     free(r->user);
     free(r->group);
-    strv_free(&r->argv);
-    strv_free(&r->envp);
+    free(r->seccomp_errno);
+    struct strv *lists[] = {&r->argv,        &r->envp,           &r->pre_start,      &r->post_stop,
+                            &r->caps_retain, &r->caps_remove,    &r->seccomp_retain, &r->seccomp_remove};
+    for (size_t i = 0; i < ARRAY_LEN(lists); i++)
+        strv_free(lists[i]);
     free(r->gids);
+    seccomp_filter_free(&r->filter);
 }
 
 /* A str field as a C string. A malformed field is a protocol error: fatal. */
@@ -72,6 +78,49 @@ static void set_once(char **dst, const struct tlv_field *field)
 {
     if (!*dst)
         *dst = field_str(field);
+}
+
+/* The list a repeated str field goes to. */
+static struct strv *list_of(struct start_req *r, uint16_t tag)
+{
+    switch (tag) {
+    case KP_F_ARG:
+        return &r->argv;
+    case KP_F_ENV:
+        return &r->envp;
+    case KP_F_PRE_START:
+        return &r->pre_start;
+    case KP_F_POST_STOP:
+        return &r->post_stop;
+    case KP_F_CAPS_RETAIN:
+        return &r->caps_retain;
+    case KP_F_CAPS_REMOVE:
+        return &r->caps_remove;
+    case KP_F_SECCOMP_RETAIN:
+        return &r->seccomp_retain;
+    default:
+        return &r->seccomp_remove;
+    }
+}
+
+static int check_handler(const struct strv *argv, const char *name, struct failure *f)
+{
+    if (argv->n > 0 && argv->v[0][0] != '/')
+        return failf(f, "request", EINVAL, "the %s handler needs an absolute path as its first argument", name);
+    return 0;
+}
+
+/* The isolators, turned into what the children apply: a bounding set and a seccomp program. */
+static int prepare_isolators(struct start_req *r, struct failure *f)
+{
+    if (r->caps_retain.n && r->caps_remove.n)
+        return failf(f, "capabilities", EINVAL,
+                     "os/linux/capabilities-retain-set and -remove-set cannot be used together");
+    if (caps_bounding_set(r->caps_retain.n ? r->caps_retain.v : NULL, r->caps_remove.n ? r->caps_remove.v : NULL,
+                          &r->cap_bounding, f) < 0)
+        return -1;
+    return seccomp_build(r->seccomp_retain.n ? r->seccomp_retain.v : NULL,
+                         r->seccomp_remove.n ? r->seccomp_remove.v : NULL, r->seccomp_errno, &r->filter, f);
 }
 
 int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, struct failure *f)
@@ -97,12 +146,18 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
         case KP_F_GROUP:
             set_once(&r->group, &field);
             break;
-        case KP_F_ARG:
-            if (strv_push(&r->argv, field_str(&field)) < 0)
-                out_of_memory();
+        case KP_F_SECCOMP_ERRNO:
+            set_once(&r->seccomp_errno, &field);
             break;
+        case KP_F_ARG:
         case KP_F_ENV:
-            if (strv_push(&r->envp, field_str(&field)) < 0)
+        case KP_F_PRE_START:
+        case KP_F_POST_STOP:
+        case KP_F_CAPS_RETAIN:
+        case KP_F_CAPS_REMOVE:
+        case KP_F_SECCOMP_RETAIN:
+        case KP_F_SECCOMP_REMOVE:
+            if (strv_push(list_of(r, field.tag), field_str(&field)) < 0)
                 out_of_memory();
             break;
         case KP_F_SUPP_GID: {
@@ -129,9 +184,11 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
         return failf(f, "request", EINVAL, "START needs an absolute path as its first ARG");
     if (r->workdir && r->workdir[0] != '/')
         return failf(f, "request", EINVAL, "working directory %s is not absolute", r->workdir);
+    if (check_handler(&r->pre_start, "pre-start", f) < 0 || check_handler(&r->post_stop, "post-stop", f) < 0)
+        return -1;
     if (r->envp.n == 0 && strv_push(&r->envp, NULL) < 0) /* execve wants an array, even empty */
         out_of_memory();
-    return 0;
+    return prepare_isolators(r, f);
 }
 
 /* --- the child: from fork to exec --- */
@@ -144,7 +201,7 @@ struct child_report {
 };
 
 /* The stages a child can fail in; the first is the fallback. */
-static const char *const CHILD_STAGES[] = {"exec", "rootfs", "workdir", "user", "group"};
+static const char *const CHILD_STAGES[] = {"exec", "rootfs", "workdir", "user", "group", "capabilities", "seccomp"};
 
 static noreturn void child_fail(int report_fd, const struct failure *f)
 {
@@ -176,7 +233,26 @@ static void reset_signals(void)
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
-static noreturn void child_exec(const struct start_req *r, const char *root, const int stdio[3], int report_fd)
+/* Changes to the app's user and groups with the app's capabilities: the bounding set first (that
+ * needs CAP_SETPCAP, which only root has), then the ids, then the remaining sets. */
+static void become_app_user(const struct start_req *r, uid_t uid, gid_t gid, int report_fd)
+{
+    struct failure f;
+    bool filter = r->filter.insns != NULL;
+    if (caps_prepare(r->cap_bounding, uid, filter, &f) < 0)
+        child_fail(report_fd, &f);
+    if (setgroups(r->ngids, r->gids) < 0)
+        child_failf(report_fd, "group", errno, "setgroups: %s", strerror(errno));
+    if (setgid(gid) < 0)
+        child_failf(report_fd, "group", errno, "setgid %u: %s", (unsigned)gid, strerror(errno));
+    if (setuid(uid) < 0)
+        child_failf(report_fd, "user", errno, "setuid %u: %s", (unsigned)uid, strerror(errno));
+    if (caps_finish(r->cap_bounding, uid, filter, &f) < 0)
+        child_fail(report_fd, &f);
+}
+
+static noreturn void child_exec(const struct start_req *r, char *const *argv, const char *root, const int stdio[3],
+                                int report_fd)
 {
     struct failure f;
     const char *workdir = r->workdir ? r->workdir : "/";
@@ -198,16 +274,16 @@ static noreturn void child_exec(const struct start_req *r, const char *root, con
     /* Names are looked up now, inside the app's root, in the app's own files. */
     if (resolve_user(r->user ? r->user : "0", &uid, &f) < 0 || resolve_group(r->group ? r->group : "0", &gid, &f) < 0)
         child_fail(report_fd, &f);
-    if (setgroups(r->ngids, r->gids) < 0)
-        child_failf(report_fd, "group", errno, "setgroups: %s", strerror(errno));
-    if (setgid(gid) < 0)
-        child_failf(report_fd, "group", errno, "setgid %u: %s", (unsigned)gid, strerror(errno));
-    if (setuid(uid) < 0)
-        child_failf(report_fd, "user", errno, "setuid %u: %s", (unsigned)uid, strerror(errno));
+    become_app_user(r, uid, gid, report_fd);
+    if ((r->flags & KP_START_FLAG_NO_NEW_PRIVS) && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        child_failf(report_fd, "exec", errno, "PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
     reset_signals();
     umask(022); /* the agent itself runs with 0 */
-    execve(r->argv.v[0], r->argv.v, r->envp.v);
-    child_failf(report_fd, "exec", errno, "exec %s: %s", r->argv.v[0], strerror(errno));
+    /* Last: from here on, only the syscalls the filter allows work. */
+    if (seccomp_install(&r->filter, &f) < 0)
+        child_fail(report_fd, &f);
+    execve(argv[0], argv, r->envp.v);
+    child_failf(report_fd, "exec", errno, "exec %s: %s", argv[0], strerror(errno));
 }
 
 /* --- the agent's side --- */
@@ -233,40 +309,53 @@ static void close_pair(int fds[2])
             close(fds[i]);
 }
 
-int spawn(const struct start_req *r, const char *root, struct spawned *out, struct failure *f)
+int spawn_pipes(bool with_stdin, struct stream_pipes *p, struct failure *f)
 {
-    int in[2] = {-1, -1}, stdout_pipe[2] = {-1, -1}, stderr_pipe[2] = {-1, -1}, report[2] = {-1, -1};
-    pid_t pid = -1;
-
-    if (r->flags & KP_START_FLAG_STDIN) {
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
+    if (with_stdin) {
         if (make_pipe(in, 1) < 0)
             goto fail;
     } else if ((in[0] = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
         goto fail;
     }
-    if (make_pipe(stdout_pipe, 0) < 0 || make_pipe(stderr_pipe, 0) < 0 || make_pipe(report, 0) < 0)
+    if (make_pipe(out, 0) < 0 || make_pipe(err, 0) < 0)
         goto fail;
-    if ((pid = fork()) < 0)
-        goto fail;
-    if (pid == 0) {
-        const int stdio[3] = {in[0], stdout_pipe[1], stderr_pipe[1]};
-        child_exec(r, root, stdio, report[1]);
-    }
-    *out = (struct spawned){.pid = pid, .stdin_fd = in[1], .stdout_fd = stdout_pipe[0],
-                            .stderr_fd = stderr_pipe[0], .report_fd = report[0]};
-    /* The child's ends are the child's now. */
-    close(in[0]);
-    close(stdout_pipe[1]);
-    close(stderr_pipe[1]);
-    close(report[1]);
+    *p = (struct stream_pipes){.stdin_fd = in[1], .stdout_fd = out[0], .stderr_fd = err[0],
+                               .child_in = in[0], .child_out = out[1], .child_err = err[1]};
     return 0;
 
 fail:
-    failf(f, "exec", errno, "cannot start %s: %s", r->argv.v[0], strerror(errno));
+    failf(f, "exec", errno, "cannot make the process's pipes: %s", strerror(errno));
     close_pair(in);
-    close_pair(stdout_pipe);
-    close_pair(stderr_pipe);
+    close_pair(out);
+    close_pair(err);
+    return -1;
+}
+
+int spawn(const struct start_req *r, char *const *argv, const char *root, const int stdio[3], struct spawned *out,
+          struct failure *f)
+{
+    int report[2] = {-1, -1}, null_fd = -1;
+    int child_stdio[3] = {stdio[0], stdio[1], stdio[2]};
+    pid_t pid;
+
+    if (child_stdio[0] < 0 && (child_stdio[0] = null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
+        goto fail;
+    if (make_pipe(report, 0) < 0 || (pid = fork()) < 0)
+        goto fail;
+    if (pid == 0)
+        child_exec(r, argv, root, child_stdio, report[1]);
+    *out = (struct spawned){.pid = pid, .report_fd = report[0]};
+    close(report[1]);
+    if (null_fd >= 0)
+        close(null_fd);
+    return 0;
+
+fail:
+    failf(f, "exec", errno, "cannot start %s: %s", argv[0], strerror(errno));
     close_pair(report);
+    if (null_fd >= 0)
+        close(null_fd);
     return -1;
 }
 

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* A decimal id; (uint32_t)-1 is refused, it means "unchanged" to setuid/setgid. */
 static bool parse_id(const char *s, uint32_t *id)
@@ -54,13 +55,26 @@ static int lookup(const char *file, const char *name, uint32_t *id)
     return found;
 }
 
+/* spec/aci.md's order: a name in the app's own file, else a number, else "/path": the owner
+ * (user) or group (group) of that file in the app's rootfs. */
 static int resolve(const char *value, const char *file, const char *stage, uint32_t *id, struct failure *f)
 {
-    if (parse_id(value, id) || lookup(file, value, id) == 0)
+    if (lookup(file, value, id) == 0)
         return 0;
-    if (errno == ENOENT)
+    int lookup_err = errno;
+    if (parse_id(value, id))
+        return 0;
+    if (value[0] == '/') {
+        struct stat st;
+        if (stat(value, &st) < 0)
+            return failf(f, stage, errno, "%s %s: %s in the app's rootfs", stage, value, strerror(errno));
+        *id = strcmp(stage, "user") == 0 ? (uint32_t)st.st_uid : (uint32_t)st.st_gid;
+        return 0;
+    }
+    if (lookup_err == ENOENT)
         return failf(f, stage, 0, "unknown %s %s (not in the app's %s)", stage, value, file);
-    return failf(f, stage, errno, "unknown %s %s: cannot read the app's %s: %s", stage, value, file, strerror(errno));
+    return failf(f, stage, lookup_err, "unknown %s %s: cannot read the app's %s: %s", stage, value, file,
+                 strerror(lookup_err));
 }
 
 int resolve_user(const char *user, uid_t *uid, struct failure *f)

@@ -1,8 +1,9 @@
 /* USER and GROUP of a START, resolved inside the app's root (the caller has chrooted into it).
  *
- * A decimal number is the id itself; a name is looked up in the app's /etc/passwd or /etc/group.
- * The files are parsed directly: a static binary has no NSS, and the app's files are the ones
- * that count, not the agent's. */
+ * As spec/aci.md says: a name found in the app's /etc/passwd or /etc/group; else a decimal number
+ * is the id itself; else a value starting with "/" names a file in the app's rootfs whose owner
+ * (user) or group (group) is the id; anything else fails. The files are parsed directly: a static
+ * binary has no NSS, and the app's files are the ones that count, not the agent's. */
 #ifndef KVMPOD_USERS_H
 #define KVMPOD_USERS_H
 

@@ -21,6 +21,30 @@ OutputSink = Callable[[bytes], None]
 
 
 @dataclass(frozen=True)
+class Isolators:
+    """The isolators the guest agent enforces, as START carries them (docs/executor.md).
+
+    A capability set of None means the isolator is absent (the agent then applies spec/ace.md's
+    default bounding set); the same for the seccomp sets (no filter). At most one of each pair is set.
+    """
+
+    caps_retain: tuple[str, ...] | None = None
+    caps_remove: tuple[str, ...] | None = None
+    seccomp_retain: tuple[str, ...] | None = None
+    seccomp_remove: tuple[str, ...] | None = None
+    seccomp_errno: str = ""         # "" : blocked syscalls kill the process with SIGSYS
+    no_new_privileges: bool = False
+
+    def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
+        lists = ((p.Field.CAPS_RETAIN, self.caps_retain), (p.Field.CAPS_REMOVE, self.caps_remove),
+                 (p.Field.SECCOMP_RETAIN, self.seccomp_retain), (p.Field.SECCOMP_REMOVE, self.seccomp_remove))
+        out: list[tuple[p.Field, p.FieldValue | str]] = [(tag, v) for tag, values in lists for v in values or ()]
+        if self.seccomp_errno:
+            out.append((p.Field.SECCOMP_ERRNO, self.seccomp_errno))
+        return out
+
+
+@dataclass(frozen=True)
 class ProcessSpec:
     app_name: str
     disk_serial: str
@@ -32,9 +56,13 @@ class ProcessSpec:
     supplementary_gids: list[int] = field(default_factory=list)
     stdin: bool = False
     readonly_rootfs: bool = False
+    pre_start: list[str] = field(default_factory=list)     # event handlers' exec; [] : none
+    post_stop: list[str] = field(default_factory=list)
+    isolators: Isolators = field(default_factory=Isolators)
 
     def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
-        flags = (p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
+        flags = ((p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
+                 | (p.StartFlag.NO_NEW_PRIVS if self.isolators.no_new_privileges else 0))
         out: list[tuple[p.Field, p.FieldValue | str]] = [
             (p.Field.APP_NAME, self.app_name), (p.Field.DISK_SERIAL, self.disk_serial)]
         out += [(p.Field.ARG, a) for a in self.argv]
@@ -42,6 +70,9 @@ class ProcessSpec:
         out += [(p.Field.WORKDIR, self.workdir), (p.Field.USER, self.user), (p.Field.GROUP, self.group)]
         out += [(p.Field.SUPP_GID, g) for g in self.supplementary_gids]
         out.append((p.Field.START_FLAGS, int(flags)))
+        out += [(p.Field.PRE_START, a) for a in self.pre_start]
+        out += [(p.Field.POST_STOP, a) for a in self.post_stop]
+        out += self.isolators.fields()
         return out
 
 
@@ -78,9 +109,11 @@ def _start_error(stage: str, err: int | None, message: str) -> AppStartError:
 class GuestProcess:
     """A process running in the guest, as seen through its stream."""
 
-    def __init__(self, session: "AgentSession", stream: int, on_stdout: OutputSink, on_stderr: OutputSink):
+    def __init__(self, session: "AgentSession", stream: int, on_stdout: OutputSink, on_stderr: OutputSink,
+                 early_output: bool = False):
         self.session = session
         self.stream = stream
+        self.early_output = early_output  # a pre-start handler runs first: its output precedes STARTED
         self.pid: int | None = None
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
@@ -175,7 +208,7 @@ class AgentSession:
             raise AgentError(f"too many processes in one pod (the agent serves {p.MAX_STREAMS})")
         stream = self._next_stream
         self._next_stream += 1
-        proc = GuestProcess(self, stream, on_stdout, on_stderr)
+        proc = GuestProcess(self, stream, on_stdout, on_stderr, early_output=bool(spec.pre_start))
         self._processes[stream] = proc
         await self.send(p.message(p.MessageType.START, stream, *spec.fields()))
         await self._first(proc.started)
@@ -269,7 +302,7 @@ class AgentSession:
                 raise ProtocolError(f"stream {stream}: ERROR after the process started")
             proc.started.set_exception(error)
             self._finish(stream)
-        elif not proc.started.done():
+        elif not proc.started.done() and not (proc.early_output and mtype in (T.STDOUT, T.STDERR)):
             raise ProtocolError(f"{mtype.name} for stream {stream} before STARTED")
         elif mtype is T.STDOUT:
             proc.on_stdout(payload)

@@ -22,7 +22,7 @@ from typing import Awaitable, TypeVar
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
 from kvmpod.pod.poddir import PodDir
-from kvmpod.pod.spec import AppOverrides, ResolvedApp, pod_manifest, resolve_app
+from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, pod_manifest, resolve_app
 from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
 from kvmpod.vm.backend import VMBackend, VMExit
@@ -133,6 +133,8 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
     from kvmpod.vm.qemu import QemuVM, check_socket_path
 
     resolved = prepare_apps(Store(), apps, options.pod_env, claims)
+    for line in isolator_notices(resolved):  # spec/ace.md: ignored isolators must be made known
+        notice(line)
     kernel = find_kernel(options.kernel)
     initrd = build_initrd(find_agent(), kernel)
     accel = choose_accelerator(options.accel)
@@ -208,7 +210,9 @@ class PodRunner:
         for i, app in enumerate(self.apps):
             spec = ProcessSpec(app.name, app.disk_serial, app.argv, app.env, app.working_dir, app.user,
                                app.group, app.supplementary_gids, stdin=self.options.interactive and i == 0,
-                               readonly_rootfs=app.readonly_rootfs)
+                               readonly_rootfs=app.readonly_rootfs,
+                               pre_start=app.event_handlers.get("pre-start", []),
+                               post_stop=app.event_handlers.get("post-stop", []), isolators=app.isolators)
             self.processes.append(await self._until(self.session.start(spec, stdout, stderr)))
         self.timings["apps_started"] = time.time()
         self.pod.update(state="running", apps=[{"name": a.name, "image": a.image.id} for a in self.apps])

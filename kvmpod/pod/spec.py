@@ -6,11 +6,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmpod.errors import UsageError
-from kvmpod.image.manifest import AC_NAME, AC_VERSION, ImageManifest
+from kvmpod.agent.session import Isolators
+from kvmpod.errors import ImageError, UsageError
+from kvmpod.image.manifest import AC_NAME, AC_VERSION, ImageManifest, Isolator
 from kvmpod.store import StoredImage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # spec/ace.md
+
+# The guest agent enforces the capability, seccomp and no-new-privileges isolators (docs/executor.md);
+# these two apply to the VM as a whole (its memory and CPUs). Every other isolator gets a notice:
+# spec/ace.md wants the user told which isolators were ignored.
+VM_ISOLATORS = frozenset({"resource/memory", "resource/cpu"})
+# spec/ace.md's seccomp wildcards; each masks the rest of its own set (no filter at all).
+SECCOMP_WILDCARDS = {"os/linux/seccomp-retain-set": "@appc.io/all", "os/linux/seccomp-remove-set": "@appc.io/empty"}
+EVENT_HANDLERS = ("pre-start", "post-stop")
 
 
 @dataclass
@@ -41,6 +50,9 @@ class ResolvedApp:
     group: str
     supplementary_gids: list[int]
     readonly_rootfs: bool
+    event_handlers: dict[str, list[str]] = field(default_factory=dict)  # "pre-start"/"post-stop" -> exec
+    isolators: Isolators = field(default_factory=Isolators)            # what the guest enforces
+    unenforced_isolators: list[str] = field(default_factory=list)      # names kvmpod does not enforce
 
 
 def default_app_name(manifest: ImageManifest) -> str:
@@ -65,6 +77,55 @@ def app_environment(app_name: str, image_env: list[tuple[str, str]], pod_env: di
     return [f"{k}={v}" for k, v in env.items()]
 
 
+def enforced_isolators(app_name: str, isolators: list[Isolator]) -> tuple[Isolators, list[str]]:
+    """Split an app's isolators into what the guest enforces and the names of those nobody does.
+
+    Manifests were validated on import (kvmpod/image/schema): the values of the isolators used here
+    have their spec shapes, each name appears once, and no retain set comes with its remove set.
+    """
+    caps: dict[str, tuple[str, ...]] = {}
+    seccomp: dict[str, tuple[str, ...]] = {}
+    errno_name = ""
+    no_new_privileges = False
+    unenforced: list[str] = []
+    for iso in isolators:
+        if iso.name in ("os/linux/capabilities-retain-set", "os/linux/capabilities-remove-set"):
+            caps[iso.name] = tuple(iso.value["set"])
+        elif iso.name in SECCOMP_WILDCARDS:
+            seccomp[iso.name] = _seccomp_set(app_name, iso)
+            errno_name = iso.value.get("errno", "") or ""
+        elif iso.name == "os/linux/no-new-privileges":
+            no_new_privileges = bool(iso.value)
+        elif iso.name not in VM_ISOLATORS:
+            unenforced.append(iso.name)
+    enforced = Isolators(
+        caps_retain=caps.get("os/linux/capabilities-retain-set"),
+        caps_remove=caps.get("os/linux/capabilities-remove-set"),
+        seccomp_retain=seccomp.get("os/linux/seccomp-retain-set"),
+        seccomp_remove=seccomp.get("os/linux/seccomp-remove-set"),
+        seccomp_errno=errno_name,
+        no_new_privileges=no_new_privileges,
+    )
+    return enforced, unenforced
+
+
+def _seccomp_set(app_name: str, iso: Isolator) -> tuple[str, ...]:
+    """The set as given; a wildcard other than the spec's own for this isolator is refused here,
+    before a VM boots (the agent knows the syscall names and refuses unknown ones itself)."""
+    values = tuple(iso.value["set"])
+    wildcard = SECCOMP_WILDCARDS[iso.name]
+    for value in values:
+        if value.startswith("@") and value != wildcard:
+            raise ImageError(f"app {app_name}: isolator {iso.name}: {value} is not supported "
+                             f"(kvmpod implements {wildcard} there, and no other @-group)")
+    return values
+
+
+def isolator_notices(apps: list[ResolvedApp]) -> list[str]:
+    """One line per isolator nobody enforces (spec/ace.md: the user must be told which were ignored)."""
+    return [f"app {a.name}: isolator {name} is not enforced" for a in apps for name in a.unenforced_isolators]
+
+
 def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, str], disk: Path,
                 disk_serial: str) -> ResolvedApp:
     manifest = image.manifest
@@ -85,6 +146,8 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
     if not working_dir.startswith("/"):
         raise UsageError(f"--working-dir: {working_dir!r} is not an absolute path")
     image_env = [(e.name, e.value) for e in app.environment] if app else []
+    isolators, unenforced = enforced_isolators(name, list(app.isolators) if app else [])
+    handlers = {h: list(app.event_handlers[h]) for h in EVENT_HANDLERS if app and h in app.event_handlers}
     return ResolvedApp(
         name=name,
         image=image,
@@ -97,6 +160,9 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
         group=overrides.group or (app.group if app else "0"),
         supplementary_gids=list(app.supplementary_gids) if app else [],
         readonly_rootfs=overrides.readonly_rootfs,
+        event_handlers=handlers,
+        isolators=isolators,
+        unenforced_isolators=unenforced,
     )
 
 
@@ -120,6 +186,9 @@ def pod_manifest(apps: list[ResolvedApp]) -> dict:
                     "workingDirectory": a.working_dir,
                     "environment": [dict(zip(("name", "value"), e.split("=", 1))) for e in a.env],
                     "supplementaryGIDs": a.supplementary_gids,
+                    "eventHandlers": [{"name": n, "exec": e} for n, e in a.event_handlers.items()],
+                    "isolators": [{"name": i.name, "value": i.value}
+                                  for i in (a.image.manifest.app.isolators if a.image.manifest.app else [])],
                 },
                 "readOnlyRootFS": a.readonly_rootfs,
             }
