@@ -11,7 +11,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils patch
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv agent kernel kernel-distro initrd demo test unit bench clean
+.PHONY: setup deps venv agent kernel kernel-distro initrd demo test unit bench bench-deps bench-image clean
 
 setup: deps venv agent kernel kernel-distro
 
@@ -61,7 +61,15 @@ unit: venv
 	$(VPY) -m pytest -m 'not vm' $(PYTEST_ARGS) tests
 
 # All benchmarks, each against a baseline measured in the same run; writes bench/results/<date>.{json,png}.
-bench: setup
+# The image benchmark makes a Debian minbase with debootstrap once (root) and compares with xorriso.
+BENCH_DEB_PACKAGES := debootstrap xorriso
+bench-deps:
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(BENCH_DEB_PACKAGES)'
+
+bench-image: venv bench-deps
+	$(VPY) bench/image.py
+
+bench: setup bench-deps
 	$(VPY) -m pip install -q -e '.[bench]'
 	$(VPY) bench/run_all.py
 

@@ -6,9 +6,11 @@
 3. memory     PSS of QEMU + kvmpod for an idle pod vs a sleeping python3
 4. scale      N concurrent pods vs N=1
 5. cli        `kvmpod --help` vs `python3 -c pass`
+6. image      import + ISO build throughput on a Debian minbase rootfs vs gzip|sha512sum, tar -x, xorriso;
+              the cost of a cached second run (bench/image.py; needs root + debootstrap the first time)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
-Usage: bench/run_all.py [--runs N] [--distro-runs N]   (not a test, asserts nothing)
+Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import KVMPOD, REPO, bench_env, build_busybox_aci, measure_start, print_start, stats, timed  # noqa: E402
+from image import Unavailable, measure_image, print_image  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
     ("host prep", "start", "qemu_spawn"),
@@ -184,6 +187,7 @@ def main() -> int:
     parser.add_argument("--distro-runs", type=int, default=5)
     parser.add_argument("--help-runs", type=int, default=20)
     parser.add_argument("--scale", default="1,2,4,8,16")
+    parser.add_argument("--image-runs", type=int, default=3)
     args = parser.parse_args()
     began = time.perf_counter()
     results: dict = {"date": datetime.date.today().isoformat(), "host": os.uname().nodename,
@@ -205,6 +209,13 @@ def main() -> int:
         results["scale"] = scale(work, aci, [int(n) for n in args.scale.split(",")])
         header("5. cli")
         results["cli"] = cli(args.help_runs)
+    header("6. image (import + rootfs disk of a Debian minbase)")
+    try:
+        results["image"] = measure_image(args.image_runs)
+        print_image(results["image"])
+    except Unavailable as e:  # no root or no debootstrap: the other results are still written
+        print(f"skipped: {e}")
+        results["image"] = {"skipped": str(e)}
     results["total_s"] = time.perf_counter() - began
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
