@@ -67,12 +67,70 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
-def open_decompressed(path: Path, advance: Advance | None = None) -> BinaryIO:
-    """A stream of the uncompressed tar inside `path`; `advance` is told of each compressed byte read."""
-    kind = detect_compression(path)
-    raw: BinaryIO = path.open("rb")
-    if advance is not None:
-        raw = io.BufferedReader(_CountingReader(raw, advance), COPY_CHUNK)  # type: ignore[assignment]
+class _ZstdReader(io.RawIOBase):
+    """zstd frames decompressed one after another; unlike zstandard's stream_reader, a stream that
+    ends inside a frame is an error (ValueError, reported as a truncated stream), not a short read.
+
+    Input is fed in small pieces because one call decompresses all it is given: at zstd's worst
+    ratio (an RLE block: 4 bytes for 128 KiB) a 2 KiB piece yields at most 64 MiB, so a hostile
+    stream cannot balloon memory before the size cap sees the bytes."""
+
+    FEED = 2048
+
+    def __init__(self, raw: BinaryIO, zstandard):  # type: ignore[no-untyped-def]
+        self.raw, self.zstandard = raw, zstandard
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.pending = memoryview(b"")
+        self.in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        while not self.pending:
+            piece = self.raw.read(self.FEED)
+            if not piece:
+                if self.in_frame:
+                    raise ValueError("the zstd stream ends inside a frame")
+                return 0
+            out = b""
+            while piece:
+                self.in_frame = True
+                out += self.dobj.decompress(piece)
+                piece = b""
+                if self.dobj.eof:  # a frame ended; what follows is the next frame
+                    piece = self.dobj.unused_data
+                    self.dobj = self.zstandard.ZstdDecompressor().decompressobj()
+                    self.in_frame = False
+            self.pending = memoryview(out)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+class _OwningReader(io.RawIOBase):
+    """A decompressing reader that also closes the file under it (GzipFile(fileobj=) does not)."""
+
+    def __init__(self, reader: BinaryIO, raw: BinaryIO):
+        self.reader, self.raw = reader, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        return self.reader.readinto(buffer)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+        finally:
+            self.raw.close()
+            super().close()
+
+
+def decompressing_reader(kind: str, raw: BinaryIO, shown: str) -> BinaryIO:
+    """A reader of `raw` decompressed as `kind` (a compression_of() result); `shown` names it in errors."""
     if kind == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if kind == "bzip2":
@@ -83,10 +141,23 @@ def open_decompressed(path: Path, advance: Advance | None = None) -> BinaryIO:
         try:
             import zstandard  # optional: the spec's compressions are gzip, bzip2 and xz
         except ImportError:
-            raw.close()
-            raise ImageError(f"{path}: zstd-compressed image needs the Python 'zstandard' package") from None
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)  # type: ignore[return-value]
+            raise ImageError(f"{shown}: zstd-compressed data needs the Python 'zstandard' package") from None
+        return io.BufferedReader(_ZstdReader(raw, zstandard), COPY_CHUNK)  # type: ignore[return-value]
     return raw
+
+
+def open_decompressed(path: Path, advance: Advance | None = None) -> BinaryIO:
+    """A stream of the uncompressed tar inside `path`; `advance` is told of each compressed byte read."""
+    kind = detect_compression(path)
+    raw: BinaryIO = path.open("rb")
+    if advance is not None:
+        raw = io.BufferedReader(_CountingReader(raw, advance), COPY_CHUNK)  # type: ignore[assignment]
+    try:
+        reader = decompressing_reader(kind, raw, str(path))
+    except BaseException:
+        raw.close()
+        raise
+    return raw if reader is raw else _OwningReader(reader, raw)  # type: ignore[return-value]
 
 
 def decompress_to(path: Path, dest: BinaryIO, limits: ImportLimits | None = None,

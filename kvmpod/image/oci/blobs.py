@@ -12,12 +12,9 @@ also against its diff_id (the digest of the uncompressed tar, from the config) b
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import io
 import json
-import lzma
 import os
 import posixpath
 import re
@@ -30,7 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kvmpod.errors import ImageError
-from kvmpod.image.archive import compression_of, decompress_to, decompression_errors, detect_compression
+from kvmpod.image.archive import (compression_of, decompress_to, decompressing_reader, decompression_errors,
+                                  detect_compression)
 from kvmpod.image.limits import ImportLimits, human_size
 from kvmpod.progress import Advance
 
@@ -312,18 +310,8 @@ def _ignore(_: int) -> None:
 
 
 def _decompressor(kind: str, source: BinaryIO, shown: str, name: str) -> BinaryIO:
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[return-value]
-    if kind == "bzip2":
-        return bz2.BZ2File(source)  # type: ignore[return-value]
-    if kind == "xz":
-        return lzma.LZMAFile(source)  # type: ignore[return-value]
-    try:
-        import zstandard
-    except ImportError:
-        raise ImageError(f"{shown}: {name}: a zstd-compressed layer needs the Python 'zstandard' package") from None
-    # read_across_frames: zstd:chunked and other multi-frame layers are one tar across many frames.
-    return zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)  # type: ignore[return-value]
+    # zstd reads across frames: zstd:chunked and other multi-frame layers are one tar in many frames.
+    return decompressing_reader(kind, source, f"{shown}: {name}")
 
 
 class _Digests:
