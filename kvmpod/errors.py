@@ -13,6 +13,22 @@ EXIT_NOT_FOUND = 127        # the app's exec path does not exist in its rootfs
 EXIT_SIGNAL_BASE = 128      # the app was killed by signal N: 128 + N
 
 
+def printable(text: str) -> str:
+    """Untrusted text (a tar member name, a link target) made safe for a one-line message: control
+    characters become \\xNN escapes, so a hostile name can neither break the line nor forge a second
+    `kvmpod: error:` line or drive the terminal."""
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogate escape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
 class KvmpodError(Exception):
     """Base of every error kvmpod reports to the user."""
 

@@ -19,6 +19,7 @@ to the disk as the original bytes.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import stat
 import tarfile
@@ -28,12 +29,17 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from kvmpod.errors import DiskError, ImageError
+from kvmpod.errors import DiskError, ImageError, printable
 
 # The largest file that fits in one ISO 9660 extent as pycdlib lays it out (4 GiB - 2 KiB: a
 # directory record's 32-bit data length, rounded down to whole 2 KiB blocks). Anything bigger would
 # need a multi-extent file, which we do not support (docs/disk.md explains why).
 MAX_FILE_SIZE = 0xFFFFF800
+
+MAX_PATH_BYTES = 4095            # PATH_MAX less the NUL
+MAX_NAME_BYTES = 253             # what the guest's ISO 9660 driver reads from a Rock Ridge NM record
+MAX_SYMLINK_TARGET_BYTES = 4095  # PATH_MAX: what readlink(2) can return
+MAX_ID = 0xFFFFFFFF              # Rock Ridge PX uid/gid are 32-bit
 
 ROOT_PATH = "."
 """The `path` of the entry that carries the attributes of the rootfs root directory itself."""
@@ -74,6 +80,29 @@ class RootfsEntry:
     size: int = 0
     link_target: str = ""
     opener: Callable[[], BinaryIO] | None = None
+
+
+def check_representable(shown: str, path: str, uid: int, gid: int, mtime: float) -> None:
+    """Refuse what the rootfs disk (and the guest) cannot represent, at import rather than at first run:
+    paths beyond PATH_MAX (which also bounds the depth, and so the work, of a hostile path), names
+    beyond the guest driver's limit, ids beyond 32 bits, times that are not finite numbers."""
+    encoded = encode_name(path)
+    if len(encoded) > MAX_PATH_BYTES:
+        raise ImageError(f"{shown[:200]}…: path longer than {MAX_PATH_BYTES} bytes (PATH_MAX)")
+    for part in encoded.split(b"/"):
+        if len(part) > MAX_NAME_BYTES:
+            raise DiskError(f"{shown}: names longer than {MAX_NAME_BYTES} bytes are not supported by the "
+                            f"guest's ISO 9660 driver (this one is {len(part)})")
+    for what, value in (("uid", uid), ("gid", gid)):
+        if not 0 <= value <= MAX_ID:
+            raise DiskError(f"{shown}: {what} {value} is out of range (0-{MAX_ID})")
+    if not math.isfinite(mtime):
+        raise ImageError(f"{shown}: mtime {mtime} is not a finite time")
+
+
+def check_symlink_target(shown: str, target: str) -> None:
+    if len(encode_name(target)) > MAX_SYMLINK_TARGET_BYTES:
+        raise DiskError(f"{shown}: symlink targets longer than {MAX_SYMLINK_TARGET_BYTES} bytes are not supported")
 
 
 def check_file_size(shown: str, size: int) -> None:
@@ -122,7 +151,8 @@ def _member_kind(member: tarfile.TarInfo, shown: str) -> EntryKind:
 
 
 def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/", *, implied_dirs: bool = True,
-                     lower_links: bool = False) -> Iterator[RootfsEntry]:
+                     lower_links: bool = False,
+                     on_manifest: Callable[[tarfile.TarInfo], None] | None = None) -> Iterator[RootfsEntry]:
     """The rootfs entries of an image tar, in archive order, validated (see the module docstring).
 
     Only members under `prefix` are the rootfs (the ACI layout is `manifest` + `rootfs/`); the
@@ -144,6 +174,8 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/", *, implied_d
     * lower_links=True: a hard link may name a path this archive does not hold at all (a file of a
       lower layer, which the merge checks); its link_target is that path, and later links to it
       name the link itself.
+    `on_manifest` is called with the top-level `manifest` member, so that one pass over the headers
+    both checks the rootfs and finds the manifest (kvmpod/image/aci.py).
     """
     pfx = _normalise_archive_name(prefix, prefix or "prefix")
     kinds: dict[str, EntryKind] = {}  # every path seen so far (explicit or implied) -> its kind
@@ -163,7 +195,7 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/", *, implied_d
         return None
 
     for member in _members(tar):
-        shown = member.name
+        shown = printable(member.name)
         arc = _normalise_archive_name(member.name, shown)
         path = rootfs_path(arc)
         if path is None:
@@ -173,6 +205,8 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/", *, implied_d
                 if manifest_seen:
                     raise ImageError(f"{shown}: duplicate entry")
                 manifest_seen = True
+                if on_manifest is not None:
+                    on_manifest(member)
                 continue
             if arc == "" and member.isdir():
                 continue  # "./": the archive's own top directory
@@ -180,6 +214,7 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/", *, implied_d
 
         kind = _member_kind(member, shown)
         mode, uid, gid, mtime = member.mode & 0o7777, member.uid, member.gid, member.mtime
+        check_representable(shown, path, uid, gid, mtime)
 
         if path == ROOT_PATH:
             if kind is not EntryKind.DIR:
@@ -225,13 +260,15 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/", *, implied_d
         elif kind is EntryKind.SYMLINK:
             if not member.linkname:
                 raise ImageError(f"{shown}: symlink with an empty target")
+            check_symlink_target(shown, member.linkname)
             entry = RootfsEntry(path, kind, mode, uid, gid, mtime, link_target=member.linkname)
         else:  # HARDLINK
-            target_arc = _normalise_archive_name(member.linkname, f"{shown} -> {member.linkname}",
+            link_shown = printable(member.linkname) or "''"
+            target_arc = _normalise_archive_name(member.linkname, f"{shown} -> {link_shown}",
                                                  "hard link targets")
             target = rootfs_path(target_arc)
             if target is None or target == ROOT_PATH:
-                raise ImageError(f"{shown}: hard link target {member.linkname} is outside {pfx or 'the rootfs'}/")
+                raise ImageError(f"{shown}: hard link target {link_shown} is outside {pfx or 'the rootfs'}/")
             data_path = inode_of.get(target)
             if data_path is None and lower_links and target not in kinds:
                 # A file of a lower layer (the merge checks it). This archive may still replace that
@@ -240,7 +277,7 @@ def entries_from_tar(tar: tarfile.TarFile, prefix: str = "rootfs/", *, implied_d
                 inode_of[path] = path
             elif data_path is None:
                 raise ImageError(
-                    f"{shown}: hard link target {member.linkname} is not an earlier regular file of the image"
+                    f"{shown}: hard link target {link_shown} is not an earlier regular file of the image"
                 )
             else:
                 entry = RootfsEntry(path, kind, mode, uid, gid, mtime, link_target=data_path)
@@ -258,9 +295,13 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             member = next(it)
         except StopIteration:
             return
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, OSError, ValueError, OverflowError) as e:
+            # ValueError/OverflowError: tarfile's parsing of malformed PAX and GNU sparse headers
             where = os.fsdecode(tar.name) if tar.name else "image"
-            raise ImageError(f"{where}: corrupt or truncated tar archive: {e}") from None
+            raise ImageError(f"{where}: corrupt or truncated tar archive: {printable(str(e))}") from None
+        # tarfile keeps every header it reads in tar.members; nothing here looks a member up again
+        # (regular files are read by offset), so drop them: a million-entry archive stays small.
+        tar.members.clear()
         yield member
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import math
 import os
 import struct
 import tarfile
@@ -34,17 +35,11 @@ import pycdlib
 import pycdlib.dates
 import pycdlib.pycdlibexception
 
-from kvmpod.disk.entries import ROOT_PATH, EntryKind, RootfsEntry, check_file_size, encode_name
+from kvmpod.disk.entries import (MAX_ID, MAX_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES, ROOT_PATH, EntryKind, RootfsEntry,
+                                  check_file_size, encode_name)
 from kvmpod.errors import DiskError, ImageError, KvmpodError
 
-# Linux's isofs builds a Rock Ridge name in a 255-byte buffer and drops any NM piece that would take
-# the name to 254 bytes or more (fs/isofs/rock.c, get_rock_ridge_filename), so a longer name would
-# silently come out truncated in the guest. Refuse it instead.
-MAX_NAME_BYTES = 253
-# Linux symlink targets are at most PATH_MAX - 1 bytes (isofs reads them into one page).
-MAX_SYMLINK_TARGET_BYTES = 4095
 
-_MAX_ID = 0xFFFFFFFF  # PX uid/gid are 32-bit
 _ISO_NAME_WIDTH = 8  # hex digits of the generated ISO 9660 names: 2**32 entries per directory
 
 _S_IFDIR = 0o040000
@@ -287,8 +282,8 @@ class _Builder:
     @staticmethod
     def _check_attrs(e: RootfsEntry) -> None:
         for what, value in (("uid", e.uid), ("gid", e.gid)):
-            if not 0 <= value <= _MAX_ID:
-                raise DiskError(f"/{e.path}: {what} {value} is out of range (0-{_MAX_ID})")
+            if not 0 <= value <= MAX_ID:
+                raise DiskError(f"/{e.path}: {what} {value} is out of range (0-{MAX_ID})")
 
     @staticmethod
     def _set_attrs(node: _Node, e: RootfsEntry) -> None:
@@ -504,6 +499,8 @@ def _stamp(rec: Any, mode: int, uid: int, gid: int, mtime: float, nlinks: int | 
 
 
 def _utc(seconds: float) -> _dt.datetime:
+    if not math.isfinite(seconds):  # entries refuse these; a caller's bad value must not crash the writer
+        seconds = 0
     clamped = min(max(int(seconds // 1), _MIN_TIME), _MAX_TIME)
     return _EPOCH + _dt.timedelta(seconds=clamped)
 

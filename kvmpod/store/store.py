@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 from kvmpod import paths
 from kvmpod.errors import ImageError, ManifestError
 from kvmpod.fsutil import pid_alive
+from kvmpod.image.aci import check_aci
 from kvmpod.image.archive import decompress_to
 from kvmpod.image.limits import ImportLimits
 from kvmpod.image.manifest import ImageManifest, parse_manifest
@@ -170,11 +170,11 @@ class Store:
         record_path = self.records / f"{hex_id}.json"
         if (existing := index.read_record(record_path)) and (self.blobs / hex_id).is_file():
             return self._image(existing)  # the same bytes were checked when first imported
+        raw_manifest = check_aci(tmp, shown_as, self.limits)  # a hostile archive never enters the store
         try:
-            manifest = parse_manifest(read_aci_manifest(tmp, shown_as))
+            manifest = parse_manifest(raw_manifest)
         except ManifestError as e:
             raise ManifestError(f"{shown_as}: {e}") from None
-        check_rootfs_entries(tmp, shown_as, self.limits)  # a hostile archive never enters the store
         blob = self.blobs / hex_id
         with locks.exclusive(self.lock_file(hex_id)):
             if not blob.is_file():
@@ -377,53 +377,3 @@ def _listdir(d: Path) -> list[Path]:
         return sorted(d.iterdir())
     except FileNotFoundError:
         return []
-
-
-def check_rootfs_entries(tar_path: Path, shown_as: Path, limits: ImportLimits) -> None:
-    """Run every rootfs/ entry through the disk builder's safety checks (headers only, no data read)."""
-    from kvmpod.disk.entries import entries_from_tar
-    from kvmpod.errors import DiskError
-
-    try:
-        with tarfile.open(tar_path, "r:") as tar:
-            for count, _ in enumerate(entries_from_tar(tar), 1):
-                if count > limits.max_entries:
-                    raise ImageError(f"more than {limits.max_entries} entries (a tar bomb?); if the image is "
-                                     "genuine, raise [image] max-entries in kvmpod.toml")
-    except tarfile.TarError as e:
-        raise ImageError(f"{shown_as}: not a valid tar archive: {e}") from None
-    except (ImageError, DiskError) as e:
-        raise ImageError(f"{shown_as}: {e}") from None
-
-
-def read_aci_manifest(tar_path: Path, shown_as: Path) -> bytes:
-    """The bytes of the top-level `manifest` of an uncompressed ACI tar, after the ACI layout basics."""
-    from kvmpod.image.manifest import MAX_MANIFEST_BYTES
-
-    try:
-        with tarfile.open(tar_path, "r:") as tar:
-            member = None
-            has_rootfs = False
-            for m in tar:
-                name = m.name.removeprefix("./")
-                if name == "manifest":
-                    if member is not None:
-                        raise ImageError(f"{shown_as}: manifest: the archive holds it twice")
-                    member = m
-                elif name == "rootfs" or name.startswith("rootfs/"):
-                    has_rootfs = True
-            if member is None:
-                raise ImageError(f"{shown_as}: not an ACI: no top-level 'manifest' file")
-            if not member.isfile():
-                raise ImageError(f"{shown_as}: manifest: is not a regular file")
-            if member.size > MAX_MANIFEST_BYTES:
-                raise ImageError(f"{shown_as}: manifest: {member.size} bytes exceeds the "
-                                 f"{MAX_MANIFEST_BYTES}-byte limit")
-            if not has_rootfs:
-                raise ImageError(f"{shown_as}: not an ACI: no 'rootfs/' directory")
-            f = tar.extractfile(member)
-            assert f is not None
-            return f.read(member.size)
-    except tarfile.TarError as e:
-        raise ImageError(f"{shown_as}: not a valid tar archive: {e}") from None
-

@@ -67,7 +67,7 @@ def test_importing_twice_keeps_one_blob(tmp_path):
     (gzip.compress(_tar())[:200], "corrupt or truncated"),
     (_tar(manifest=None), "no top-level 'manifest'"),
     (_tar(rootfs=False), "no 'rootfs/'"),
-    (_tar(twice=True), "holds it twice"),
+    (_tar(twice=True), "manifest: duplicate entry"),
     (_tar(manifest=b"{not json"), "invalid JSON"),
     (_tar(manifest=b"\xff\xfe"), "not valid UTF-8"),
     (b"this is not a tar archive at all" * 40, "not a valid tar archive"),

@@ -1,0 +1,68 @@
+"""What makes an uncompressed tar an ACI (spec/aci.md), checked in one pass over its headers.
+
+Exactly one regular top-level `manifest` (at most MAX_MANIFEST_BYTES) and a `rootfs/` whose every
+entry passes the rootfs rules (kvmpod/disk/entries.py: no escapes, nothing the disk cannot hold),
+nothing else, the tar's end-of-archive marker present (a plain tar cut at a member boundary is not
+silently a smaller image), and the caps of kvmpod.toml [image] on entries and total file bytes
+(sparse members count their full size: that is what the disk would hold).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+from kvmpod.errors import DiskError, ImageError, ManifestError, printable
+from kvmpod.image.limits import ImportLimits, human_size
+
+BLOCK = 512
+
+
+def check_aci(tar_path: Path, shown_as: str | Path, limits: ImportLimits) -> bytes:
+    """Check the ACI tar at `tar_path` and return its manifest's bytes (not yet parsed)."""
+    from kvmpod.disk.entries import EntryKind, entries_from_tar
+    from kvmpod.image.manifest import MAX_MANIFEST_BYTES
+
+    manifests: list[tarfile.TarInfo] = []
+    entries = file_bytes = 0
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for entry in entries_from_tar(tar, on_manifest=manifests.append):
+                entries += 1
+                if entries > limits.max_entries:
+                    raise ImageError(f"more than {limits.max_entries} entries (a tar bomb?); if the image is "
+                                     "genuine, raise [image] max-entries in kvmpod.toml")
+                if entry.kind is EntryKind.FILE:
+                    file_bytes += entry.size
+                    if file_bytes > limits.max_size:
+                        raise ImageError(f"{printable(entry.path)}: the files add up to more than the "
+                                         f"{human_size(limits.max_size)} limit (sparse files count in full); "
+                                         "if the image is genuine, raise [image] max-size in kvmpod.toml")
+            end = tar.offset
+            if not manifests:
+                raise ImageError("not an ACI: no top-level 'manifest' file")
+            if entries == 0:
+                raise ImageError("not an ACI: no 'rootfs/' directory")
+            member = manifests[0]
+            if member.size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"manifest: {member.size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
+            f = tar.extractfile(member)
+            assert f is not None
+            data = f.read(member.size)
+        _check_end_marker(tar_path, end)
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:
+        raise ImageError(f"{shown_as}: not a valid tar archive: {printable(str(e))}") from None
+    except ManifestError as e:
+        raise ManifestError(f"{shown_as}: {e}") from None
+    except (ImageError, DiskError) as e:  # at import, whatever makes an image unusable is an image error
+        raise ImageError(f"{shown_as}: {e}") from None
+    return data
+
+
+def _check_end_marker(tar_path: Path, end: int) -> None:
+    """POSIX ends a tar with zero blocks; without one the archive was cut (at a member boundary)."""
+    with open(tar_path, "rb") as f:
+        f.seek(end)
+        block = f.read(BLOCK)
+    if len(block) < BLOCK or block.count(0) != BLOCK:
+        raise ImageError("truncated tar archive: no end-of-archive marker after the last member")
