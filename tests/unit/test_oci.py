@@ -631,3 +631,31 @@ def test_args_replace_the_cmd_but_keep_the_entrypoint(annotations, exec_, args, 
 
     out = keep_docker_entrypoint(_converted(annotations), AppOverrides(image="x", exec=exec_, args=args))
     assert (out.exec, out.args) == expected
+
+
+# --- into the store: `kvmpod image import` of a Docker/OCI source -------------------------------
+
+def test_image_import_stores_a_converted_image_once(tmp_path, busybox_oci_archives):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KVMPOD_STORE_DIR"}
+
+    def kvmpod(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "kvmpod", "--dir", str(tmp_path / "store"), *args],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    source = f"docker-archive:{busybox_oci_archives.docker_archive}"
+    first = kvmpod("image", "import", source).strip()
+    assert kvmpod("image", "import", source).strip() == first  # unchanged source: not converted again
+    [record] = json.loads(kvmpod("image", "list", "--json"))
+    assert (record["id"], record["name"], record["signature"]) == (first, IMAGE.rpartition(":")[0], "not-checked")
+    assert record["source"] == f"docker-archive:{os.path.realpath(busybox_oci_archives.docker_archive)}"
+    # the OCI archive of the same image records its own source annotations: a second image, same name
+    second = kvmpod("fetch", f"oci-archive:{busybox_oci_archives.oci_archive}").strip()
+    assert second != first and kvmpod("image", "cat-manifest", second) != kvmpod("image", "cat-manifest", first)
+    assert json.loads(kvmpod("image", "cat-manifest", "example.com/kvmpod-test/busybox:1.0"))["name"] == \
+        IMAGE.rpartition(":")[0]

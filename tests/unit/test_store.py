@@ -365,3 +365,20 @@ def test_progress_is_drawn_on_a_terminal_and_silent_otherwise(tmp_path):
     assert proc.wait(timeout=60) == 0 and proc.stdout.read().strip() == quiet.stdout.strip().encode()
     proc.stdout.close()
     assert b"importing big.aci" in seen
+
+
+def test_store_location_root_user_and_dir_override(tmp_path, monkeypatch):
+    from kvmpod import paths
+
+    monkeypatch.delenv("KVMPOD_STORE_DIR", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(paths, "_store_override", None)
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
+    assert paths.store_dir() == Path("/var/lib/kvmpod")
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 1000)
+    assert paths.store_dir() == tmp_path / "home" / ".local" / "share" / "kvmpod"
+    monkeypatch.setenv("KVMPOD_STORE_DIR", str(tmp_path / "env"))
+    assert paths.store_dir() == tmp_path / "env"
+    paths.set_store_dir(tmp_path / "flag")  # --dir wins over everything
+    assert paths.store_dir() == tmp_path / "flag"
