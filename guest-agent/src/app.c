@@ -296,21 +296,40 @@ static int build_root(struct app *a, const char *image, bool readonly, struct fa
     return readonly ? make_readonly(a->root, f) : 0;
 }
 
+/* The app called `name`: 1 with *root when it exists, 0 when not, -1 with *f when it runs from
+ * another disk. */
+static int find_app(const char *name, const char *serial, const char **root, struct failure *f)
+{
+    for (struct app *a = apps; a; a = a->next) {
+        if (strcmp(a->name, name) != 0)
+            continue;
+        if (strcmp(a->serial, serial) != 0)
+            return failf(f, "request", EINVAL, "app %s runs from disk %s, not %s", name, a->serial, serial);
+        *root = a->root;
+        return 1;
+    }
+    return 0;
+}
+
+const char *app_existing_root(const char *name, const char *serial, struct failure *f)
+{
+    const char *root = NULL;
+    int found = find_app(name, serial, &root, f);
+    if (found == 0)
+        failf(f, "request", ENOENT, "app %s has not been started in this pod", name);
+    return found > 0 ? root : NULL;
+}
+
 const char *app_prepare(const char *name, const char *serial, bool readonly, struct failure *f)
 {
+    const char *root = NULL;
     if (!safe_name(name) || !safe_name(serial)) {
         failf(f, "request", EINVAL, "bad app name %s or disk serial %s", name, serial);
         return NULL;
     }
-    for (struct app *a = apps; a; a = a->next) {
-        if (strcmp(a->name, name) != 0)
-            continue;
-        if (strcmp(a->serial, serial) != 0) {
-            failf(f, "request", EINVAL, "app %s runs from disk %s, not %s", name, a->serial, serial);
-            return NULL;
-        }
-        return a->root;
-    }
+    int found = find_app(name, serial, &root, f);
+    if (found != 0)
+        return found > 0 ? root : NULL;
 
     const char *image = image_mount(serial, f);
     if (!image)

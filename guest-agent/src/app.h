@@ -13,6 +13,10 @@
  * stage "request" (bad name), "mount" (the image disk) or "rootfs" (the app root). */
 const char *app_prepare(const char *name, const char *serial, bool readonly, struct failure *f);
 
+/* The root an earlier START made for app `name` (START_FLAG_ENTER: enter it, never make it).
+ * Returns NULL with *f (stage "request") when there is no such app or it runs from another disk. */
+const char *app_existing_root(const char *name, const char *serial, struct failure *f);
+
 /* Unmounts everything app_prepare() mounted, newest first; best effort, for shutdown. */
 void app_unmount_all(void);
 

@@ -21,6 +21,7 @@
 #include "app.h"
 #include "channel.h"
 #include "log.h"
+#include "metadata.h"
 #include "process.h"
 #include "protocol.h"
 #include "tlv.h"
@@ -216,6 +217,10 @@ static void dispatch(const struct frame *f)
         shutdown_pod();
     case KP_MSG_HELLO_ACK:
         fatal("protocol", 0, "HELLO_ACK after the handshake");
+    case KP_MSG_METADATA:
+    case KP_MSG_METADATA_START:
+        metadata_handle_frame(f);
+        break;
     default:
         process_handle_frame(f);
     }
@@ -237,7 +242,7 @@ static int sigchld_fd(void)
 
 static noreturn void serve(int sigfd)
 {
-    static struct pollfd pfd[2 + PROCESS_MAX_POLLFDS];
+    static struct pollfd pfd[2 + PROCESS_MAX_POLLFDS + METADATA_MAX_POLLFDS];
     bool host_gone = false;
     for (;;) {
         struct frame f;
@@ -248,7 +253,8 @@ static noreturn void serve(int sigfd)
 
         pfd[0] = (struct pollfd){.fd = channel_fd(), .events = POLLIN};
         pfd[1] = (struct pollfd){.fd = sigfd, .events = POLLIN};
-        size_t n = 2 + process_pollfds(pfd + 2, ARRAY_LEN(pfd) - 2);
+        size_t np = process_pollfds(pfd + 2, PROCESS_MAX_POLLFDS);
+        size_t n = 2 + np + metadata_pollfds(pfd + 2 + np, ARRAY_LEN(pfd) - 2 - np);
         if (poll(pfd, n, -1) < 0) {
             if (errno == EINTR)
                 continue;
@@ -256,7 +262,8 @@ static noreturn void serve(int sigfd)
         }
         if (pfd[0].revents)
             host_gone = !channel_fill();
-        process_handle_events(pfd + 2, n - 2);
+        process_handle_events(pfd + 2, np);
+        metadata_handle_events(pfd + 2 + np, n - 2 - np);
         if (pfd[1].revents) {
             struct signalfd_siginfo si;
             while (read(sigfd, &si, sizeof si) > 0)

@@ -12,6 +12,7 @@
 
 #include "app.h"
 #include "log.h"
+#include "pty.h"
 #include "spawn.h"
 #include "tlv.h"
 
@@ -33,6 +34,7 @@ struct stream {
     int out_fd[2];     /* stdout, stderr read ends; -1 once closed */
     int child_in;      /* the main process's stdin, until it is forked */
     int child_out[2];  /* the write ends every process of the stream gets, until the last is forked */
+    int tty_fd;        /* START_FLAG_TTY: the pty's master, for RESIZE; else -1 */
     struct start_req req;
     const char *root;
     int main_status;   /* wait status of the main process, while post-stop runs */
@@ -72,7 +74,7 @@ static struct stream *stream_alloc(uint32_t id)
         struct stream *s = &streams[i];
         if (s->state == FREE) {
             *s = (struct stream){.state = STARTING, .id = id, .pid = -1, .report_fd = -1, .stdin_fd = -1,
-                                 .out_fd = {-1, -1}, .child_in = -1, .child_out = {-1, -1}};
+                                 .out_fd = {-1, -1}, .child_in = -1, .child_out = {-1, -1}, .tty_fd = -1};
             return s;
         }
     }
@@ -82,7 +84,7 @@ static struct stream *stream_alloc(uint32_t id)
 static void stream_free(struct stream *s)
 {
     int *fds[] = {&s->report_fd, &s->stdin_fd, &s->out_fd[0], &s->out_fd[1], &s->child_in, &s->child_out[0],
-                  &s->child_out[1]};
+                  &s->child_out[1], &s->tty_fd};
     for (size_t i = 0; i < ARRAY_LEN(fds); i++)
         close_fd(fds[i]);
     start_req_free(&s->req);
@@ -115,12 +117,13 @@ static void relay_output(struct stream *s, int which, size_t limit)
 }
 
 /* Everything written before a process ended is in the pipes; relay that, but no more than a pipe
- * holds: a background child that inherited the pipe may keep writing forever. */
+ * holds: a background child that inherited the pipe may keep writing forever. A pty (no pipe
+ * size) buffers less than four chunks. */
 static void drain_output(struct stream *s)
 {
     for (int which = OUT_STDOUT; which <= OUT_STDERR; which++) {
         int size = s->out_fd[which] >= 0 ? fcntl(s->out_fd[which], F_GETPIPE_SZ) : 0;
-        relay_output(s, which, size > 0 ? (size_t)size : KP_DATA_CHUNK);
+        relay_output(s, which, size > 0 ? (size_t)size : 4 * KP_DATA_CHUNK);
     }
 }
 
@@ -165,6 +168,22 @@ static int start_handler(struct stream *s, enum stream_state state, struct failu
     return 0;
 }
 
+/* START_FLAG_ENTER: the app's existing root; otherwise the app's root, made by its first START. */
+static const char *stream_root(const struct start_req *r, struct failure *f)
+{
+    if (r->flags & KP_START_FLAG_ENTER)
+        return app_existing_root(r->app, r->serial, f);
+    return app_prepare(r->app, r->serial, r->flags & KP_START_FLAG_READONLY_ROOTFS, f);
+}
+
+/* The stream's stdio: a pty (START_FLAG_TTY), else pipes. */
+static int stream_stdio(struct stream *s, struct stream_pipes *pipes, struct failure *f)
+{
+    if (s->req.flags & KP_START_FLAG_TTY)
+        return pty_open(s->root, s->req.tty_rows, s->req.tty_cols, pipes, &s->tty_fd, f);
+    return spawn_pipes(s->req.flags & KP_START_FLAG_STDIN, pipes, f);
+}
+
 static void on_start(const struct frame *fr)
 {
     if (stream_by_id(fr->stream))
@@ -183,8 +202,7 @@ static void on_start(const struct frame *fr)
     }
     s->req = r; /* the stream owns the request now */
     r = (struct start_req){0};
-    if (!(s->root = app_prepare(s->req.app, s->req.serial, s->req.flags & KP_START_FLAG_READONLY_ROOTFS, &f)) ||
-        spawn_pipes(s->req.flags & KP_START_FLAG_STDIN, &pipes, &f) < 0)
+    if (!(s->root = stream_root(&s->req, &f)) || stream_stdio(s, &pipes, &f) < 0)
         goto failed;
     s->stdin_fd = pipes.stdin_fd;
     s->out_fd[OUT_STDOUT] = pipes.stdout_fd;
@@ -439,6 +457,29 @@ static void on_signal(struct stream *s, const struct frame *fr)
     fatal("protocol", 0, "stream %u: SIGNAL without SIGNO", s->id);
 }
 
+static void on_resize(struct stream *s, const struct frame *fr)
+{
+    struct tlv_reader rd;
+    struct tlv_field field;
+    struct failure f;
+    uint32_t rows = 0, cols = 0;
+    int more;
+    tlv_reader_init(&rd, fr->payload, fr->len);
+    while ((more = tlv_next(&rd, &field, &f)) > 0) {
+        if (field.tag == KP_F_TTY_ROWS)
+            rows = tlv_u32(&field);
+        else if (field.tag == KP_F_TTY_COLS)
+            cols = tlv_u32(&field);
+    }
+    if (more < 0)
+        fatal_failure(&f);
+    if (s->tty_fd < 0)
+        return; /* not a terminal: nothing to resize */
+    log_debug("stream %u: terminal %ux%u", s->id, rows, cols);
+    if (pty_resize(s->tty_fd, rows, cols) < 0)
+        log_debug("stream %u: TIOCSWINSZ: %s", s->id, strerror(errno));
+}
+
 void process_handle_frame(const struct frame *fr)
 {
     if (fr->type == KP_MSG_START) {
@@ -459,6 +500,9 @@ void process_handle_frame(const struct frame *fr)
         break;
     case KP_MSG_SIGNAL:
         on_signal(s, fr);
+        break;
+    case KP_MSG_RESIZE:
+        on_resize(s, fr);
         break;
     default:
         fatal("protocol", 0, "unexpected %s frame on stream %u", message_name(fr->type), fr->stream);

@@ -3,11 +3,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -171,6 +173,12 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
         case KP_F_START_FLAGS:
             r->flags = tlv_u32(&field);
             break;
+        case KP_F_TTY_ROWS:
+            r->tty_rows = tlv_u32(&field);
+            break;
+        case KP_F_TTY_COLS:
+            r->tty_cols = tlv_u32(&field);
+            break;
         default: /* a field this agent does not know: skipped, as the protocol says */
             break;
         }
@@ -180,12 +188,16 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
 
     if (!r->app || !r->serial)
         return failf(f, "request", EINVAL, "START lacks APP_NAME or DISK_SERIAL");
-    if (r->argv.n == 0 || r->argv.v[0][0] != '/')
+    /* An entered command may be a bare name, looked up in its PATH (exec_in_path). */
+    if (r->argv.n == 0 || !r->argv.v[0][0] ||
+        (r->argv.v[0][0] != '/' && !((r->flags & KP_START_FLAG_ENTER) && !strchr(r->argv.v[0], '/'))))
         return failf(f, "request", EINVAL, "START needs an absolute path as its first ARG");
     if (r->workdir && r->workdir[0] != '/')
         return failf(f, "request", EINVAL, "working directory %s is not absolute", r->workdir);
     if (check_handler(&r->pre_start, "pre-start", f) < 0 || check_handler(&r->post_stop, "post-stop", f) < 0)
         return -1;
+    if ((r->flags & KP_START_FLAG_ENTER) && (r->pre_start.n || r->post_stop.n))
+        return failf(f, "request", EINVAL, "a process entering app %s has no event handlers", r->app);
     if (r->envp.n == 0 && strv_push(&r->envp, NULL) < 0) /* execve wants an array, even empty */
         out_of_memory();
     return prepare_isolators(r, f);
@@ -201,7 +213,8 @@ struct child_report {
 };
 
 /* The stages a child can fail in; the first is the fallback. */
-static const char *const CHILD_STAGES[] = {"exec", "rootfs", "workdir", "user", "group", "capabilities", "seccomp"};
+static const char *const CHILD_STAGES[] = {"exec", "rootfs", "workdir", "user", "group", "capabilities", "seccomp",
+                                            "tty"};
 
 static noreturn void child_fail(int report_fd, const struct failure *f)
 {
@@ -251,6 +264,36 @@ static void become_app_user(const struct start_req *r, uid_t uid, gid_t gid, int
         child_fail(report_fd, &f);
 }
 
+/* The appc executor's PATH, for an environment without one. */
+static const char DEFAULT_PATH[] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/* execve of a command without a slash: tried in each directory of the process's own PATH (not
+ * the agent's, as execvp would), like a shell. Returns with errno set: the most telling failure. */
+static void exec_in_path(char *const *argv, char *const *envp)
+{
+    const char *path = DEFAULT_PATH;
+    char candidate[PATH_MAX];
+    int err = ENOENT;
+    for (char *const *e = envp; *e; e++)
+        if (strncmp(*e, "PATH=", 5) == 0) {
+            path = *e + 5;
+            break;
+        }
+    for (const char *dir = path; *dir;) {
+        size_t len = strcspn(dir, ":");
+        int n = snprintf(candidate, sizeof candidate, "%.*s/%s", len ? (int)len : 1, len ? dir : ".", argv[0]);
+        if (n > 0 && (size_t)n < sizeof candidate) {
+            execve(candidate, argv, envp);
+            if (errno != ENOENT && errno != ENOTDIR)
+                err = errno; /* EACCES and the like: found but not runnable */
+        }
+        dir += len;
+        if (*dir == ':')
+            dir++;
+    }
+    errno = err;
+}
+
 static noreturn void child_exec(const struct start_req *r, char *const *argv, const char *root, const int stdio[3],
                                 int report_fd)
 {
@@ -263,6 +306,10 @@ static noreturn void child_exec(const struct start_req *r, char *const *argv, co
     for (int i = 0; i < 3; i++)
         if (dup2(stdio[i], i) < 0)
             child_failf(report_fd, "exec", errno, "dup2: %s", strerror(errno));
+    /* A terminal's stdout is the pty (an event handler's stdin is /dev/null): it becomes the
+     * session's controlling terminal, so ^C, job control and SIGWINCH work as on a console. */
+    if ((r->flags & KP_START_FLAG_TTY) && ioctl(STDOUT_FILENO, TIOCSCTTY, 0) < 0)
+        child_failf(report_fd, "tty", errno, "cannot make the pty the controlling terminal: %s", strerror(errno));
     if (chroot(root) < 0)
         child_failf(report_fd, "rootfs", errno, "chroot %s: %s", root, strerror(errno));
     if (chdir(workdir) < 0) {
@@ -274,6 +321,9 @@ static noreturn void child_exec(const struct start_req *r, char *const *argv, co
     /* Names are looked up now, inside the app's root, in the app's own files. */
     if (resolve_user(r->user ? r->user : "0", &uid, &f) < 0 || resolve_group(r->group ? r->group : "0", &gid, &f) < 0)
         child_fail(report_fd, &f);
+    /* The terminal belongs to its user, as login(1) does it, so reopening it by name works too. */
+    if (r->flags & KP_START_FLAG_TTY)
+        (void)!fchown(STDOUT_FILENO, uid, (gid_t)-1);
     become_app_user(r, uid, gid, report_fd);
     if ((r->flags & KP_START_FLAG_NO_NEW_PRIVS) && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         child_failf(report_fd, "exec", errno, "PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
@@ -282,7 +332,10 @@ static noreturn void child_exec(const struct start_req *r, char *const *argv, co
     /* Last: from here on, only the syscalls the filter allows work. */
     if (seccomp_install(&r->filter, &f) < 0)
         child_fail(report_fd, &f);
-    execve(argv[0], argv, r->envp.v);
+    if (strchr(argv[0], '/'))
+        execve(argv[0], argv, r->envp.v);
+    else
+        exec_in_path(argv, r->envp.v);
     child_failf(report_fd, "exec", errno, "exec %s: %s", argv[0], strerror(errno));
 }
 

@@ -26,6 +26,7 @@ struct start_req {
     gid_t *gids;
     size_t ngids;
     uint32_t flags;
+    uint32_t tty_rows, tty_cols;                 /* START_FLAG_TTY: initial size; 0: not given */
     /* Made from the above by start_req_parse(): */
     uint64_t cap_bounding;
     struct seccomp_filter filter;
@@ -55,14 +56,15 @@ struct spawned {
 };
 
 /* Forks a process of the app of `r` running `argv` chrooted in `root`, with stdio[3] as its
- * stdin, stdout and stderr (stdin -1: /dev/null). The child sets itself up (session, stdio,
- * root, working directory, user and groups, capabilities, no_new_privs, signals, seccomp) and
- * execs; spawn_result() tells how that went. */
+ * stdin, stdout and stderr (stdin -1: /dev/null). The child sets itself up (session, stdio, with
+ * START_FLAG_TTY its controlling terminal (stdout, a pty) owned by its user, root, working
+ * directory, user and groups, capabilities, no_new_privs, signals, seccomp) and execs;
+ * spawn_result() tells how that went. */
 int spawn(const struct start_req *r, char *const *argv, const char *root, const int stdio[3], struct spawned *out,
           struct failure *f);
 
 /* Reads the outcome of the child's setup from its report pipe: 1 when it exec'd (EOF), 0 when not
- * known yet, -1 with *f (stage exec, rootfs, workdir, user, group, capabilities or seccomp) when
+ * known yet, -1 with *f (stage exec, rootfs, workdir, user, group, capabilities, seccomp or tty) when
  * setup failed. The caller closes the pipe once the result is known. `child_gone`: the child has
  * been reaped, so the outcome is there to read. */
 int spawn_result(int report_fd, bool child_gone, struct failure *f);

@@ -59,10 +59,13 @@ class ProcessSpec:
     pre_start: list[str] = field(default_factory=list)     # event handlers' exec; [] : none
     post_stop: list[str] = field(default_factory=list)
     isolators: Isolators = field(default_factory=Isolators)
+    tty: tuple[int, int] | None = None    # (rows, cols): stdin/stdout/stderr are one pty of that size
+    enter: bool = False                    # run in the app's existing root (kvmpod enter)
 
     def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
         flags = ((p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
-                 | (p.StartFlag.NO_NEW_PRIVS if self.isolators.no_new_privileges else 0))
+                 | (p.StartFlag.NO_NEW_PRIVS if self.isolators.no_new_privileges else 0)
+                 | (p.StartFlag.TTY if self.tty else 0) | (p.StartFlag.ENTER if self.enter else 0))
         out: list[tuple[p.Field, p.FieldValue | str]] = [
             (p.Field.APP_NAME, self.app_name), (p.Field.DISK_SERIAL, self.disk_serial)]
         out += [(p.Field.ARG, a) for a in self.argv]
@@ -73,6 +76,8 @@ class ProcessSpec:
         out += [(p.Field.PRE_START, a) for a in self.pre_start]
         out += [(p.Field.POST_STOP, a) for a in self.post_stop]
         out += self.isolators.fields()
+        if self.tty:
+            out += [(p.Field.TTY_ROWS, self.tty[0]), (p.Field.TTY_COLS, self.tty[1])]
         return out
 
 
@@ -146,6 +151,12 @@ class GuestProcess:
     async def signal(self, signo: int) -> None:
         if not self.exited.done():
             await self.session.send(p.message(p.MessageType.SIGNAL, self.stream, (p.Field.SIGNO, signo)))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """A new terminal size for a process started with a TTY (the agent ignores it otherwise)."""
+        if not self.exited.done():
+            await self.session.send(p.message(p.MessageType.RESIZE, self.stream, (p.Field.TTY_ROWS, rows),
+                                              (p.Field.TTY_COLS, cols)))
 
     async def wait(self) -> ExitStatus:
         return await self.exited

@@ -11,6 +11,7 @@ from typing import Sequence
 from kvmpod import __version__, paths
 from kvmpod.cli.images import (cmd_fetch, cmd_image_build, cmd_image_cat_manifest, cmd_image_export,
                                cmd_image_gc, cmd_image_list, cmd_image_rm)
+from kvmpod.cli.interact import cmd_enter, cmd_logs, cmd_rm, cmd_stop
 from kvmpod.cli.pods import cmd_gc, cmd_list, cmd_status
 from kvmpod.cli.run import APP_SEPARATOR, cmd_run
 from kvmpod.cli.types import KvmpodParser, env_pair, memory_mib, positive_int
@@ -36,7 +37,11 @@ def build_parser() -> KvmpodParser:
     run.add_argument("--kernel", metavar="PATH", help="guest kernel image or kernel dir (see docs/kernel.md)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                      help="accelerator (auto: KVM where it can run a standard guest, else TCG)")
-    run.add_argument("--interactive", "-i", action="store_true", help="forward stdin to the app")
+    run.add_argument("--interactive", "-i", action="store_true",
+                     help="forward stdin to the app (a terminal: the app gets a pty, raw mode here)")
+    run.add_argument("--detach", "-d", action="store_true",
+                     help="print the pod's UUID and return once its apps run; their output goes to "
+                          "`kvmpod logs`")
     run.add_argument("--set-env", action="append", type=env_pair, default=[], metavar="NAME=VALUE",
                      help="environment for every app of the pod")
     run.add_argument("--keep", action="store_true", help="keep the pod directory after the pod ends")
@@ -62,6 +67,39 @@ def build_parser() -> KvmpodParser:
     gcp.add_argument("--grace-period", type=float, default=0.0, metavar="S",
                      help="keep pods that ended less than S seconds ago (default 0)")
     gcp.set_defaults(func=cmd_gc)
+
+    enter = sub.add_parser(
+        "enter", help="run a command in a running pod's app (a terminal if stdin is one)",
+        usage="kvmpod enter UUID [--app NAME] [--set-env NAME=VALUE] [--user U] [--group G] "
+              "[--working-dir DIR] [-- CMD ARGS...]",
+        description="Run CMD (default /bin/sh) in an app of a running pod, in the app's root with its "
+                    "environment, user and group; exit with its exit code (128+N if killed by signal N). "
+                    "A command without a slash is looked up in the app's PATH.")
+    enter.add_argument("uuid", metavar="UUID", help="the pod (a unique UUID prefix is enough)")
+    enter.add_argument("--app", metavar="NAME", help="the app (default: the pod's only app)")
+    enter.add_argument("--set-env", action="append", type=env_pair, default=[], metavar="NAME=VALUE",
+                       help="environment on top of the app's")
+    enter.add_argument("--user", help="user name or number (default: the app's)")
+    enter.add_argument("--group", help="group name or number (default: the app's)")
+    enter.add_argument("--working-dir", metavar="DIR", help="working directory (default: the app's)")
+    enter.set_defaults(func=cmd_enter, command=[])
+    logs = sub.add_parser("logs", help="print the output of a pod run with --detach")
+    logs.add_argument("uuid", metavar="UUID")
+    logs.add_argument("--app", metavar="NAME", help="the app (default: the pod's only app)")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the pod ends")
+    logs.set_defaults(func=cmd_logs)
+    stop = sub.add_parser("stop", help="stop running pods: SIGTERM, then SIGKILL and power-off",
+                          description="SIGTERM to every app, up to --timeout seconds for them to end, SIGKILL, "
+                                      "guest power-off; returns once QEMU is gone and prints each UUID. A pod "
+                                      "that has ended already is not an error.")
+    stop.add_argument("uuids", nargs="+", metavar="UUID")
+    stop.add_argument("--force", action="store_true", help="kill the VM at once")
+    stop.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                      help="seconds the apps get after SIGTERM (default 10)")
+    stop.set_defaults(func=cmd_stop)
+    rmp = sub.add_parser("rm", help="remove pods that have ended (their directories, logs included)")
+    rmp.add_argument("uuids", nargs="+", metavar="UUID")
+    rmp.set_defaults(func=cmd_rm)
 
     fetch = sub.add_parser("fetch", help="import images into the store and print their IDs",
                            description="Import each SOURCE (an ACI file or http(s) URL, docker-archive:FILE, "
@@ -119,6 +157,12 @@ def _parse(parser: KvmpodParser, argv: list[str]) -> argparse.Namespace:
         ns = parser.parse_args(argv[:cut])
         if getattr(ns, "func", None) is cmd_run:
             ns.app_words = [*ns.app_words, *argv[cut:]]
+            return ns
+    if "enter" in argv and "--" in argv[argv.index("enter"):]:  # enter's command, likewise
+        cut = argv.index("--", argv.index("enter"))
+        ns = parser.parse_args(argv[:cut])
+        if getattr(ns, "func", None) is cmd_enter:
+            ns.command = argv[cut + 1:]
             return ns
     return parser.parse_args(argv)
 

@@ -58,9 +58,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
     apps = _parse_apps(ns.app_words, ns.image)
     if ns.interactive and len(apps) != 1:
         raise UsageError("run: --interactive needs exactly one app")
+    if ns.interactive and ns.detach:
+        raise UsageError("run: --interactive and --detach exclude each other (use kvmpod enter)")
     options = RunOptions(memory_mib=ns.memory, cpus=ns.cpus, kernel=ns.kernel, accel=ns.accel, debug=ns.debug,
                          interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
-                         pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg)
+                         pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach)
     return run(apps, options)
 
 

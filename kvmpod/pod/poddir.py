@@ -7,6 +7,8 @@
         qemu.log         QEMU's stderr
         qmp.sock         QMP (kvmpod listens, QEMU connects)
         agent.sock       the agent channel (likewise)
+        control.sock     the pod's control socket: enter, stop, logs --follow (docs/control.md)
+        logs/<app>.log   --detach: each app's output
 """
 
 from __future__ import annotations

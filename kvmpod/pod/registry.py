@@ -49,6 +49,19 @@ class PodInfo:
         return pid if isinstance(pid, int) and f"kvmpod-{self.uuid}" in _cmdline(pid) else None
 
     @property
+    def app_names(self) -> list[str]:
+        """The pod's apps, in order, from its pod-manifest ([] if it has none yet)."""
+        try:
+            manifest = json.loads((self.path / "pod-manifest").read_text())
+            return [a["name"] for a in manifest["apps"] if isinstance(a.get("name"), str)]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+
+    def reloaded(self) -> "PodInfo":
+        """The same pod with its state.json read again."""
+        return PodInfo(self.uuid, self.path, _read_state(self.path))
+
+    @property
     def status(self) -> str:
         recorded = self.state.get("state", "unknown")
         if recorded in FINISHED or self.owner_alive:
@@ -56,23 +69,28 @@ class PodInfo:
         return "abandoned"
 
     def summary(self) -> dict[str, Any]:
-        return {"uuid": self.uuid, "state": self.status, "created": self.state.get("created"),
-                "apps": self.state.get("apps", []), "qemu_pid": self.qemu_pid, "path": str(self.path)}
+        summary = {"uuid": self.uuid, "state": self.status, "created": self.state.get("created"),
+                   "apps": self.state.get("apps", []), "qemu_pid": self.qemu_pid, "path": str(self.path)}
+        if self.state.get("error"):
+            summary["error"] = self.state["error"]
+        return summary
 
 
 def pods_root() -> Path:
     return paths.runtime_dir() / "pods"
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}  # being created or half-removed: listed as unknown/abandoned, gc-able
+    return state if isinstance(state, dict) else {}
+
+
 def list_pods() -> list[PodInfo]:
-    pods = []
     root = pods_root()
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        try:
-            state = json.loads((path / "state.json").read_text())
-        except (OSError, ValueError):
-            state = {}  # being created or half-removed: listed as unknown/abandoned, gc-able
-        pods.append(PodInfo(path.name, path, state))
+    pods = [PodInfo(path.name, path, _read_state(path)) for path in (sorted(root.iterdir()) if root.is_dir() else [])]
     return sorted(pods, key=lambda p: p.state.get("created", 0))
 
 
@@ -98,11 +116,26 @@ def gc(grace_period: float = 0.0) -> list[str]:
             changed = 0.0
         if now - changed < grace_period:
             continue
-        if (pid := pod.qemu_pid) is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        PodDir(pod.uuid, pod.path).remove()
+        try:
+            remove(pod)
+        except UsageError:
+            continue  # its kvmpod (a new one with a recycled pid?) runs after all
         removed.append(pod.uuid)
     return removed
+
+
+def kill_stray_qemu(pod: PodInfo) -> None:
+    """SIGKILL a QEMU of this pod that outlived its kvmpod (found by its VM name, never by pid alone)."""
+    if (pid := pod.qemu_pid) is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def remove(pod: PodInfo) -> None:
+    """Remove a pod whose kvmpod process is gone: its stray QEMU, if any, then its directory."""
+    if pod.owner_alive:
+        raise UsageError(f"pod {pod.uuid} is {pod.status}: stop it first (kvmpod stop {pod.uuid})")
+    kill_stray_qemu(pod)
+    PodDir(pod.uuid, pod.path).remove()

@@ -17,10 +17,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
-from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, ProcessSpec
+from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, OutputSink, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
+from kvmpod.pod.control import ControlServer
+from kvmpod.pod.metadata import MetadataSecrets, PodMetadata
 from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, pod_manifest, resolve_app
 from kvmpod.store import Store, StoredImage
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SHUTDOWN_GRACE = 10.0   # seconds the guest gets to power off after SHUTDOWN
+STOP_TIMEOUT = 10.0     # seconds the apps get to end after SIGTERM (a signal or `kvmpod stop`) before SIGKILL
+KILL_WAIT = 5.0         # seconds the agent gets to report the apps' ends after SIGKILL before power-off
 STDIN_CHUNK = 65536
 
 
@@ -46,6 +50,9 @@ class RunOptions:
     boot_timeout: float = 60.0
     pod_env: dict[str, str] = field(default_factory=dict)
     kernel_args: list[str] = field(default_factory=list)
+    detach: bool = False    # app output to <pod dir>/logs/, the directory stays once the apps have started
+    stop_timeout: float = STOP_TIMEOUT
+    on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
 
 
 def notice(message: str) -> None:
@@ -72,12 +79,26 @@ class FdSink:
                 self.broken = True
 
 
+class LogSink(FdSink):
+    """Appends app output to its log file (--detach); a full disk silences it instead of ending the pod."""
+
+    def __call__(self, data: bytes) -> None:
+        try:
+            super().__call__(data)
+        except OSError as e:
+            log.debug("app log: %s", e)
+            self.broken = True
+
+
 def run(apps: list[AppOverrides], options: RunOptions) -> int:
+    if options.detach:
+        from kvmpod.pod.detach import run_detached
+        return run_detached(apps, options)
     return asyncio.run(run_pod(apps, options))
 
 
 def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str],
-                 claims: SharedLocks) -> list[ResolvedApp]:
+                 claims: SharedLocks, metadata_url: str = "") -> list[ResolvedApp]:
     """Find or import every image, claim it against `image rm`, and build (or reuse) its rootfs disk."""
     from kvmpod.image.manifest import check_runnable
 
@@ -93,7 +114,8 @@ def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str]
             disk = store.rootfs_disk(image)
             claims.take_over(held)
         serial = serials.setdefault(image.id, f"img{len(serials)}")
-        resolved.append(resolve_app(image, keep_docker_entrypoint(image, overrides), pod_env, disk, serial))
+        resolved.append(resolve_app(image, keep_docker_entrypoint(image, overrides), pod_env, disk, serial,
+                                    metadata_url))
     names = [a.name for a in resolved]
     if len(set(names)) != len(names):
         raise KvmpodError(f"two apps are named {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
@@ -132,7 +154,8 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
     from kvmpod.vm.machine import plan_boot
     from kvmpod.vm.qemu import QemuVM, check_socket_path
 
-    resolved = prepare_apps(Store(), apps, options.pod_env, claims)
+    metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
+    resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
     for line in isolator_notices(resolved):  # spec/ace.md: ignored isolators must be made known
         notice(line)
     kernel = find_kernel(options.kernel)
@@ -145,7 +168,10 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
 
     pod = PodDir.create()
     try:
-        pod.write_json("pod-manifest", pod_manifest(resolved))
+        manifest = pod_manifest(resolved)
+        pod.write_json("pod-manifest", manifest)
+        metadata_secrets.save_key(pod.path)
+        metadata = PodMetadata.build(pod.uuid, manifest, resolved, metadata_secrets)
         config = VMConfig(
             name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd, cmdline=plan.cmdline,
             console_log=pod.file("console.log"), qmp_socket=pod.file("qmp.sock"),
@@ -159,14 +185,17 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
         log.debug("kernel cmdline: %s", plan.cmdline)
         vm = QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout)
         timings["qemu_spawn"] = time.time()
-        runner = PodRunner(pod, vm, resolved, options, timings)
+        runner = PodRunner(pod, vm, resolved, options, timings, metadata)
         return await runner.run()
     except KvmpodError as e:
+        with contextlib.suppress(OSError):
+            pod.update(error=str(e))
         if options.keep:
             raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from None
         raise
     finally:
-        if not options.keep:
+        # a detached pod's directory outlives it (status, logs) once its UUID was given out
+        if not (options.keep or (options.detach and "apps_started" in timings)):
             pod.remove()
 
 
@@ -174,8 +203,9 @@ class PodRunner:
     """One pod's life from QEMU start to power-off."""
 
     def __init__(self, pod: PodDir, vm: VMBackend, apps: list[ResolvedApp], options: RunOptions,
-                 timings: dict[str, float]):
+                 timings: dict[str, float], metadata: PodMetadata | None = None):
         self.pod = pod
+        self.metadata = metadata
         self.vm = vm
         self.apps = apps
         self.options = options
@@ -184,20 +214,36 @@ class PodRunner:
         self.processes: list[GuestProcess] = []
         self.signals_seen = 0
         self.killed_by_user: int | None = None
+        self.control: ControlServer | None = None
+        self.stop_task: asyncio.Task | None = None
+        self.stop_reason: tuple[str, int] | None = None   # why kvmpod ended the VM itself, and the exit status
+        self.log_sinks: list[LogSink] = []
 
     async def run(self) -> int:
         try:
             return await self._run()
-        except GuestDied as e:
+        except VMError as e:  # GuestDied, or QEMU killed while it was starting
             if self.killed_by_user is not None:
                 raise Interrupted(f"pod killed after a second signal {self.killed_by_user}",
                                   EXIT_SIGNAL_BASE + self.killed_by_user) from None
-            raise VMError(self._explain_death(e.args[0])) from None
+            if self.stop_reason is not None and self.apps_started:
+                return self._record_exit(self._statuses_after_kill())  # `stop --force`, or SIGKILL went unanswered
+            if self.stop_reason is not None:
+                raise Interrupted(f"pod {self.stop_reason[0]}", self.stop_reason[1]) from None
+            if isinstance(e, GuestDied):
+                raise VMError(self._explain_death(e.args[0])) from None
+            raise
         finally:
             await self._teardown()
 
     async def _run(self) -> int:
+        self.control = ControlServer(self.pod.file("control.sock"), self)
+        await self.control.start()
+        sinks = self._sinks()
         channel = await self.vm.start()
+        if self.stop_reason is not None:  # stopped while QEMU was being spawned
+            await self.vm.stop(grace=0)
+            raise GuestDied(await self.vm.wait())
         self.pod.update(state="booting", qemu_pid=self.vm.pid)
         self.session = AgentSession(*channel, on_log=lambda line: log.debug("agent: %s", line))
         hello = await self._until(self.session.handshake(), self.options.boot_timeout,
@@ -205,25 +251,36 @@ class PodRunner:
         self.timings["agent_ready"] = time.time()
         log.debug("agent %s speaks protocol %d (guest boot to agent: %.3f s guest clock)",
                   hello.agent_version, hello.version, hello.boot_ns / 1e9)
+        if self.metadata:  # served by the agent from before the first app starts (docs/metadata.md)
+            for frame in self.metadata.frames():
+                await self._until(self.session.send(frame))
         self._install_signal_handlers()
-        stdout, stderr = FdSink(sys.stdout.fileno()), FdSink(sys.stderr.fileno())
+        tty = self._local_tty()
         for i, app in enumerate(self.apps):
             spec = ProcessSpec(app.name, app.disk_serial, app.argv, app.env, app.working_dir, app.user,
                                app.group, app.supplementary_gids, stdin=self.options.interactive and i == 0,
                                readonly_rootfs=app.readonly_rootfs,
                                pre_start=app.event_handlers.get("pre-start", []),
-                               post_stop=app.event_handlers.get("post-stop", []), isolators=app.isolators)
-            self.processes.append(await self._until(self.session.start(spec, stdout, stderr)))
+                               post_stop=app.event_handlers.get("post-stop", []), isolators=app.isolators,
+                               tty=tty if i == 0 else None)
+            self.processes.append(await self._until(self.session.start(spec, *sinks[app.name])))
         self.timings["apps_started"] = time.time()
         self.pod.update(state="running", apps=[{"name": a.name, "image": a.image.id} for a in self.apps])
+        if self.options.on_started:
+            self.options.on_started(self.pod)
         stdin_task = None
         if self.options.interactive:
             stdin_task = asyncio.get_running_loop().create_task(self._pump_stdin(self.processes[0]))
         try:
-            statuses: list[ExitStatus] = [await self._until(p.wait()) for p in self.processes]
+            with self._terminal(self.processes[0] if tty else None):
+                statuses: list[ExitStatus] = [await self._until(p.wait()) for p in self.processes]
         finally:
             if stdin_task:
                 stdin_task.cancel()
+        return self._record_exit(statuses)
+
+    def _record_exit(self, statuses: list[ExitStatus]) -> int:
+        """state.json's final word on the apps; returns kvmpod run's exit status."""
         self.timings["apps_exited"] = time.time()
         self.pod.update(state="exited", apps=[{"name": a.name, "image": a.image.id, "exit": s.describe(),
                                                "exit_code": s.shell_code} for a, s in zip(self.apps, statuses)])
@@ -231,6 +288,126 @@ class PodRunner:
             log.debug("app %s %s", app.name, status.describe())
         failing = [s.shell_code for s in statuses if s.shell_code]
         return failing[0] if failing else 0
+
+    def _statuses_after_kill(self) -> list[ExitStatus]:
+        """The apps' statuses once kvmpod has killed the VM: those the agent reported, SIGKILL for the rest."""
+        statuses = []
+        for proc in self.processes:
+            fut = proc.exited
+            done = fut.done() and not fut.cancelled() and fut.exception() is None
+            statuses.append(fut.result() if done else ExitStatus(signal=signal.SIGKILL))
+        return statuses
+
+    # -- what the control socket asks for (kvmpod/pod/control.py) ------------------------------
+
+    @property
+    def apps_started(self) -> bool:
+        return "apps_started" in self.timings
+
+    @property
+    def accepts_enter(self) -> bool:
+        return (self.apps_started and self.stop_task is None and self.stop_reason is None
+                and self.session is not None and not self.session.failed.done())
+
+    async def start_process(self, spec: ProcessSpec, on_stdout: OutputSink, on_stderr: OutputSink) -> GuestProcess:
+        """Start one more process in the pod (kvmpod enter); raises if the VM or the session ends first."""
+        if self.session is None:
+            raise AgentError("the pod's agent is not up yet")
+        return await self._until(self.session.start(spec, on_stdout, on_stderr))
+
+    def request_stop(self, timeout: float, force: bool) -> None:
+        """`kvmpod stop`: SIGTERM to the apps, `timeout` seconds, SIGKILL, power-off. `force`: kill QEMU now."""
+        loop = asyncio.get_running_loop()
+        if force:
+            self.stop_reason = self.stop_reason or ("stopped with --force", EXIT_SIGNAL_BASE + signal.SIGKILL)
+            loop.create_task(self._kill_vm())
+        elif self.stop_task is None:
+            self.stop_task = loop.create_task(self._stop_apps(signal.SIGTERM, timeout))
+
+    async def _kill_vm(self) -> None:
+        if self.vm.pid is not None:  # else QEMU is being spawned: _run stops it once it is
+            with contextlib.suppress(KvmpodError):
+                await self.vm.stop(grace=0)
+
+    async def _stop_apps(self, signo: int, timeout: float) -> None:
+        """`signo` to every app, `timeout` seconds, SIGKILL to what still runs, and if the agent does not
+        report their ends either, power-off. Before the apps have all started: the VM goes at once."""
+        if not self.apps_started:
+            self.stop_reason = self.stop_reason or ("stopped before its apps started", EXIT_SIGNAL_BASE + signo)
+            await self._kill_vm()
+            return
+        for sig, wait in ((signo, timeout), (signal.SIGKILL, KILL_WAIT)):
+            running = [p for p in self.processes if not p.exited.done()]
+            with contextlib.suppress(KvmpodError, ConnectionError):
+                for proc in running:
+                    await proc.signal(sig)
+            if await self._all_exited(wait):
+                return
+            log.debug("apps still running %.0f s after signal %d", wait, sig)
+        self.stop_reason = self.stop_reason or ("killed: the guest did not report the apps' ends",
+                                                EXIT_SIGNAL_BASE + signal.SIGKILL)
+        await self._kill_vm()
+
+    async def _all_exited(self, timeout: float) -> bool:
+        waits = [asyncio.shield(p.exited) for p in self.processes if not p.exited.done()]
+        if not waits:
+            return True
+        every = asyncio.gather(*waits, return_exceptions=True)
+        await asyncio.wait({every, self.vm.ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not every.done():
+            every.cancel()
+            with contextlib.suppress(BaseException):
+                await every
+            return self.vm.ended.done()
+        return True
+
+    # -- the local side: output sinks, the terminal -------------------------------------------
+
+    def _sinks(self) -> dict[str, tuple[OutputSink, OutputSink]]:
+        """Where each app's stdout and stderr go: kvmpod's own, or with --detach one log file per app
+        (<pod dir>/logs/<app>.log, both streams in arrival order)."""
+        if not self.options.detach:
+            stdout, stderr = FdSink(sys.stdout.fileno()), FdSink(sys.stderr.fileno())
+            return {app.name: (stdout, stderr) for app in self.apps}
+        logs = self.pod.file("logs")
+        logs.mkdir(mode=0o700, exist_ok=True)
+        sinks: dict[str, tuple[OutputSink, OutputSink]] = {}
+        for app in self.apps:
+            fd = os.open(logs / f"{app.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            sink = LogSink(fd)
+            self.log_sinks.append(sink)
+            sinks[app.name] = (sink, sink)
+        return sinks
+
+    def _local_tty(self) -> tuple[int, int] | None:
+        """--interactive on a terminal: the app gets a pty of the terminal's size."""
+        from kvmpod.pod.terminal import is_terminal, window_size
+
+        if not self.options.interactive or not is_terminal(sys.stdin.fileno()):
+            return None
+        return window_size(sys.stdin.fileno()) or (24, 80)
+
+    @contextlib.contextmanager
+    def _terminal(self, proc: GuestProcess | None):
+        """Raw mode and window-size changes while the app has the terminal; restored however it ends."""
+        if proc is None:
+            yield
+            return
+        from kvmpod.pod.terminal import RawTerminal, window_size
+
+        loop = asyncio.get_running_loop()
+        fd = sys.stdin.fileno()
+
+        def resized() -> None:
+            if size := window_size(fd):
+                loop.create_task(proc.resize(*size))
+
+        loop.add_signal_handler(signal.SIGWINCH, resized)
+        try:
+            with RawTerminal(fd):
+                yield
+        finally:
+            loop.remove_signal_handler(signal.SIGWINCH)
 
     async def _until(self, aw: Awaitable[T], timeout: float | None = None, what: str = "") -> T:
         """Await `aw` unless the VM dies, the agent session fails, or `timeout` passes first."""
@@ -297,12 +474,12 @@ class PodRunner:
             loop.add_signal_handler(signo, self._on_signal, signo)
 
     def _on_signal(self, signo: int) -> None:
-        """First SIGINT/SIGTERM/SIGHUP: forward it to the apps. Second: kill the VM."""
+        """First SIGINT/SIGTERM/SIGHUP: forward it to the apps, SIGKILL after the stop timeout. Second
+        (or one during `kvmpod stop`): kill the VM."""
         self.signals_seen += 1
         loop = asyncio.get_running_loop()
-        if self.signals_seen == 1:
-            for proc in self.processes:
-                loop.create_task(proc.signal(signo))
+        if self.signals_seen == 1 and self.stop_task is None:
+            self.stop_task = loop.create_task(self._stop_apps(signo, self.options.stop_timeout))
         else:
             self.killed_by_user = signo
             loop.create_task(self.vm.stop(grace=0))
@@ -312,6 +489,7 @@ class PodRunner:
         for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signo)
         if self.vm.pid is None:
+            await self._close_local()
             return  # QEMU never started: nothing to stop
         try:
             if self.session and not self.vm.ended.done():
@@ -330,5 +508,18 @@ class PodRunner:
             self.timings["vm_ended"] = time.time()
             self.pod.update(state="exited" if self.pod.state.get("state") == "exited" else "failed",
                             timings=self.timings)
+            await self._close_local()
+
+    async def _close_local(self) -> None:
+        """The pod is gone: stop the stop task, close the app logs, and last the control socket, whose
+        connections' EOF tells `kvmpod stop` and `logs --follow` that the pod has ended."""
+        if self.stop_task:
+            self.stop_task.cancel()
+        for sink in self.log_sinks:
+            with contextlib.suppress(OSError):
+                os.close(sink.fd)
+        self.log_sinks.clear()
+        if self.control:
+            await self.control.close()
 
 

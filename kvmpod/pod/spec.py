@@ -63,17 +63,22 @@ def default_app_name(manifest: ImageManifest) -> str:
 
 
 def app_environment(app_name: str, image_env: list[tuple[str, str]], pod_env: dict[str, str],
-                    app_env: dict[str, str]) -> list[str]:
-    """The executor's environment: PATH default, AC_APP_NAME, container, then image, pod and app values."""
+                    app_env: dict[str, str], metadata_url: str = "") -> list[str]:
+    """The executor's environment: PATH default, AC_APP_NAME, AC_METADATA_URL (when the pod has the
+    metadata service: always in `kvmpod run`), container, then image, pod and app values."""
     env: dict[str, str] = {}
     names = {n for n, _ in image_env} | set(pod_env) | set(app_env)
     if "PATH" not in names:
         env["PATH"] = DEFAULT_PATH
     env["AC_APP_NAME"] = app_name
+    if metadata_url:
+        env["AC_METADATA_URL"] = metadata_url
     env["container"] = "kvmpod"
     for name, value in [*image_env, *pod_env.items(), *app_env.items()]:
         env[name] = value
-    env["AC_APP_NAME"] = app_name  # the executor's value wins: the spec defines it
+    env["AC_APP_NAME"] = app_name  # the executor's values win: the spec defines them
+    if metadata_url:
+        env["AC_METADATA_URL"] = metadata_url
     return [f"{k}={v}" for k, v in env.items()]
 
 
@@ -127,7 +132,7 @@ def isolator_notices(apps: list[ResolvedApp]) -> list[str]:
 
 
 def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, str], disk: Path,
-                disk_serial: str) -> ResolvedApp:
+                disk_serial: str, metadata_url: str = "") -> ResolvedApp:
     manifest = image.manifest
     app = manifest.app
     exec_ = list(app.exec) if app else []
@@ -154,7 +159,7 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
         disk=disk,
         disk_serial=disk_serial,
         argv=exec_,
-        env=app_environment(name, image_env, pod_env, overrides.env),
+        env=app_environment(name, image_env, pod_env, overrides.env, metadata_url),
         working_dir=working_dir,
         user=overrides.user or (app.user if app else "0"),
         group=overrides.group or (app.group if app else "0"),

@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import re
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -193,8 +194,17 @@ def pod(images, kvmpod_dirs):
     return result, reports(result.stdout)
 
 
+METADATA_URL = re.compile(r"AC_METADATA_URL=http://127\.0\.0\.1:18112/[A-Za-z0-9_-]{43}")  # per pod
+
+
 def expected_env(name: str, *image_env: str) -> list[str]:
-    return [f"PATH={DEFAULT_PATH}", f"AC_APP_NAME={name}", "container=kvmpod", *image_env, "POD_VAR=pod"]
+    return [f"PATH={DEFAULT_PATH}", f"AC_APP_NAME={name}", "AC_METADATA_URL=<url>", "container=kvmpod", *image_env,
+            "POD_VAR=pod"]
+
+
+def env_of(report: list[tuple[str, str]]) -> list[str]:
+    """The reported environment with the pod's random AC_METADATA_URL checked and shown as <url>."""
+    return ["AC_METADATA_URL=<url>" if METADATA_URL.fullmatch(e) else e for e in values(report, "env")]
 
 
 MAIN_ENV = expected_env("main", "IMAGE_VAR=from-image", "SPACED=a b  c", "EXIT_CODE=7")
@@ -212,10 +222,12 @@ def test_pod_exit_status_is_the_first_failing_apps_own(pod):
 
 def test_environment_is_exact_for_the_app_and_its_handlers(pod):
     _, r = pod
-    assert values(r["main"], "env") == MAIN_ENV
-    assert values(r["main/pre-start"], "env") == MAIN_ENV
-    assert values(r["main/post-stop"], "env") == MAIN_ENV
-    assert values(r["num"], "env") == expected_env("num")
+    assert env_of(r["main"]) == MAIN_ENV
+    assert env_of(r["main/pre-start"]) == MAIN_ENV
+    assert env_of(r["main/post-stop"]) == MAIN_ENV
+    assert env_of(r["num"]) == expected_env("num")
+    urls = {e for who in ("main", "main/pre-start", "num") for e in values(r[who], "env") if METADATA_URL.fullmatch(e)}
+    assert len(urls) == 1  # one service per pod
     assert one(r["main"], "args") == "first arg second"
     assert one(r["main/pre-start"], "args") == "pre arg"
     assert one(r["main/post-stop"], "args") == ""

@@ -45,15 +45,21 @@ def test_this_machine_is_probed_consistently():
     assert facts.dev_kvm_exists == Path("/dev/kvm").exists()
 
 
+URL = "http://127.0.0.1:18112/token"
+
+
 def test_environment_follows_the_executor_spec():
-    env = app_environment("web", [("FOO", "image"), ("BAR", "image")], {"BAR": "pod"}, {"BAZ": "app"})
-    assert env == [f"PATH={DEFAULT_PATH}", "AC_APP_NAME=web", "container=kvmpod", "FOO=image", "BAR=pod", "BAZ=app"]
+    env = app_environment("web", [("FOO", "image"), ("BAR", "image")], {"BAR": "pod"}, {"BAZ": "app"}, URL)
+    assert env == [f"PATH={DEFAULT_PATH}", "AC_APP_NAME=web", f"AC_METADATA_URL={URL}", "container=kvmpod",
+                   "FOO=image", "BAR=pod", "BAZ=app"]
 
 
 def test_app_path_replaces_the_default_and_ac_app_name_cannot_be_overridden():
-    env = app_environment("web", [("PATH", "/opt/bin")], {}, {"AC_APP_NAME": "evil"})
+    env = app_environment("web", [("PATH", "/opt/bin"), ("AC_METADATA_URL", "http://image")], {},
+                          {"AC_APP_NAME": "evil", "AC_METADATA_URL": "http://evil"}, URL)
     assert "PATH=/opt/bin" in env and f"PATH={DEFAULT_PATH}" not in env
     assert "AC_APP_NAME=web" in env and "AC_APP_NAME=evil" not in env
+    assert [e for e in env if e.startswith("AC_METADATA_URL=")] == [f"AC_METADATA_URL={URL}"]
 
 
 class _M:

@@ -1,0 +1,163 @@
+"""The appc metadata service's data (docs/metadata.md): what the host pushes to the guest agent.
+
+The service itself runs in the guest agent (guest-agent/src/metadata.c), which answers from the
+documents built here and signs with the pod's HMAC key. This module makes the per-pod secrets (the
+URL token and the key, kept in the pod directory as `hmac-key`), the documents (pod manifest, pod
+annotations, and per app: image ID, image manifest, merged annotations), and the frames that carry
+them (METADATA ... METADATA_START, docs/agent-protocol.md). `sign` and `verify` are the reference for
+the agent's identity endpoint, for anything on the host that checks a pod's signatures.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from kvmpod.agent import protocol as p
+from kvmpod.errors import KvmpodError
+
+if TYPE_CHECKING:
+    from kvmpod.pod.spec import ResolvedApp
+
+METADATA_HOST = "127.0.0.1"    # the guest's loopback: every app of the pod shares the guest's network
+METADATA_PORT = 18112          # rkt's metadata service port; fixed, so apps may also find it without the env
+TOKEN_BYTES = 32               # 256 random bits: the spec asks for at least 128
+HMAC_KEY_BYTES = 64            # a SHA-512 block is 128 bytes; 512 random bits
+HMAC_KEY_FILE = "hmac-key"     # in the pod directory, mode 0600
+DOC_MAX: int = p.DEFINITION["metadata_doc_max"]
+
+Annotations = list[dict[str, str]]   # appc's [{"name": ..., "value": ...}], in order
+
+
+@dataclass(frozen=True)
+class MetadataSecrets:
+    """What makes the service the pod's own: the token of its URL and the key it signs with."""
+
+    token: str
+    hmac_key: bytes
+
+    @classmethod
+    def generate(cls) -> "MetadataSecrets":
+        return cls(secrets.token_urlsafe(TOKEN_BYTES), secrets.token_bytes(HMAC_KEY_BYTES))
+
+    @property
+    def url(self) -> str:
+        """AC_METADATA_URL: no trailing slash; the token is the first path segment."""
+        return f"http://{METADATA_HOST}:{METADATA_PORT}/{self.token}"
+
+    def save_key(self, pod_dir: Path) -> Path:
+        """Keep the key in the pod directory (0600, never replaced) for whatever verifies the pod's
+        signatures on the host. The token is not kept: it only matters while the pod runs."""
+        path = pod_dir / HMAC_KEY_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.hmac_key)
+        return path
+
+
+def merge_annotations(image: Annotations, pod: Annotations) -> Annotations:
+    """An app's annotations (spec/ace.md): the image's, then the pod manifest's for the app. A name the
+    pod also gives keeps its place with the pod's value; new names follow in the pod's order."""
+    merged = {a["name"]: a["value"] for a in image}
+    for a in pod:
+        merged[a["name"]] = a["value"]
+    return [{"name": name, "value": value} for name, value in merged.items()]
+
+
+def sign(key: bytes, pod_uuid: str, content: bytes) -> str:
+    """What /pod/hmac/sign answers: base64(HMAC-SHA512(key, UUID bytes + content)), as rkt signs."""
+    mac = hmac.new(key, uuidlib.UUID(pod_uuid).bytes + content, hashlib.sha512).digest()
+    return base64.b64encode(mac).decode("ascii")
+
+
+def verify(key: bytes, pod_uuid: str, content: bytes, signature: str) -> bool:
+    return hmac.compare_digest(sign(key, pod_uuid, content).encode(), signature.encode())
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+@dataclass(frozen=True)
+class AppMetadata:
+    name: str
+    image_id: bytes
+    image_manifest: bytes
+    annotations: bytes
+
+
+@dataclass(frozen=True)
+class PodMetadata:
+    """Everything the agent serves for one pod, encoded as it goes on the wire."""
+
+    uuid: str
+    secrets: MetadataSecrets
+    pod_manifest: bytes
+    pod_annotations: bytes
+    apps: tuple[AppMetadata, ...]
+
+    @classmethod
+    def build(cls, pod_uuid: str, manifest: dict[str, Any], resolved: Sequence["ResolvedApp"],
+              pod_secrets: MetadataSecrets) -> "PodMetadata":
+        """From the pod's resolved PodManifest (kvmpod.pod.spec.pod_manifest) and its apps."""
+        images = {a.name: a.image for a in resolved}
+        apps = []
+        for app in manifest["apps"]:
+            image = images[app["name"]]
+            original = image.manifest.raw
+            annotations = merge_annotations(original.get("annotations", []), app.get("annotations", []))
+            apps.append(AppMetadata(app["name"], image.id.encode("ascii"), _json(original), _json(annotations)))
+        metadata = cls(pod_uuid, pod_secrets, _json(manifest), _json(manifest.get("annotations", [])), tuple(apps))
+        metadata._check_sizes()
+        return metadata
+
+    def _check_sizes(self) -> None:
+        """Before the VM boots: the agent refuses a document larger than metadata_doc_max."""
+        docs = [("the pod manifest", self.pod_manifest), ("the pod annotations", self.pod_annotations)]
+        for a in self.apps:
+            docs += [(f"app {a.name}: the image manifest", a.image_manifest),
+                     (f"app {a.name}: the annotations", a.annotations)]
+        for what, doc in docs:
+            if len(doc) > DOC_MAX:
+                raise KvmpodError(f"metadata service: {what} is {len(doc)} bytes, more than the "
+                                  f"{DOC_MAX} bytes the guest agent serves")
+
+    def frames(self) -> list[p.Frame]:
+        """METADATA frames with every document, then METADATA_START (docs/agent-protocol.md)."""
+        F = p.Field
+        pod_docs = [(F.POD_MANIFEST, self.pod_manifest), (F.POD_ANNOTATIONS, self.pod_annotations)]
+        out = list(_document_frames([], pod_docs))
+        for a in self.apps:
+            out += _document_frames([(F.APP_NAME, a.name)], [(F.IMAGE_ID, a.image_id),
+                                                             (F.IMAGE_MANIFEST, a.image_manifest),
+                                                             (F.APP_ANNOTATIONS, a.annotations)])
+        out.append(p.message(p.MessageType.METADATA_START, 0, (F.POD_UUID, self.uuid),
+                             (F.METADATA_TOKEN, self.secrets.token), (F.HMAC_KEY, self.secrets.hmac_key.hex()),
+                             (F.METADATA_PORT, METADATA_PORT)))
+        return out
+
+
+def _document_frames(prefix: list[tuple[p.Field, str]], docs: Iterable[tuple[p.Field, bytes]]) -> Iterator[p.Frame]:
+    """The documents as repeated fields of at most DATA_CHUNK bytes, packed into frames of at most
+    MAX_PAYLOAD bytes, each starting with `prefix` (the APP_NAME of app documents). Every document
+    gets at least one field, so an empty one is still there."""
+    head = p.encode_fields(prefix)
+    payload = bytearray(head)
+    for tag, doc in docs:
+        pieces = [doc[i:i + p.DATA_CHUNK] for i in range(0, len(doc), p.DATA_CHUNK)] or [b""]
+        for piece in pieces:
+            field = p.encode_fields([(tag, piece)])
+            if len(payload) + len(field) > p.MAX_PAYLOAD:
+                yield p.Frame(p.MessageType.METADATA, 0, bytes(payload))
+                payload = bytearray(head)
+            payload += field
+    if len(payload) > len(head):
+        yield p.Frame(p.MessageType.METADATA, 0, bytes(payload))
