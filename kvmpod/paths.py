@@ -68,3 +68,13 @@ def config_files() -> list[Path]:
     if env := os.environ.get("KVMPOD_CONFIG"):
         files.append(Path(env))
     return files
+
+
+def audit_log() -> Path:
+    """The append-only audit log of pods (kvmpod/pod/audit.py)."""
+    if env := os.environ.get("KVMPOD_AUDIT_LOG"):
+        return Path(env)
+    if _is_root():
+        return Path("/var/log/kvmpod/audit.log")
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else _home() / ".local" / "state") / "kvmpod" / "audit.log"

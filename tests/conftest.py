@@ -19,7 +19,8 @@ MAKE_ROOTFS = REPO / "tests" / "make-busybox-rootfs.sh"
 def kvmpod_dirs(tmp_path_factory) -> dict[str, str]:
     """Store and pod dirs of the test session only (the kernel cache stays the machine's: make kernel fills it)."""
     base = tmp_path_factory.mktemp("kvmpod")
-    env = {"KVMPOD_STORE_DIR": str(base / "store"), "KVMPOD_RUN_DIR": str(base / "run")}
+    env = {"KVMPOD_STORE_DIR": str(base / "store"), "KVMPOD_RUN_DIR": str(base / "run"),
+           "KVMPOD_AUDIT_LOG": str(base / "audit.log")}
     return env
 
 

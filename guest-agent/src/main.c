@@ -94,6 +94,11 @@ static void parse_cmdline(struct options *o)
             log_set_debug(true);
         } else if (strcmp(arg, "kvmpod.fault=crash-after-hello") == 0) {
             o->crash_after_hello = true;
+        } else if (strncmp(arg, "kvmpod.hostname=", 16) == 0) {
+            /* the pod's hostname: apps share the guest's UTS namespace (spec/pods.md) */
+            const char *name = arg + 16;
+            if (sethostname(name, strlen(name)) < 0)
+                fatal("hostname", errno, "sethostname %s: %s", name, strerror(errno));
         }
     }
 }

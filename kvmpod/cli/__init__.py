@@ -14,7 +14,7 @@ from kvmpod.cli.images import (cmd_fetch, cmd_image_build, cmd_image_cat_manifes
 from kvmpod.cli.interact import cmd_enter, cmd_logs, cmd_rm, cmd_stop
 from kvmpod.cli.pods import cmd_gc, cmd_list, cmd_status
 from kvmpod.cli.run import APP_SEPARATOR, cmd_run
-from kvmpod.cli.types import KvmpodParser, env_pair, memory_mib, positive_int
+from kvmpod.cli.types import KvmpodParser, annotation, env_pair, hostname, memory_mib, positive_int
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
 
 
@@ -32,8 +32,14 @@ def build_parser() -> KvmpodParser:
                     "code (128+N if killed by signal N, 125 if kvmpod itself failed, 126/127 if the exec "
                     "path cannot be run / does not exist). App flags (after IMAGE): --exec, --set-env, "
                     "--user, --group, --working-dir, --name, --readonly-rootfs.")
-    run.add_argument("--memory", type=memory_mib, default=256, metavar="SIZE", help="guest memory (default 256M)")
-    run.add_argument("--cpus", type=positive_int, default=1, help="guest vCPUs (default 1)")
+    run.add_argument("--memory", type=memory_mib, metavar="SIZE",
+                     help="guest memory (default: from the apps' resource/memory limits, else 256M)")
+    run.add_argument("--cpus", type=positive_int,
+                     help="guest vCPUs (default: from the apps' resource/cpu limits, else 1)")
+    run.add_argument("--hostname", type=hostname, help="the pod's hostname (default kvmpod-<UUID prefix>)")
+    run.add_argument("--annotation", action="append", type=annotation, default=[], metavar="NAME=VALUE",
+                     help="pod annotation (served by the metadata service at /pod/annotations)")
+    run.add_argument("--uuid-file-save", metavar="FILE", help="write the pod's UUID to FILE")
     run.add_argument("--kernel", metavar="PATH", help="guest kernel image or kernel dir (see docs/kernel.md)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                      help="accelerator (auto: KVM where it can run a standard guest, else TCG)")

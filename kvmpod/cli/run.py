@@ -52,6 +52,15 @@ def _parse_apps(words: list[str], image: str) -> list:
     return apps
 
 
+def _unique_annotations(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    annotations: dict[str, str] = {}
+    for name, value in pairs:
+        if name in annotations:
+            raise UsageError(f"--annotation: {name!r} is given twice (annotation names are unique)")
+        annotations[name] = value
+    return annotations
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     from kvmpod.pod.run import RunOptions, run
 
@@ -62,7 +71,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
         raise UsageError("run: --interactive and --detach exclude each other (use kvmpod enter)")
     options = RunOptions(memory_mib=ns.memory, cpus=ns.cpus, kernel=ns.kernel, accel=ns.accel, debug=ns.debug,
                          interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
-                         pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach)
+                         pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach,
+                         hostname=ns.hostname, annotations=_unique_annotations(ns.annotation),
+                         uuid_file=ns.uuid_file_save)
     return run(apps, options)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from kvmpod.errors import UsageError
 
@@ -41,3 +42,24 @@ def memory_mib(text: str) -> int:
     if mib < 64:
         raise argparse.ArgumentTypeError(f"{text}: a pod needs at least 64 MiB")
     return mib
+
+
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def hostname(text: str) -> str:
+    """RFC 1123 host name: dot-separated labels of letters, digits and inner dashes, at most 64 bytes
+    (the kernel's limit; it travels on the guest kernel command line, so nothing else may be in it)."""
+    if len(text) > 64 or not all(_HOSTNAME_LABEL.match(label) for label in text.split(".")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name (letters, digits, '-' and '.')")
+    return text
+
+
+def annotation(text: str) -> tuple[str, str]:
+    """NAME=VALUE with NAME an AC Name (spec/pods.md)."""
+    from kvmpod.image.manifest import AC_NAME
+
+    name, value = env_pair(text)
+    if not AC_NAME.match(name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not an AC Name (lower-case letters, digits, dashes)")
+    return name, value

@@ -17,13 +17,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
 
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, OutputSink, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
+from kvmpod.fsutil import write_atomically
+from kvmpod.pod import audit
 from kvmpod.pod.control import ControlServer
 from kvmpod.pod.metadata import MetadataSecrets, PodMetadata
 from kvmpod.pod.poddir import PodDir
+from kvmpod.pod.resources import app_resources, size_vm
 from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, pod_manifest, resolve_app
 from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
@@ -40,8 +44,11 @@ STDIN_CHUNK = 65536
 
 @dataclass
 class RunOptions:
-    memory_mib: int = 256
-    cpus: int = 1
+    memory_mib: int | None = None   # None: sized from the apps' resource isolators (pod/resources.py)
+    cpus: int | None = None
+    hostname: str | None = None     # default kvmpod-<first 8 of the UUID>
+    annotations: dict[str, str] = field(default_factory=dict)   # the pod manifest's annotations
+    uuid_file: str | None = None    # --uuid-file-save: the UUID is written here once the pod exists
     kernel: str | None = None
     accel: str = "auto"
     debug: bool = False
@@ -158,32 +165,44 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
     resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
     for line in isolator_notices(resolved):  # spec/ace.md: ignored isolators must be made known
         notice(line)
+    size = size_vm([app_resources(a.name, a.image_isolators) for a in resolved],
+                   memory_mib=options.memory_mib, cpus=options.cpus)
+    for line in size.notices:
+        notice(line)
+    log.debug("VM size: %d MiB, %d vCPUs (%s)", size.memory_mib, size.cpus, size.reason)
     kernel = find_kernel(options.kernel)
     initrd = build_initrd(find_agent(), kernel)
     accel = choose_accelerator(options.accel)
     if accel.name == "tcg" and accel.automatic:
         notice(f"using TCG software emulation (slow): {accel.reason}")
-    plan = plan_boot(kernel, options.cpus, options.debug, accel.name, options.kernel_args)
+    plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
     disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved}.values())
 
     pod = PodDir.create()
     try:
-        manifest = pod_manifest(resolved)
+        hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"
+        if options.uuid_file:
+            write_atomically(Path(options.uuid_file), pod.uuid.encode())
+        manifest = pod_manifest(resolved, options.annotations)
         pod.write_json("pod-manifest", manifest)
         metadata_secrets.save_key(pod.path)
         metadata = PodMetadata.build(pod.uuid, manifest, resolved, metadata_secrets)
         config = VMConfig(
-            name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd, cmdline=plan.cmdline,
+            name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd,
+            cmdline=f"{plan.cmdline} kvmpod.hostname={hostname}",
             console_log=pod.file("console.log"), qmp_socket=pod.file("qmp.sock"),
             agent_socket=pod.file("agent.sock"), machine=plan.machine,
             machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
-            memory_mib=options.memory_mib, cpus=options.cpus, disks=disks)
+            memory_mib=size.memory_mib, cpus=size.cpus, disks=disks)
         for sock in (config.qmp_socket, config.agent_socket):
             check_socket_path(sock)
         log.debug("pod %s: kernel %s (%s), machine %s, accel %s (%s)", pod.uuid, kernel.image, kernel.kind,
                   plan.machine_arg, accel.name, accel.reason)
         log.debug("kernel cmdline: %s", plan.cmdline)
         vm = QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout)
+        audit.pod_started(pod.uuid, [{"name": a.name, "image": a.image.id, "image_name": a.image.manifest.name,
+                                      "labels": a.image.manifest.labels, "signature": a.image.signature}
+                                     for a in resolved])
         timings["qemu_spawn"] = time.time()
         runner = PodRunner(pod, vm, resolved, options, timings, metadata)
         return await runner.run()
@@ -508,6 +527,7 @@ class PodRunner:
             self.timings["vm_ended"] = time.time()
             self.pod.update(state="exited" if self.pod.state.get("state") == "exited" else "failed",
                             timings=self.timings)
+            audit.pod_ended(self.pod.uuid, self.pod.state["state"], self.pod.state.get("apps", []))
             await self._close_local()
 
     async def _close_local(self) -> None:

@@ -54,6 +54,11 @@ class ResolvedApp:
     isolators: Isolators = field(default_factory=Isolators)            # what the guest enforces
     unenforced_isolators: list[str] = field(default_factory=list)      # names kvmpod does not enforce
 
+    @property
+    def image_isolators(self) -> list[Isolator]:
+        """All the isolators the app declares (resource ones size the VM: kvmpod/pod/resources.py)."""
+        return list(self.image.manifest.app.isolators) if self.image.manifest.app else []
+
 
 def default_app_name(manifest: ImageManifest) -> str:
     """rkt's rule: the last component of the image name, made a valid AC Name."""
@@ -171,7 +176,7 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
     )
 
 
-def pod_manifest(apps: list[ResolvedApp]) -> dict:
+def pod_manifest(apps: list[ResolvedApp], annotations: dict[str, str] | None = None) -> dict:
     """The resolved appc PodManifest (spec/pods.md): apps by image ID, exactly as they run."""
     return {
         "acVersion": AC_VERSION,
@@ -192,8 +197,7 @@ def pod_manifest(apps: list[ResolvedApp]) -> dict:
                     "environment": [dict(zip(("name", "value"), e.split("=", 1))) for e in a.env],
                     "supplementaryGIDs": a.supplementary_gids,
                     "eventHandlers": [{"name": n, "exec": e} for n, e in a.event_handlers.items()],
-                    "isolators": [{"name": i.name, "value": i.value}
-                                  for i in (a.image.manifest.app.isolators if a.image.manifest.app else [])],
+                    "isolators": [{"name": i.name, "value": i.value} for i in a.image_isolators],
                 },
                 "readOnlyRootFS": a.readonly_rootfs,
             }
@@ -201,6 +205,6 @@ def pod_manifest(apps: list[ResolvedApp]) -> dict:
         ],
         "volumes": [],
         "isolators": [],
-        "annotations": [],
+        "annotations": [{"name": k, "value": v} for k, v in (annotations or {}).items()],
         "ports": [],
     }

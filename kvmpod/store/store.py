@@ -43,6 +43,7 @@ class StoredImage:
     id: str                 # "sha512-<128 hex>"
     blob: Path              # uncompressed tar
     manifest: ImageManifest
+    signature: str = SIGNATURE_UNSIGNED     # the index record's signature status
 
     @property
     def hex(self) -> str:
@@ -184,7 +185,7 @@ class Store:
                 id=image_id, name=manifest.name, labels=dict(manifest.labels), imported=time.time(),
                 size=blob.stat().st_size, source=source, signature=signature, manifest=manifest.raw)
             index.write_record(record_path, record)
-        return StoredImage(image_id, blob, manifest)
+        return StoredImage(image_id, blob, manifest, record.signature)
 
     def _cached_source(self, source: str, path: Path) -> StoredImage | None:
         stamp = index.read_stamp(self.sources / f"{index.source_key(source)}.json")
@@ -213,7 +214,7 @@ class Store:
         import json
 
         manifest = parse_manifest(json.dumps(record.manifest).encode(), validate=False)
-        return StoredImage(record.id, self.blobs / record.hex, manifest)
+        return StoredImage(record.id, self.blobs / record.hex, manifest, record.signature)
 
     def get(self, image_id: str) -> StoredImage:
         """The image with this full ID."""
