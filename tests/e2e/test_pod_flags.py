@@ -62,3 +62,16 @@ def test_bad_pod_flags_are_one_line_usage_errors(kvmpod, busybox_aci):
                            (["--annotation", "a=1", "--annotation", "a=2"], "'a' is given twice")):
         result = kvmpod.run(*flags, str(busybox_aci))
         assert result.returncode == 125 and problem in result.stderr.decode(), (flags, result.stderr)
+
+
+def test_two_apps_share_processes_and_localhost_but_not_their_rootfs(kvmpod, busybox_aci):
+    server = "touch /tmp/a-only; echo from-a | nc -l -p 7000; echo a-done"
+    client = ("sleep 1; pidof nc >/dev/null && echo sees-a-process; nc 127.0.0.1 7000 </dev/null; "
+              "test -e /tmp/a-only && echo sees-a-rootfs || echo own-rootfs; echo $AC_APP_NAME; exit 4")
+    result = kvmpod.run(str(busybox_aci), "--name", "a", "--exec", "/bin/sh", "--", "-c", server,
+                        "---", str(busybox_aci), "--name", "b", "--exec", "/bin/sh", "--", "-c", client)
+    # the pod runs until both apps are done and exits with the first failing app's code
+    assert result.returncode == 4, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert [x for x in lines if x != "a-done"] == ["sees-a-process", "from-a", "own-rootfs", "b"]
+    assert "a-done" in lines
