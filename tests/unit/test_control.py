@@ -25,7 +25,7 @@ from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.run import PodRunner, RunOptions
 from kvmpod.pod.spec import ResolvedApp
 from kvmpod.pod.terminal import RawTerminal, window_size
-from tests.unit.test_registry import dead_pid, make_pod, sleeper
+from tests.unit.test_registry import dead_pid, make_pod
 
 # -- framing -------------------------------------------------------------------------------------
 
@@ -362,20 +362,6 @@ def test_stop_before_the_apps_started_ends_the_vm(tmp_path):
 
 
 # -- registry and command lines -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVMPOD_RUN_DIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def owner():
-    proc = sleeper("kvmpod run image.aci")
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 def test_rm_refuses_a_running_pod_and_removes_an_ended_one(run_dir, owner, capsys):

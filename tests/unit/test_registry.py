@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from kvmpod import cli
 from kvmpod.errors import UsageError
 from kvmpod.pod import registry
-
-
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVMPOD_RUN_DIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def owner():
-    """A live process whose command line says kvmpod, like a running `kvmpod run`."""
-    proc = sleeper("kvmpod run image.aci")
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
-def sleeper(argv0: str) -> subprocess.Popen:
-    """A process whose /proc cmdline starts with `argv0` (a stand-in for kvmpod or QEMU)."""
-    return subprocess.Popen([argv0, "-c", "import time; time.sleep(60)"], executable=sys.executable)
+from tests.unit.conftest import sleeper
 
 
 def dead_pid() -> int:
