@@ -27,7 +27,8 @@ def build_parser() -> KvmpodParser:
 
     run = sub.add_parser(
         "run", help="run an image in a new pod (VM)",
-        usage="kvmpod run [pod flags] IMAGE [--exec PATH] [app flags] [-- ARGS...] [--- IMAGE2 ...]",
+        usage="kvmpod run [pod flags] IMAGE [--exec PATH] [app flags] [-- ARGS...] [--- IMAGE2 ...]\n"
+              "       kvmpod run [pod flags] --pod-manifest FILE",
         description="Boot a VM, run the image's app in it, relay its output; exit with the app's exit "
                     "code (128+N if killed by signal N, 125 if kvmpod itself failed, 126/127 if the exec "
                     "path cannot be run / does not exist). App flags (after IMAGE): --exec, --set-env, "
@@ -40,6 +41,8 @@ def build_parser() -> KvmpodParser:
     run.add_argument("--annotation", action="append", type=annotation, default=[], metavar="NAME=VALUE",
                      help="pod annotation (served by the metadata service at /pod/annotations)")
     run.add_argument("--uuid-file-save", metavar="FILE", help="write the pod's UUID to FILE")
+    run.add_argument("--pod-manifest", metavar="FILE",
+                     help="run this appc PodManifest (its images by ID from the store) instead of IMAGE ...")
     run.add_argument("--kernel", metavar="PATH", help="guest kernel image or kernel dir (see docs/kernel.md)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                      help="accelerator (auto: KVM where it can run a standard guest, else TCG)")
@@ -56,7 +59,7 @@ def build_parser() -> KvmpodParser:
     run.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
                      help="append ARG to the guest kernel command line (debugging)")
     run.add_argument("--debug", action="store_true", help="show what kvmpod does, the agent's log and the console")
-    run.add_argument("image", metavar="IMAGE",
+    run.add_argument("image", metavar="IMAGE", nargs="?",
                      help="an ACI file or URL, docker-archive:FILE, oci-archive:FILE, oci:DIR[:TAG], "
                           "an image ID (sha512-…) or a store name (NAME[:VERSION][,LABEL=VALUE...])")
     run.add_argument("app_words", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from kvmpod.cli.types import env_pair
 from kvmpod.cli.types import KvmpodParser as _Parser
@@ -64,7 +65,21 @@ def _unique_annotations(pairs: list[tuple[str, str]]) -> dict[str, str]:
 def cmd_run(ns: argparse.Namespace) -> int:
     from kvmpod.pod.run import RunOptions, run
 
-    apps = _parse_apps(ns.app_words, ns.image)
+    annotations = _unique_annotations(ns.annotation)
+    pod_isolators: list = []  # a pod manifest's own isolators (kvmpod/image/manifest.py Isolator)
+    if ns.pod_manifest:
+        from kvmpod.pod.podmanifest import read_pod_manifest
+
+        if ns.image is not None or ns.app_words:
+            raise UsageError("run: --pod-manifest takes no IMAGE, app flags or arguments (the manifest has the apps)")
+        pod = read_pod_manifest(Path(ns.pod_manifest))
+        apps = pod.app_overrides()
+        annotations = {**pod.annotations, **annotations}  # --annotation overrides the manifest's value
+        pod_isolators = pod.isolators
+    elif ns.image is None:
+        raise UsageError("run: give an IMAGE or --pod-manifest FILE")
+    else:
+        apps = _parse_apps(ns.app_words, ns.image)
     if ns.interactive and len(apps) != 1:
         raise UsageError("run: --interactive needs exactly one app")
     if ns.interactive and ns.detach:
@@ -72,7 +87,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     options = RunOptions(memory_mib=ns.memory, cpus=ns.cpus, kernel=ns.kernel, accel=ns.accel, debug=ns.debug,
                          interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
                          pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach,
-                         hostname=ns.hostname, annotations=_unique_annotations(ns.annotation),
+                         hostname=ns.hostname, annotations=annotations, pod_isolators=pod_isolators,
                          uuid_file=ns.uuid_file_save)
     return run(apps, options)
 

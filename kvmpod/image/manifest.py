@@ -4,7 +4,8 @@
 the dataclasses. Validation is two steps:
 
 1. the JSON Schema `kvmpod/image/schema/image-manifest.schema.json` (Draft 2020-12): every field's
-   type and format, required fields, and the values of the isolators spec/ace.md defines;
+   type and format, required fields, and the values of the isolators spec/ace.md defines (checked
+   by kvmpod/schema.py, which the pod manifest shares);
 2. the rules a schema cannot say, in `_check_rules`: unique names in every name/value list, the
    reserved label name "name", valid os/arch label pairs, spec-defined isolators at most once and
    not together with their opposite set, a port range that ends by 65535.
@@ -26,21 +27,19 @@ Every error is one line, `manifest: <field path>: <value as JSON> <problem>`.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
+from kvmpod import schema
 from kvmpod.errors import ManifestError
+from kvmpod.schema import SchemaFile
 
 AC_IDENTIFIER = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*\Z")
 AC_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*\Z")
 AC_VERSION = "0.8.11"
 MAX_MANIFEST_BYTES = 1 << 20
-MAX_DEPTH = 64  # the spec's manifest nests 6 deep; this bounds recursion on hostile input
 
 # spec/aci.md's default os/arch whitelist, with the architectures spec 0.8.7 added (CHANGELOG).
 VALID_OS_ARCH: dict[str, tuple[str, ...]] = {
@@ -133,131 +132,24 @@ class ImageManifest:
         return f"{self.name}:{version}" if version else self.name
 
 
-# ---- error lines -------------------------------------------------------------------------------
+# ---- schema validation (kvmpod/schema.py: loading, the validator, one-line errors) -------------
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*\Z")
-_MAX_SHOWN = 60  # a bad value can be up to 1 MiB; the line stays readable
-_TYPE_NAMES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "a boolean",
-               "array": "a list", "object": "an object", "null": "null"}
-
-
-def _path(parts: Any) -> str:
-    """["app", "ports", 1, "name"] -> "app.ports[1].name"; odd keys are quoted: value["net.core.x"]."""
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _PLAIN_KEY.match(part):
-            out += f".{part}" if out else part
-        else:
-            out += f"[{json.dumps(part)}]"
-    return out
+IMAGE_SCHEMA = SchemaFile("manifest", "kvmpod.image", "image-manifest.schema.json")
+_fail = IMAGE_SCHEMA.fail
+_show, _regex = schema.show, schema.regex
 
 
-def _show(value: Any) -> str:
-    # ASCII-only JSON: no newlines or terminal control characters from the image reach the user.
-    text = json.dumps(value)
-    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
-
-
-def _fail(path: str, value: Any, problem: str) -> ManifestError:
-    return ManifestError(f"manifest: {path}: {_show(value)} {problem}")
-
-
-def _schema_error_line(error: Any) -> ManifestError:
-    """One jsonschema ValidationError as kvmpod's one-line ManifestError."""
-    parts = list(error.absolute_path)
-    schema = error.schema if isinstance(error.schema, dict) else {}
-    keyword = error.validator
-    if keyword == "required":
-        missing = next(k for k in error.validator_value if k not in error.instance)
-        return ManifestError(f"manifest: {_path([*parts, missing])}: required field is missing")
-    path = _path(parts)
-    if keyword == "not":  # {"not": {}}: the field must be absent
-        return _fail(path, error.instance, "is not allowed here")
-    if keyword == "type":
-        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        return _fail(path, error.instance, "is not " + " or ".join(_TYPE_NAMES[t] for t in types))
-    if "$comment" in schema:  # the subschema names what its values are, e.g. "an AC Name"
-        return _fail(path, error.instance, f"is not {schema['$comment']}")
-    if keyword == "const":
-        return _fail(path, error.instance, f"is not {_show(error.validator_value)}")
-    if keyword == "enum":
-        return _fail(path, error.instance, "is not one of " + ", ".join(map(_show, error.validator_value)))
-    if keyword in ("minimum", "maximum"):
-        low, high = schema.get("minimum"), schema.get("maximum")
-        if keyword == "minimum" and low == 0:
-            return _fail(path, error.instance, "is not a non-negative integer")
-        if low is not None and high is not None:
-            return _fail(path, error.instance, f"is not between {low} and {high}")
-        return _fail(path, error.instance, f"is less than {low}" if keyword == "minimum" else f"is more than {high}")
-    if keyword == "minItems":
-        return _fail(path, error.instance, "is an empty list")
-    if keyword == "minLength":
-        return _fail(path, error.instance, "is an empty string")
-    return _fail(path, error.instance, f"fails the schema's {keyword!r} rule")  # a keyword added later
-
-
-# ---- schema validation (jsonschema is imported here, not at module import) ---------------------
-
-@functools.cache
 def _schema() -> dict[str, Any]:
-    text = resources.files("kvmpod.image").joinpath("schema/image-manifest.schema.json").read_text("utf-8")
-    return json.loads(text)
-
-
-@functools.cache
-def _regex(pattern: str) -> re.Pattern[str]:
-    # JSON Schema patterns are ECMA-262, where "$" matches only at the very end; Python's "$" also
-    # matches before a final "\n", which would let "name\n" pass as an AC Name.
-    if pattern.endswith("$") and not pattern.endswith("\\$"):
-        pattern = pattern[:-1] + r"\Z"
-    return re.compile(pattern)
-
-
-@functools.cache
-def _validator() -> Any:
-    from jsonschema import Draft202012Validator, validators
-    from jsonschema.exceptions import ValidationError
-
-    def pattern(validator: Any, patrn: str, instance: Any, schema: dict) -> Any:
-        if validator.is_type(instance, "string") and not _regex(patrn).search(instance):
-            yield ValidationError(f"{instance!r} does not match {patrn!r}")
-
-    # The spec's integers are integers: 1.0 is not a port (Go's encoding/json refuses it too).
-    types = Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool))
-    cls = validators.extend(Draft202012Validator, validators={"pattern": pattern}, type_checker=types)
-    return cls(_schema())
-
-
-def _validate_schema(obj: dict[str, Any]) -> None:
-    # The schema has no anyOf/oneOf, so every error already sits at the field it is about. Of all
-    # errors, report the one highest up (a missing or mistyped parent before its children), first
-    # in schema order among equals: deterministic, unlike best_match's documented heuristic.
-    best = min(_validator().iter_errors(obj), key=lambda e: len(e.absolute_path), default=None)
-    if best is not None:
-        raise _schema_error_line(best)
+    return IMAGE_SCHEMA.schema()
 
 
 # ---- rules a schema cannot say -----------------------------------------------------------------
-
-def _check_unique(items: list[dict[str, Any]], path: str, what: str) -> dict[str, int]:
-    """Index of each item's "name"; raises on the first repeated name."""
-    seen: dict[str, int] = {}
-    for i, item in enumerate(items):
-        name = item["name"]
-        if name in seen:
-            raise _fail(f"{path}[{i}].name", name, f"is a duplicate {what} name")
-        seen[name] = i
-    return seen
-
 
 def _check_labels(labels: list[dict[str, str]], path: str) -> None:
     for i, label in enumerate(labels):
         if label["name"] == "name":  # spec: it would be confused with the image name
             raise _fail(f"{path}[{i}].name", "name", "is a reserved label name")
-    seen = _check_unique(labels, path, "label")
+    seen = IMAGE_SCHEMA.check_unique(labels, path, "label")
     if "os" not in seen:
         return  # spec: arch is meaningful only with os
     os_ = labels[seen["os"]]["value"]
@@ -270,70 +162,51 @@ def _check_labels(labels: list[dict[str, str]], path: str) -> None:
                         f"is not an arch of os {_show(os_)} ({', '.join(VALID_OS_ARCH[os_])})")
 
 
-def _check_isolators(isolators: list[dict[str, Any]]) -> None:
+def check_isolators(isolators: list[dict[str, Any]], where: str, doc: SchemaFile = IMAGE_SCHEMA) -> None:
+    """Spec-defined isolators at most once each, never with their opposite set (`where`: "app.isolators")."""
     first: dict[str, int] = {}
     for i, iso in enumerate(isolators):
         name = iso["name"]
         if name not in SPEC_ISOLATORS:
             continue
         if name in first:
-            raise _fail(f"app.isolators[{i}].name", name, f"is given twice (also app.isolators[{first[name]}])")
+            raise doc.fail(f"{where}[{i}].name", name, f"is given twice (also {where}[{first[name]}])")
         opposite = _OPPOSITE_ISOLATORS.get(name)
         if opposite in first:
-            raise _fail(f"app.isolators[{i}].name", name,
-                        f"cannot be used with {_show(opposite)} (app.isolators[{first[opposite]}])")
+            raise doc.fail(f"{where}[{i}].name", name,
+                           f"cannot be used with {_show(opposite)} ({where}[{first[opposite]}])")
         first[name] = i
+
+
+def check_app_rules(app: dict[str, Any], where: str = "app", doc: SchemaFile = IMAGE_SCHEMA) -> None:
+    """The rules beyond the schema for an `app` object (an image's, or a pod manifest app's replacement)."""
+    doc.check_unique(app.get("environment", []), f"{where}.environment", "environment variable")
+    doc.check_unique(app.get("eventHandlers", []), f"{where}.eventHandlers", "event handler")
+    doc.check_unique(app.get("mountPoints", []), f"{where}.mountPoints", "mount point")
+    doc.check_unique(app.get("ports", []), f"{where}.ports", "port")
+    for i, port in enumerate(app.get("ports", [])):
+        count = port.get("count", 1)
+        if port["port"] + count - 1 > 65535:
+            raise doc.fail(f"{where}.ports[{i}].count", count, f"ports from {port['port']} end past 65535")
+    check_isolators(app.get("isolators", []), f"{where}.isolators", doc)
 
 
 def _check_rules(obj: dict[str, Any]) -> None:
     _check_labels(obj.get("labels", []), "labels")
-    _check_unique(obj.get("annotations", []), "annotations", "annotation")
+    IMAGE_SCHEMA.check_unique(obj.get("annotations", []), "annotations", "annotation")
     for i, dep in enumerate(obj.get("dependencies", [])):
         _check_labels(dep.get("labels", []), f"dependencies[{i}].labels")
-    app = obj.get("app")
-    if app is None:
-        return
-    _check_unique(app.get("environment", []), "app.environment", "environment variable")
-    _check_unique(app.get("eventHandlers", []), "app.eventHandlers", "event handler")
-    _check_unique(app.get("mountPoints", []), "app.mountPoints", "mount point")
-    _check_unique(app.get("ports", []), "app.ports", "port")
-    for i, port in enumerate(app.get("ports", [])):
-        count = port.get("count", 1)
-        if port["port"] + count - 1 > 65535:
-            raise _fail(f"app.ports[{i}].count", count, f"ports from {port['port']} end past 65535")
-    _check_isolators(app.get("isolators", []))
+    if obj.get("app") is not None:
+        check_app_rules(obj["app"])
 
 
 # ---- bytes -> dataclasses ----------------------------------------------------------------------
-
-def _too_deep(obj: Any) -> bool:
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > MAX_DEPTH:
-                return True
-            children = value.values() if isinstance(value, dict) else value
-            stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _reject_constant(name: str) -> Any:
-    raise ManifestError(f"manifest: invalid JSON: {name} is not a JSON value")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # Python reads 1e999 as inf, which no manifest field can mean
-        raise ManifestError(f"manifest: invalid JSON: number {text[:20]} is out of range")
-    return value
-
 
 def _pairs(items: list[dict[str, str]] | None) -> dict[str, str]:
     return {item["name"]: item["value"] for item in items or []}
 
 
-def _build_app(app: dict[str, Any]) -> App:
+def build_app(app: dict[str, Any]) -> App:
     return App(
         exec=list(app.get("exec") or []),
         user=app["user"],
@@ -354,7 +227,7 @@ def _build(obj: dict[str, Any]) -> ImageManifest:
     return ImageManifest(
         name=obj["name"],
         labels=_pairs(obj.get("labels")),
-        app=_build_app(app) if app is not None else None,
+        app=build_app(app) if app is not None else None,
         raw=obj,
         annotations=_pairs(obj.get("annotations")),
         dependencies=[Dependency(d["imageName"], d.get("imageID"), _pairs(d.get("labels")), d.get("size"))
@@ -365,24 +238,10 @@ def _build(obj: dict[str, Any]) -> ImageManifest:
 
 def parse_manifest(data: bytes, validate: bool = True) -> ImageManifest:
     """Parse an ImageManifest; with validate=False the data is trusted (already validated by the store)."""
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest: {len(data)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
-    try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
-    except UnicodeDecodeError:
-        raise ManifestError("manifest: not valid UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"manifest: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except ValueError:  # Python refuses integers of more than 4300 digits
-        raise ManifestError("manifest: invalid JSON: a number has too many digits") from None
-    except RecursionError:
-        raise ManifestError(f"manifest: nested deeper than {MAX_DEPTH} levels") from None
-    if not isinstance(obj, dict):
-        raise ManifestError("manifest: top level is not a JSON object")
+    obj = IMAGE_SCHEMA.read_json(data, MAX_MANIFEST_BYTES)
     if validate:
-        if _too_deep(obj):
-            raise ManifestError(f"manifest: nested deeper than {MAX_DEPTH} levels")
-        _validate_schema(obj)
+        IMAGE_SCHEMA.check_depth(obj)
+        IMAGE_SCHEMA.validate(obj)
         _check_rules(obj)
         return _build(obj)
     try:

@@ -23,6 +23,7 @@ from typing import Awaitable, Callable, TypeVar
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, OutputSink, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
 from kvmpod.fsutil import write_atomically
+from kvmpod.image.manifest import Isolator
 from kvmpod.pod import audit
 from kvmpod.pod.control import ControlServer
 from kvmpod.pod.metadata import MetadataSecrets, PodMetadata
@@ -48,6 +49,7 @@ class RunOptions:
     cpus: int | None = None
     hostname: str | None = None     # default kvmpod-<first 8 of the UUID>
     annotations: dict[str, str] = field(default_factory=dict)   # the pod manifest's annotations
+    pod_isolators: list[Isolator] = field(default_factory=list)  # --pod-manifest's; resource ones bound the apps
     uuid_file: str | None = None    # --uuid-file-save: the UUID is written here once the pod exists
     kernel: str | None = None
     accel: str = "auto"
@@ -163,9 +165,10 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
 
     metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
     resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
-    for line in isolator_notices(resolved):  # spec/ace.md: ignored isolators must be made known
+    for line in isolator_notices(resolved, options.pod_isolators):  # spec/ace.md: ignored ones are made known
         notice(line)
-    size = size_vm([app_resources(a.name, a.image_isolators) for a in resolved],
+    pod_limits = app_resources("pod", options.pod_isolators) if options.pod_isolators else None
+    size = size_vm([app_resources(a.name, a.app_isolators) for a in resolved], pod_limits,
                    memory_mib=options.memory_mib, cpus=options.cpus)
     for line in size.notices:
         notice(line)
@@ -183,7 +186,7 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
         hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"
         if options.uuid_file:
             write_atomically(Path(options.uuid_file), pod.uuid.encode())
-        manifest = pod_manifest(resolved, options.annotations)
+        manifest = pod_manifest(resolved, options.annotations, options.pod_isolators)
         pod.write_json("pod-manifest", manifest)
         metadata_secrets.save_key(pod.path)
         metadata = PodMetadata.build(pod.uuid, manifest, resolved, metadata_secrets)

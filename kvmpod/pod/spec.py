@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvmpod.agent.session import Isolators
 from kvmpod.errors import ImageError, UsageError
-from kvmpod.image.manifest import AC_NAME, AC_VERSION, ImageManifest, Isolator
+from kvmpod.image.manifest import AC_NAME, AC_VERSION, App, ImageManifest, Isolator
 from kvmpod.store import StoredImage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # spec/ace.md
@@ -24,7 +24,8 @@ EVENT_HANDLERS = ("pre-start", "post-stop")
 
 @dataclass
 class AppOverrides:
-    """What the user asked for one app on the command line (rkt's per-app flags)."""
+    """What the user asked for one app: on the command line (rkt's per-app flags), or as one app of a
+    pod manifest (kvmpod/pod/podmanifest.py: `app`, `image_name`, `image_labels`, `annotations`)."""
 
     image: str
     exec: str | None = None
@@ -35,6 +36,10 @@ class AppOverrides:
     working_dir: str | None = None
     name: str | None = None
     readonly_rootfs: bool = False
+    app: App | None = None                  # replaces the image's app (a pod manifest's apps[].app)
+    image_name: str | None = None           # the image must have this name (apps[].image.name)
+    image_labels: dict[str, str] = field(default_factory=dict)   # ...and these labels
+    annotations: dict[str, str] = field(default_factory=dict)    # the app's, merged by the metadata service
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,9 @@ class ResolvedApp:
     event_handlers: dict[str, list[str]] = field(default_factory=dict)  # "pre-start"/"post-stop" -> exec
     isolators: Isolators = field(default_factory=Isolators)            # what the guest enforces
     unenforced_isolators: list[str] = field(default_factory=list)      # names kvmpod does not enforce
-
-    @property
-    def image_isolators(self) -> list[Isolator]:
-        """All the isolators the app declares (resource ones size the VM: kvmpod/pod/resources.py)."""
-        return list(self.image.manifest.app.isolators) if self.image.manifest.app else []
+    # all the isolators the app declares (resource ones size the VM: kvmpod/pod/resources.py)
+    app_isolators: list[Isolator] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)          # the pod manifest's for this app
 
 
 def default_app_name(manifest: ImageManifest) -> str:
@@ -131,20 +134,37 @@ def _seccomp_set(app_name: str, iso: Isolator) -> tuple[str, ...]:
     return values
 
 
-def isolator_notices(apps: list[ResolvedApp]) -> list[str]:
-    """One line per isolator nobody enforces (spec/ace.md: the user must be told which were ignored)."""
-    return [f"app {a.name}: isolator {name} is not enforced" for a in apps for name in a.unenforced_isolators]
+def isolator_notices(apps: list[ResolvedApp], pod_isolators: list[Isolator] | None = None) -> list[str]:
+    """One line per isolator nobody enforces (spec/ace.md: the user must be told which were ignored).
+    Of a pod manifest's own isolators only the VM-sizing ones apply."""
+    return ([f"app {a.name}: isolator {name} is not enforced" for a in apps for name in a.unenforced_isolators]
+            + [f"pod: isolator {i.name} is not enforced" for i in pod_isolators or [] if i.name not in VM_ISOLATORS])
+
+
+def _check_image_identity(image: StoredImage, overrides: AppOverrides) -> None:
+    """A pod manifest names an image by ID; its image.name and image.labels, if given, must agree."""
+    manifest = image.manifest
+    if overrides.image_name is not None and overrides.image_name != manifest.name:
+        raise ImageError(f"app {overrides.name}: image.name {overrides.image_name!r} does not match image "
+                         f"{image.id[:19]} (named {manifest.name!r})")
+    for label, value in overrides.image_labels.items():
+        if manifest.labels.get(label) != value:
+            raise ImageError(f"app {overrides.name}: image.labels: {label}={value!r} does not match image "
+                             f"{image.id[:19]} ({label}={manifest.labels.get(label)!r})")
 
 
 def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, str], disk: Path,
                 disk_serial: str, metadata_url: str = "") -> ResolvedApp:
     manifest = image.manifest
-    app = manifest.app
+    _check_image_identity(image, overrides)
+    app = overrides.app or manifest.app  # a pod manifest's app object replaces the image's whole
     exec_ = list(app.exec) if app else []
     if overrides.exec:
         exec_ = [overrides.exec, *exec_[1:]]
     if overrides.args is not None:
         exec_ = exec_[:1] + overrides.args
+    if not exec_ and overrides.app:
+        raise UsageError(f"app {overrides.name}: the pod manifest's app has no exec")
     if not exec_:
         raise UsageError(f"{overrides.image}: the image has no app.exec; give one with --exec")
     if not exec_[0].startswith("/"):
@@ -173,10 +193,13 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
         event_handlers=handlers,
         isolators=isolators,
         unenforced_isolators=unenforced,
+        app_isolators=list(app.isolators) if app else [],
+        annotations=dict(overrides.annotations),
     )
 
 
-def pod_manifest(apps: list[ResolvedApp], annotations: dict[str, str] | None = None) -> dict:
+def pod_manifest(apps: list[ResolvedApp], annotations: dict[str, str] | None = None,
+                 isolators: list[Isolator] | None = None) -> dict:
     """The resolved appc PodManifest (spec/pods.md): apps by image ID, exactly as they run."""
     return {
         "acVersion": AC_VERSION,
@@ -197,14 +220,15 @@ def pod_manifest(apps: list[ResolvedApp], annotations: dict[str, str] | None = N
                     "environment": [dict(zip(("name", "value"), e.split("=", 1))) for e in a.env],
                     "supplementaryGIDs": a.supplementary_gids,
                     "eventHandlers": [{"name": n, "exec": e} for n, e in a.event_handlers.items()],
-                    "isolators": [{"name": i.name, "value": i.value} for i in a.image_isolators],
+                    "isolators": [{"name": i.name, "value": i.value} for i in a.app_isolators],
                 },
                 "readOnlyRootFS": a.readonly_rootfs,
+                "annotations": [{"name": k, "value": v} for k, v in a.annotations.items()],
             }
             for a in apps
         ],
         "volumes": [],
-        "isolators": [],
+        "isolators": [{"name": i.name, "value": i.value} for i in isolators or []],
         "annotations": [{"name": k, "value": v} for k, v in (annotations or {}).items()],
         "ports": [],
     }
