@@ -15,7 +15,7 @@ from kvmpod.cli.interact import cmd_enter, cmd_logs, cmd_rm, cmd_stop
 from kvmpod.cli.pods import cmd_gc, cmd_list, cmd_status
 from kvmpod.cli.run import APP_SEPARATOR, cmd_run
 from kvmpod.cli.types import KvmpodParser, annotation, env_pair, hostname, memory_mib, positive_int
-from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
+from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError, UsageError
 
 
 def build_parser() -> KvmpodParser:
@@ -64,6 +64,7 @@ def build_parser() -> KvmpodParser:
                           "an image ID (sha512-…) or a store name (NAME[:VERSION][,LABEL=VALUE...])")
     run.add_argument("app_words", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+    parser.run_parser = run  # for the misplaced-app-flag message
 
     lst = sub.add_parser("list", help="list the pods on this host")
     lst.add_argument("--json", action="store_true")
@@ -157,13 +158,30 @@ def build_parser() -> KvmpodParser:
     return parser
 
 
+def _misplaced_app_flag(parser: KvmpodParser, words: list[str]) -> UsageError | None:
+    """An app flag given where only pod flags may stand (before any IMAGE) gets a precise message
+    instead of argparse's "unrecognized arguments"."""
+    from kvmpod.cli.run import app_flag_names
+
+    pod_flags = {flag for action in parser.run_parser._actions for flag in action.option_strings}
+    app_only = app_flag_names() - pod_flags  # --set-env is both
+    flag = next((w.split("=", 1)[0] for w in words if w.split("=", 1)[0] in app_only), None)
+    if flag is None:
+        return None
+    return UsageError(f"run: {flag} is an app flag: it goes after the IMAGE it applies to "
+                      "(a --pod-manifest gives each app's settings in the manifest)")
+
+
 def _parse(parser: KvmpodParser, argv: list[str]) -> argparse.Namespace:
     """argparse, except that `run`'s `-- ARGS` and `--- IMAGE2 ...` never reach it: argparse would
     swallow a `--` right after IMAGE. They are handed to the run command's own app parser intact."""
     if "run" in argv:
         cut = next((i for i in range(argv.index("run") + 1, len(argv)) if argv[i] in ("--", APP_SEPARATOR)),
                    len(argv))
-        ns = parser.parse_args(argv[:cut])
+        try:
+            ns = parser.parse_args(argv[:cut])
+        except UsageError as e:
+            raise _misplaced_app_flag(parser, argv[argv.index("run") + 1:cut]) or e from None
         if getattr(ns, "func", None) is cmd_run:
             ns.app_words = [*ns.app_words, *argv[cut:]]
             return ns

@@ -25,6 +25,10 @@ def _app_parser() -> _Parser:
     return p
 
 
+def app_flag_names() -> set[str]:
+    return {flag for action in _app_parser()._actions for flag in action.option_strings}
+
+
 def _parse_apps(words: list[str], image: str) -> list:
     """Split `IMAGE [app flags] [-- ARGS] [--- IMAGE2 ...]` into one AppOverrides per image."""
     from kvmpod.pod.spec import AppOverrides

@@ -11,6 +11,8 @@ from kvmpod.errors import UsageError
 class KvmpodParser(argparse.ArgumentParser):
     """argparse, but usage errors are KvmpodErrors: one line, exit code 125."""
 
+    run_parser: argparse.ArgumentParser  # the top-level parser's `run` subcommand
+
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
 

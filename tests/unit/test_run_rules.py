@@ -150,3 +150,11 @@ def test_microvm_under_tcg_needs_the_tsc_rate(tmp_path, monkeypatch):
     monkeypatch.setattr(machine, "host_tsc_khz", lambda: None)  # unknown: microvm would hang ~30 % of boots
     plan = machine.plan_boot(_kernel(tmp_path, "minimal", True, PVH="y", VIRTIO_MMIO="y", ACPI="y"), 1, False)
     assert plan.machine == "pc"
+
+
+@pytest.mark.parametrize("argv, flag", [(["run", "--exec", "/x"], "--exec"),
+                                        (["run", "--pod-manifest", "p.json", "--set-env", "A=1", "--user", "0"], "--user")])
+def test_an_app_flag_before_any_image_is_named(argv, flag, capsys):
+    assert cli.main(argv) == 125
+    assert capsys.readouterr().err == (f"kvmpod: error: run: {flag} is an app flag: it goes after the IMAGE it applies "
+                                       "to (a --pod-manifest gives each app's settings in the manifest)\n")
