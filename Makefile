@@ -7,7 +7,7 @@ VPY        := $(VENV)/bin/python
 KVMPOD     := $(VENV)/bin/kvmpod
 STAMPS     := .stamps
 BUILD      := build
-DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod gcc make python3-venv buildah \
+DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod gcc make python3-venv buildah gnupg gpgv \
                 linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils patch
 PYTEST_ARGS ?=
 

@@ -33,7 +33,8 @@ def cmd_image_list(ns: argparse.Namespace) -> int:
                           for r in records], indent=2))
         return 0
     rows = [(f"sha512-{r.hex[:SHORT_ID_HEX]}", r.name, r.labels.get("version", ""), human_size(r.size),
-             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.imported)), r.signature) for r in records]
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.imported)), _short_signature(r.signature))
+            for r in records]
     header = ("ID", "NAME", "VERSION", "SIZE", "IMPORTED", "SIGNATURE")
     if ns.no_legend:
         header_rows = rows
@@ -43,6 +44,12 @@ def cmd_image_list(ns: argparse.Namespace) -> int:
     for row in header_rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def _short_signature(status: str) -> str:
+    """`verified <40-hex fingerprint>` as `verified <key ID>` (its last 16 digits), like gpg prints it."""
+    word, _, fingerprint = status.partition(" ")
+    return f"{word} {fingerprint[-16:]}" if fingerprint else status
 
 
 def cmd_image_cat_manifest(ns: argparse.Namespace) -> int:

@@ -19,8 +19,9 @@ TIMEOUT = 60.0      # seconds without a byte before a download is abandoned
 CHUNK = 1 << 20
 
 
-def download(url: str, dest: Path, limits: ImportLimits) -> None:
-    """Write the body of `url` to `dest`; an ImageError names the URL and what went wrong."""
+def download(url: str, dest: Path, limits: ImportLimits, missing_ok: bool = False) -> bool:
+    """Write the body of `url` to `dest`; an ImageError names the URL and what went wrong.
+    With `missing_ok`, a 404 returns False instead (an image's optional signature)."""
     request = urllib.request.Request(url, headers={"User-Agent": f"kvmpod/{__version__}"})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response, dest.open("wb") as out:
@@ -40,7 +41,10 @@ def download(url: str, dest: Path, limits: ImportLimits) -> None:
                     advance(len(chunk))
             if total is not None and received != total:
                 raise ImageError(f"{url}: download truncated ({received} of {total} bytes)")
+        return True
     except urllib.error.HTTPError as e:
+        if missing_ok and e.code == 404:
+            return False
         raise ImageError(f"{url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         raise ImageError(f"{url}: cannot download: {e.reason}") from None

@@ -13,12 +13,14 @@ always has its blob; `image gc` clears what a crash between the two steps left.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +31,16 @@ from kvmpod.fsutil import pid_alive
 from kvmpod.image.aci import check_aci
 from kvmpod.image.archive import decompress_to
 from kvmpod.image.limits import ImportLimits
+from kvmpod.image.signature import SIGNATURE_SUFFIX, UNVERIFIED, check_signature, signature_path
 from kvmpod.image.manifest import ImageManifest, parse_manifest
 from kvmpod.progress import progress
 from kvmpod.store import index, locks
 from kvmpod.store.index import SIGNATURE_NOT_CHECKED, SIGNATURE_UNSIGNED, ImageRecord, SourceStamp
 from kvmpod.store.refs import FileRef, IdRef, NameRef, OciRef, UrlRef, parse_image_ref
+
+def _notice(message: str) -> None:
+    print(f"kvmpod: notice: {message}", file=sys.stderr, flush=True)
+
 
 _TMP_NAME = re.compile(r"^(?P<what>[a-z]+)-(?P<pid>\d+)-")
 
@@ -51,8 +58,10 @@ class StoredImage:
 
 
 class Store:
-    def __init__(self, root: Path | None = None, limits: ImportLimits | None = None):
+    def __init__(self, root: Path | None = None, limits: ImportLimits | None = None,
+                 notify: Callable[[str], None] | None = None):
         self.root = root or paths.store_dir()
+        self.notify = notify or _notice  # one-line notices (an unverifiable signature)
         self._limits = limits
         self.blobs = self.root / "blobs" / "sha512"
         self.records = self.root / "images"
@@ -116,24 +125,33 @@ class Store:
         if not path.is_file():
             raise ImageError(f"{path}: no such image file")
         source = str(path.resolve())
-        if cached := self._cached_source(source, path):
+        signature = signature_path(path)
+        if cached := self._cached_source(source, path, signature):
             return cached
+        check = check_signature(path, signature, str(path))  # before any work: a bad signature stops here
         with self.temp_file("import", ".tar") as tmp:
             with tmp.open("wb") as dest, progress(f"importing {path.name}", path.stat().st_size) as advance:
                 image_id = decompress_to(path, dest, self.limits, advance)
-            image = self._store_tar(tmp, image_id, path, source, SIGNATURE_UNSIGNED)
-        self._remember_source(source, path, image.id)
+            image = self._store_tar(tmp, image_id, path, source, check.status)
+        if check.notice:
+            self.notify(check.notice)
+        self._remember_source(source, path, image.id, signature)
         return image
 
     def import_url(self, url: str) -> StoredImage:
         from kvmpod.image.fetch import download
 
-        with self.temp_file("download") as tmp:
+        with self.temp_file("download") as tmp, self.temp_file("download", SIGNATURE_SUFFIX) as sig:
             download(url, tmp, self.limits)
+            signed = download(url + SIGNATURE_SUFFIX, sig, self.limits, missing_ok=True)
+            check = check_signature(tmp, sig if signed else None, url)
             with self.temp_file("import", ".tar") as tar, tar.open("wb") as dest:
                 image_id = decompress_to(tmp, dest, self.limits)
                 dest.close()
-                return self._store_tar(tar, image_id, Path(url), url, SIGNATURE_UNSIGNED)
+                image = self._store_tar(tar, image_id, Path(url), url, check.status)
+        if check.notice:
+            self.notify(check.notice)
+        return image
 
     def import_oci(self, text: str) -> StoredImage:
         """Convert a Docker/OCI image to an ACI and store it; an unchanged source is not converted again."""
@@ -170,6 +188,10 @@ class Store:
         hex_id = image_id.removeprefix("sha512-")
         record_path = self.records / f"{hex_id}.json"
         if (existing := index.read_record(record_path)) and (self.blobs / hex_id).is_file():
+            if _signature_rank(signature) > _signature_rank(existing.signature):  # e.g. now verified
+                existing = dataclasses.replace(existing, signature=signature)
+                with locks.exclusive(self.lock_file(hex_id)):
+                    index.write_record(record_path, existing)
             return self._image(existing)  # the same bytes were checked when first imported
         raw_manifest = check_aci(tmp, shown_as, self.limits)  # a hostile archive never enters the store
         try:
@@ -187,19 +209,34 @@ class Store:
             index.write_record(record_path, record)
         return StoredImage(image_id, blob, manifest, record.signature)
 
-    def _cached_source(self, source: str, path: Path) -> StoredImage | None:
-        stamp = index.read_stamp(self.sources / f"{index.source_key(source)}.json")
+    def _stamp_file(self, source: str) -> Path:
+        return self.sources / f"{index.source_key(source)}.json"
+
+    def _cached_source(self, source: str, path: Path, signature: Path | None = None) -> StoredImage | None:
+        """The stored image of an unchanged source — and an unchanged signature beside it, so that a
+        signature added, replaced or removed since is checked again."""
+        stamp = index.read_stamp(self._stamp_file(source))
         now = SourceStamp.of(source, path, "")
         if stamp is None or now is None or not stamp.same_file(now):
             return None
+        if signature is not None:
+            sig_stamp = index.read_stamp(self._stamp_file(source + SIGNATURE_SUFFIX))
+            sig_now = SourceStamp.of(source + SIGNATURE_SUFFIX, signature, "")
+            if (sig_stamp is None) != (sig_now is None) or (sig_stamp and sig_now and not sig_stamp.same_file(sig_now)):
+                return None
         try:
             return self.get(stamp.image_id)
         except ImageError:
             return None  # removed since: import again
 
-    def _remember_source(self, source: str, path: Path, image_id: str) -> None:
+    def _remember_source(self, source: str, path: Path, image_id: str, signature: Path | None = None) -> None:
         if stamp := SourceStamp.of(source, path, image_id):
-            index.write_stamp(self.sources / f"{index.source_key(source)}.json", stamp)
+            index.write_stamp(self._stamp_file(source), stamp)
+        if signature is not None:
+            if sig_stamp := SourceStamp.of(source + SIGNATURE_SUFFIX, signature, image_id):
+                index.write_stamp(self._stamp_file(source + SIGNATURE_SUFFIX), sig_stamp)
+            else:
+                self._stamp_file(source + SIGNATURE_SUFFIX).unlink(missing_ok=True)
 
     # --- lookup ---------------------------------------------------------------------------
 
@@ -367,6 +404,11 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.raw.flush()
+
+
+def _signature_rank(status: str) -> int:
+    """How much a signature status says: a verified signature beats an unverified one beats none."""
+    return 2 if status.startswith("verified") else 1 if status == UNVERIFIED else 0
 
 
 def _labels_match(wanted: dict[str, str], labels: dict[str, str]) -> bool:

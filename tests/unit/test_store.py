@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -256,20 +253,6 @@ def test_missing_wrong_or_cyclic_dependencies_are_named(store, tmp_path):
 
 
 # --- URLs --------------------------------------------------------------------------------------
-
-@pytest.fixture
-def http_root(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None  # type: ignore[method-assign]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
 
 def test_fetch_from_a_url(store, tmp_path, http_root):
     root, base = http_root
