@@ -17,6 +17,7 @@
 #define KVMPOD_RUN "/run/kvmpod"
 #define IMAGES_DIR KVMPOD_RUN "/images"
 #define APPS_DIR KVMPOD_RUN "/apps"
+#define VOLUMES_DIR KVMPOD_RUN "/volumes"
 /* The disks are there before the agent starts serving (virtio_blk probes when it loads); the
  * wait only covers a slow probe. */
 #define DISK_TIMEOUT_MS 5000u
@@ -33,8 +34,18 @@ struct app {
     char root[PATH_MAX];
 };
 
+/* A pod volume, mounted once at VOLUMES_DIR/<name> by the first app that mounts it; every app's
+ * mount is a bind mount of it, so all apps see one filesystem (docs/volumes.md). */
+struct volume {
+    struct volume *next;
+    char *name, *kind, *options;
+    size_t mount_index; /* its place in mounts[]: undone with the app setup that made it */
+    char path[PATH_MAX];
+};
+
 static struct image *images;
 static struct app *apps;
+static struct volume *volumes;
 
 /* Every mount made, in order, so a failed setup and shutdown can undo them newest first. */
 static char **mounts;
@@ -282,7 +293,180 @@ static int appc_filesystems(const char *root, struct failure *f)
     return 0;
 }
 
-static int build_root(struct app *a, const char *image, bool readonly, struct failure *f)
+/* --- pod volumes (docs/volumes.md) --- */
+
+struct vol_mount {
+    char name[NAME_MAX + 1], kind[16], options[256];
+    const char *target;
+    bool bind_ro; /* read-only in this app */
+};
+
+static bool copy_part(char *dst, size_t size, const char *start, const char *end)
+{
+    size_t n = (size_t)(end - start);
+    if (n == 0 || n >= size)
+        return false;
+    memcpy(dst, start, n);
+    dst[n] = '\0';
+    return true;
+}
+
+/* Options reach mount(2) as data: only the characters the host produces are allowed. */
+static bool safe_options(const char *s)
+{
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '=' || *s == ','))
+            return false;
+    return true;
+}
+
+/* VOLUME_MOUNT: NAME:KIND:OPTIONS:TARGET; OPTIONS ending in ",bindro" make this app's mount read-only. */
+static int parse_vol_mount(const char *spec, struct vol_mount *m, struct failure *f)
+{
+    const char *a = strchr(spec, ':'), *b = a ? strchr(a + 1, ':') : NULL, *c = b ? strchr(b + 1, ':') : NULL;
+    if (!c || !copy_part(m->name, sizeof m->name, spec, a) || !copy_part(m->kind, sizeof m->kind, a + 1, b) ||
+        !copy_part(m->options, sizeof m->options, b + 1, c) || !safe_name(m->name) || !safe_options(m->options) ||
+        c[1] != '/')
+        return failf(f, "request", EINVAL, "bad VOLUME_MOUNT %s", spec);
+    m->target = c + 1;
+    size_t n = strlen(m->options);
+    m->bind_ro = n >= 7 && strcmp(m->options + n - 7, ",bindro") == 0;
+    if (m->bind_ro)
+        m->options[n - 7] = '\0';
+    return 0;
+}
+
+/* The volume's own mount, made on first use; later uses must describe it alike. */
+static const char *volume_path(const struct vol_mount *m, struct failure *f)
+{
+    for (struct volume *v = volumes; v; v = v->next) {
+        if (strcmp(v->name, m->name) != 0)
+            continue;
+        if (strcmp(v->kind, m->kind) != 0 || strcmp(v->options, m->options) != 0)
+            failf(f, "volume", EINVAL, "volume %s: mounted as %s:%s before, now %s:%s", m->name, v->kind, v->options,
+                  m->kind, m->options);
+        return strcmp(v->kind, m->kind) == 0 && strcmp(v->options, m->options) == 0 ? v->path : NULL;
+    }
+    struct volume *v = calloc(1, sizeof *v);
+    if (!v || !(v->name = strdup(m->name)) || !(v->kind = strdup(m->kind)) || !(v->options = strdup(m->options))) {
+        if (v) {
+            free(v->name);
+            free(v->kind);
+        }
+        free(v);
+        failf(f, "volume", ENOMEM, "out of memory");
+        return NULL;
+    }
+    int rc = -1;
+    v->mount_index = nmounts;
+    if (path_join(v->path, sizeof v->path, VOLUMES_DIR "/%s", m->name) < 0)
+        failf(f, "volume", ENAMETOOLONG, "volume path too long");
+    else if (make_dir_or_fail(KVMPOD_RUN, "volume", f) < 0 || make_dir_or_fail(VOLUMES_DIR, "volume", f) < 0 ||
+             make_dir_or_fail(v->path, "volume", f) < 0)
+        ;
+    else if (strcmp(m->kind, "empty") == 0)
+        /* One tmpfs per volume; OPTIONS are exactly tmpfs's mode=,uid=,gid= */
+        rc = mount_at("tmpfs", v->path, "tmpfs", MS_NOSUID | MS_NODEV, m->options, "volume", f);
+    else if (strcmp(m->kind, "host") == 0 && strncmp(m->options, "tag=", 4) == 0) {
+        /* tag=TAG[,9p][,ro]: virtio-fs, or virtio-9p (the fallback without virtiofsd) */
+        char tag[64];
+        const char *end = strchr(m->options, ',');
+        const char *rest = end ? end : "";
+        bool p9 = strncmp(rest, ",9p", 3) == 0;
+        bool ro = strcmp(rest + (p9 ? 3 : 0), ",ro") == 0;
+        unsigned long flags = MS_NOSUID | MS_NODEV | (ro ? MS_RDONLY : 0);
+        if (!copy_part(tag, sizeof tag, m->options + 4, end ? end : m->options + strlen(m->options)) ||
+            !(rest[p9 ? 3 : 0] == '\0' || ro))
+            failf(f, "request", EINVAL, "volume %s: bad options %s", m->name, m->options);
+        else if (p9)
+            rc = mount_at(tag, v->path, "9p", flags, "trans=virtio,version=9p2000.L,msize=262144,cache=mmap", "volume",
+                          f);
+        else
+            rc = mount_at(tag, v->path, "virtiofs", flags, NULL, "volume", f);
+    } else
+        failf(f, "request", EINVAL, "volume %s: unknown kind %s (options %s)", m->name, m->kind, m->options);
+    if (rc < 0) {
+        free(v->name);
+        free(v->kind);
+        free(v->options);
+        free(v);
+        return NULL;
+    }
+    v->next = volumes;
+    volumes = v;
+    return v->path;
+}
+
+/* The mount point `target` in the app's root, made 0:0 0755 where missing, each component checked
+ * without following symlinks (the agent is not chrooted: a symlink would lead the mount out). */
+static int volume_target(const char *root, const char *target, char *out, size_t size, struct failure *f)
+{
+    char copy[PATH_MAX], *save = NULL;
+    if (path_join(copy, sizeof copy, "%s", target) < 0 || path_join(out, size, "%s%s", root, target) < 0)
+        return failf(f, "volume", ENAMETOOLONG, "volume target %s: path too long", target);
+    int fd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return failf(f, "volume", errno, "open %s: %s", root, strerror(errno));
+    for (char *c = strtok_r(copy, "/", &save); c; c = strtok_r(NULL, "/", &save)) {
+        if (strcmp(c, ".") == 0 || strcmp(c, "..") == 0) {
+            close(fd);
+            return failf(f, "request", EINVAL, "volume target %s is not a clean absolute path", target);
+        }
+        int next = openat(fd, c, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (next < 0 && errno == ENOENT && (mkdirat(fd, c, 0755) == 0 || errno == EEXIST))
+            next = openat(fd, c, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        int e = errno;
+        struct stat st;
+        if (next >= 0 && fstat(next, &st) < 0)
+            e = errno, st.st_mode = 0;
+        close(fd);
+        if (next < 0)
+            return failf(f, "volume", e, "volume target %s: %s: %s", target, c, strerror(e));
+        fd = next;
+        if (S_ISLNK(st.st_mode) || !S_ISDIR(st.st_mode)) {
+            close(fd);
+            return failf(f, "volume", S_ISLNK(st.st_mode) ? ELOOP : ENOTDIR,
+                         "volume target %s: %s is %s in the app's rootfs", target, c,
+                         S_ISLNK(st.st_mode) ? "a symlink" : "not a directory");
+        }
+    }
+    close(fd);
+    return 0;
+}
+
+/* A failed app setup unmounted everything from `depth` on: the volumes it mounted are gone too. */
+static void forget_volumes(size_t depth)
+{
+    while (volumes && volumes->mount_index >= depth) {
+        struct volume *v = volumes;
+        volumes = v->next;
+        free(v->name);
+        free(v->kind);
+        free(v->options);
+        free(v);
+    }
+}
+
+static int mount_volumes(const char *root, char *const *specs, size_t n, struct failure *f)
+{
+    for (size_t i = 0; i < n; i++) {
+        struct vol_mount m;
+        char target[PATH_MAX];
+        const char *src;
+        if (parse_vol_mount(specs[i], &m, f) < 0 || !(src = volume_path(&m, f)) ||
+            volume_target(root, m.target, target, sizeof target, f) < 0 ||
+            mount_at(src, target, NULL, MS_BIND, NULL, "volume", f) < 0)
+            return -1;
+        /* A bind mount takes its flags at remount time: keep nosuid,nodev along with ro. */
+        if (m.bind_ro && mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
+            return failf(f, "volume", errno, "remount %s read-only: %s", target, strerror(errno));
+        log_debug("volume %s (%s) on %s%s", m.name, m.kind, target, m.bind_ro ? " (read-only)" : "");
+    }
+    return 0;
+}
+
+static int build_root(struct app *a, const char *image, bool readonly, char *const *vols, size_t nvols,
+                      struct failure *f)
 {
     char base[PATH_MAX];
     if (path_join(base, sizeof base, APPS_DIR "/%s", a->name) < 0 ||
@@ -291,7 +475,7 @@ static int build_root(struct app *a, const char *image, bool readonly, struct fa
     if (make_dir_or_fail(APPS_DIR, "rootfs", f) < 0 || make_dir_or_fail(base, "rootfs", f) < 0)
         return -1;
     if (overlay_root(base, image, a->root, f) < 0 || appc_filesystems(a->root, f) < 0 ||
-        ensure_hosts(a->root, f) < 0)
+        ensure_hosts(a->root, f) < 0 || mount_volumes(a->root, vols, nvols, f) < 0)
         return -1;
     return readonly ? make_readonly(a->root, f) : 0;
 }
@@ -320,7 +504,8 @@ const char *app_existing_root(const char *name, const char *serial, struct failu
     return found > 0 ? root : NULL;
 }
 
-const char *app_prepare(const char *name, const char *serial, bool readonly, struct failure *f)
+const char *app_prepare(const char *name, const char *serial, bool readonly, char *const *vols, size_t nvols,
+                        struct failure *f)
 {
     const char *root = NULL;
     if (!safe_name(name) || !safe_name(serial)) {
@@ -345,8 +530,9 @@ const char *app_prepare(const char *name, const char *serial, bool readonly, str
     /* The image stays mounted for other apps; this app's own mounts are undone on failure, so a
      * later START can try again from scratch. */
     size_t depth = nmounts;
-    if (build_root(a, image, readonly, f) < 0) {
+    if (build_root(a, image, readonly, vols, nvols, f) < 0) {
         unmount_to(depth);
+        forget_volumes(depth);
         free(a->name);
         free(a->serial);
         free(a);

@@ -5,13 +5,16 @@
 #define KVMPOD_APP_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "util.h"
 
 /* The root directory for a process of app `name` running from the disk with serial `serial`.
- * The first START naming an app builds it; later ones reuse it. Returns NULL with *f filled:
- * stage "request" (bad name), "mount" (the image disk) or "rootfs" (the app root). */
-const char *app_prepare(const char *name, const char *serial, bool readonly, struct failure *f);
+ * The first START naming an app builds it, with the pod volumes `mounts` (VOLUME_MOUNT values,
+ * docs/volumes.md) bind-mounted in it; later ones reuse it. Returns NULL with *f filled:
+ * stage "request" (bad name), "mount" (the image disk), "rootfs" (the app root) or "volume". */
+const char *app_prepare(const char *name, const char *serial, bool readonly, char *const *mounts, size_t nmounts,
+                        struct failure *f);
 
 /* The root an earlier START made for app `name` (START_FLAG_ENTER: enter it, never make it).
  * Returns NULL with *f (stage "request") when there is no such app or it runs from another disk. */

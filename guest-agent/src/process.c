@@ -173,7 +173,7 @@ static const char *stream_root(const struct start_req *r, struct failure *f)
 {
     if (r->flags & KP_START_FLAG_ENTER)
         return app_existing_root(r->app, r->serial, f);
-    return app_prepare(r->app, r->serial, r->flags & KP_START_FLAG_READONLY_ROOTFS, f);
+    return app_prepare(r->app, r->serial, r->flags & KP_START_FLAG_READONLY_ROOTFS, r->mounts.v, r->mounts.n, f);
 }
 
 /* The stream's stdio: a pty (START_FLAG_TTY), else pipes. */

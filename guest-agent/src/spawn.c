@@ -58,7 +58,7 @@ void start_req_free(struct start_req *r)
     free(r->group);
     free(r->seccomp_errno);
     struct strv *lists[] = {&r->argv,        &r->envp,           &r->pre_start,      &r->post_stop,
-                            &r->caps_retain, &r->caps_remove,    &r->seccomp_retain, &r->seccomp_remove};
+                            &r->caps_retain, &r->caps_remove,    &r->seccomp_retain, &r->seccomp_remove, &r->mounts};
     for (size_t i = 0; i < ARRAY_LEN(lists); i++)
         strv_free(lists[i]);
     free(r->gids);
@@ -100,6 +100,8 @@ static struct strv *list_of(struct start_req *r, uint16_t tag)
         return &r->caps_remove;
     case KP_F_SECCOMP_RETAIN:
         return &r->seccomp_retain;
+    case KP_F_VOLUME_MOUNT:
+        return &r->mounts;
     default:
         return &r->seccomp_remove;
     }
@@ -159,6 +161,7 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
         case KP_F_CAPS_REMOVE:
         case KP_F_SECCOMP_RETAIN:
         case KP_F_SECCOMP_REMOVE:
+        case KP_F_VOLUME_MOUNT:
             if (strv_push(list_of(r, field.tag), field_str(&field)) < 0)
                 out_of_memory();
             break;

@@ -23,6 +23,7 @@ struct start_req {
     struct strv caps_retain, caps_remove;        /* capability isolators' names */
     struct strv seccomp_retain, seccomp_remove;  /* seccomp isolators' names */
     char *seccomp_errno;                         /* NULL or "": SIGSYS */
+    struct strv mounts;                          /* VOLUME_MOUNT values (docs/volumes.md) */
     gid_t *gids;
     size_t ngids;
     uint32_t flags;

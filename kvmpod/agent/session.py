@@ -61,6 +61,7 @@ class ProcessSpec:
     isolators: Isolators = field(default_factory=Isolators)
     tty: tuple[int, int] | None = None    # (rows, cols): stdin/stdout/stderr are one pty of that size
     enter: bool = False                    # run in the app's existing root (kvmpod enter)
+    volume_mounts: list[str] = field(default_factory=list)   # VOLUME_MOUNT values (kvmpod/pod/volumes.py)
 
     def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
         flags = ((p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
@@ -78,6 +79,7 @@ class ProcessSpec:
         out += self.isolators.fields()
         if self.tty:
             out += [(p.Field.TTY_ROWS, self.tty[0]), (p.Field.TTY_COLS, self.tty[1])]
+        out += [(p.Field.VOLUME_MOUNT, m) for m in self.volume_mounts]
         return out
 
 

@@ -40,6 +40,9 @@ def build_parser() -> KvmpodParser:
     run.add_argument("--hostname", type=hostname, help="the pod's hostname (default kvmpod-<UUID prefix>)")
     run.add_argument("--annotation", action="append", type=annotation, default=[], metavar="NAME=VALUE",
                      help="pod annotation (served by the metadata service at /pod/annotations)")
+    run.add_argument("--volume", action="append", default=[], metavar="NAME,kind=host|empty,...",
+                     help="a pod volume: NAME,kind=host,source=/abs/dir[,readOnly=true] or "
+                          "NAME,kind=empty[,mode=0755,uid=0,gid=0] (docs/volumes.md)")
     run.add_argument("--uuid-file-save", metavar="FILE", help="write the pod's UUID to FILE")
     run.add_argument("--pod-manifest", metavar="FILE",
                      help="run this appc PodManifest (its images by ID from the store) instead of IMAGE ...")

@@ -22,6 +22,8 @@ def _app_parser() -> _Parser:
     p.add_argument("--working-dir", metavar="DIR", help="absolute working directory in the app's rootfs")
     p.add_argument("--name", help="the app's name in the pod (default: from the image name)")
     p.add_argument("--readonly-rootfs", action="store_true", help="mount the app's rootfs read-only")
+    p.add_argument("--mount", action="append", default=[], metavar="volume=NAME,target=PATH",
+                   help="mount the pod volume NAME at PATH in this app (docs/volumes.md)")
     return p
 
 
@@ -32,6 +34,7 @@ def app_flag_names() -> set[str]:
 def _parse_apps(words: list[str], image: str) -> list:
     """Split `IMAGE [app flags] [-- ARGS] [--- IMAGE2 ...]` into one AppOverrides per image."""
     from kvmpod.pod.spec import AppOverrides
+    from kvmpod.pod.volumes import parse_mount
 
     segments: list[list[str]] = [[]]
     for word in words:
@@ -53,7 +56,7 @@ def _parse_apps(words: list[str], image: str) -> list:
         ns = parser.parse_args(segment)
         apps.append(AppOverrides(image=image, exec=ns.exec, args=args, env=dict(ns.set_env), user=ns.user,
                                  group=ns.group, working_dir=ns.working_dir, name=ns.name,
-                                 readonly_rootfs=ns.readonly_rootfs))
+                                 readonly_rootfs=ns.readonly_rootfs, mounts=[parse_mount(m) for m in ns.mount]))
     return apps
 
 
@@ -69,7 +72,10 @@ def _unique_annotations(pairs: list[tuple[str, str]]) -> dict[str, str]:
 def cmd_run(ns: argparse.Namespace) -> int:
     from kvmpod.pod.run import RunOptions, run
 
+    from kvmpod.pod.volumes import parse_volume
+
     annotations = _unique_annotations(ns.annotation)
+    volumes = [parse_volume(v) for v in ns.volume]
     pod_isolators: list = []  # a pod manifest's own isolators (kvmpod/image/manifest.py Isolator)
     if ns.pod_manifest:
         from kvmpod.pod.podmanifest import read_pod_manifest
@@ -80,6 +86,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         apps = pod.app_overrides()
         annotations = {**pod.annotations, **annotations}  # --annotation overrides the manifest's value
         pod_isolators = pod.isolators
+        volumes = [*pod.volumes, *volumes]
     elif ns.image is None:
         raise UsageError("run: give an IMAGE or --pod-manifest FILE")
     else:
@@ -92,7 +99,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
                          interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
                          pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach,
                          hostname=ns.hostname, annotations=annotations, pod_isolators=pod_isolators,
-                         uuid_file=ns.uuid_file_save)
+                         uuid_file=ns.uuid_file_save, volumes=volumes)
     return run(apps, options)
 
 

@@ -10,8 +10,9 @@ What it means (docs/executor.md, "Pod manifests"): each app's image is looked up
 `image.id` (any unique prefix; nothing is imported) and must have the `image.name` and
 `image.labels` given; `app` replaces the image's app whole; `readOnlyRootFS` and per-app
 `annotations` apply; the pod's `annotations` are the pod annotations and its
-`resource/memory`/`resource/cpu` isolators bound the apps' limits. Volumes, mounts and ports are
-refused until kvmpod has volumes and port forwarding: running without them would be wrong.
+`resource/memory`/`resource/cpu` isolators bound the apps' limits; `volumes` and `apps[].mounts`
+are the pod's volumes and each app's explicit mounts (docs/volumes.md). Ports are refused until
+kvmpod has port forwarding: running without them would be wrong.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from typing import Any
 from kvmpod.errors import UsageError
 from kvmpod.image.manifest import IMAGE_SCHEMA, App, Isolator, build_app, check_app_rules, check_isolators
 from kvmpod.pod.spec import AppOverrides
+from kvmpod.pod.volumes import Mount, Volume, make_mount, make_volume, unique_volumes
 from kvmpod.schema import SchemaFile
 
 POD_SCHEMA = SchemaFile("pod manifest", "kvmpod.pod", "pod-manifest.schema.json", uses=(IMAGE_SCHEMA,))
 MAX_POD_MANIFEST_BYTES = 1 << 20
 # what kvmpod cannot do yet, and why it is refused rather than skipped
-_UNSUPPORTED = {"volumes": "volumes are not supported yet", "mounts": "volumes are not supported yet",
-                "ports": "port forwarding is not supported yet"}
+_UNSUPPORTED = {"ports": "port forwarding is not supported yet"}
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,12 @@ class PodApp:
     app: App | None = None          # replaces the image's app
     readonly_rootfs: bool = False
     annotations: dict[str, str] = field(default_factory=dict)
+    mounts: list[Mount] = field(default_factory=list)
 
     def overrides(self) -> AppOverrides:
         return AppOverrides(image=self.image_id, name=self.name, readonly_rootfs=self.readonly_rootfs, app=self.app,
                             image_name=self.image_name, image_labels=dict(self.image_labels),
-                            annotations=dict(self.annotations))
+                            annotations=dict(self.annotations), mounts=list(self.mounts))
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class PodManifest:
     apps: list[PodApp]
     isolators: list[Isolator] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
+    volumes: list[Volume] = field(default_factory=list)
 
     def app_overrides(self) -> list[AppOverrides]:
         """The apps as the run path takes them (kvmpod/pod/run.py, prepare_apps)."""
@@ -73,8 +76,11 @@ def parse_pod_manifest(data: bytes) -> PodManifest:
     POD_SCHEMA.check_depth(obj)
     POD_SCHEMA.validate(obj)
     _check_rules(obj)
+    volumes = [_build_volume(i, v) for i, v in enumerate(obj.get("volumes") or [])]
+    unique_volumes(volumes, "pod manifest: volumes")
     return PodManifest(
-        apps=[_build_app(app) for app in obj["apps"]],
+        volumes=volumes,
+        apps=[_build_app(app, i) for i, app in enumerate(obj["apps"])],
         isolators=[Isolator(i["name"], i["value"]) for i in obj.get("isolators", [])],
         annotations=_pairs(obj.get("annotations")),
     )
@@ -90,19 +96,41 @@ def _check_rules(obj: dict[str, Any]) -> None:
         if app.get("app") is not None:
             check_app_rules(app["app"], f"apps[{i}].app", POD_SCHEMA)
     # after the shape checks, so a malformed entry is reported as such first
-    for key in ("volumes", "ports"):
+    for key in ("ports",):
         if obj.get(key):
             raise POD_SCHEMA.fail(key, obj[key], f"is refused: {_UNSUPPORTED[key]}")
-    for i, app in enumerate(apps):
-        if app.get("mounts"):
-            raise POD_SCHEMA.fail(f"apps[{i}].mounts", app["mounts"], f"is refused: {_UNSUPPORTED['mounts']}")
 
 
 def _pairs(items: list[dict[str, str]] | None) -> dict[str, str]:
     return {item["name"]: item["value"] for item in items or []}
 
 
-def _build_app(app: dict[str, Any]) -> PodApp:
+def _build_volume(i: int, v: Any) -> Volume:
+    where = f"pod manifest: volumes[{i}]"
+    if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+        raise UsageError(f"{where}: a volume is an object with a name")
+    fields = {k: val for k, val in v.items() if k != "name"}
+    if fields.get("mode") is not None and not isinstance(fields["mode"], str):
+        raise UsageError(f"{where}: mode must be an octal string like \"0755\"")
+    for key in ("uid", "gid"):
+        if key in fields and (not isinstance(fields[key], int) or isinstance(fields[key], bool)):
+            raise UsageError(f"{where}: {key} must be an integer")
+    if "readOnly" in fields and not isinstance(fields["readOnly"], bool):
+        raise UsageError(f"{where}: readOnly must be true or false")
+    return make_volume(where, v["name"], fields)
+
+
+def _build_mounts(i: int, mounts: Any) -> list[Mount]:
+    out = []
+    for j, m in enumerate(mounts or []):
+        where = f"pod manifest: apps[{i}].mounts[{j}]"
+        if not isinstance(m, dict) or not isinstance(m.get("volume"), str) or not isinstance(m.get("path"), str):
+            raise UsageError(f"{where}: a mount is an object with volume and path")
+        out.append(make_mount(where, m["volume"], m["path"]))
+    return out
+
+
+def _build_app(app: dict[str, Any], i: int = 0) -> PodApp:
     image = app["image"]
     return PodApp(
         name=app["name"],
@@ -112,4 +140,5 @@ def _build_app(app: dict[str, Any]) -> PodApp:
         app=build_app(app["app"]) if app.get("app") is not None else None,
         readonly_rootfs=app.get("readOnlyRootFS", False),
         annotations=_pairs(app.get("annotations")),
+        mounts=_build_mounts(i, app.get("mounts")),
     )

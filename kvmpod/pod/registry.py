@@ -49,6 +49,15 @@ class PodInfo:
         return pid if isinstance(pid, int) and f"kvmpod-{self.uuid}" in _cmdline(pid) else None
 
     @property
+    def virtiofsd_pids(self) -> list[int]:
+        """The pod's virtiofsd daemons still running (checked by their socket in this pod's directory)."""
+        pids = self.state.get("virtiofsd_pids")
+        if not isinstance(pids, list):
+            return []
+        return [pid for pid in pids if isinstance(pid, int) and "virtiofsd" in _cmdline(pid)
+                and str(self.path) in _cmdline(pid)]
+
+    @property
     def app_names(self) -> list[str]:
         """The pod's apps, in order, from its pod-manifest ([] if it has none yet)."""
         try:
@@ -126,7 +135,7 @@ def gc(grace_period: float = 0.0) -> list[str]:
 
 def kill_stray_qemu(pod: PodInfo) -> None:
     """SIGKILL a QEMU of this pod that outlived its kvmpod (found by its VM name, never by pid alone)."""
-    if (pid := pod.qemu_pid) is not None:
+    for pid in [p for p in (pod.qemu_pid,) if p is not None] + pod.virtiofsd_pids:  # and its virtiofsd
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

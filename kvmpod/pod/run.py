@@ -30,6 +30,7 @@ from kvmpod.pod.metadata import MetadataSecrets, PodMetadata
 from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.resources import app_resources, size_vm
 from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, pod_manifest, resolve_app
+from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, host_transport, pod_volumes, unique_volumes
 from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
 from kvmpod.vm.backend import VMBackend, VMExit
@@ -62,6 +63,7 @@ class RunOptions:
     detach: bool = False    # app output to <pod dir>/logs/, the directory stays once the apps have started
     stop_timeout: float = STOP_TIMEOUT
     on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
+    volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
 
 
 def notice(message: str) -> None:
@@ -148,6 +150,19 @@ def keep_docker_entrypoint(image: StoredImage, overrides: AppOverrides) -> AppOv
     return dataclasses.replace(overrides, args=[*entrypoint[1:], *overrides.args])
 
 
+def attach_volumes(resolved: list[ResolvedApp], volumes: list[Volume]) -> tuple[list[ResolvedApp], PodVolumes]:
+    """Each app's mounts (explicit, else its mountPoints by name) and the pod's volumes in use,
+    checked before anything boots; notices for mount points no volume satisfies."""
+    by_name = unique_volumes(volumes)
+    out = []
+    for app in resolved:
+        mounts, notices = app_mounts(app.name, by_name, app.explicit_mounts, app.mount_points)
+        for line in notices:
+            notice(line)
+        out.append(dataclasses.replace(app, mounts=mounts))
+    return out, pod_volumes(by_name, [a.mounts for a in out])
+
+
 async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
     timings = {"start": time.time()}
     with SharedLocks() as claims:  # the pod's images stay in the store until the pod is gone
@@ -159,12 +174,14 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
     from kvmpod.boot.initrd import build_initrd, find_agent
     from kvmpod.boot.kernel import find_kernel
     from kvmpod.vm.accel import choose_accelerator
-    from kvmpod.vm.config import Disk, VMConfig
+    from kvmpod.vm.config import Disk, FsDevice, NinePShare, VMConfig
+    from kvmpod.vm.virtiofs import FsShare, Virtiofsd, find_virtiofsd
     from kvmpod.vm.machine import plan_boot
     from kvmpod.vm.qemu import QemuVM, check_socket_path
 
     metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
     resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
+    resolved, volumes = attach_volumes(resolved, options.volumes)
     for line in isolator_notices(resolved, options.pod_isolators):  # spec/ace.md: ignored ones are made known
         notice(line)
     pod_limits = app_resources("pod", options.pod_isolators) if options.pod_isolators else None
@@ -180,13 +197,30 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
         notice(f"using TCG software emulation (slow): {accel.reason}")
     plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
     disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved}.values())
+    if volumes.host:
+        try:
+            find_virtiofsd()
+            have_virtiofsd = True
+        except VMError:
+            have_virtiofsd = False
+        transport, why = host_transport(have_virtiofsd, os.geteuid() == 0)
+        if transport == "virtiofs" and not have_virtiofsd:
+            find_virtiofsd()  # forced: fail before the pod exists, saying why
+        if why:
+            notice(why)
+        volumes = dataclasses.replace(volumes, transport=transport)
 
     pod = PodDir.create()
     try:
         hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"
         if options.uuid_file:
             write_atomically(Path(options.uuid_file), pod.uuid.encode())
-        manifest = pod_manifest(resolved, options.annotations, options.pod_isolators)
+        manifest = pod_manifest(resolved, options.annotations, options.pod_isolators, volumes.volumes)
+        shares = [FsShare(volumes.tag(v), Path(v.source or ""), pod.file(f"{volumes.tag(v)}.sock"), v.read_only)
+                  for v in volumes.host if volumes.transport == "virtiofs"]
+        shares_9p = [NinePShare(volumes.tag(v), Path(v.source or ""), v.read_only,
+                                "passthrough" if os.geteuid() == 0 else "none")
+                     for v in volumes.host if volumes.transport == "9p"]
         pod.write_json("pod-manifest", manifest)
         metadata_secrets.save_key(pod.path)
         metadata = PodMetadata.build(pod.uuid, manifest, resolved, metadata_secrets)
@@ -196,8 +230,9 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
             console_log=pod.file("console.log"), qmp_socket=pod.file("qmp.sock"),
             agent_socket=pod.file("agent.sock"), machine=plan.machine,
             machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
-            memory_mib=size.memory_mib, cpus=size.cpus, disks=disks)
-        for sock in (config.qmp_socket, config.agent_socket):
+            memory_mib=size.memory_mib, cpus=size.cpus, disks=disks,
+            filesystems=[FsDevice(s.tag, s.socket) for s in shares], shares_9p=shares_9p)
+        for sock in (config.qmp_socket, config.agent_socket, *(s.socket for s in shares)):
             check_socket_path(sock)
         log.debug("pod %s: kernel %s (%s), machine %s, accel %s (%s)", pod.uuid, kernel.image, kernel.kind,
                   plan.machine_arg, accel.name, accel.reason)
@@ -207,7 +242,8 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
                                       "labels": a.image.manifest.labels, "signature": a.image.signature}
                                      for a in resolved])
         timings["qemu_spawn"] = time.time()
-        runner = PodRunner(pod, vm, resolved, options, timings, metadata)
+        runner = PodRunner(pod, vm, resolved, options, timings, metadata,
+                           [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in shares], volumes)
         return await runner.run()
     except KvmpodError as e:
         with contextlib.suppress(OSError):
@@ -225,8 +261,11 @@ class PodRunner:
     """One pod's life from QEMU start to power-off."""
 
     def __init__(self, pod: PodDir, vm: VMBackend, apps: list[ResolvedApp], options: RunOptions,
-                 timings: dict[str, float], metadata: PodMetadata | None = None):
+                 timings: dict[str, float], metadata: PodMetadata | None = None,
+                 fs_daemons: list | None = None, volumes: PodVolumes | None = None):
         self.pod = pod
+        self.fs_daemons = fs_daemons or []   # virtiofsd per host volume (kvmpod/vm/virtiofs.py)
+        self.volumes = volumes or PodVolumes()
         self.metadata = metadata
         self.vm = vm
         self.apps = apps
@@ -262,6 +301,9 @@ class PodRunner:
         self.control = ControlServer(self.pod.file("control.sock"), self)
         await self.control.start()
         sinks = self._sinks()
+        for daemon in self.fs_daemons:  # QEMU connects to their sockets: they come first
+            await daemon.start()
+            self.pod.update(virtiofsd_pids=[d.pid for d in self.fs_daemons if d.pid])
         channel = await self.vm.start()
         if self.stop_reason is not None:  # stopped while QEMU was being spawned
             await self.vm.stop(grace=0)
@@ -284,7 +326,9 @@ class PodRunner:
                                readonly_rootfs=app.readonly_rootfs,
                                pre_start=app.event_handlers.get("pre-start", []),
                                post_stop=app.event_handlers.get("post-stop", []), isolators=app.isolators,
-                               tty=tty if i == 0 else None)
+                               tty=tty if i == 0 else None,
+                               volume_mounts=[m.field(self.volumes.tag(m.volume), self.volumes.transport)
+                                              for m in app.mounts])
             self.processes.append(await self._until(self.session.start(spec, *sinks[app.name])))
         self.timings["apps_started"] = time.time()
         self.pod.update(state="running", apps=[{"name": a.name, "image": a.image.id} for a in self.apps])
@@ -511,8 +555,9 @@ class PodRunner:
         for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signo)
         if self.vm.pid is None:
+            await self._stop_fs_daemons()
             await self._close_local()
-            return  # QEMU never started: nothing to stop
+            return  # QEMU never started: nothing else to stop
         try:
             if self.session and not self.vm.ended.done():
                 await self.session.shutdown()
@@ -527,11 +572,18 @@ class PodRunner:
                     log.debug("console: %s", line)
             if self.session:
                 await self.session.close()
+            await self._stop_fs_daemons()
             self.timings["vm_ended"] = time.time()
             self.pod.update(state="exited" if self.pod.state.get("state") == "exited" else "failed",
                             timings=self.timings)
             audit.pod_ended(self.pod.uuid, self.pod.state["state"], self.pod.state.get("apps", []))
             await self._close_local()
+
+    async def _stop_fs_daemons(self) -> None:
+        """virtiofsd after QEMU: killed and waited for, so none outlives the pod."""
+        for daemon in self.fs_daemons:
+            with contextlib.suppress(Exception):
+                await daemon.stop()
 
     async def _close_local(self) -> None:
         """The pod is gone: stop the stop task, close the app logs, and last the control socket, whose

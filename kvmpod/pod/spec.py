@@ -8,7 +8,8 @@ from pathlib import Path
 
 from kvmpod.agent.session import Isolators
 from kvmpod.errors import ImageError, UsageError
-from kvmpod.image.manifest import AC_NAME, AC_VERSION, App, ImageManifest, Isolator
+from kvmpod.image.manifest import AC_NAME, AC_VERSION, App, ImageManifest, Isolator, MountPoint
+from kvmpod.pod.volumes import AppMount, Mount, Volume
 from kvmpod.store import StoredImage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # spec/ace.md
@@ -40,6 +41,7 @@ class AppOverrides:
     image_name: str | None = None           # the image must have this name (apps[].image.name)
     image_labels: dict[str, str] = field(default_factory=dict)   # ...and these labels
     annotations: dict[str, str] = field(default_factory=dict)    # the app's, merged by the metadata service
+    mounts: list[Mount] = field(default_factory=list)            # --mount / apps[].mounts (pod/volumes.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class ResolvedApp:
     # all the isolators the app declares (resource ones size the VM: kvmpod/pod/resources.py)
     app_isolators: list[Isolator] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)          # the pod manifest's for this app
+    mounts: list[AppMount] = field(default_factory=list)               # volumes in the app's root
+    mount_points: list[MountPoint] = field(default_factory=list)       # the app's mountPoints (matched by name)
+    explicit_mounts: list[Mount] = field(default_factory=list)         # --mount / apps[].mounts
 
 
 def default_app_name(manifest: ImageManifest) -> str:
@@ -195,11 +200,13 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
         unenforced_isolators=unenforced,
         app_isolators=list(app.isolators) if app else [],
         annotations=dict(overrides.annotations),
+        mount_points=list(app.mount_points) if app else [],
+        explicit_mounts=list(overrides.mounts),
     )
 
 
 def pod_manifest(apps: list[ResolvedApp], annotations: dict[str, str] | None = None,
-                 isolators: list[Isolator] | None = None) -> dict:
+                 isolators: list[Isolator] | None = None, volumes: list[Volume] | None = None) -> dict:
     """The resolved appc PodManifest (spec/pods.md): apps by image ID, exactly as they run."""
     return {
         "acVersion": AC_VERSION,
@@ -221,13 +228,16 @@ def pod_manifest(apps: list[ResolvedApp], annotations: dict[str, str] | None = N
                     "supplementaryGIDs": a.supplementary_gids,
                     "eventHandlers": [{"name": n, "exec": e} for n, e in a.event_handlers.items()],
                     "isolators": [{"name": i.name, "value": i.value} for i in a.app_isolators],
+                    "mountPoints": [{"name": m.name, "path": m.path, "readOnly": m.read_only}
+                                    for m in a.mount_points],
                 },
+                "mounts": [{"volume": m.volume.name, "path": m.target} for m in a.mounts],
                 "readOnlyRootFS": a.readonly_rootfs,
                 "annotations": [{"name": k, "value": v} for k, v in a.annotations.items()],
             }
             for a in apps
         ],
-        "volumes": [],
+        "volumes": [v.manifest() for v in volumes or []],
         "isolators": [{"name": i.name, "value": i.value} for i in isolators or []],
         "annotations": [{"name": k, "value": v} for k, v in (annotations or {}).items()],
         "ports": [],

@@ -21,6 +21,24 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class FsDevice:
+    """A virtio-fs share served by a vhost-user daemon (virtiofsd) on `socket`; the guest mounts `tag`."""
+
+    tag: str
+    socket: Path
+
+
+@dataclass(frozen=True)
+class NinePShare:
+    """A host directory served by QEMU itself over virtio-9p (the fallback without virtiofsd)."""
+
+    tag: str
+    path: Path
+    read_only: bool = False
+    security_model: str = "passthrough"   # root: real owners; otherwise "none" (files are the user's)
+
+
+@dataclass(frozen=True)
 class VMConfig:
     name: str
     kernel: Path
@@ -36,6 +54,8 @@ class VMConfig:
     cpus: int = 1
     disks: list[Disk] = field(default_factory=list)
     firmware: Path | None = None  # e.g. qboot.rom; None = QEMU's default
+    filesystems: list[FsDevice] = field(default_factory=list)  # virtio-fs (host volumes)
+    shares_9p: list[NinePShare] = field(default_factory=list)  # virtio-9p (host volumes, fallback)
 
     @property
     def virtio_suffix(self) -> str:
@@ -45,10 +65,13 @@ class VMConfig:
 
 def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
     v = cfg.virtio_suffix
+    machine_options = cfg.machine_options
+    if cfg.filesystems:  # vhost-user needs guest RAM the daemon can map: shared memfd
+        machine_options = (*machine_options, "memory-backend=mem")
     argv = [
         binary,
         "-name", f"{cfg.name},debug-threads=on",
-        "-machine", ",".join((cfg.machine, *cfg.machine_options)),
+        "-machine", ",".join((cfg.machine, *machine_options)),
         "-accel", cfg.accel,
         "-m", f"{cfg.memory_mib}M",
         "-smp", str(cfg.cpus),
@@ -78,5 +101,20 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         argv += [
             "-drive", f"file={disk.path},if=none,id=disk{i},format={disk.format},readonly=on",
             "-device", f"virtio-blk-{v},drive=disk{i},serial={disk.serial}",
+        ]
+    if cfg.filesystems:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on"]
+        if v == "device":  # microvm's virtio-mmio is legacy by default; libvhost-user (virtiofsd) refuses legacy
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
+    for i, fs in enumerate(cfg.filesystems):
+        argv += [
+            "-chardev", f"socket,id=fs{i},path={fs.socket}",
+            "-device", f"vhost-user-fs-{v},chardev=fs{i},tag={fs.tag}",
+        ]
+    for i, share in enumerate(cfg.shares_9p):
+        ro = ",readonly=on" if share.read_only else ""
+        argv += [
+            "-fsdev", f"local,id=p9{i},path={share.path},security_model={share.security_model}{ro}",
+            "-device", f"virtio-9p-{v},fsdev=p9{i},mount_tag={share.tag}",
         ]
     return argv

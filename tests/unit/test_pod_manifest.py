@@ -115,11 +115,7 @@ def _app(i: int, **changes) -> dict:
      "(also apps[1].app.isolators[0])"),
     (_pod(isolators=[{"name": "resource/memory", "value": {"limit": "-1"}}]),
      'pod manifest: isolators[0].value.limit: "-1" is not a resource quantity'),
-    # not supported yet: refused, never ignored
-    (_pod(volumes=[{"name": "work", "kind": "empty"}]),
-     'pod manifest: volumes: [{"name": "work", "kind": "empty"}] is refused: volumes are not supported yet'),
-    (_app(0, mounts=[{"volume": "work", "path": "/w"}]),
-     'pod manifest: apps[0].mounts: [{"volume": "work", "path": "/w"}] is refused: volumes are not supported yet'),
+    # not supported yet: refused, never ignored (volumes and mounts: tests/unit/test_volumes.py)
     (_pod(ports=[{"name": "ftp", "hostPort": 2121}]),
      'pod manifest: ports: [{"name": "ftp", "hostPort": 2121}] is refused: port forwarding is not supported yet'),
 ])
