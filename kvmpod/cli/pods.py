@@ -31,10 +31,24 @@ def cmd_status(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"uuid:  {summary['uuid']}\nstate: {summary['state']}\npath:  {summary['path']}")
+    timings = summary["timings"]
+    lines = [("uuid", summary["uuid"]), ("state", summary["state"]),
+             ("created", _when(summary.get("created"))), ("started", _when(timings.get("apps_started"))),
+             ("ended", _when(timings.get("vm_ended"))), ("path", summary["path"])]
+    if error := pod.state.get("error"):
+        lines.append(("error", error))
+    for key, value in lines:
+        if value:
+            print(f"{key + ':':9}{value}")
     for app in summary["apps"]:
         print(f"app {app.get('name')}: {app.get('exit', 'running')} (image {app.get('image', '?')[:19]}…)")
     return 0
+
+
+def _when(stamp: object) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if isinstance(stamp, (int, float)) else ""
 
 
 def cmd_gc(ns: argparse.Namespace) -> int:

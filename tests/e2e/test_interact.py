@@ -194,7 +194,7 @@ def test_detach_logs_follow_stop_and_rm(pods, busybox_aci):
     out, err = follow.communicate(timeout=30)  # ends with the pod
     assert (follow.returncode, out) == (0, b"up\nto-stderr\ngot TERM\n"), err
     status = pods.cmd("status", uuid)
-    assert b"state: exited" in status.stdout and b"exited with code 0" in status.stdout
+    assert b"state:   exited" in status.stdout and b"exited with code 0" in status.stdout
     assert not list(pods.pod_dir(uuid).glob("*.sock"))
     assert pods.cmd("stop", uuid).returncode == 0  # an ended pod: not an error
     assert pods.cmd("logs", uuid).stdout == b"up\nto-stderr\ngot TERM\n"

@@ -83,5 +83,5 @@ def test_list_and_status_commands(run_dir, capsys):
     assert cli.main(["list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["state"] == "exited"
     assert cli.main(["status", "1234"]) == 0
-    assert "state: exited" in capsys.readouterr().out
+    assert "state:   exited" in capsys.readouterr().out
     assert cli.main(["status", "nope"]) == 125
