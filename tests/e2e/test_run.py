@@ -224,7 +224,7 @@ def test_keep_leaves_the_pod_directory(kvmpod, busybox_aci, kvmpod_env):
     assert (pods[0] / "console.log").exists()
     assert not (pods[0] / "qmp.sock").exists() and not (pods[0] / "agent.sock").exists()
     status = subprocess.run(kvmpod_cmd("status", pods[0].name[:8]), capture_output=True, text=True, env=kvmpod_env)
-    assert "state: exited" in status.stdout and "exited with code 4" in status.stdout
+    assert "state:   exited" in status.stdout and "exited with code 4" in status.stdout
     subprocess.run(kvmpod_cmd("gc"), check=True, capture_output=True, env=kvmpod_env)
     assert not pods[0].exists()
 
