@@ -17,6 +17,8 @@ def printable(text: str) -> str:
     """Untrusted text (a tar member name, a link target) made safe for a one-line message: control
     characters become \\xNN escapes, so a hostile name can neither break the line nor forge a second
     `kvmpod: error:` line or drive the terminal."""
+    if text.isprintable():  # the common case, and the hot one: every tar member's name passes here
+        return text
     return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
