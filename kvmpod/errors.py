@@ -69,6 +69,14 @@ class GuestPanic(VMError):
     """The guest kernel panicked."""
 
 
+class GuestFault(VMError):
+    """The guest broke a device kvmpod emulates itself (the userspace vsock backend): it is cut off."""
+
+
+class NetworkError(KvmpodError):
+    """A pod network cannot be set up: a tap, the bridge, an address, a port, a CNI plugin."""
+
+
 class AgentError(KvmpodError):
     """The guest agent reported a failure or stopped answering."""
 

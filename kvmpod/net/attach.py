@@ -1,0 +1,254 @@
+"""A pod's network from request to release: resolve --port against the apps, attach each network
+(user, default bridge, CNI), compute DNS and hosts entries, and undo it all — at the pod's end, when
+its start fails halfway, or at `kvmpod gc` after its kvmpod was killed (from `net.json` in the pod dir,
+written as each network is attached, before anything else could fail).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmpod.errors import NetworkError, UsageError
+from kvmpod.fsutil import write_atomically
+from kvmpod.net.spec import (NET_DEFAULT, NET_NONE, NET_USER, Attachment, DnsConfig, GuestNetwork, NetRequest,
+                             PortForward, pod_mac)
+
+log = logging.getLogger(__name__)
+RECORD = "net.json"
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+HOST_HOSTS = Path("/etc/hosts")
+
+
+@dataclass
+class AppPorts:
+    """An app's appc ports (image manifest app.ports), for --port NAME."""
+
+    app: str
+    ports: Sequence[Any]   # kvmpod.image.manifest.Port
+
+
+def resolve_ports(requests: Sequence, apps: Sequence[AppPorts]) -> list[PortForward]:
+    """Each --port NAME:… against the ports the pod's apps declare (first app declaring NAME wins)."""
+    out = []
+    for req in requests:
+        found = [(a.app, p) for a in apps for p in a.ports if p.name == req.name]
+        if not found:
+            known = sorted({p.name for a in apps for p in a.ports})
+            raise UsageError(f"--port {req.name}: no app of the pod declares a port named {req.name!r} "
+                             f"({'its ports: ' + ', '.join(known) if known else 'its apps declare no ports'})")
+        _, port = found[0]
+        if req.host_port + port.count - 1 > 65535:
+            raise UsageError(f"--port {req.name}: {port.count} ports from {req.host_port} end past 65535")
+        out.append(PortForward(req.name, port.protocol, req.host_ip, req.host_port, port.port, port.count))
+    return out
+
+
+def check_host_ports_free(forwards: Sequence[PortForward]) -> None:
+    """Fail before boot, naming the port, if a host port is taken by a listener on this host."""
+    for fwd in forwards:
+        kind = socket.SOCK_STREAM if fwd.protocol == "tcp" else socket.SOCK_DGRAM
+        for port in range(fwd.host_port, fwd.host_port + fwd.count):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((fwd.host_ip or "0.0.0.0", port))
+                except OSError as e:
+                    raise NetworkError(f"--port {fwd.name}: host port {fwd.protocol}/{port}"
+                                       f"{' on ' + fwd.host_ip if fwd.host_ip else ''} is not available: "
+                                       f"{e.strerror}") from None
+
+
+def host_dns() -> DnsConfig:
+    """The host's resolv.conf: nameservers (less loopback ones, which a pod cannot reach), search, options."""
+    servers: list[str] = []
+    search: list[str] = []
+    options: list[str] = []
+    try:
+        lines = HOST_RESOLV_CONF.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                if not ipaddress.ip_address(words[1].split("%")[0]).is_loopback:
+                    servers.append(words[1])
+            except ValueError:
+                continue
+        elif words and words[0] in ("search", "domain"):
+            search = words[1:]
+        elif words and words[0] == "options":
+            options += words[1:]
+    return DnsConfig(tuple(servers), tuple(search), tuple(options))
+
+
+def guest_dns(request: NetRequest, network_dns: DnsConfig | None, notice: Callable[[str], None]) -> DnsConfig | None:
+    """What every app's /etc/resolv.conf says (None: the images' own files stay), by precedence:
+    --dns none; --dns ADDR…; user-mode's DNS proxy; the network's own (CNI); the host's."""
+    if request.dns == ("none",):
+        return None
+    explicit = request.dns and request.dns != ("host",)
+    if explicit:
+        base = DnsConfig(request.dns)
+    elif request.mode == NET_NONE:
+        if not (request.dns_search or request.dns_options):
+            return None
+        base = DnsConfig()
+    else:
+        host = host_dns()
+        if request.mode == NET_USER:   # slirp's proxy asks the host's resolvers, loopback ones included
+            from kvmpod.net import user
+            base = DnsConfig((user.DNS,), host.search, host.options)
+        elif network_dns and network_dns.nameservers and request.dns != ("host",):
+            base = network_dns
+        else:
+            base = host
+            if not host.nameservers:
+                notice("the host's resolvers are loopback addresses (or none) a pod cannot reach: "
+                       "pass --dns ADDRESS for name resolution in the pod")
+    return DnsConfig(base.nameservers, request.dns_search or base.search, request.dns_options or base.options)
+
+
+def hosts_entries(request: NetRequest) -> list[str]:
+    if request.hosts_entries != ("host",):
+        return list(request.hosts_entries)
+    entries = []
+    try:
+        lines = HOST_HOSTS.read_text().splitlines()
+    except OSError as e:
+        raise NetworkError(f"--hosts-entry host: {HOST_HOSTS}: {e.strerror}") from None
+    for line in lines:
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2:
+            entries.append(" ".join(words))
+    return entries
+
+
+def _vhost_net() -> bool:
+    return os.access("/dev/vhost-net", os.R_OK | os.W_OK)
+
+
+@dataclass
+class PodNetwork:
+    """The networks of one pod while it runs."""
+
+    pod_path: Path
+    attachments: list[Attachment] = field(default_factory=list)
+    guest: GuestNetwork = field(default_factory=GuestNetwork)
+
+    def nics(self):
+        from kvmpod.vm.config import Nic
+
+        vhost = _vhost_net()
+        return [Nic(a.interface.mac, a.tap_fd, a.user_options, vhost=vhost and a.tap_fd is not None)
+                for a in self.attachments]
+
+    def close_fds(self) -> None:
+        """Once QEMU holds the taps: kvmpod's copies go, so the taps end with QEMU."""
+        for a in self.attachments:
+            if a.tap_fd is not None:
+                os.close(a.tap_fd)
+                a.tap_fd = None
+
+    def summary(self) -> list[dict[str, Any]]:
+        """For state.json and `kvmpod status`."""
+        return [{"network": a.network, "interface": a.interface.name, "mac": a.interface.mac,
+                 "ips": a.interface.ips} for a in self.attachments]
+
+    def release(self) -> None:
+        self.close_fds()
+        release(self.pod_path)
+
+
+def _save(pod_path: Path, records: list[dict[str, Any]]) -> None:
+    write_atomically(pod_path / RECORD, json.dumps(records).encode())
+
+
+def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[AppPorts],
+          notice: Callable[[str], None]) -> PodNetwork:
+    """Attach the pod's networks; on any failure, undo what was made and raise."""
+    from kvmpod.pod.registry import pods_root
+
+    forwards = resolve_ports(request.ports, apps)
+    network = PodNetwork(pod_path)
+    records: list[dict[str, Any]] = []
+    _save(pod_path, records)
+
+    def owner_gone(owner: str) -> bool:
+        return not (pods_root() / owner).is_dir()
+
+    def remember(record: dict[str, Any]) -> None:
+        """Save `record`; the same dict again (cni.py updates its record as results arrive) is saved
+        in place, not added twice."""
+        if not any(r is record for r in records):
+            records.append(record)
+        _save(pod_path, records)
+
+    try:
+        if request.mode == NET_USER:
+            from kvmpod.net import user
+
+            check_host_ports_free(forwards)
+            mac = pod_mac(pod_uuid, 0)
+            network.attachments.append(Attachment(NET_USER, user.interface(mac, "eth0"), {"kind": "user"},
+                                                  user_options=user.netdev_options(forwards)))
+        elif request.mode == NET_DEFAULT:
+            from kvmpod.net import bridge
+
+            check_host_ports_free(forwards)
+            attachment = bridge.attach(pod_uuid, pod_mac(pod_uuid, 0), "eth0", forwards, owner_gone)
+            network.attachments.append(attachment)
+            remember(attachment.record)
+        elif request.mode == "cni":
+            from kvmpod.net import cni
+
+            if forwards:
+                raise UsageError("--port with CNI networks: use the CNI portmap plugin in the network's conflist")
+            network.attachments += cni.attach(list(request.cni_networks), pod_uuid, pod_path, remember)
+        network_dns = next((a.dns for a in network.attachments if a.dns), None)
+        network.guest = GuestNetwork([a.interface for a in network.attachments],
+                                     guest_dns(request, network_dns, notice), hosts_entries(request))
+    except BaseException:
+        network.release()
+        raise
+    for fwd in forwards:
+        log.debug("port %s", fwd.describe())
+    return network
+
+
+def release(pod_path: Path) -> None:
+    """Undo what a pod's net.json records, last attachment first; every part is tried, the first
+    failure is raised at the end. Idempotent: a second call (gc after stop) finds nothing to do."""
+    try:
+        records = json.loads((pod_path / RECORD).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise NetworkError(f"{pod_path / RECORD}: unreadable ({e}): its networks cannot be released") from None
+    first: BaseException | None = None
+    for record in reversed(records if isinstance(records, list) else []):
+        try:
+            _release_record(record)
+        except Exception as e:  # noqa: BLE001 - the others still get their turn
+            first = first or e
+    if first is not None:
+        raise first if isinstance(first, NetworkError) else NetworkError(f"releasing the pod's network: {first}")
+    (pod_path / RECORD).unlink(missing_ok=True)
+
+
+def _release_record(record: dict[str, Any]) -> None:
+    kind = record.get("kind") if isinstance(record, dict) else None
+    if kind == "bridge":
+        from kvmpod.net import bridge
+        bridge.release(record)
+    elif kind == "cni":
+        from kvmpod.net import cni
+        cni.release(record)

@@ -1,0 +1,140 @@
+"""--net default: the bridge `kvmpod0` with a private subnet, a tap per pod on it, host-local leases,
+NAT for egress and DNAT for --port (docs/networking.md).
+
+Links, addresses and the bridge are made with pyroute2 (netlink); the taps are kvmpod's own fds
+(kvmpod/net/tap.py), so they vanish with the pod; NAT lives in kvmpod's nftables table
+(kvmpod/net/nft.py). The bridge and the table stay once made (other pods use them): they hold no
+per-pod state, and the bridge is empty when no pod runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmpod import paths
+from kvmpod.errors import ConfigError, NetworkError
+from kvmpod.net import nft
+from kvmpod.net.ipam import LeasePool
+from kvmpod.net.spec import Attachment, GuestInterface, PortForward, Route
+from kvmpod.net.tap import open_tap
+
+BRIDGE = "kvmpod0"
+DEFAULT_SUBNET = "172.16.28.0/24"   # rkt's default network used this range too
+MTU = 1500
+
+
+@dataclass(frozen=True)
+class DefaultNetwork:
+    subnet: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address   # the bridge's address: the subnet's first host
+
+    @classmethod
+    def configured(cls) -> "DefaultNetwork":
+        """From `[net] default-subnet` in kvmpod.toml, else 172.16.28.0/24."""
+        from kvmpod import config
+
+        found = config.lookup("default-subnet", "net")
+        text = found.value if found else DEFAULT_SUBNET
+        try:
+            subnet = ipaddress.IPv4Network(text)
+            if not isinstance(text, str) or subnet.prefixlen > 29 or not subnet.is_private:
+                raise ValueError
+        except (ValueError, TypeError):
+            where = found.describe("[net] default-subnet") if found else "default subnet"
+            raise ConfigError(f"{where}: {text!r} is not a private IPv4 subnet of /29 or larger") from None
+        return cls(subnet, next(subnet.hosts()))
+
+    @property
+    def pool(self) -> LeasePool:
+        return LeasePool(paths.runtime_dir() / "net" / "default", self.subnet, self.gateway)
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    try:
+        with open(path) as f:
+            if f.read().strip() == value:
+                return
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise NetworkError(f"{path}: {e.strerror}") from None
+
+
+def ensure_bridge(net: DefaultNetwork) -> None:
+    """The bridge with the gateway address, up; IP forwarding on; the NAT table. Idempotent; called
+    under the network's lock, so concurrent pods never race to create them."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=BRIDGE)
+            if not found:
+                ipr.link("add", ifname=BRIDGE, kind="bridge")
+                found = ipr.link_lookup(ifname=BRIDGE)
+            index = found[0]
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=2)}
+            if (str(net.gateway), net.subnet.prefixlen) not in have:
+                ipr.addr("add", index=index, address=str(net.gateway), prefixlen=net.subnet.prefixlen)
+            ipr.link("set", index=index, state="up")
+    except NetlinkError as e:
+        raise NetworkError(f"bridge {BRIDGE}: {os.strerror(e.code) if e.code else e}") from None
+    _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")   # routing for the pods: NAT needs it
+    # --port forwards reached at 127.0.0.1 are DNATed out of loopback onto the bridge
+    _write_sysctl(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet", "1")
+    nft.ensure_table(net.subnet, BRIDGE)
+
+
+def attach(pod_uuid: str, mac: str, ifname: str, forwards: list[PortForward],
+           owner_gone: Callable[[str], bool]) -> Attachment:
+    """A lease, a tap on the bridge and the pod's port forwards; undone in full if any part fails."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    net = DefaultNetwork.configured()
+    pool = net.pool
+    with pool.locked():
+        ensure_bridge(net)
+    address = pool.allocate(pod_uuid, owner_gone)
+    record: dict[str, Any] = {"kind": "bridge", "network": "default", "owner": pod_uuid,
+                              "leases": str(pool.directory), "subnet": str(net.subnet), "ip": str(address),
+                              "forwards": [dataclasses.asdict(f) for f in forwards]}
+    tap_fd = -1
+    try:
+        tap = f"kvtap{pod_uuid.replace('-', '')[:8]}"
+        tap_fd = open_tap(tap)
+        try:
+            with IPRoute() as ipr:
+                bridge = ipr.link_lookup(ifname=BRIDGE)[0]
+                index = ipr.link_lookup(ifname=tap)[0]
+                ipr.link("set", index=index, master=bridge, mtu=MTU, state="up")
+        except (NetlinkError, IndexError) as e:
+            raise NetworkError(f"attach {tap} to {BRIDGE}: {e}") from None
+        record["tap"] = tap
+        nft.add_forwards(forwards, str(address))
+    except BaseException:
+        if tap_fd >= 0:
+            os.close(tap_fd)
+        pool.release(pod_uuid)
+        raise
+    interface = GuestInterface(mac, ifname, MTU, (f"{address}/{net.subnet.prefixlen}",),
+                               (Route("0.0.0.0/0", str(net.gateway)),))
+    return Attachment("default", interface, record, tap_fd=tap_fd)
+
+
+def release(record: dict[str, Any]) -> None:
+    """Undo what attach() recorded (its tap went with its fd): the port forwards, then the lease."""
+    forwards = [PortForward(**f) for f in record.get("forwards", [])]
+    try:
+        nft.remove_forwards(forwards)
+    finally:
+        owner = record.get("owner")
+        if isinstance(owner, str) and isinstance(record.get("leases"), str):
+            net = ipaddress.IPv4Network(record.get("subnet", DEFAULT_SUBNET))
+            LeasePool(Path(record["leases"]), net, next(net.hosts())).release(owner)
