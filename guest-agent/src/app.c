@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "net.h"
 
 #define KVMPOD_RUN "/run/kvmpod"
 #define IMAGES_DIR KVMPOD_RUN "/images"
@@ -156,7 +158,7 @@ static int overlay_root(const char *base, const char *image, const char *root, s
 }
 
 /* A read-only root is the same overlay, made read-only once the agent has added what the
- * executor provides (mount points, /etc/hosts): MS_RDONLY on the overlay's own mount, so the app
+ * executor provides (mount points, /etc/hosts, /etc/resolv.conf): MS_RDONLY on the overlay's own mount, so the app
  * gets EROFS while the filesystems mounted inside it stay as they are. */
 static int make_readonly(const char *root, struct failure *f)
 {
@@ -185,30 +187,85 @@ static int open_in_root(int rootfd, const char *path, int flags, mode_t mode)
 
 static const char HOSTS[] = "127.0.0.1 localhost\n::1 localhost\n";
 
-/* The executor gives an app without /etc/hosts one that resolves localhost; an image's own
- * /etc/hosts (even a dangling symlink) is never touched: O_EXCL refuses any existing name. */
-static int ensure_hosts(const char *root, struct failure *f)
+static int write_all_or_fail(int fd, const char *content, const char *what, struct failure *f)
 {
-    int rootfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (rootfd < 0)
-        return failf(f, "rootfs", errno, "open %s: %s", root, strerror(errno));
-    int fd = open_in_root(rootfd, "etc/hosts", O_WRONLY | O_CREAT | O_EXCL, 0644);
-    if (fd < 0 && errno == ENOENT && mkdirat(rootfd, "etc", 0755) == 0) /* an image without /etc */
-        fd = open_in_root(rootfd, "etc/hosts", O_WRONLY | O_CREAT | O_EXCL, 0644);
+    size_t len = strlen(content);
+    ssize_t n = write(fd, content, len);
     int e = errno;
-    close(rootfd);
+    close(fd);
+    if (n != (ssize_t)len)
+        return failf(f, "rootfs", n < 0 ? e : EIO, "write %s in the app's rootfs: %s", what,
+                     n < 0 ? strerror(e) : "short write");
+    return 0;
+}
+
+/* The app root's /etc, made if the image has none. -1 with errno if it cannot be had. */
+static int open_etc(int rootfd)
+{
+    int etc = open_in_root(rootfd, "etc", O_PATH | O_DIRECTORY, 0);
+    if (etc < 0 && errno == ENOENT && mkdirat(rootfd, "etc", 0755) == 0)
+        etc = open_in_root(rootfd, "etc", O_PATH | O_DIRECTORY, 0);
+    return etc;
+}
+
+/* /etc/NAME made anew with `content`: what the image has there (a file, or a symlink to wherever,
+ * such as systemd-resolved's stub) is replaced in the app's overlay, never followed. */
+static int replace_etc_file(int rootfd, const char *name, const char *content, struct failure *f)
+{
+    int etc = open_etc(rootfd);
+    if (etc < 0)
+        return failf(f, "rootfs", errno, "open /etc in the app's rootfs: %s", strerror(errno));
+    int fd = -1;
+    if (unlinkat(etc, name, 0) == 0 || errno == ENOENT)
+        fd = openat(etc, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    int e = errno;
+    close(etc);
+    if (fd < 0)
+        return failf(f, "rootfs", e, "replace /etc/%s in the app's rootfs: %s", name, strerror(e));
+    char what[64];
+    snprintf(what, sizeof what, "/etc/%s", name);
+    return write_all_or_fail(fd, content, what, f);
+}
+
+/* /etc/hosts: with hosts entries for the pod (--hosts-entry), written anew with localhost, the pod's
+ * hostname and the entries. Otherwise the executor gives an app without /etc/hosts one that resolves
+ * localhost, and an image's own /etc/hosts (even a dangling symlink) is never touched. */
+static int write_hosts(int rootfd, struct failure *f)
+{
+    const char *entries = net_hosts_entries();
+    if (entries) {
+        char hostname[HOST_NAME_MAX + 1] = "localhost", content[sizeof HOSTS + HOST_NAME_MAX + 16 + 16384];
+        gethostname(hostname, sizeof hostname - 1);
+        snprintf(content, sizeof content, "%s127.0.1.1 %s\n%s", HOSTS, hostname, entries);
+        return replace_etc_file(rootfd, "hosts", content, f);
+    }
+    int etc = open_etc(rootfd);
+    if (etc < 0)
+        return failf(f, "rootfs", errno, "open /etc in the app's rootfs: %s", strerror(errno));
+    int fd = openat(etc, "hosts", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    int e = errno;
+    close(etc);
     if (fd < 0 && e == EEXIST)
         return 0;
     if (fd < 0)
         return failf(f, "rootfs", e, "create /etc/hosts in the app's rootfs: %s", strerror(e));
-    ssize_t n = write(fd, HOSTS, sizeof HOSTS - 1);
-    e = errno;
-    close(fd);
-    if (n != (ssize_t)(sizeof HOSTS - 1))
-        return failf(f, "rootfs", n < 0 ? e : EIO, "write /etc/hosts in the app's rootfs: %s",
-                     n < 0 ? strerror(e) : "short write");
-    log_debug("created /etc/hosts in %s", root);
-    return 0;
+    log_debug("created /etc/hosts");
+    return write_all_or_fail(fd, HOSTS, "/etc/hosts", f);
+}
+
+/* The files the executor provides in /etc: hosts, and resolv.conf when the pod's network gives DNS
+ * settings (docs/networking.md). */
+static int executor_etc_files(const char *root, struct failure *f)
+{
+    int rootfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0)
+        return failf(f, "rootfs", errno, "open %s: %s", root, strerror(errno));
+    const char *resolv = net_resolv_conf();
+    int rc = write_hosts(rootfd, f);
+    if (rc == 0 && resolv)
+        rc = replace_etc_file(rootfd, "resolv.conf", resolv, f);
+    close(rootfd);
+    return rc;
 }
 
 /* --- the appc filesystem set inside an app root --- */
@@ -475,7 +532,7 @@ static int build_root(struct app *a, const char *image, bool readonly, char *con
     if (make_dir_or_fail(APPS_DIR, "rootfs", f) < 0 || make_dir_or_fail(base, "rootfs", f) < 0)
         return -1;
     if (overlay_root(base, image, a->root, f) < 0 || appc_filesystems(a->root, f) < 0 ||
-        ensure_hosts(a->root, f) < 0 || mount_volumes(a->root, vols, nvols, f) < 0)
+        executor_etc_files(a->root, f) < 0 || mount_volumes(a->root, vols, nvols, f) < 0)
         return -1;
     return readonly ? make_readonly(a->root, f) : 0;
 }
