@@ -19,8 +19,14 @@ MAKE_ROOTFS = REPO / "tests" / "make-busybox-rootfs.sh"
 def kvmpod_dirs(tmp_path_factory) -> dict[str, str]:
     """Store and pod dirs of the test session only (the kernel cache stays the machine's: make kernel fills it)."""
     base = tmp_path_factory.mktemp("kvmpod")
+    # Pods of the tests default to --net none: the product's default for root (the bridge kvmpod0,
+    # NAT) would touch this machine's own network. Networking tests pass --net and run inside network
+    # namespaces they make. This is the user-level config layer, so a test's KVMPOD_CONFIG adds to it.
+    config = base / "config" / "kvmpod" / "kvmpod.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('[net]\ndefault = "none"\n')
     env = {"KVMPOD_STORE_DIR": str(base / "store"), "KVMPOD_RUN_DIR": str(base / "run"),
-           "KVMPOD_AUDIT_LOG": str(base / "audit.log")}
+           "KVMPOD_AUDIT_LOG": str(base / "audit.log"), "XDG_CONFIG_HOME": str(base / "config")}
     return env
 
 

@@ -109,6 +109,17 @@ def cmd_image_build(ns: argparse.Namespace) -> int:
         raise UsageError(f"--exec: {e}") from None
     manifest = build_manifest(ns.name, exec_=exec_, user=ns.user, group=ns.group,
                               working_directory=ns.working_dir, environment=dict(ns.env),
-                              labels=dict(ns.label), annotations=dict(ns.annotation))
+                              labels=dict(ns.label), annotations=dict(ns.annotation),
+                              ports=[_port(text) for text in ns.port])
     build_aci(Path(ns.rootfs), manifest, Path(ns.output), ns.compression)
     return 0
+
+
+def _port(text: str):
+    """--port NAME:PROTOCOL:PORT[:COUNT] of `image build` (the manifest's validation checks the rest)."""
+    from kvmpod.image.manifest import Port
+
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or not all(parts) or not all(x.isdigit() for x in parts[2:]):
+        raise UsageError(f"--port {text}: expected NAME:PROTOCOL:PORT[:COUNT], e.g. http:tcp:80")
+    return Port(parts[0], parts[1], int(parts[2]), int(parts[3]) if len(parts) == 4 else 1, False)

@@ -14,10 +14,11 @@ def cmd_list(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(pods, indent=2))
         return 0
-    print(f"{'UUID':36}  {'STATE':9}  APPS")
+    print(f"{'UUID':36}  {'STATE':9}  {'APPS':20}  IPS")
     for pod in pods:
         apps = ", ".join(a.get("name", "?") for a in pod["apps"])
-        print(f"{pod['uuid']:36}  {pod['state']:9}  {apps}")
+        ips = ", ".join(f"{n.get('network')}:{ip}" for n in pod.get("networks", []) for ip in n.get("ips", []))
+        print(f"{pod['uuid']:36}  {pod['state']:9}  {apps:20}  {ips}".rstrip())
     return 0
 
 
@@ -40,6 +41,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
     for key, value in lines:
         if value:
             print(f"{key + ':':9}{value}")
+    for net in summary.get("networks", []):
+        print(f"network {net.get('network')}: {net.get('interface')} {', '.join(net.get('ips', []))} "
+              f"(MAC {net.get('mac')})")
     for app in summary["apps"]:
         print(f"app {app.get('name')}: {app.get('exit', 'running')} (image {app.get('image', '?')[:19]}…)")
     return 0

@@ -74,8 +74,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     from kvmpod.pod.volumes import parse_volume
 
+    from kvmpod.net.spec import request as net_request
+
     annotations = _unique_annotations(ns.annotation)
     volumes = [parse_volume(v) for v in ns.volume]
+    port_flags = list(ns.port)
     pod_isolators: list = []  # a pod manifest's own isolators (kvmpod/image/manifest.py Isolator)
     if ns.pod_manifest:
         from kvmpod.pod.podmanifest import read_pod_manifest
@@ -87,19 +90,22 @@ def cmd_run(ns: argparse.Namespace) -> int:
         annotations = {**pod.annotations, **annotations}  # --annotation overrides the manifest's value
         pod_isolators = pod.isolators
         volumes = [*pod.volumes, *volumes]
+        port_flags = [f"{p.name}:{p.host_ip + ':' if p.host_ip else ''}{p.host_port}" for p in pod.ports] + port_flags
     elif ns.image is None:
         raise UsageError("run: give an IMAGE or --pod-manifest FILE")
     else:
         apps = _parse_apps(ns.app_words, ns.image)
+    network = net_request(ns.net, port_flags, ns.dns, ns.dns_search, ns.dns_opt, ns.hosts_entry)
     if ns.interactive and len(apps) != 1:
         raise UsageError("run: --interactive needs exactly one app")
     if ns.interactive and ns.detach:
         raise UsageError("run: --interactive and --detach exclude each other (use kvmpod enter)")
-    options = RunOptions(memory_mib=ns.memory, cpus=ns.cpus, kernel=ns.kernel, accel=ns.accel, debug=ns.debug,
+    options = RunOptions(memory_mib=ns.memory, cpus=ns.cpus, kernel=ns.kernel, accel=ns.accel,
+                         agent_transport=ns.agent_transport, debug=ns.debug,
                          interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
                          pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach,
                          hostname=ns.hostname, annotations=annotations, pod_isolators=pod_isolators,
-                         uuid_file=ns.uuid_file_save, volumes=volumes)
+                         uuid_file=ns.uuid_file_save, volumes=volumes, network=network)
     return run(apps, options)
 
 

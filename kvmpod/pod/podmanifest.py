@@ -11,18 +11,20 @@ What it means (docs/executor.md, "Pod manifests"): each app's image is looked up
 `image.labels` given; `app` replaces the image's app whole; `readOnlyRootFS` and per-app
 `annotations` apply; the pod's `annotations` are the pod annotations and its
 `resource/memory`/`resource/cpu` isolators bound the apps' limits; `volumes` and `apps[].mounts`
-are the pod's volumes and each app's explicit mounts (docs/volumes.md). Ports are refused until
-kvmpod has port forwarding: running without them would be wrong.
+are the pod's volumes and each app's explicit mounts (docs/volumes.md); `ports` are forwarded like
+`--port` (docs/networking.md).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvmpod.errors import UsageError
 from kvmpod.image.manifest import IMAGE_SCHEMA, App, Isolator, build_app, check_app_rules, check_isolators
+from kvmpod.net.spec import PortRequest
 from kvmpod.pod.spec import AppOverrides
 from kvmpod.pod.volumes import Mount, Volume, make_mount, make_volume, unique_volumes
 from kvmpod.schema import SchemaFile
@@ -30,7 +32,6 @@ from kvmpod.schema import SchemaFile
 POD_SCHEMA = SchemaFile("pod manifest", "kvmpod.pod", "pod-manifest.schema.json", uses=(IMAGE_SCHEMA,))
 MAX_POD_MANIFEST_BYTES = 1 << 20
 # what kvmpod cannot do yet, and why it is refused rather than skipped
-_UNSUPPORTED = {"ports": "port forwarding is not supported yet"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class PodManifest:
     isolators: list[Isolator] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
     volumes: list[Volume] = field(default_factory=list)
+    ports: list[PortRequest] = field(default_factory=list)   # exposed ports: like --port NAME:[HOSTIP:]HOSTPORT
 
     def app_overrides(self) -> list[AppOverrides]:
         """The apps as the run path takes them (kvmpod/pod/run.py, prepare_apps)."""
@@ -83,6 +85,7 @@ def parse_pod_manifest(data: bytes) -> PodManifest:
         apps=[_build_app(app, i) for i, app in enumerate(obj["apps"])],
         isolators=[Isolator(i["name"], i["value"]) for i in obj.get("isolators", [])],
         annotations=_pairs(obj.get("annotations")),
+        ports=[PortRequest(p["name"], p["hostPort"], p.get("hostIP", "")) for p in obj.get("ports", [])],
     )
 
 
@@ -95,10 +98,13 @@ def _check_rules(obj: dict[str, Any]) -> None:
         POD_SCHEMA.check_unique(app.get("annotations", []), f"apps[{i}].annotations", "annotation")
         if app.get("app") is not None:
             check_app_rules(app["app"], f"apps[{i}].app", POD_SCHEMA)
-    # after the shape checks, so a malformed entry is reported as such first
-    for key in ("ports",):
-        if obj.get(key):
-            raise POD_SCHEMA.fail(key, obj[key], f"is refused: {_UNSUPPORTED[key]}")
+    POD_SCHEMA.check_unique(obj.get("ports", []), "ports", "port")
+    for i, port in enumerate(obj.get("ports", [])):
+        if "hostIP" in port:
+            try:
+                ipaddress.IPv4Address(port["hostIP"])
+            except ValueError:
+                raise POD_SCHEMA.fail(f"ports[{i}].hostIP", port["hostIP"], "is not an IPv4 address") from None
 
 
 def _pairs(items: list[dict[str, str]] | None) -> dict[str, str]:

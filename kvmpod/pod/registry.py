@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvmpod import paths
-from kvmpod.errors import UsageError
+from kvmpod.errors import KvmpodError, UsageError
 from kvmpod.pod.poddir import PodDir
 
 FINISHED = ("exited", "failed")
@@ -80,6 +81,8 @@ class PodInfo:
     def summary(self) -> dict[str, Any]:
         summary = {"uuid": self.uuid, "state": self.status, "created": self.state.get("created"),
                    "apps": self.state.get("apps", []), "qemu_pid": self.qemu_pid, "path": str(self.path)}
+        if self.state.get("networks"):
+            summary["networks"] = self.state["networks"]
         if self.state.get("error"):
             summary["error"] = self.state["error"]
         return summary
@@ -129,7 +132,13 @@ def gc(grace_period: float = 0.0) -> list[str]:
             remove(pod)
         except UsageError:
             continue  # its kvmpod (a new one with a recycled pid?) runs after all
+        except KvmpodError as e:  # a network that cannot be released: say so, keep the pod, go on
+            print(f"kvmpod: error: pod {pod.uuid}: {e}", file=sys.stderr, flush=True)
+            continue
         removed.append(pod.uuid)
+    from kvmpod.vm.cid import remove_stale  # vsock CID lock files no live pod holds (docs/vsock.md)
+
+    remove_stale()
     return removed
 
 
@@ -147,4 +156,7 @@ def remove(pod: PodInfo) -> None:
     if pod.owner_alive:
         raise UsageError(f"pod {pod.uuid} is {pod.status}: stop it first (kvmpod stop {pod.uuid})")
     kill_stray_qemu(pod)
+    from kvmpod.net.attach import release
+
+    release(pod.path)   # its leases, port forwards, CNI namespaces (its taps died with QEMU); raises if stuck
     PodDir(pod.uuid, pod.path).remove()

@@ -62,11 +62,11 @@ def test_bad_pod_manifests_fail_before_a_vm_boots(kvmpod, kvmpod_env, busybox_ac
     busybox_id = fetch(kvmpod_env, busybox_aci)
     for changes, error in (
             ({"ports": [{"name": "http", "hostPort": 8080}]},
-             'pod manifest: ports: [{"name": "http", "hostPort": 8080}] is refused: port forwarding is not supported yet'),
+             "--port http: no app of the pod declares a port named 'http' (its apps declare no ports)"),
             ({"apps": [{"name": "a", "image": {"id": busybox_id, "name": "example.com/other"}}]},
              f"app a: image.name 'example.com/other' does not match image {busybox_id[:19]} "
              "(named 'example.com/busybox')")):
         manifest = tmp_path / "pod.json"
         manifest.write_text(json.dumps({**pod_manifest(busybox_id, busybox_id), **changes}))
-        result = kvmpod.run("--pod-manifest", str(manifest))
+        result = kvmpod.run("--net", "user", "--pod-manifest", str(manifest))
         assert result.returncode == 125 and the_error(result) == f"kvmpod: error: {error}", result.stderr

@@ -115,9 +115,10 @@ def _app(i: int, **changes) -> dict:
      "(also apps[1].app.isolators[0])"),
     (_pod(isolators=[{"name": "resource/memory", "value": {"limit": "-1"}}]),
      'pod manifest: isolators[0].value.limit: "-1" is not a resource quantity'),
-    # not supported yet: refused, never ignored (volumes and mounts: tests/unit/test_volumes.py)
-    (_pod(ports=[{"name": "ftp", "hostPort": 2121}]),
-     'pod manifest: ports: [{"name": "ftp", "hostPort": 2121}] is refused: port forwarding is not supported yet'),
+    (_pod(ports=[{"name": "ftp", "hostPort": 2121, "hostIP": "::1"}]),
+     'pod manifest: ports[0].hostIP: "::1" is not an IPv4 address'),
+    (_pod(ports=[{"name": "ftp", "hostPort": 2121}, {"name": "ftp", "hostPort": 2122}]),
+     'pod manifest: ports[1].name: "ftp" is a duplicate port name'),
 ])
 def test_each_problem_is_one_exact_line(obj, line):
     assert _error(obj) == line
