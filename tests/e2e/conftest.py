@@ -45,6 +45,14 @@ def virtiofsd_pids_of(run_dir: str) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+MACHINE_LINKS = set(os.listdir("/sys/class/net"))  # this machine's own namespace, before any test
+
+
+def machine_network_touched() -> list[str]:
+    """Links a test made in the machine's own network namespace (tests must use namespaces of their own)."""
+    return sorted(set(os.listdir("/sys/class/net")) - MACHINE_LINKS)
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind(kvmpod_env):
     """After every VM test: no QEMU or virtiofsd of ours, no pod directory (tests with --keep clean up
@@ -58,6 +66,7 @@ def nothing_left_behind(kvmpod_env):
     assert virtiofsd_pids_of(run_dir) == [], "a virtiofsd process outlived kvmpod"
     pods = Path(run_dir, "pods")
     assert not pods.exists() or list(pods.iterdir()) == [], f"pod directories left: {list(pods.iterdir())}"
+    assert machine_network_touched() == [], "a test made links in the machine's own network namespace"
 
 
 class Kvmpod:
