@@ -34,3 +34,12 @@ def test_output_and_users_on_the_distro_kernel(kvmpod, busybox_aci):
 def test_panic_is_reported_on_the_distro_kernel(kvmpod, busybox_aci):
     result = kvmpod.run(*DISTRO, str(busybox_aci), "--exec", "/bin/sh", "--", "-c", "echo c > /proc/sysrq-trigger")
     assert result.returncode == 125 and "kernel panicked" in the_error(result)
+
+
+def test_user_networking_on_the_distro_kernel(kvmpod, busybox_aci):
+    """virtio_net is a module there: the agent loads it before it configures eth0."""
+    result = kvmpod.run(*DISTRO, "--net", "user", str(busybox_aci), "--exec", "/bin/sh", "--", "-c",
+                        "ip -4 -o addr show eth0; ip route show default")
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "inet 10.0.2.15/24" in out and "default via 10.0.2.2" in out
