@@ -75,8 +75,14 @@ def build_busybox_aci(work: Path) -> Path:
 
 
 def bench_env(work: Path) -> dict[str, str]:
-    """Environment for kvmpod: a private store and run dir, so the real ones are left alone."""
-    return {**os.environ, "KVMPOD_STORE_DIR": str(work / "store"), "KVMPOD_RUN_DIR": str(work / "run")}
+    """Environment for kvmpod: a private store and run dir, so the real ones are left alone, and pods
+    without a network (the floor has none, and root's default, the kvmpod0 bridge, would change the
+    host's network; a benchmark that wants one passes --net)."""
+    config = work / "config" / "kvmpod" / "kvmpod.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text('[net]\ndefault = "none"\n')
+    return {**os.environ, "KVMPOD_STORE_DIR": str(work / "store"), "KVMPOD_RUN_DIR": str(work / "run"),
+            "XDG_CONFIG_HOME": str(work / "config")}
 
 
 def stats(values: list[float]) -> dict[str, float]:
