@@ -91,6 +91,14 @@ def ensure_bridge(net: DefaultNetwork) -> None:
     nft.ensure_table(net.subnet, BRIDGE)
 
 
+def intent(pod_uuid: str) -> dict[str, Any]:
+    """What release() needs before attach() has made anything: the owner of any lease (no forwards:
+    deleting a host port's map element that another pod holds would break that pod)."""
+    net = DefaultNetwork.configured()
+    return {"kind": "bridge", "network": "default", "owner": pod_uuid, "leases": str(net.pool.directory),
+            "subnet": str(net.subnet), "forwards": []}
+
+
 def attach(pod_uuid: str, mac: str, ifname: str, forwards: list[PortForward],
            owner_gone: Callable[[str], bool]) -> Attachment:
     """A lease, a tap on the bridge and the pod's port forwards; undone in full if any part fails."""
@@ -102,9 +110,7 @@ def attach(pod_uuid: str, mac: str, ifname: str, forwards: list[PortForward],
     with pool.locked():
         ensure_bridge(net)
     address = pool.allocate(pod_uuid, owner_gone)
-    record: dict[str, Any] = {"kind": "bridge", "network": "default", "owner": pod_uuid,
-                              "leases": str(pool.directory), "subnet": str(net.subnet), "ip": str(address),
-                              "forwards": [dataclasses.asdict(f) for f in forwards]}
+    record = {**intent(pod_uuid), "ip": str(address)}
     tap_fd = -1
     try:
         tap = f"kvtap{pod_uuid.replace('-', '')[:8]}"
@@ -118,6 +124,7 @@ def attach(pod_uuid: str, mac: str, ifname: str, forwards: list[PortForward],
             raise NetworkError(f"attach {tap} to {BRIDGE}: {e}") from None
         record["tap"] = tap
         nft.add_forwards(forwards, str(address))
+        record["forwards"] = [dataclasses.asdict(f) for f in forwards]
     except BaseException:
         if tap_fd >= 0:
             os.close(tap_fd)
