@@ -145,3 +145,16 @@ def release(record: dict[str, Any]) -> None:
         if isinstance(owner, str) and isinstance(record.get("leases"), str):
             net = ipaddress.IPv4Network(record.get("subnet", DEFAULT_SUBNET))
             LeasePool(Path(record["leases"]), net, next(net.hosts())).release(owner)
+
+
+def sweep() -> list[str]:
+    """Port forwards to addresses no pod leases (a kvmpod killed between making a forward and recording
+    it): removed, under the lease lock so no pod is being set up meanwhile. For `kvmpod gc`."""
+    if not nft.table_exists():
+        return []
+    pool = DefaultNetwork.configured().pool
+    with pool.locked():
+        leased = {str(a) for a in pool.leases()}
+        stale = [(m, k) for m, k, address in nft.forwarded_to() if address not in leased]
+        nft.remove_elements(stale)
+    return [k for _, k in stale]

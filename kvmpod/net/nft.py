@@ -113,3 +113,29 @@ def remove_forwards(forwards: list[PortForward]) -> None:
         except NetworkError as err:
             if "No such file or directory" not in str(err):
                 raise
+
+
+def forwarded_to() -> list[tuple[str, str, str]]:
+    """Every forward in the maps as (map, key, pod address), for gc's sweep."""
+    import json
+
+    binary = shutil.which("nft") or "/usr/sbin/nft"
+    out = []
+    for name in ("ports", "ports_on"):
+        try:
+            listing = subprocess.run([binary, "-j", "list", "map", "ip", TABLE, name], capture_output=True,
+                                     timeout=30)
+        except FileNotFoundError:
+            return []
+        if listing.returncode:
+            continue
+        for item in json.loads(listing.stdout or b"{}").get("nftables", []):
+            for key, value in item.get("map", {}).get("elem", []):
+                key_parts = key["concat"] if isinstance(key, dict) else [key]
+                out.append((name, " . ".join(str(k) for k in key_parts), str(value["concat"][0])))
+    return out
+
+
+def remove_elements(elements: list[tuple[str, str]]) -> None:
+    if elements:
+        _nft("".join(f"delete element ip {TABLE} {m} {{ {k} }}\n" for m, k in elements), "remove port forwards")
