@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import threading
 from pathlib import Path
 
 from kvmpod.errors import NetworkError
@@ -19,43 +18,21 @@ _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000   # QEMU offloads checksums and segmentation through the virtio-net header
-_CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 16
 
 
 def open_tap(name: str, netns: Path | None = None) -> int:
     """A new tap `name` (in the network namespace at `netns`, else kvmpod's own); returns its fd.
 
-    In another namespace the tap is made from a short-lived thread that enters it: setns(2) moves
-    only the calling thread, and the fd keeps working from anywhere once the tap exists."""
+    In another namespace the tap is made from a thread that enters it (kvmpod/net/netns.py); the fd
+    keeps working from anywhere once the tap exists."""
     if len(name.encode()) >= IFNAMSIZ:
         raise NetworkError(f"tap name {name!r} is longer than {IFNAMSIZ - 1} bytes")
     if netns is None:
         return _make_tap(name)
-    result: dict[str, int | BaseException] = {}
+    from kvmpod.net.netns import in_netns
 
-    def in_namespace() -> None:
-        import ctypes
-
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            ns = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(ns, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise NetworkError(f"enter network namespace {netns}: {os.strerror(err)}")
-            finally:
-                os.close(ns)
-            result["fd"] = _make_tap(name)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            result["error"] = e
-
-    thread = threading.Thread(target=in_namespace, name="kvmpod-tap")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return int(result["fd"])  # type: ignore[arg-type]
+    return in_netns(netns, lambda: _make_tap(name))
 
 
 def _make_tap(name: str) -> int:
