@@ -210,9 +210,7 @@ def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[App
         elif request.mode == "cni":
             from kvmpod.net import cni
 
-            if forwards:
-                raise UsageError("--port with CNI networks: use the CNI portmap plugin in the network's conflist")
-            network.attachments += cni.attach(list(request.cni_networks), pod_uuid, pod_path, remember)
+            network.attachments += cni.attach(list(request.cni_networks), pod_uuid, pod_path, remember, forwards)
         network_dns = next((a.dns for a in network.attachments if a.dns), None)
         network.guest = GuestNetwork([a.interface for a in network.attachments],
                                      guest_dns(request, network_dns, notice), hosts_entries(request))

@@ -31,7 +31,7 @@ from typing import Any
 from kvmpod.errors import ConfigError, NetworkError, printable
 from kvmpod.fsutil import write_atomically
 from kvmpod.net.netns import NETNS_DIR, create_netns, in_netns, netns_alive, remove_netns
-from kvmpod.net.spec import Attachment, DnsConfig, GuestInterface, Route
+from kvmpod.net.spec import Attachment, DnsConfig, GuestInterface, PortForward, Route
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ class NetworkConfig:
     cni_version: str
     plugins: tuple[dict[str, Any], ...]
     source: Path
+    # capability arguments (CNI conventions: runtimeConfig), given to the plugins that declare them,
+    # on ADD and DEL alike: {"portMappings": [...]} for --port
+    runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def stdin(self, index: int, prev_result: dict[str, Any] | None) -> bytes:
         """What plugin `index` reads (spec: the plugin's config, with the network's name and version
@@ -100,6 +103,11 @@ class NetworkConfig:
         conf["name"] = self.name
         conf["cniVersion"] = self.cni_version
         conf.pop("prevResult", None)
+        conf.pop("runtimeConfig", None)
+        capabilities = conf.get("capabilities") if isinstance(conf.get("capabilities"), dict) else {}
+        wanted = {k: v for k, v in self.runtime.items() if capabilities.get(k) is True}
+        if wanted:
+            conf["runtimeConfig"] = wanted
         if prev_result is not None:
             conf["prevResult"] = prev_result
         return json.dumps(conf).encode()
@@ -111,11 +119,17 @@ class NetworkConfig:
 
     def to_record(self) -> dict[str, Any]:
         return {"name": self.name, "cniVersion": self.cni_version, "plugins": list(self.plugins),
-                "source": str(self.source)}
+                "source": str(self.source), "runtime": self.runtime}
+
+    def has_capability(self, name: str) -> bool:
+        return any(isinstance(p.get("capabilities"), dict) and p["capabilities"].get(name) is True
+                   for p in self.plugins)
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> "NetworkConfig":
-        return cls(str(data["name"]), str(data["cniVersion"]), tuple(data["plugins"]), Path(str(data["source"])))
+        runtime = data.get("runtime") if isinstance(data.get("runtime"), dict) else {}
+        return cls(str(data["name"]), str(data["cniVersion"]), tuple(data["plugins"]), Path(str(data["source"])),
+                   runtime)
 
 
 def _parse_config(path: Path, data: Any) -> NetworkConfig:
@@ -522,14 +536,27 @@ def join_tap(netns: Path, ifname: str, tap: str, mtu: int) -> None:
 # --- attach and release --------------------------------------------------------------------------
 
 
-def attach(names: list[str], pod_uuid: str, pod_path: Path,
-           remember: Callable[[dict[str, Any]], None]) -> list[Attachment]:
+def port_mappings(forwards: list[PortForward]) -> list[dict[str, Any]]:
+    """--port as the portMappings capability argument (CNI conventions), one entry per port."""
+    return [{"hostPort": f.host_port + i, "containerPort": f.guest_port + i, "protocol": f.protocol,
+             **({"hostIP": f.host_ip} if f.host_ip else {})} for f in forwards for i in range(f.count)]
+
+
+def attach(names: list[str], pod_uuid: str, pod_path: Path, remember: Callable[[dict[str, Any]], None],
+           forwards: list[PortForward] | None = None) -> list[Attachment]:
     """The pod's namespace, each network's ADD there and a tap joined to its interface; on any failure
-    everything made so far is undone and NetworkError raised."""
+    everything made so far is undone and NetworkError raised. `forwards` (--port) go to the plugins
+    with the portMappings capability (e.g. portmap) of every network."""
     from kvmpod.net.tap import open_tap
 
     path = plugin_path()
     confs = [load_network(name) for name in names]
+    if forwards:
+        if not any(conf.has_capability("portMappings") for conf in confs):
+            raise NetworkError(f"--port with --net {','.join(names)}: no plugin of "
+                               f"{'that network' if len(names) == 1 else 'those networks'} has the portMappings "
+                               'capability (add {"type": "portmap", "capabilities": {"portMappings": true}})')
+        confs = [dataclasses.replace(conf, runtime={"portMappings": port_mappings(forwards)}) for conf in confs]
     for conf in confs:
         check_plugins(conf, path)
     netns = netns_path(pod_uuid)

@@ -225,3 +225,31 @@ def test_unknown_network_and_missing_plugin_are_one_line_errors(host, busybox_ac
     assert result.returncode == 125
     assert "20-broken.conflist): plugins[0].type: no executable CNI plugin 'no-such-plugin'" in the_error(result)
     assert not list(Path(host.env["KVMPOD_RUN_DIR"], "pods").glob("*"))
+
+
+def test_port_forwards_through_the_portmap_plugin(host, busybox_rootfs, tmp_path):
+    """--port with a CNI network: the portMappings capability argument reaches portmap (CNI conventions)."""
+    if not (PLUGINS / "portmap").exists():
+        pytest.skip(f"the CNI plugin portmap is not in {PLUGINS}")
+    netd = host.tmp / "net.d"
+    (netd / "30-webnet.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "webnet",
+        "plugins": [{"type": "bridge", "bridge": "kvcni2", "isGateway": True, "ipMasq": False,
+                     "ipam": {"type": "host-local", "subnet": "10.79.0.0/24", "dataDir": str(host.ipam)}},
+                    {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+    web = tmp_path / "web.aci"
+    subprocess.run(kvmpod_cmd("image", "build", "--rootfs", str(busybox_rootfs), "--name", "example.com/web",
+                              "--exec", "/bin/httpd -f -p 80 -h /etc", "--port", "http:tcp:80", "-o", str(web)),
+                   check=True)
+    refused = host.kvmpod("run", "--net", "testnet", "--port", "http:18085", str(web))
+    assert refused.returncode == 125 and "no plugin of that network has the portMappings capability" in \
+        the_error(refused)
+    uuid = host.detach("--net", "webnet", "--port", "http:18085", str(web))
+    try:
+        got = host.sh("curl", "-sS", "-m", "20", "http://10.79.0.1:18085/hosts", check=False)
+        assert b"127.0.0.1 localhost" in got.stdout, got.stderr
+    finally:
+        assert host.kvmpod("stop", uuid).returncode == 0
+        assert host.kvmpod("rm", uuid).returncode == 0
+    assert b"18085" not in host.sh("iptables-save", "-t", "nat").stdout  # portmap's DEL ran
+    assert host.leases("webnet") == []

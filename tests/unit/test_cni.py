@@ -4,6 +4,7 @@ network namespace the test makes (no VM)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -490,3 +491,21 @@ def test_release_with_a_plugin_gone_since_add_names_it(tmp_path, plugins, log):
     with pytest.raises(NetworkError, match=r"^network b: CNI plugin vanished DEL failed: no executable CNI plugin "):
         cni.release(record)
     assert [c["conf"]["name"] for c in calls(log)] == ["a"]
+
+
+def test_port_mappings_reach_only_the_plugins_that_declare_the_capability():
+    from kvmpod.net.spec import PortForward
+
+    conf = cni.NetworkConfig("n", "1.0.0", ({"type": "bridge"}, {"type": "portmap",
+                                                                 "capabilities": {"portMappings": True}}),
+                             Path("/x.conflist"))
+    mappings = cni.port_mappings([PortForward("http", "tcp", "", 8080, 80, 2),
+                                  PortForward("dns", "udp", "127.0.0.1", 53, 5353)])
+    assert mappings == [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                        {"hostPort": 8081, "containerPort": 81, "protocol": "tcp"},
+                        {"hostPort": 53, "containerPort": 5353, "protocol": "udp", "hostIP": "127.0.0.1"}]
+    conf = dataclasses.replace(conf, runtime={"portMappings": mappings})
+    assert "runtimeConfig" not in json.loads(conf.stdin(0, None))
+    assert json.loads(conf.stdin(1, None))["runtimeConfig"] == {"portMappings": mappings}
+    again = cni.NetworkConfig.from_record(json.loads(json.dumps(conf.to_record())))
+    assert json.loads(again.stdin(1, None))["runtimeConfig"] == {"portMappings": mappings}   # DEL gets them too
