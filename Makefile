@@ -11,7 +11,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils patch
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv agent kernel kernel-distro initrd demo test unit bench bench-deps bench-image clean
+.PHONY: setup deps venv agent kernel kernel-distro initrd demo test unit bench bench-deps bench-image bench-agent clean
 
 setup: deps venv agent kernel kernel-distro
 
@@ -68,6 +68,10 @@ bench-deps:
 
 bench-image: venv bench-deps
 	$(VPY) bench/image.py
+
+# The agent transports: stdout throughput and exec latency per transport, against virtio-serial.
+bench-agent: setup
+	$(VPY) bench/agent.py
 
 bench: setup bench-deps
 	$(VPY) -m pip install -q -e '.[bench]'

@@ -8,6 +8,7 @@
 5. cli        `kvmpod --help` vs `python3 -c pass`
 6. image      import + ISO build throughput on a Debian minbase rootfs vs gzip|sha512sum, tar -x, xorriso;
               the cost of a cached second run (bench/image.py; needs root + debootstrap the first time)
+7. agent      stdout throughput and exec latency per agent transport vs virtio-serial (bench/agent.py)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -31,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import KVMPOD, REPO, bench_env, build_busybox_aci, measure_start, print_start, stats, timed  # noqa: E402
+from agent import measure as measure_agent, print_agent  # noqa: E402
 from image import Unavailable, measure_image, print_image  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -188,6 +190,7 @@ def main() -> int:
     parser.add_argument("--help-runs", type=int, default=20)
     parser.add_argument("--scale", default="1,2,4,8,16")
     parser.add_argument("--image-runs", type=int, default=3)
+    parser.add_argument("--agent-mib", type=int, default=256, help="MiB streamed per agent transport")
     args = parser.parse_args()
     began = time.perf_counter()
     results: dict = {"date": datetime.date.today().isoformat(), "host": os.uname().nodename,
@@ -209,6 +212,9 @@ def main() -> int:
         results["scale"] = scale(work, aci, [int(n) for n in args.scale.split(",")])
         header("5. cli")
         results["cli"] = cli(args.help_runs)
+        header("7. agent transports")
+        results["agent"] = measure_agent(work, aci, args.agent_mib, execs=20, rounds=2)
+        print_agent(results["agent"])
     header("6. image (import + rootfs disk of a Debian minbase)")
     try:
         results["image"] = measure_image(args.image_runs)

@@ -12,6 +12,7 @@
 #include "protocol.h"
 #include "tlv.h"
 #include "util.h"
+#include "vsock.h"
 
 #define PORTS_DIR "/sys/class/virtio-ports"
 #define PORT_TIMEOUT_MS 15000u
@@ -32,6 +33,7 @@ static const struct msg_spec SPECS[] = {
 };
 
 static int fd = -1;
+static bool connected; /* a vsock channel is connected once accepted; a serial port once the host opens it */
 static uint8_t rbuf[FRAME_MAX];
 static size_t rstart, rend; /* unconsumed bytes are rbuf[rstart..rend) */
 static uint8_t wbuf[FRAME_MAX];
@@ -64,6 +66,24 @@ void channel_open(const char *name)
     log_debug("channel %s is %s", name, dev);
 }
 
+void channel_open_vsock(uint32_t port)
+{
+    /* The host connects to us (docs/vsock.md): listen, take the one connection, stop listening, so
+     * nothing else on the host reaches the agent's port once the pod runs. Until we listen, the
+     * host's connection requests are answered with RST and it tries again. */
+    int lfd = vsock_listen(port, 1);
+    if (lfd < 0)
+        fatal("channel", errno, "listen on vsock port %u: %s", port, strerror(errno));
+    log_debug("channel: listening on vsock port %u", port);
+    do
+        fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        fatal("channel", errno, "accept on vsock port %u: %s", port, strerror(errno));
+    close(lfd);
+    connected = true;
+}
+
 bool channel_is_open(void)
 {
     return fd >= 0;
@@ -79,6 +99,8 @@ void channel_wait_for_host(void)
     /* virtio_console reports POLLHUP (and refuses writes) while no host end is connected, so
      * poll() returns at once until the host connects: look again every few ms. */
     struct pollfd p = {.fd = fd, .events = POLLOUT};
+    if (connected)
+        return;
     while (poll(&p, 1, -1) < 0 || !(p.revents & POLLOUT)) {
         if (p.revents & (POLLERR | POLLNVAL))
             power_off();

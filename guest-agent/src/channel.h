@@ -1,4 +1,5 @@
-/* The agent channel: a virtio-serial port carrying framed messages (protocol.toml). */
+/* The agent channel: a vsock connection or a virtio-serial port carrying framed messages (protocol.toml).
+ * Both transports are one non-blocking byte stream; everything past opening is shared. */
 #ifndef KVMPOD_CHANNEL_H
 #define KVMPOD_CHANNEL_H
 
@@ -17,6 +18,9 @@ struct frame {
 
 /* Finds the virtio-serial port called `name` and opens it; fatal (stage "channel") on timeout. */
 void channel_open(const char *name);
+
+/* Listens on AF_VSOCK `port` and accepts the host's connection; fatal (stage "channel") on failure. */
+void channel_open_vsock(uint32_t port);
 
 /* True once the port is open: fatal errors are then also sent as ERROR frames. */
 bool channel_is_open(void);

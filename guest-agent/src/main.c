@@ -1,6 +1,7 @@
 /* kvmpod guest agent: /init (PID 1) of the pod VM.
  *
- * Sets up the guest (mounts, kernel modules), finds the virtio-serial port to the host, does the
+ * Sets up the guest (mounts, kernel modules), takes the host's vsock connection (or finds the
+ * virtio-serial port with kvmpod.transport=serial; docs/vsock.md), does the
  * handshake, then serves the host's requests until SHUTDOWN or until the host goes away. It never
  * returns: PID 1 exiting panics the kernel; the VM ends by powering off. */
 
@@ -20,6 +21,7 @@
 
 #include "app.h"
 #include "channel.h"
+#include "net.h"
 #include "log.h"
 #include "metadata.h"
 #include "process.h"
@@ -32,6 +34,7 @@
 
 struct options {
     char channel[128];
+    uint32_t vsock_port; /* kvmpod.transport=vsock:PORT: listen there; 0: the virtio-serial port */
     bool crash_after_hello;
 };
 
@@ -90,6 +93,14 @@ static void parse_cmdline(struct options *o)
         if (strncmp(arg, "kvmpod.channel=", 15) == 0) {
             if (snprintf(o->channel, sizeof o->channel, "%s", arg + 15) >= (int)sizeof o->channel)
                 fatal("channel", ENAMETOOLONG, "kvmpod.channel name is too long");
+        } else if (strncmp(arg, "kvmpod.transport=vsock:", 23) == 0) {
+            char *end;
+            unsigned long port = strtoul(arg + 23, &end, 10);
+            if (*end || end == arg + 23 || port == 0 || port > 0xfffffffeul)
+                fatal("channel", EINVAL, "bad vsock port in %s", arg);
+            o->vsock_port = (uint32_t)port;
+        } else if (strcmp(arg, "kvmpod.transport=serial") == 0) {
+            o->vsock_port = 0;
         } else if (strcmp(arg, "kvmpod.debug=1") == 0) {
             log_set_debug(true);
         } else if (strcmp(arg, "kvmpod.fault=crash-after-hello") == 0) {
@@ -226,6 +237,9 @@ static void dispatch(const struct frame *f)
     case KP_MSG_METADATA_START:
         metadata_handle_frame(f);
         break;
+    case KP_MSG_NETWORK:
+        net_handle_frame(f);
+        break;
     default:
         process_handle_frame(f);
     }
@@ -289,7 +303,10 @@ int main(void)
     signal(SIGPIPE, SIG_IGN); /* a process that closed its stdin gives EPIPE, not a signal */
     int sigfd = sigchld_fd();
     load_modules();
-    channel_open(opts.channel);
+    if (opts.vsock_port)
+        channel_open_vsock(opts.vsock_port);
+    else
+        channel_open(opts.channel);
     handshake(&opts, boot_ns);
     serve(sigfd);
 }

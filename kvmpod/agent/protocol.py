@@ -29,6 +29,7 @@ MAX_PAYLOAD: int = DEFINITION["max_payload"]
 DATA_CHUNK: int = DEFINITION["data_chunk"]
 STDIN_WINDOW: int = DEFINITION["stdin_window"]
 MAX_STREAMS: int = DEFINITION["max_streams"]
+VSOCK_PORT: int = DEFINITION["vsock_port"]
 
 MessageType = enum.IntEnum("MessageType", {m["name"]: m["id"] for m in DEFINITION["message"]})
 Field = enum.IntEnum("Field", {f["name"]: f["tag"] for f in DEFINITION["field"]})

@@ -43,12 +43,29 @@ def build_parser() -> KvmpodParser:
     run.add_argument("--volume", action="append", default=[], metavar="NAME,kind=host|empty,...",
                      help="a pod volume: NAME,kind=host,source=/abs/dir[,readOnly=true] or "
                           "NAME,kind=empty[,mode=0755,uid=0,gid=0] (docs/volumes.md)")
+    run.add_argument("--net", metavar="NET",
+                     help="none | user (QEMU user-mode, the default when not root) | default (bridge kvmpod0 "
+                          "with NAT, the default for root) | NAME[,NAME2] (CNI networks) (docs/networking.md)")
+    run.add_argument("--port", action="append", default=[], metavar="NAME:[HOSTIP:]HOSTPORT",
+                     help="forward host port HOSTPORT to the app port NAME (repeatable)")
+    run.add_argument("--dns", action="append", default=[], metavar="ADDRESS",
+                     help="nameserver for the apps' /etc/resolv.conf (repeatable), or host (the host's "
+                          "resolvers, the default) or none (keep the images' own file)")
+    run.add_argument("--dns-search", action="append", default=[], metavar="DOMAIN", help="resolv.conf search domain")
+    run.add_argument("--dns-opt", action="append", default=[], metavar="OPTION", help="resolv.conf option (e.g. ndots:2)")
+    run.add_argument("--hosts-entry", action="append", default=[], metavar="IP=HOSTNAME",
+                     help="an /etc/hosts entry for every app (repeatable), or host (copy the host's /etc/hosts)")
     run.add_argument("--uuid-file-save", metavar="FILE", help="write the pod's UUID to FILE")
     run.add_argument("--pod-manifest", metavar="FILE",
                      help="run this appc PodManifest (its images by ID from the store) instead of IMAGE ...")
     run.add_argument("--kernel", metavar="PATH", help="guest kernel image or kernel dir (see docs/kernel.md)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                      help="accelerator (auto: KVM where it can run a standard guest, else TCG)")
+    run.add_argument("--agent-transport", choices=["auto", "vsock", "vhost-vsock", "vsock-user", "serial"],
+                     default="auto", metavar="T",
+                     help="how kvmpod reaches the guest agent: auto (default: vsock, kernel vhost-vsock where "
+                          "/dev/vhost-vsock is usable, else kvmpod's userspace backend), vsock, vhost-vsock, "
+                          "vsock-user, serial (virtio-serial)")
     run.add_argument("--interactive", "-i", action="store_true",
                      help="forward stdin to the app (a terminal: the app gets a pty, raw mode here)")
     run.add_argument("--detach", "-d", action="store_true",
@@ -133,6 +150,8 @@ def build_parser() -> KvmpodParser:
     build.add_argument("--label", action="append", type=env_pair, default=[], metavar="NAME=VALUE",
                        help="image label (os=linux and arch=amd64 are set unless given)")
     build.add_argument("--annotation", action="append", type=env_pair, default=[], metavar="NAME=VALUE")
+    build.add_argument("--port", action="append", default=[], metavar="NAME:PROTOCOL:PORT[:COUNT]",
+                       help="an appc port the app listens on (e.g. http:tcp:80), for run --port NAME:HOSTPORT")
     build.add_argument("--compression", choices=["gzip", "none", "bzip2", "xz"], default="gzip")
     build.add_argument("-o", "--output", required=True, metavar="OUT.aci")
     build.set_defaults(func=cmd_image_build)

@@ -139,6 +139,13 @@ def gc(grace_period: float = 0.0) -> list[str]:
     from kvmpod.vm.cid import remove_stale  # vsock CID lock files no live pod holds (docs/vsock.md)
 
     remove_stale()
+    if os.geteuid() == 0:   # port forwards a killed kvmpod made but had not recorded yet
+        from kvmpod.net import bridge
+
+        try:
+            bridge.sweep()
+        except KvmpodError as e:
+            print(f"kvmpod: error: {e}", file=sys.stderr, flush=True)
     return removed
 
 

@@ -18,12 +18,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, OutputSink, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
 from kvmpod.fsutil import write_atomically
 from kvmpod.image.manifest import Isolator
+from kvmpod.net.spec import NetRequest
 from kvmpod.pod import audit
 from kvmpod.pod.control import ControlServer
 from kvmpod.pod.metadata import MetadataSecrets, PodMetadata
@@ -34,6 +35,9 @@ from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, host_transport, p
 from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
 from kvmpod.vm.backend import VMBackend, VMExit
+
+if TYPE_CHECKING:
+    from kvmpod.net.attach import PodNetwork
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +58,7 @@ class RunOptions:
     uuid_file: str | None = None    # --uuid-file-save: the UUID is written here once the pod exists
     kernel: str | None = None
     accel: str = "auto"
+    agent_transport: str = "auto"   # --agent-transport (kvmpod/vm/transport.py)
     debug: bool = False
     interactive: bool = False
     keep: bool = False
@@ -64,6 +69,7 @@ class RunOptions:
     stop_timeout: float = STOP_TIMEOUT
     on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
     volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
+    network: NetRequest = field(default_factory=NetRequest)  # --net, --port, --dns… (kvmpod/net/); default: none
 
 
 def notice(message: str) -> None:
@@ -178,6 +184,7 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
     from kvmpod.vm.virtiofs import FsShare, Virtiofsd, find_virtiofsd
     from kvmpod.vm.machine import plan_boot
     from kvmpod.vm.qemu import QemuVM, check_socket_path
+    from kvmpod.net.attach import AppPorts, setup as setup_network
 
     metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
     resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
@@ -196,6 +203,10 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
     if accel.name == "tcg" and accel.automatic:
         notice(f"using TCG software emulation (slow): {accel.reason}")
     plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
+    from kvmpod.vm.transport import choose_transport
+    agent_transport = choose_transport(options.agent_transport, kernel)
+    if agent_transport.notice:
+        notice(agent_transport.notice)
     disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved}.values())
     if volumes.host:
         try:
@@ -211,6 +222,7 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
         volumes = dataclasses.replace(volumes, transport=transport)
 
     pod = PodDir.create()
+    network = None
     try:
         hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"
         if options.uuid_file:
@@ -224,26 +236,39 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
         pod.write_json("pod-manifest", manifest)
         metadata_secrets.save_key(pod.path)
         metadata = PodMetadata.build(pod.uuid, manifest, resolved, metadata_secrets)
+        # in a thread: pyroute2's synchronous API runs an event loop of its own
+        network = await asyncio.to_thread(
+            setup_network, options.network, pod.uuid, pod.path,
+            [AppPorts(a.name, a.image.manifest.app.ports if a.image.manifest.app else []) for a in resolved], notice)
+        if network.attachments:
+            pod.update(networks=network.summary())
         config = VMConfig(
             name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd,
-            cmdline=f"{plan.cmdline} kvmpod.hostname={hostname}",
+            cmdline=f"{plan.cmdline} kvmpod.hostname={hostname} {agent_transport.kernel_arg()}",
             console_log=pod.file("console.log"), qmp_socket=pod.file("qmp.sock"),
-            agent_socket=pod.file("agent.sock"), machine=plan.machine,
+            agent_socket=None if agent_transport.vsock else pod.file("agent.sock"),
+            agent_transport=agent_transport.kind,
+            vhost_user_vsock=pod.file("vhost-vsock.sock") if agent_transport.kind == "vsock-user" else None,
+            machine=plan.machine,
             machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
             memory_mib=size.memory_mib, cpus=size.cpus, disks=disks,
-            filesystems=[FsDevice(s.tag, s.socket) for s in shares], shares_9p=shares_9p)
-        for sock in (config.qmp_socket, config.agent_socket, *(s.socket for s in shares)):
-            check_socket_path(sock)
+            filesystems=[FsDevice(s.tag, s.socket) for s in shares], shares_9p=shares_9p, nics=network.nics())
+        vsock_front = pod.file("vsock.sock") if agent_transport.kind == "vsock-user" else None
+        for sock in (config.qmp_socket, config.agent_socket, config.vhost_user_vsock, vsock_front,
+                     *(s.socket for s in shares)):
+            if sock:
+                check_socket_path(Path(f"{sock}_4294967295") if sock == vsock_front else sock)
         log.debug("pod %s: kernel %s (%s), machine %s, accel %s (%s)", pod.uuid, kernel.image, kernel.kind,
                   plan.machine_arg, accel.name, accel.reason)
         log.debug("kernel cmdline: %s", plan.cmdline)
-        vm = QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout)
+        log.debug("agent transport %s (%s)", agent_transport.kind, agent_transport.reason)
+        vm = QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout, vsock_front=vsock_front)
         audit.pod_started(pod.uuid, [{"name": a.name, "image": a.image.id, "image_name": a.image.manifest.name,
                                       "labels": a.image.manifest.labels, "signature": a.image.signature}
                                      for a in resolved])
         timings["qemu_spawn"] = time.time()
         runner = PodRunner(pod, vm, resolved, options, timings, metadata,
-                           [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in shares], volumes)
+                           [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in shares], volumes, network)
         return await runner.run()
     except KvmpodError as e:
         with contextlib.suppress(OSError):
@@ -252,9 +277,28 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
             raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from None
         raise
     finally:
-        # a detached pod's directory outlives it (status, logs) once its UUID was given out
-        if not (options.keep or (options.detach and "apps_started" in timings)):
+        released = await asyncio.to_thread(release_network, network, pod)
+        # a detached pod's directory outlives it (status, logs) once its UUID was given out; one whose
+        # network could not be released stays for `kvmpod gc` to try again
+        if released and not (options.keep or (options.detach and "apps_started" in timings)):
             pod.remove()
+
+
+def release_network(network: "PodNetwork | None", pod: PodDir) -> bool:
+    """The pod's taps, leases, port forwards and CNI namespaces, once the VM is gone. A failure is
+    reported (it must not hide the apps' exit status) and leaves net.json for `kvmpod gc`."""
+    from kvmpod.net.attach import release
+
+    try:
+        if network is not None:
+            network.close_fds()
+        release(pod.path)
+        return True
+    except KvmpodError as e:
+        print(f"kvmpod: error: pod {pod.uuid}: {e} (`kvmpod gc` tries again)", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            pod.update(error=str(e))
+        return False
 
 
 class PodRunner:
@@ -262,8 +306,10 @@ class PodRunner:
 
     def __init__(self, pod: PodDir, vm: VMBackend, apps: list[ResolvedApp], options: RunOptions,
                  timings: dict[str, float], metadata: PodMetadata | None = None,
-                 fs_daemons: list | None = None, volumes: PodVolumes | None = None):
+                 fs_daemons: list | None = None, volumes: PodVolumes | None = None,
+                 network: "PodNetwork | None" = None):
         self.pod = pod
+        self.network = network
         self.fs_daemons = fs_daemons or []   # virtiofsd per host volume (kvmpod/vm/virtiofs.py)
         self.volumes = volumes or PodVolumes()
         self.metadata = metadata
@@ -305,16 +351,20 @@ class PodRunner:
             await daemon.start()
             self.pod.update(virtiofsd_pids=[d.pid for d in self.fs_daemons if d.pid])
         channel = await self.vm.start()
+        if self.network:
+            self.network.close_fds()  # QEMU holds the taps now: they end with it
         if self.stop_reason is not None:  # stopped while QEMU was being spawned
             await self.vm.stop(grace=0)
             raise GuestDied(await self.vm.wait())
-        self.pod.update(state="booting", qemu_pid=self.vm.pid)
+        self.pod.update(state="booting", qemu_pid=self.vm.pid, **getattr(self.vm, "transport_info", {}))
         self.session = AgentSession(*channel, on_log=lambda line: log.debug("agent: %s", line))
         hello = await self._until(self.session.handshake(), self.options.boot_timeout,
                                   "the guest agent did not answer")
         self.timings["agent_ready"] = time.time()
         log.debug("agent %s speaks protocol %d (guest boot to agent: %.3f s guest clock)",
                   hello.agent_version, hello.version, hello.boot_ns / 1e9)
+        if self.network and (frame := self.network.guest.frame()):  # interfaces, DNS, hosts entries
+            await self._until(self.session.send(frame))
         if self.metadata:  # served by the agent from before the first app starts (docs/metadata.md)
             for frame in self.metadata.frames():
                 await self._until(self.session.send(frame))
@@ -506,7 +556,7 @@ class PodRunner:
         from kvmpod.vm.console import explain
 
         detail = explain(self.pod.file("console.log"))
-        what = detail or vm_exit.describe()
+        what = vm_exit.failure or detail or vm_exit.describe()
         return f"the VM ended before the app finished: {what}"
 
     async def _pump_stdin(self, proc: GuestProcess) -> None:

@@ -19,12 +19,15 @@ class VMExit:
     panicked: bool = False           # GUEST_PANICKED seen (pvpanic)
     shutdown_reason: str | None = None   # from the QMP SHUTDOWN event: guest-shutdown, guest-reset, host-qmp-quit...
     stderr_tail: str = ""
+    failure: str = ""                # kvmpod ended the VM itself because the guest broke a device it emulates
 
     @property
     def clean(self) -> bool:
-        return self.returncode == 0 and not self.panicked
+        return self.returncode == 0 and not self.panicked and not self.failure
 
     def describe(self) -> str:
+        if self.failure:
+            return self.failure
         if self.panicked:
             return "the guest kernel panicked"
         if self.returncode is not None and self.returncode < 0:

@@ -39,6 +39,17 @@ class NinePShare:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A virtio-net device: on a tap kvmpod opened (its fd is passed to QEMU), or on QEMU's user-mode
+    network (slirp) with `user_options` such as hostfwd=…"""
+
+    mac: str
+    tap_fd: int | None = None
+    user_options: tuple[str, ...] = ()
+    vhost: bool = False       # vhost-net (only where /dev/vhost-net exists)
+
+
+@dataclass(frozen=True)
 class VMConfig:
     name: str
     kernel: Path
@@ -46,7 +57,10 @@ class VMConfig:
     cmdline: str
     console_log: Path
     qmp_socket: Path | None = None    # kvmpod listens, QEMU connects (so no start-up race)
-    agent_socket: Path | None = None  # likewise, for the agent's virtio-serial port
+    agent_socket: Path | None = None  # likewise, for the agent's virtio-serial port (transport "serial")
+    agent_transport: str = "serial"   # "serial" | "vhost-vsock" | "vsock-user" (kvmpod/vm/transport.py)
+    vsock_cid: int = 0                # the guest's CID (vsock transports; kvmpod/vm/cid.py allocates it)
+    vhost_user_vsock: Path | None = None  # "vsock-user": kvmpod's vhost-user backend listens, QEMU connects
     machine: str = "pc"       # "pc" | "q35" | "microvm"
     machine_options: tuple[str, ...] = ()
     accel: str = "tcg"
@@ -56,6 +70,7 @@ class VMConfig:
     firmware: Path | None = None  # e.g. qboot.rom; None = QEMU's default
     filesystems: list[FsDevice] = field(default_factory=list)  # virtio-fs (host volumes)
     shares_9p: list[NinePShare] = field(default_factory=list)  # virtio-9p (host volumes, fallback)
+    nics: list[Nic] = field(default_factory=list)              # virtio-net (kvmpod/net/)
 
     @property
     def virtio_suffix(self) -> str:
@@ -66,7 +81,8 @@ class VMConfig:
 def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
     v = cfg.virtio_suffix
     machine_options = cfg.machine_options
-    if cfg.filesystems:  # vhost-user needs guest RAM the daemon can map: shared memfd
+    shared_memory = bool(cfg.filesystems or cfg.vhost_user_vsock)
+    if shared_memory:  # vhost-user needs guest RAM the back-end can map: shared memfd
         machine_options = (*machine_options, "memory-backend=mem")
     argv = [
         binary,
@@ -89,7 +105,12 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
     if cfg.qmp_socket:
         argv += ["-chardev", f"socket,id=qmp,path={cfg.qmp_socket},server=off",
                  "-mon", "chardev=qmp,mode=control"]
-    if cfg.agent_socket:
+    if cfg.agent_transport == "vsock-user":
+        argv += ["-chardev", f"socket,id=vsock,path={cfg.vhost_user_vsock}",
+                 "-device", f"vhost-user-vsock-{v},chardev=vsock"]
+    elif cfg.agent_transport == "vhost-vsock":
+        argv += ["-device", f"vhost-vsock-{v},guest-cid={cfg.vsock_cid}"]
+    elif cfg.agent_socket:
         argv += [
             "-device", f"virtio-serial-{v},id=vser0",
             "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=off",
@@ -102,7 +123,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
             "-drive", f"file={disk.path},if=none,id=disk{i},format={disk.format},readonly=on",
             "-device", f"virtio-blk-{v},drive=disk{i},serial={disk.serial}",
         ]
-    if cfg.filesystems:
+    if shared_memory:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on"]
         if v == "device":  # microvm's virtio-mmio is legacy by default; libvhost-user (virtiofsd) refuses legacy
             argv += ["-global", "virtio-mmio.force-legacy=false"]
@@ -111,6 +132,14 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
             "-chardev", f"socket,id=fs{i},path={fs.socket}",
             "-device", f"vhost-user-fs-{v},chardev=fs{i},tag={fs.tag}",
         ]
+    for i, nic in enumerate(cfg.nics):
+        if nic.tap_fd is not None:
+            netdev = f"tap,id=net{i},fd={nic.tap_fd},vhost={'on' if nic.vhost else 'off'}"
+        else:
+            netdev = ",".join((f"user,id=net{i}", *nic.user_options))
+        # romfile= : no PXE option ROM, which only costs boot time (microvm loads none anyway)
+        device = f"virtio-net-{v},netdev=net{i},mac={nic.mac}" + (",romfile=" if v == "pci" else "")
+        argv += ["-netdev", netdev, "-device", device]
     for i, share in enumerate(cfg.shares_9p):
         ro = ",readonly=on" if share.read_only else ""
         argv += [

@@ -5,17 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvmpod.errors import VMError
+from kvmpod.errors import KvmpodError, VMError
 from kvmpod.vm.backend import AgentChannel, VMBackend, VMExit
 from kvmpod.vm.config import VMConfig, qemu_argv
 
+if TYPE_CHECKING:
+    from kvmpod.vm.cid import CidLease
+    from kvmpod.vsock.device import VsockDevice
+
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+# Until the agent listens on its vsock port the guest answers kvmpod's connection with RST; kvmpod
+# asks again after this long (nothing in the guest announces the listener). Bounded by the boot timeout.
+VSOCK_RETRY = 0.01
 
 
 def _die_with_parent() -> None:
@@ -25,8 +35,13 @@ def _die_with_parent() -> None:
 
 
 class QemuVM(VMBackend):
-    def __init__(self, config: VMConfig, stderr_log: Path, connect_timeout: float = 30.0):
+    def __init__(self, config: VMConfig, stderr_log: Path, connect_timeout: float = 30.0,
+                 vsock_front: Path | None = None):
         self.config = config
+        self.vsock_front = vsock_front   # vsock-user: the Firecracker-style socket host programs use
+        self._vsock: VsockDevice | None = None
+        self._cid: CidLease | None = None
+        self._failure = ""
         self.stderr_log = stderr_log
         self.connect_timeout = connect_timeout
         self._proc: asyncio.subprocess.Process | None = None
@@ -36,6 +51,14 @@ class QemuVM(VMBackend):
         self._panicked = False
         self._shutdown_reason: str | None = None
         self._ended: asyncio.Future[VMExit] | None = None
+
+    @property
+    def transport_info(self) -> dict[str, object]:
+        """For state.json: how the agent is reached, and the guest's CID on vsock (docs/layout.md)."""
+        info: dict[str, object] = {"agent_transport": self.config.agent_transport}
+        if self.config.vsock_cid:
+            info["vsock_cid"] = self.config.vsock_cid
+        return info
 
     @property
     def pid(self) -> int | None:
@@ -49,8 +72,9 @@ class QemuVM(VMBackend):
     async def start(self) -> AgentChannel:
         from qemu.qmp import QMPClient  # lazy: keeps `kvmpod --help` fast
 
-        if not (self.config.agent_socket and self.config.qmp_socket):
-            raise VMError("the QEMU backend needs both an agent socket and a QMP socket")
+        transport = self.config.agent_transport
+        if not self.config.qmp_socket or (transport == "serial" and not self.config.agent_socket):
+            raise VMError("the QEMU backend needs a QMP socket, and an agent socket for the serial transport")
 
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # its errors surface as ours
         loop = asyncio.get_running_loop()
@@ -62,11 +86,18 @@ class QemuVM(VMBackend):
             else:
                 agent_conn.set_result((reader, writer))
 
-        # kvmpod listens and QEMU connects: both sockets exist before QEMU starts, so no polling.
-        self._agent_server = await asyncio.start_unix_server(
-            on_agent, path=str(self.config.agent_socket), limit=1 << 20)
+        # kvmpod listens and QEMU connects: every socket exists before QEMU starts, so no polling.
+        if transport == "serial":
+            self._agent_server = await asyncio.start_unix_server(
+                on_agent, path=str(self.config.agent_socket), limit=1 << 20)
+        else:
+            self._start_vsock()
         self._qmp = QMPClient(self.config.name)
-        await self._qmp.start_server(str(self.config.qmp_socket))
+        try:
+            await self._qmp.start_server(str(self.config.qmp_socket))
+        except BaseException:
+            await self._close_listeners()
+            raise
         argv = qemu_argv(self.config)
         log.debug("qemu argv: %s", argv)
         with open(self.stderr_log, "wb") as err:
@@ -74,6 +105,7 @@ class QemuVM(VMBackend):
                 self._proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=err, preexec_fn=_die_with_parent,
+                    pass_fds=[n.tap_fd for n in self.config.nics if n.tap_fd is not None],
                     start_new_session=True)  # Ctrl-C reaches kvmpod, which decides what the apps get
             except FileNotFoundError:
                 await self._close_listeners()
@@ -83,11 +115,71 @@ class QemuVM(VMBackend):
         try:
             await self._race(self._qmp.accept(), "QEMU did not connect to its QMP socket")
             self._events_task = loop.create_task(self._watch_events())
-            channel = await self._race(agent_conn, "QEMU did not connect the agent channel")
+            if transport == "serial":
+                channel = await self._race(agent_conn, "QEMU did not connect the agent channel")
+            else:
+                channel = await self._race(self._connect_vsock(), "the guest agent did not accept a vsock connection")
         except BaseException:
             await self.stop(grace=0)
             raise
         return channel
+
+    def _start_vsock(self) -> None:
+        """Allocate the guest's CID; for vsock-user, listen for QEMU's vhost-user connection."""
+        from kvmpod.vm.cid import allocate_cid
+
+        kernel = self.config.agent_transport == "vhost-vsock"
+        self._cid = allocate_cid(self.config.name, probe=kernel)
+        self.config = dataclasses.replace(self.config, vsock_cid=self._cid.cid)
+        if kernel:
+            return
+        from kvmpod.vsock.device import VsockDevice  # lazy: only pods on the userspace backend load it
+
+        if self.config.vhost_user_vsock is None:
+            raise VMError("the vsock-user transport needs a vhost-user socket path")
+        self._vsock = VsockDevice(self._cid.cid, self.vsock_front, on_failure=self._device_failed)
+        try:
+            self._vsock.listen_vhost_user(self.config.vhost_user_vsock)
+            self._vsock.listen_front()
+        except BaseException:
+            self._vsock.close()
+            self._cid.release()
+            raise
+
+    def _device_failed(self, error: KvmpodError) -> None:
+        """The guest broke the userspace vsock device: it is cut off, and so is its VM."""
+        self._failure = str(error)
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    async def _connect_vsock(self) -> "AgentChannel":
+        """Connect to the agent's vsock port, again after each RST until it listens (the caller bounds it)."""
+        from kvmpod.agent.protocol import VSOCK_PORT
+
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._vsock is not None:
+                try:
+                    sock = await self._vsock.connect(VSOCK_PORT)
+                except ConnectionRefusedError:
+                    if self._vsock.failure is not None:
+                        raise self._vsock.failure from None
+                    await asyncio.sleep(VSOCK_RETRY)
+                    continue
+            else:
+                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, (self.config.vsock_cid, VSOCK_PORT))
+                except (ConnectionResetError, ConnectionRefusedError, TimeoutError):
+                    sock.close()  # RST: nothing listens yet; a timeout: the guest's driver is not up yet
+                    await asyncio.sleep(VSOCK_RETRY)
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+            return await asyncio.open_connection(sock=sock, limit=1 << 20)
 
     async def _race(self, awaitable, what: str):
         """Await `awaitable` unless QEMU ends first or the connect timeout passes."""
@@ -125,7 +217,8 @@ class QemuVM(VMBackend):
         # QEMU emits GUEST_PANICKED/SHUTDOWN just before exiting; give the reader a moment to deliver them.
         if self._events_task and not self._events_task.done():
             await asyncio.sleep(0)
-        self._ended.set_result(VMExit(returncode, self._panicked, self._shutdown_reason, self._stderr_tail()))
+        self._ended.set_result(VMExit(returncode, self._panicked, self._shutdown_reason, self._stderr_tail(),
+                                      self._failure))
         await self._close_listeners()
 
     def _stderr_tail(self, lines: int = 3) -> str:
@@ -143,7 +236,11 @@ class QemuVM(VMBackend):
                 await asyncio.wait_for(self._qmp.disconnect(), 2)
         if self._agent_server is not None:
             self._agent_server.close()
-        for path in (self.config.agent_socket, self.config.qmp_socket):
+        if self._vsock is not None:
+            self._vsock.close()
+        if self._cid is not None:
+            self._cid.release()
+        for path in (self.config.agent_socket, self.config.qmp_socket, self.config.vhost_user_vsock, self.vsock_front):
             if path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)

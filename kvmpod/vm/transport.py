@@ -1,0 +1,84 @@
+"""Which byte stream carries the agent protocol: vsock (kernel or kvmpod's own backend) or virtio-serial.
+
+`--agent-transport`:
+  auto         vsock if the guest kernel has it: kernel vhost-vsock when /dev/vhost-vsock is usable,
+               else kvmpod's userspace vhost-user-vsock backend (kvmpod/vsock/); virtio-serial, with a
+               notice, only when the guest kernel has no virtio-vsock
+  vsock        the same choice between the two vsock back-ends, but never virtio-serial
+  vhost-vsock  kernel vhost-vsock, or an error saying why it cannot be used
+  vsock-user   kvmpod's userspace backend even where /dev/vhost-vsock exists
+  serial       the virtio-serial port (docs/agent-protocol.md)
+The framing is the same on every transport; docs/vsock.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmpod.agent.protocol import VSOCK_PORT
+from kvmpod.boot.kernel import GuestKernel
+from kvmpod.errors import VMError
+
+CHOICES = ("auto", "vsock", "vhost-vsock", "vsock-user", "serial")
+VHOST_VSOCK_DEV = Path("/dev/vhost-vsock")
+SERIAL, VHOST_VSOCK, VSOCK_USER = "serial", "vhost-vsock", "vsock-user"
+
+
+@dataclass(frozen=True)
+class AgentTransport:
+    kind: str            # SERIAL | VHOST_VSOCK | VSOCK_USER
+    reason: str          # why, for --debug
+    notice: str = ""     # for the user, when auto had to fall back
+
+    @property
+    def vsock(self) -> bool:
+        return self.kind != SERIAL
+
+    def kernel_arg(self) -> str:
+        """What tells the agent where to find the host (main.c reads it)."""
+        return f"kvmpod.transport=vsock:{VSOCK_PORT}" if self.vsock else "kvmpod.transport=serial"
+
+
+def vhost_vsock_unusable(device: Path = VHOST_VSOCK_DEV) -> str | None:
+    """Why kernel vhost-vsock cannot be used here, or None if it can."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return f"{device} does not exist: the host kernel has no vhost_vsock"
+    except PermissionError:
+        return f"{device}: permission denied (root, or a group that may open it, is needed)"
+    except OSError as e:
+        if e.errno == errno.ENODEV:
+            return f"{device}: no such device: the vhost_vsock module is not loaded"
+        return f"{device}: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+def kernel_vsock_missing(kernel: GuestKernel) -> str | None:
+    """Why the guest kernel cannot do virtio-vsock, or None if it can (built in or as a module)."""
+    if kernel.option("VIRTIO_VSOCKETS") in ("y", "m"):
+        return None
+    return f"the guest kernel {kernel.image.name} has no virtio-vsock (CONFIG_VIRTIO_VSOCKETS)"
+
+
+def choose_transport(requested: str, kernel: GuestKernel) -> AgentTransport:
+    if requested not in CHOICES:
+        raise VMError(f"unknown agent transport {requested!r} (choose from {', '.join(CHOICES)})")
+    if requested == SERIAL:
+        return AgentTransport(SERIAL, "asked for")
+    if missing := kernel_vsock_missing(kernel):
+        if requested == "auto":
+            return AgentTransport(SERIAL, missing, f"{missing}: the agent uses virtio-serial")
+        raise VMError(f"--agent-transport {requested}: {missing}")
+    if requested == VSOCK_USER:
+        return AgentTransport(VSOCK_USER, "asked for")
+    why_not = vhost_vsock_unusable()
+    if why_not is None:
+        return AgentTransport(VHOST_VSOCK, f"{VHOST_VSOCK_DEV} is usable")
+    if requested == VHOST_VSOCK:
+        raise VMError(f"--agent-transport vhost-vsock: {why_not}")
+    return AgentTransport(VSOCK_USER, f"{why_not}: kvmpod's userspace vsock backend")
