@@ -177,6 +177,9 @@ def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[App
     """Attach the pod's networks; on any failure, undo what was made and raise."""
     from kvmpod.pod.registry import pods_root
 
+    if request.mode in (NET_DEFAULT, "cni") and os.geteuid() != 0:
+        what = "--net default" if request.mode == NET_DEFAULT else f"--net {','.join(request.cni_networks)} (CNI)"
+        raise UsageError(f"{what} needs root (it makes taps, bridges and namespaces): use --net user")
     forwards = resolve_ports(request.ports, apps)
     network = PodNetwork(pod_path)
     records: list[dict[str, Any]] = []

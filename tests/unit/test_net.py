@@ -255,3 +255,14 @@ def test_release_without_a_record_is_a_no_op(tmp_path):
     (tmp_path / attach.RECORD).write_text("{broken")
     with pytest.raises(NetworkError, match="unreadable"):
         attach.release(tmp_path)
+
+
+@pytest.mark.parametrize("req, message", [
+    (NetRequest("default"), "--net default needs root"),
+    (NetRequest("cni", ("lan", "wan")), "--net lan,wan \\(CNI\\) needs root"),
+])
+def test_root_only_networks_say_so_without_root(monkeypatch, tmp_path, req, message):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(UsageError, match=message):
+        attach.setup(req, "d0a4fcf1-676c-4d35-8689-6a500a1f3560", tmp_path, [], lambda line: None)
+    assert list(tmp_path.iterdir()) == []
