@@ -276,6 +276,14 @@ def test_queue_size_must_be_a_power_of_two(tmp_path):
     run(body())
 
 
+def host_listener(rig, port: int) -> socket.socket:
+    """A host program listening where guest connections to host port `port` land (<path>_PORT)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{rig.tmp / 'v.sock'}_{port}")
+    listener.listen()
+    return listener
+
+
 @with_rig
 async def test_rings_start_and_the_guest_buffers_are_taken(rig):
     assert rig.failures == []
@@ -286,9 +294,7 @@ async def test_rings_start_and_the_guest_buffers_are_taken(rig):
 
 @with_rig
 async def test_guest_connects_to_a_host_unix_socket_and_back(rig):
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(f"{rig.tmp / 'v.sock'}_5000")
-    listener.listen()
+    listener = host_listener(rig, 5000)
     g = rig.guest
     g.send(40000, 5000, d.OP_REQUEST)
     await settle()
@@ -330,9 +336,7 @@ async def test_guest_connect_to_nothing_is_refused(rig):
 
 @with_rig
 async def test_guest_rst_closes_the_host_socket(rig):
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(f"{rig.tmp / 'v.sock'}_5001")
-    listener.listen()
+    listener = host_listener(rig, 5001)
     rig.guest.send(40002, 5001, d.OP_REQUEST)
     await settle()
     host, _ = listener.accept()
@@ -592,9 +596,7 @@ async def test_short_packet_is_malformed(rig):
 
 @with_rig
 async def test_failure_closes_every_connection_once(rig):
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(f"{rig.tmp / 'v.sock'}_5002")
-    listener.listen()
+    listener = host_listener(rig, 5002)
     rig.guest.send(40010, 5002, d.OP_REQUEST)
     await settle()
     host, _ = listener.accept()
