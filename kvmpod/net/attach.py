@@ -136,6 +136,12 @@ def _vhost_net() -> bool:
     return os.access("/dev/vhost-net", os.R_OK | os.W_OK)
 
 
+def needs_netlink(request: NetRequest) -> bool:
+    """Does setting up (or releasing) this request use pyroute2, whose synchronous API runs an event
+    loop of its own and so must not be called from kvmpod's?"""
+    return request.mode in (NET_DEFAULT, "cni")
+
+
 @dataclass
 class PodNetwork:
     """The networks of one pod while it runs."""
@@ -175,8 +181,6 @@ def _save(pod_path: Path, records: list[dict[str, Any]]) -> None:
 def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[AppPorts],
           notice: Callable[[str], None]) -> PodNetwork:
     """Attach the pod's networks; on any failure, undo what was made and raise."""
-    from kvmpod.pod.registry import pods_root
-
     if request.mode in (NET_DEFAULT, "cni") and os.geteuid() != 0:
         what = "--net default" if request.mode == NET_DEFAULT else f"--net {','.join(request.cni_networks)} (CNI)"
         raise UsageError(f"{what} needs root (it makes taps, bridges and namespaces): use --net user")
@@ -184,9 +188,6 @@ def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[App
     network = PodNetwork(pod_path)
     records: list[dict[str, Any]] = []
     _save(pod_path, records)
-
-    def owner_gone(owner: str) -> bool:
-        return not (pods_root() / owner).is_dir()
 
     def remember(record: dict[str, Any]) -> None:
         """Save `record`; the same dict again (cni.py updates its record as results arrive) is saved
@@ -205,6 +206,10 @@ def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[App
                                                   user_options=user.netdev_options(forwards)))
         elif request.mode == NET_DEFAULT:
             from kvmpod.net import bridge
+            from kvmpod.pod.registry import pods_root
+
+            def owner_gone(owner: str) -> bool:
+                return not (pods_root() / owner).is_dir()
 
             check_host_ports_free(forwards)
             attachment = bridge.attach(pod_uuid, pod_mac(pod_uuid, 0), "eth0", forwards, owner_gone)

@@ -184,7 +184,7 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
     from kvmpod.vm.virtiofs import FsShare, Virtiofsd, find_virtiofsd
     from kvmpod.vm.machine import plan_boot
     from kvmpod.vm.qemu import QemuVM, check_socket_path
-    from kvmpod.net.attach import AppPorts, setup as setup_network
+    from kvmpod.net.attach import AppPorts, needs_netlink, setup as setup_network
 
     metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
     resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
@@ -236,10 +236,11 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
         pod.write_json("pod-manifest", manifest)
         metadata_secrets.save_key(pod.path)
         metadata = PodMetadata.build(pod.uuid, manifest, resolved, metadata_secrets)
-        # in a thread: pyroute2's synchronous API runs an event loop of its own
-        network = await asyncio.to_thread(
-            setup_network, options.network, pod.uuid, pod.path,
-            [AppPorts(a.name, a.image.manifest.app.ports if a.image.manifest.app else []) for a in resolved], notice)
+        app_ports = [AppPorts(a.name, a.image.manifest.app.ports if a.image.manifest.app else []) for a in resolved]
+        if needs_netlink(options.network):  # in a thread: pyroute2's synchronous API runs its own event loop
+            network = await asyncio.to_thread(setup_network, options.network, pod.uuid, pod.path, app_ports, notice)
+        else:
+            network = setup_network(options.network, pod.uuid, pod.path, app_ports, notice)
         if network.attachments:
             pod.update(networks=network.summary())
         config = VMConfig(
@@ -277,7 +278,8 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
             raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from None
         raise
     finally:
-        released = await asyncio.to_thread(release_network, network, pod)
+        released = (await asyncio.to_thread(release_network, network, pod) if needs_netlink(options.network)
+                    else release_network(network, pod))
         # a detached pod's directory outlives it (status, logs) once its UUID was given out; one whose
         # network could not be released stays for `kvmpod gc` to try again
         if released and not (options.keep or (options.detach and "apps_started" in timings)):
