@@ -82,7 +82,7 @@ def bench_env(work: Path) -> dict[str, str]:
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text('[net]\ndefault = "none"\n')
     return {**os.environ, "KVMPOD_STORE_DIR": str(work / "store"), "KVMPOD_RUN_DIR": str(work / "run"),
-            "XDG_CONFIG_HOME": str(work / "config")}
+            "XDG_CONFIG_HOME": str(work / "config"), "KVMPOD_SNAPSHOT_DIR": str(work / "snapshots")}
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -90,25 +90,29 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def measure_start(work: Path, aci: Path, runs: int, kernel_kind: str | None = None) -> dict:
-    """Floor vs `kvmpod run ACI` (/bin/true), interleaved so host noise hits both alike."""
+    """Floor vs `kvmpod run ACI` (/bin/true), from its boot snapshot (the default) and booted cold,
+    interleaved so host noise hits all alike."""
     floor = floor_vm(work, kernel_kind)
     run_argv = [*KVMPOD, "run", *(["--kernel", kernel_kind] if kernel_kind else []), str(aci)]
+    cold_argv = [*run_argv[:-1], "--boot", "cold", str(aci)]
     env = bench_env(work)
-    timed(run_argv, env=env)  # warm: image disk built, store filled
-    floor_t, run_t = [], []
+    timed(run_argv, env=env)  # warm: image disk built, store filled, boot snapshot made
+    timed(cold_argv, env=env)
+    floor_t, run_t, cold_t = [], [], []
     for _ in range(runs):
         floor_t.append(timed(floor.argv))
         run_t.append(timed(run_argv, env=env))
+        cold_t.append(timed(cold_argv, env=env))
     return {"kernel": f"{floor.kernel.kind} {floor.kernel.version}", "machine": floor.machine,
             "accel": floor.accel, "runs": runs, "floor": stats(floor_t), "run": stats(run_t),
-            "floor_s": floor_t, "run_s": run_t}
+            "run_cold": stats(cold_t), "floor_s": floor_t, "run_s": run_t, "run_cold_s": cold_t}
 
 
 def print_start(result: dict) -> None:
-    f, r = result["floor"], result["run"]
+    f, r, c = result["floor"], result["run"], result["run_cold"]
     print(f"kernel {result['kernel']}, machine {result['machine']}, accel {result['accel']}, "
           f"{result['runs']} runs each")
-    print(f"{'':24}{'min':>8}{'median':>9}")
-    print(f"{'floor (bare QEMU)':24}{f['min']:8.3f}{f['median']:9.3f}")
-    print(f"{'kvmpod run /bin/true':24}{r['min']:8.3f}{r['median']:9.3f}")
-    print(f"{'ratio run/floor':24}{r['min'] / f['min']:8.2f}{r['median'] / f['median']:9.2f}")
+    print(f"{'':34}{'min':>8}{'median':>9}{'ratio':>8}")
+    print(f"{'floor (bare QEMU)':34}{f['min']:8.3f}{f['median']:9.3f}{1:8.2f}")
+    print(f"{'kvmpod run /bin/true (snapshot)':34}{r['min']:8.3f}{r['median']:9.3f}{r['median'] / f['median']:8.2f}")
+    print(f"{'kvmpod run --boot cold':34}{c['min']:8.3f}{c['median']:9.3f}{c['median'] / f['median']:8.2f}")

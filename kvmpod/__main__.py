@@ -1,3 +1,3 @@
-from kvmpod.cli import main
+from kvmpod.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -60,6 +60,14 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else _home() / ".cache") / "kvmpod"
 
 
+def snapshots_dir() -> Path:
+    """Boot snapshots (kvmpod/boot/snapshot.py): a cache too, in its own directory so that tests and
+    benchmarks can keep theirs apart (KVMPOD_SNAPSHOT_DIR) while sharing the kernel cache."""
+    if env := os.environ.get("KVMPOD_SNAPSHOT_DIR"):
+        return Path(env)
+    return cache_dir() / "snapshots"
+
+
 def config_files() -> list[Path]:
     """Config files, later ones overriding earlier ones."""
     files = [Path("/etc/kvmpod/kvmpod.toml")]

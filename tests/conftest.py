@@ -26,7 +26,8 @@ def kvmpod_dirs(tmp_path_factory) -> dict[str, str]:
     config.parent.mkdir(parents=True)
     config.write_text('[net]\ndefault = "none"\n')
     env = {"KVMPOD_STORE_DIR": str(base / "store"), "KVMPOD_RUN_DIR": str(base / "run"),
-           "KVMPOD_AUDIT_LOG": str(base / "audit.log"), "XDG_CONFIG_HOME": str(base / "config")}
+           "KVMPOD_AUDIT_LOG": str(base / "audit.log"), "XDG_CONFIG_HOME": str(base / "config"),
+           "KVMPOD_SNAPSHOT_DIR": str(base / "snapshots")}
     return env
 
 

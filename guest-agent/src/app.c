@@ -111,7 +111,7 @@ static int make_dir_or_fail(const char *path, const char *stage, struct failure 
     return 0;
 }
 
-static const char *image_mount(const char *serial, struct failure *f)
+const char *image_mount(const char *serial, struct failure *f)
 {
     for (struct image *i = images; i; i = i->next)
         if (strcmp(i->serial, serial) == 0)

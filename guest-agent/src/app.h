@@ -20,6 +20,10 @@ const char *app_prepare(const char *name, const char *serial, bool readonly, cha
  * Returns NULL with *f (stage "request") when there is no such app or it runs from another disk. */
 const char *app_existing_root(const char *name, const char *serial, struct failure *f);
 
+/* Mounts the image disk with virtio-blk serial `serial` read-only (once; later calls return the same
+ * path) and returns where. NULL with *f (stage "mount") when there is no such disk or it will not mount. */
+const char *image_mount(const char *serial, struct failure *f);
+
 /* Unmounts everything app_prepare() mounted, newest first; best effort, for shutdown. */
 void app_unmount_all(void);
 

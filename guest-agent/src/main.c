@@ -26,6 +26,7 @@
 #include "metadata.h"
 #include "process.h"
 #include "protocol.h"
+#include "snapshot.h"
 #include "tlv.h"
 #include "util.h"
 
@@ -217,6 +218,23 @@ static void handshake(const struct options *o, uint64_t boot_ns)
 
 /* --- serving --- */
 
+static struct options opts;
+static uint64_t agent_start_ns;
+
+/* PREPARE: the host is making a boot snapshot of this VM. Once PREPARED is sent, the VM is stopped
+ * and saved at any moment, and every VM restored from it continues here: with a new host, which
+ * sends THAW first and then does the handshake anew. */
+static void prepare_snapshot(const struct frame *f)
+{
+    snapshot_prepare(f);
+    struct frame thaw;
+    next_frame(&thaw);
+    if (thaw.type != KP_MSG_THAW)
+        fatal("protocol", 0, "expected THAW after PREPARED, got %s", message_name(thaw.type));
+    snapshot_thaw(&thaw);
+    handshake(&opts, agent_start_ns);
+}
+
 static noreturn void shutdown_pod(void)
 {
     log_debug("shutdown");
@@ -233,6 +251,11 @@ static void dispatch(const struct frame *f)
         shutdown_pod();
     case KP_MSG_HELLO_ACK:
         fatal("protocol", 0, "HELLO_ACK after the handshake");
+    case KP_MSG_PREPARE:
+        prepare_snapshot(f);
+        break;
+    case KP_MSG_THAW:
+        fatal("protocol", 0, "THAW without PREPARE");
     case KP_MSG_METADATA:
     case KP_MSG_METADATA_START:
         metadata_handle_frame(f);
@@ -294,8 +317,7 @@ static noreturn void serve(int sigfd)
 
 int main(void)
 {
-    uint64_t boot_ns = boottime_ns();
-    struct options opts = {0};
+    agent_start_ns = boottime_ns();
 
     setup_guest();
     parse_cmdline(&opts);
@@ -307,6 +329,6 @@ int main(void)
         channel_open_vsock(opts.vsock_port);
     else
         channel_open(opts.channel);
-    handshake(&opts, boot_ns);
+    handshake(&opts, agent_start_ns);
     serve(sigfd);
 }

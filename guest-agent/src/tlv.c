@@ -54,6 +54,11 @@ uint32_t tlv_u32(const struct tlv_field *field)
     return le_get(field->value, 4);
 }
 
+uint64_t tlv_u64(const struct tlv_field *field)
+{
+    return (uint64_t)le_get(field->value + 4, 4) << 32 | le_get(field->value, 4);
+}
+
 char *tlv_strdup(const struct tlv_field *field, struct failure *f)
 {
     if (memchr(field->value, '\0', field->len)) {

@@ -29,6 +29,7 @@ int tlv_next(struct tlv_reader *r, struct tlv_field *field, struct failure *f);
 
 /* Value accessors; the width was checked by tlv_next. */
 uint32_t tlv_u32(const struct tlv_field *field);
+uint64_t tlv_u64(const struct tlv_field *field);
 
 /* A malloc'ed C string copy of a str field; NULL (stage "protocol") if it holds a NUL byte
  * (which would silently cut a path or argument short) or memory runs out. */

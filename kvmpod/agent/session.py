@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +19,7 @@ from kvmpod.errors import (EXIT_CANNOT_INVOKE, EXIT_KVMPOD_FAILURE, EXIT_NOT_FOU
                            AgentError, AppStartError, ProtocolError)
 
 OutputSink = Callable[[bytes], None]
+THAW_ENTROPY_WORDS = 8   # 512 bits for the restored guest's random generator
 
 
 @dataclass(frozen=True)
@@ -191,12 +193,16 @@ class AgentSession:
         self.hello: asyncio.Future[Hello] = loop.create_future()
         self.failed: asyncio.Future[AgentError] = loop.create_future()  # resolves (not raises) on failure
         self._reader_task: asyncio.Task | None = None
+        self._prepared: asyncio.Future[None] = loop.create_future()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def handshake(self) -> Hello:
         """Wait for HELLO, agree on a version, and start dispatching frames."""
         mtype, stream, payload = await self._read_frame()
+        while mtype is p.MessageType.LOG:  # a thawed agent may have logged already (kvmpod.debug=1)
+            self._dispatch(mtype, stream, payload)
+            mtype, stream, payload = await self._read_frame()
         if mtype is not p.MessageType.HELLO:
             raise ProtocolError(f"agent sent {mtype.name} before HELLO")
         f = p.Fields.decode(payload)
@@ -213,6 +219,20 @@ class AgentSession:
         self.hello.set_result(hello)
         self._reader_task = asyncio.get_running_loop().create_task(self._dispatch_forever())
         return hello
+
+    async def thaw(self, hostname: str) -> None:
+        """The first frame to a VM restored from a boot snapshot (docs/snapshot.md): the pod's hostname,
+        fresh entropy for the guest kernel, the time. The agent then says HELLO again: call handshake()."""
+        words = os.urandom(8 * THAW_ENTROPY_WORDS)
+        await self.send(p.message(
+            p.MessageType.THAW, 0, (p.Field.HOSTNAME, hostname),
+            *((p.Field.ENTROPY, int.from_bytes(words[i:i + 8], "little")) for i in range(0, len(words), 8)),
+            (p.Field.REALTIME_NS, time.time_ns())))
+
+    async def prepare_snapshot(self, disk_serials: list[str]) -> None:
+        """Have the agent mount the image disks and go idle, so the VM can be saved (after handshake())."""
+        await self.send(p.message(p.MessageType.PREPARE, 0, *((p.Field.DISK_SERIAL, s) for s in disk_serials)))
+        await self._first(self._prepared)
 
     async def start(self, spec: ProcessSpec, on_stdout: OutputSink, on_stderr: OutputSink) -> GuestProcess:
         """Start a process; returns once it runs. Raises AppStartError if the agent could not start it."""
@@ -294,6 +314,11 @@ class AgentSession:
             return
         if mtype is T.HELLO:
             raise ProtocolError("agent sent HELLO twice")
+        if mtype is T.PREPARED:
+            if self._prepared.done():
+                raise ProtocolError("agent sent PREPARED twice")
+            self._prepared.set_result(None)
+            return
         if mtype is T.ERROR and stream == 0:
             f = p.Fields.decode(payload)
             raise AgentError(f"guest agent failed: {f.text(p.Field.STAGE)}: {f.text(p.Field.MESSAGE)}")

@@ -101,7 +101,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if ns.interactive and ns.detach:
         raise UsageError("run: --interactive and --detach exclude each other (use kvmpod enter)")
     options = RunOptions(memory_mib=ns.memory, cpus=ns.cpus, kernel=ns.kernel, accel=ns.accel,
-                         agent_transport=ns.agent_transport, debug=ns.debug,
+                         agent_transport=ns.agent_transport, boot=ns.boot, debug=ns.debug,
                          interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
                          pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach,
                          hostname=ns.hostname, annotations=annotations, pod_isolators=pod_isolators,

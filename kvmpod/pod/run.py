@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
-from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, OutputSink, ProcessSpec
+from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, Hello, OutputSink, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
 from kvmpod.fsutil import write_atomically
 from kvmpod.image.manifest import Isolator
@@ -37,7 +37,9 @@ from kvmpod.store.locks import SharedLocks
 from kvmpod.vm.backend import VMBackend, VMExit
 
 if TYPE_CHECKING:
+    from kvmpod.boot.snapshot import BootSnapshot, SnapshotUse
     from kvmpod.net.attach import PodNetwork
+    from kvmpod.vm.config import VMConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,6 +61,7 @@ class RunOptions:
     kernel: str | None = None
     accel: str = "auto"
     agent_transport: str = "auto"   # --agent-transport (kvmpod/vm/transport.py)
+    boot: str | None = None         # --boot snapshot|cold; None: [run] boot (kvmpod/boot/snapshot.py)
     debug: bool = False
     interactive: bool = False
     keep: bool = False
@@ -203,8 +206,12 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
     if accel.name == "tcg" and accel.automatic:
         notice(f"using TCG software emulation (slow): {accel.reason}")
     plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
+    from kvmpod.boot.snapshot import boot_setting
     from kvmpod.vm.transport import choose_transport
-    agent_transport = choose_transport(options.agent_transport, kernel)
+    boot = options.boot or boot_setting()
+    # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit())
+    snapshot_possible = boot == "snapshot" and not volumes.host and options.network.mode == "none"
+    agent_transport = choose_transport(options.agent_transport, kernel, snapshot=snapshot_possible)
     if agent_transport.notice:
         notice(agent_transport.notice)
     disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved}.values())
@@ -263,13 +270,25 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
                   plan.machine_arg, accel.name, accel.reason)
         log.debug("kernel cmdline: %s", plan.cmdline)
         log.debug("agent transport %s (%s)", agent_transport.kind, agent_transport.reason)
-        vm = QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout, vsock_front=vsock_front)
+        restore = None
+        if snapshot_possible:
+            restore = await use_snapshot(dataclasses.replace(
+                config, cmdline=f"{plan.cmdline} {agent_transport.kernel_arg()}"), options.boot_timeout)
+        log.debug("boot: %s", f"from snapshot {restore.snapshot.key}" if restore else "cold")
+
+        def cold_vm() -> QemuVM:
+            return QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout, vsock_front=vsock_front)
+
+        vm = cold_vm() if restore is None else QemuVM(
+            restore.snapshot.restore_config(dataclasses.replace(config, cmdline=restore.cmdline)),
+            pod.file("qemu.log"), connect_timeout=options.boot_timeout, restore_from=restore.snapshot.state)
         audit.pod_started(pod.uuid, [{"name": a.name, "image": a.image.id, "image_name": a.image.manifest.name,
                                       "labels": a.image.manifest.labels, "signature": a.image.signature}
                                      for a in resolved])
         timings["qemu_spawn"] = time.time()
         runner = PodRunner(pod, vm, resolved, options, timings, metadata,
-                           [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in shares], volumes, network)
+                           [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in shares], volumes, network,
+                           restore=restore, cold_vm=cold_vm, hostname=hostname)
         return await runner.run()
     except KvmpodError as e:
         with contextlib.suppress(OSError):
@@ -284,6 +303,34 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
         # network could not be released stays for `kvmpod gc` to try again
         if released and not (options.keep or (options.detach and "apps_started" in timings)):
             pod.remove()
+
+
+async def use_snapshot(config: "VMConfig", timeout: float) -> "SnapshotClaim | None":
+    """A claim on the boot snapshot for `config` (made now if needed), or None with a notice when it
+    cannot be made (the pod then boots cold)."""
+    from kvmpod.boot.snapshot import find_or_make, unfit
+    from kvmpod.vm.qemu import qemu_binary
+
+    if why := unfit(config):
+        log.debug("boot: cold, %s", why)
+        return None
+    try:
+        use, took = await find_or_make(config, qemu_binary(), timeout=timeout,
+                                       on_making=lambda: log.debug("boot: making a boot snapshot first"))
+    except (KvmpodError, OSError) as e:
+        notice(f"booting cold: {e}")
+        return None
+    if took:
+        log.debug("boot snapshot %s made in %.2f s", use.snapshot.key, took)
+    return SnapshotClaim(use.snapshot, use, config.cmdline)
+
+
+@dataclass
+class SnapshotClaim:
+    """The snapshot a pod starts from, held until QEMU has started from it."""
+    snapshot: "BootSnapshot"
+    use: "SnapshotUse"
+    cmdline: str
 
 
 def release_network(network: "PodNetwork | None", pod: PodDir) -> bool:
@@ -309,8 +356,12 @@ class PodRunner:
     def __init__(self, pod: PodDir, vm: VMBackend, apps: list[ResolvedApp], options: RunOptions,
                  timings: dict[str, float], metadata: PodMetadata | None = None,
                  fs_daemons: list | None = None, volumes: PodVolumes | None = None,
-                 network: "PodNetwork | None" = None):
+                 network: "PodNetwork | None" = None, restore: SnapshotClaim | None = None,
+                 cold_vm: Callable[[], VMBackend] | None = None, hostname: str = ""):
         self.pod = pod
+        self.restore = restore    # `vm` starts from this boot snapshot; cold_vm() is the fallback
+        self.cold_vm = cold_vm
+        self.hostname = hostname
         self.network = network
         self.fs_daemons = fs_daemons or []   # virtiofsd per host volume (kvmpod/vm/virtiofs.py)
         self.volumes = volumes or PodVolumes()
@@ -352,16 +403,7 @@ class PodRunner:
         for daemon in self.fs_daemons:  # QEMU connects to their sockets: they come first
             await daemon.start()
             self.pod.update(virtiofsd_pids=[d.pid for d in self.fs_daemons if d.pid])
-        channel = await self.vm.start()
-        if self.network:
-            self.network.close_fds()  # QEMU holds the taps now: they end with it
-        if self.stop_reason is not None:  # stopped while QEMU was being spawned
-            await self.vm.stop(grace=0)
-            raise GuestDied(await self.vm.wait())
-        self.pod.update(state="booting", qemu_pid=self.vm.pid, **getattr(self.vm, "transport_info", {}))
-        self.session = AgentSession(*channel, on_log=lambda line: log.debug("agent: %s", line))
-        hello = await self._until(self.session.handshake(), self.options.boot_timeout,
-                                  "the guest agent did not answer")
+        hello = await self._boot()
         self.timings["agent_ready"] = time.time()
         log.debug("agent %s speaks protocol %d (guest boot to agent: %.3f s guest clock)",
                   hello.agent_version, hello.version, hello.boot_ns / 1e9)
@@ -396,6 +438,46 @@ class PodRunner:
             if stdin_task:
                 stdin_task.cancel()
         return self._record_exit(statuses)
+
+    async def _boot(self) -> Hello:
+        """Start QEMU and shake hands with the agent. A VM restored from a boot snapshot gets THAW first;
+        one that fails to restore costs its snapshot (removed, to be made anew) and the pod boots cold."""
+        try:
+            return await self._start_vm()
+        except (VMError, AgentError) as e:
+            if self.restore is None or self.cold_vm is None or self.stop_reason is not None:
+                raise
+            failed, self.restore = self.restore, None
+            failed.use.discard()
+            if self.session:
+                await self.session.close()
+                self.session = None
+            if self.vm.pid is not None:
+                with contextlib.suppress(KvmpodError):
+                    await self.vm.stop(grace=0)
+            notice(f"boot snapshot {failed.snapshot.key} did not restore ({e}): booting cold")
+            self.vm = self.cold_vm()
+            return await self._start_vm()
+
+    async def _start_vm(self) -> Hello:
+        try:
+            channel = await self.vm.start()
+        finally:
+            if self.restore:  # QEMU has mapped the snapshot (or failed to): eviction may take it now
+                self.restore.use.release()
+        if self.network:
+            self.network.close_fds()  # QEMU holds the taps now: they end with it
+        if self.stop_reason is not None:  # stopped while QEMU was being spawned
+            await self.vm.stop(grace=0)
+            raise GuestDied(await self.vm.wait())
+        self.pod.update(state="booting", qemu_pid=self.vm.pid, boot="snapshot" if self.restore else "cold",
+                        **({"snapshot": self.restore.snapshot.key} if self.restore else {}),
+                        **getattr(self.vm, "transport_info", {}))
+        self.session = AgentSession(*channel, on_log=lambda line: log.debug("agent: %s", line))
+        if self.restore:
+            await self._until(self.session.thaw(self.hostname))
+        return await self._until(self.session.handshake(), self.options.boot_timeout,
+                                 "the guest agent did not answer")
 
     def _record_exit(self, statuses: list[ExitStatus]) -> int:
         """state.json's final word on the apps; returns kvmpod run's exit status."""
@@ -611,7 +693,9 @@ class PodRunner:
             await self._close_local()
             return  # QEMU never started: nothing else to stop
         try:
-            if self.session and not self.vm.ended.done():
+            # the guest writes through to the host only on host volumes: without them there is nothing
+            # to sync or unmount, and QEMU can be told to quit at once
+            if self.session and not self.vm.ended.done() and self.volumes.host:
                 await self.session.shutdown()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self.vm.ended), SHUTDOWN_GRACE)

@@ -71,6 +71,11 @@ class VMConfig:
     filesystems: list[FsDevice] = field(default_factory=list)  # virtio-fs (host volumes)
     shares_9p: list[NinePShare] = field(default_factory=list)  # virtio-9p (host volumes, fallback)
     nics: list[Nic] = field(default_factory=list)              # virtio-net (kvmpod/net/)
+    # Boot snapshots (kvmpod/boot/snapshot.py): guest RAM in this file, written through when
+    # memory_file_shared (the VM a snapshot is made of), else mapped private (a VM restored from it).
+    memory_file: Path | None = None
+    memory_file_shared: bool = False
+    incoming: bool = False    # start paused, waiting for a snapshot's device state (-incoming defer)
 
     @property
     def virtio_suffix(self) -> str:
@@ -82,7 +87,9 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
     v = cfg.virtio_suffix
     machine_options = cfg.machine_options
     shared_memory = bool(cfg.filesystems or cfg.vhost_user_vsock)
-    if shared_memory:  # vhost-user needs guest RAM the back-end can map: shared memfd
+    if shared_memory and cfg.memory_file:
+        raise ValueError("vhost-user devices cannot be saved in a boot snapshot")
+    if shared_memory or cfg.memory_file:  # vhost-user needs guest RAM the back-end can map: shared memfd
         machine_options = (*machine_options, "memory-backend=mem")
     argv = [
         binary,
@@ -127,6 +134,12 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on"]
         if v == "device":  # microvm's virtio-mmio is legacy by default; libvhost-user (virtiofsd) refuses legacy
             argv += ["-global", "virtio-mmio.force-legacy=false"]
+    if cfg.memory_file:
+        share = "on" if cfg.memory_file_shared else "off"
+        argv += ["-object", f"memory-backend-file,id=mem,size={cfg.memory_mib}M,mem-path={cfg.memory_file},"
+                            f"share={share}"]
+    if cfg.incoming:
+        argv += ["-incoming", "defer"]
     for i, fs in enumerate(cfg.filesystems):
         argv += [
             "-chardev", f"socket,id=fs{i},path={fs.socket}",

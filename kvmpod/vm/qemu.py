@@ -36,8 +36,9 @@ def _die_with_parent() -> None:
 
 class QemuVM(VMBackend):
     def __init__(self, config: VMConfig, stderr_log: Path, connect_timeout: float = 30.0,
-                 vsock_front: Path | None = None):
+                 vsock_front: Path | None = None, restore_from: Path | None = None):
         self.config = config
+        self.restore_from = restore_from  # a boot snapshot's device state (config.incoming; kvmpod/boot/snapshot.py)
         self.vsock_front = vsock_front   # vsock-user: the Firecracker-style socket host programs use
         self._vsock: VsockDevice | None = None
         self._cid: CidLease | None = None
@@ -51,6 +52,8 @@ class QemuVM(VMBackend):
         self._panicked = False
         self._shutdown_reason: str | None = None
         self._ended: asyncio.Future[VMExit] | None = None
+        self._socket_inodes: dict[Path, tuple[int, int]] = {}
+        self._closed = asyncio.Event()   # set once QEMU is gone and the listeners are closed
 
     @property
     def transport_info(self) -> dict[str, object]:
@@ -98,6 +101,7 @@ class QemuVM(VMBackend):
         except BaseException:
             await self._close_listeners()
             raise
+        self._remember_sockets()
         argv = qemu_argv(self.config)
         log.debug("qemu argv: %s", argv)
         with open(self.stderr_log, "wb") as err:
@@ -115,6 +119,8 @@ class QemuVM(VMBackend):
         try:
             await self._race(self._qmp.accept(), "QEMU did not connect to its QMP socket")
             self._events_task = loop.create_task(self._watch_events())
+            if self.restore_from is not None:
+                await self._race(self._load_snapshot(self.restore_from), "QEMU did not take the boot snapshot")
             if transport == "serial":
                 channel = await self._race(agent_conn, "QEMU did not connect the agent channel")
             else:
@@ -123,6 +129,54 @@ class QemuVM(VMBackend):
             await self.stop(grace=0)
             raise
         return channel
+
+    async def _pass_file(self, path: Path, flags: int, fdname: str) -> None:
+        """Open `path` here and hand the fd to QEMU as `fdname` (QEMU 7.2 has no file: migration URI)."""
+        assert self._qmp is not None
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        try:
+            self._qmp.send_fd_scm(fd)
+            await self._qmp.execute("getfd", {"fdname": fdname})
+        finally:
+            os.close(fd)
+
+    async def _load_snapshot(self, state: Path) -> None:
+        """Load the device state and run the guest. Guest RAM is the snapshot's memory file, mapped
+        private (config.memory_file), so nothing else is read. The snapshot VM was stopped when it was
+        saved, and a restored VM keeps that run state: it is continued here."""
+        assert self._qmp is not None
+        await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]})
+        await self._pass_file(state, os.O_RDONLY, "snapshot")
+        await self._migrate("migrate-incoming", "loading the boot snapshot")
+        await self._qmp.execute("cont")
+
+    async def _migrate(self, command: str, what: str) -> None:
+        """Run `command` (migrate or migrate-incoming, to or from fd "snapshot") until QEMU reports the end."""
+        from qemu.qmp import EventListener
+
+        assert self._qmp is not None
+        listener = EventListener("MIGRATION")
+        with self._qmp.listen(listener):
+            await self._qmp.execute(command, {"uri": "fd:snapshot"})
+            async for event in listener:
+                status = event.get("data", {}).get("status")
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled"):
+                    info = await self._qmp.execute("query-migrate")
+                    raise VMError(f"{what} failed: {info.get('error-desc', status)}")
+
+    async def save_snapshot(self, state: Path) -> None:
+        """Stop the guest and write its device state to `state`. Guest RAM is not written: it already
+        is the shared memory file (config.memory_file_shared), which x-ignore-shared leaves out."""
+        if self._qmp is None:
+            raise VMError("VM was never started")
+        await self._qmp.execute("stop")
+        await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]})
+        await self._pass_file(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "snapshot")
+        await self._migrate("migrate", "saving the VM")
 
     def _start_vsock(self) -> None:
         """Allocate the guest's CID; for vsock-user, listen for QEMU's vhost-user connection."""
@@ -220,6 +274,7 @@ class QemuVM(VMBackend):
         self._ended.set_result(VMExit(returncode, self._panicked, self._shutdown_reason, self._stderr_tail(),
                                       self._failure))
         await self._close_listeners()
+        self._closed.set()
 
     def _stderr_tail(self, lines: int = 3) -> str:
         try:
@@ -240,10 +295,23 @@ class QemuVM(VMBackend):
             self._vsock.close()
         if self._cid is not None:
             self._cid.release()
-        for path in (self.config.agent_socket, self.config.qmp_socket, self.config.vhost_user_vsock, self.vsock_front):
-            if path:
-                with contextlib.suppress(FileNotFoundError):
+        for path in self._socket_paths():
+            # only the file this VM listened on: a VM started after it (a cold boot after a failed
+            # restore) may listen at the same path by now
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(path)
+                if self._socket_inodes.get(path, (st.st_ino, st.st_ctime_ns)) == (st.st_ino, st.st_ctime_ns):
                     os.unlink(path)
+
+    def _socket_paths(self) -> list[Path]:
+        return [p for p in (self.config.agent_socket, self.config.qmp_socket, self.config.vhost_user_vsock,
+                            self.vsock_front) if p]
+
+    def _remember_sockets(self) -> None:
+        for path in self._socket_paths():
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(path)
+                self._socket_inodes[path] = (st.st_ino, st.st_ctime_ns)
 
     async def wait(self) -> VMExit:
         return await asyncio.shield(self.ended)
@@ -260,7 +328,19 @@ class QemuVM(VMBackend):
                 return await asyncio.wait_for(asyncio.shield(self.ended), grace)
         with contextlib.suppress(ProcessLookupError):
             self._proc.kill()
-        return await asyncio.shield(self.ended)
+        vm_exit = await asyncio.shield(self.ended)
+        await self._closed.wait()  # its socket files are gone: another VM may take the paths
+        return vm_exit
+
+
+def qemu_binary(name: str = "qemu-system-x86_64") -> Path:
+    """The QEMU binary the VMs run (by PATH, as spawning it does)."""
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        raise VMError(f"{name}: not found (install qemu-system-x86: make setup)")
+    return Path(found)
 
 
 def check_socket_path(path: Path) -> None:

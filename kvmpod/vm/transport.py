@@ -1,7 +1,8 @@
 """Which byte stream carries the agent protocol: vsock (kernel or kvmpod's own backend) or virtio-serial.
 
 `--agent-transport`:
-  auto         vsock if the guest kernel has it: kernel vhost-vsock when /dev/vhost-vsock is usable,
+  auto         virtio-serial for a pod that starts from a boot snapshot (kvmpod/boot/snapshot.py);
+               otherwise vsock if the guest kernel has it: kernel vhost-vsock when /dev/vhost-vsock is usable,
                else kvmpod's userspace vhost-user-vsock backend (kvmpod/vsock/); virtio-serial, with a
                notice, only when the guest kernel has no virtio-vsock
   vsock        the same choice between the two vsock back-ends, but never virtio-serial
@@ -65,11 +66,15 @@ def kernel_vsock_missing(kernel: GuestKernel) -> str | None:
     return f"the guest kernel {kernel.image.name} has no virtio-vsock (CONFIG_VIRTIO_VSOCKETS)"
 
 
-def choose_transport(requested: str, kernel: GuestKernel) -> AgentTransport:
+def choose_transport(requested: str, kernel: GuestKernel, snapshot: bool = False) -> AgentTransport:
+    """`snapshot`: the pod may start from a boot snapshot, which only the serial port survives; auto
+    then takes it (a pod that needs vsock asks for it, and boots cold)."""
     if requested not in CHOICES:
         raise VMError(f"unknown agent transport {requested!r} (choose from {', '.join(CHOICES)})")
     if requested == SERIAL:
         return AgentTransport(SERIAL, "asked for")
+    if requested == "auto" and snapshot:
+        return AgentTransport(SERIAL, "a boot snapshot (only the serial port can be saved)")
     if missing := kernel_vsock_missing(kernel):
         if requested == "auto":
             return AgentTransport(SERIAL, missing, f"{missing}: the agent uses virtio-serial")

@@ -66,7 +66,17 @@ def nothing_left_behind(kvmpod_env):
     assert virtiofsd_pids_of(run_dir) == [], "a virtiofsd process outlived kvmpod"
     pods = Path(run_dir, "pods")
     assert not pods.exists() or list(pods.iterdir()) == [], f"pod directories left: {list(pods.iterdir())}"
+    assert list(Path(run_dir).glob("snapshot-*")) == [], "a boot snapshot maker left its work directory"
+    snapshot_dir = Path(kvmpod_env["KVMPOD_SNAPSHOT_DIR"])
+    assert not snapshot_dir.exists() or list(snapshot_dir.glob("*.new-*")) == [], "a half-made boot snapshot is left"
     assert machine_network_touched() == [], "a test made links in the machine's own network namespace"
+
+
+# A pod's apps have started when `kvmpod run --detach` returns: a server in it may not listen yet, and
+# until it does a forward answers with a refusal or a reset. A curl that should reach a server tries
+# again, for a minute at most.
+CURL = ["curl", "-sS", "-m", "20", "--retry", "60", "--retry-all-errors", "--retry-delay", "1",
+        "--retry-max-time", "60"]
 
 
 class Kvmpod:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import kvmpod_cmd
-from tests.e2e.conftest import VM_TIMEOUT, proc_alive, the_error
+from tests.e2e.conftest import CURL, VM_TIMEOUT, proc_alive, the_error
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -81,7 +81,7 @@ class Netns:
         assert removed.returncode == 0, removed.stderr.decode()
 
     def curl(self, url: str) -> subprocess.CompletedProcess:
-        return self.sh("curl", "-sS", "-m", "20", url, check=False)
+        return self.sh(*CURL, url, check=False)
 
     def leftovers(self) -> list[str]:
         """What a pod could leave in this namespace or the run dir: taps, bridge ports, map elements, leases."""
@@ -247,7 +247,7 @@ def test_user_networking_without_root_forwards_a_port(web_aci, nobody_home):
     assert started.returncode == 0, started.stderr.decode()
     uuid = started.stdout.decode().strip()
     try:
-        got = subprocess.run(["curl", "-sS", "-m", "20", "http://127.0.0.1:18090/hosts"], capture_output=True)
+        got = subprocess.run([*CURL, "http://127.0.0.1:18090/hosts"], capture_output=True)
         assert b"127.0.0.1 localhost" in got.stdout, got.stderr
         status = json.loads(subprocess.run([*as_nobody, "status", "--json", uuid], capture_output=True, env=env,
                                            cwd=home).stdout)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import kvmpod_cmd
-from tests.e2e.conftest import VM_TIMEOUT, proc_alive, the_error
+from tests.e2e.conftest import CURL, VM_TIMEOUT, proc_alive, the_error
 
 PLUGINS = Path("/usr/lib/cni")
 NETNS_DIR = Path("/run/netns")
@@ -145,7 +145,7 @@ def test_long_running_pod_is_reached_from_the_host_namespace_then_stopped(host, 
         assert record[0]["kind"] == "cni" and record[0]["networks"][0]["state"] == "added"
         ping = host.sh("busybox", "ping", "-c", "2", "-W", "10", address, check=False)
         assert ping.returncode == 0, ping.stdout.decode() + ping.stderr.decode()
-        got = host.sh("curl", "-sS", "-m", "20", f"http://{address}/greeting", check=False)   # TCP, both ways
+        got = host.sh(*CURL, f"http://{address}/greeting", check=False)   # TCP, both ways
         assert got.stdout == b"Hello from a kvmpod VM!\n", got.stderr.decode()
         # the namespace is mounted in kvmpod's mount namespace (`ip netns exec` gave it one of its own)
         kvmpod_pid = json.loads((pod_dir / "state.json").read_text())["kvmpod_pid"]
@@ -246,7 +246,7 @@ def test_port_forwards_through_the_portmap_plugin(host, busybox_rootfs, tmp_path
         the_error(refused)
     uuid = host.detach("--net", "webnet", "--port", "http:18085", str(web))
     try:
-        got = host.sh("curl", "-sS", "-m", "20", "http://10.79.0.1:18085/hosts", check=False)
+        got = host.sh(*CURL, "http://10.79.0.1:18085/hosts", check=False)
         assert b"127.0.0.1 localhost" in got.stdout, got.stderr
     finally:
         assert host.kvmpod("stop", uuid).returncode == 0

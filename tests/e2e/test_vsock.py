@@ -44,9 +44,10 @@ def test_each_transport_runs_an_app_with_stdin_and_both_streams(kvmpod, busybox_
 
 
 def test_auto_picks_the_userspace_backend_here_and_says_why(kvmpod, busybox_aci):
+    """On a cold boot: a pod started from a boot snapshot gets serial (test_snapshot.py)."""
     if vhost_vsock_reason() is None:
         pytest.skip("this host has kernel vhost-vsock: auto uses it")
-    result = kvmpod.run("--debug", "--net", "none", str(busybox_aci), *SH, "true")
+    result = kvmpod.run("--debug", "--net", "none", "--boot", "cold", str(busybox_aci), *SH, "true")
     assert result.returncode == 0, result.stderr
     text = result.stderr.decode()
     assert f"agent transport vsock-user ({NO_VHOST_VSOCK}" in text
@@ -98,7 +99,8 @@ def test_kernel_vhost_vsock_pods_get_distinct_cids(kvmpod, busybox_aci, kvmpod_e
 
 def test_concurrent_pods_hold_distinct_cids_and_release_them(kvmpod, busybox_aci, kvmpod_env):
     cids = Path(kvmpod_env["KVMPOD_RUN_DIR"], "vsock-cids")
-    procs = [kvmpod.popen("--net", "none", str(busybox_aci), *SH, "sleep 4") for _ in range(2)]
+    procs = [kvmpod.popen("--net", "none", "--agent-transport", "vsock-user", str(busybox_aci), *SH, "sleep 4")
+             for _ in range(2)]
     try:
         deadline = time.time() + 120
         while time.time() < deadline and (not cids.is_dir() or len(os.listdir(cids)) < 2):
@@ -244,7 +246,8 @@ runpy.run_module("kvmpod", run_name="__main__")
 
 def test_a_guest_spamming_malformed_packets_is_cut_off(busybox_aci, kvmpod_env):
     started = time.time()
-    result = subprocess.run([sys.executable, "-c", SPAMMER, "run", "--net", "none", str(busybox_aci), *SH,
+    result = subprocess.run([sys.executable, "-c", SPAMMER, "run", "--net", "none", "--agent-transport", "vsock-user",
+                             str(busybox_aci), *SH,
                              "while true; do echo spam; done"], capture_output=True, env=kvmpod_env, timeout=240)
     assert result.returncode == 125
     error = the_error(result)

@@ -1,0 +1,284 @@
+"""Boot snapshots: a pod VM booted once to an idle agent, saved, and restored for each later pod.
+
+A cold boot spends most of its time in the guest kernel's start-up (and, under TCG, in translating
+it); a VM restored from a snapshot starts where the agent waits for its pod. A snapshot is made per
+*shape* (QEMU, kernel, initrd, command line, machine, memory, vCPUs and image disks: everything the
+saved state depends on), so it is as much a cache as the rootfs ISO and the initrd are, and is made
+the first time a shape is needed. What makes each restored VM its pod's own (hostname, a reseeded
+guest random generator, the clock) is the agent's THAW message. docs/snapshot.md has the design, and
+what snapshots will not do.
+
+Files, under <cache>/snapshots/ (KVMPOD_SNAPSHOT_DIR; docs/layout.md):
+  <key>/memory     guest RAM, written through while the snapshot VM ran; restored VMs map it private
+  <key>/state      QEMU's device state (a migration stream without RAM: x-ignore-shared)
+  <key>/shape.json what the key was computed from, for people
+  <key>.lock       exclusive while the snapshot is made or removed, shared while a pod starts from it
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmpod import config as settings
+from kvmpod import paths
+from kvmpod.errors import ConfigError, KvmpodError, VMError
+from kvmpod.fsutil import pid_alive
+from kvmpod.vm.config import VMConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1                # bump when what a snapshot holds changes meaning
+DEFAULT_KEEP = 8          # snapshots kept ([run] snapshots-kept); the least recently used go first
+BOOT_CHOICES = ("snapshot", "cold")
+
+
+def boot_setting() -> str:
+    """`[run] boot` in kvmpod.toml: "snapshot" (the default: from a boot snapshot where the pod allows) or "cold"."""
+    found = settings.lookup("boot", "run")
+    if found is None:
+        return "snapshot"
+    if found.value not in BOOT_CHOICES:
+        raise ConfigError(f"{found.describe('[run] boot')}: {found.value!r} is not one of {', '.join(BOOT_CHOICES)}")
+    return found.value
+
+
+def unfit(config: VMConfig) -> str | None:
+    """Why a VM like `config` cannot start from a boot snapshot, or None if it can."""
+    if config.agent_transport != "serial":
+        # QEMU 7.2 refuses to save vhost-user-vsock; kernel vhost-vsock would need the CID re-read
+        return f"the agent transport {config.agent_transport} cannot be saved (the serial one can)"
+    if config.filesystems:
+        return "virtio-fs volumes (vhost-user) cannot be saved"
+    if config.shares_9p:
+        return "9p volumes cannot be saved while mounted"
+    if config.nics:
+        return "network interfaces are not restored from snapshots yet"
+    return None
+
+
+def _file_identity(path: Path) -> list:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+@dataclass(frozen=True)
+class SnapshotShape:
+    """Everything a saved VM depends on; two pods with equal shapes can start from one snapshot."""
+
+    qemu: list            # the binary's path, size and mtime: another QEMU may not read the state
+    kernel: list
+    initrd: list
+    firmware: list | None
+    cmdline: str          # without per-pod words (the hostname goes in THAW)
+    machine: str
+    machine_options: list[str]
+    accel: str
+    memory_mib: int
+    cpus: int
+    disks: list[list[str]]   # [path, serial]: image disks are content-addressed, so the path names the content
+    format: int = FORMAT
+
+    @classmethod
+    def of(cls, config: VMConfig, qemu_binary: Path) -> "SnapshotShape":
+        return cls(qemu=_file_identity(qemu_binary), kernel=_file_identity(config.kernel),
+                   initrd=_file_identity(config.initrd),
+                   firmware=_file_identity(config.firmware) if config.firmware else None,
+                   cmdline=config.cmdline, machine=config.machine, machine_options=list(config.machine_options),
+                   accel=config.accel, memory_mib=config.memory_mib, cpus=config.cpus,
+                   disks=[[str(d.path), d.serial] for d in config.disks])
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class BootSnapshot:
+    path: Path
+
+    @property
+    def memory(self) -> Path:
+        return self.path / "memory"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def key(self) -> str:
+        return self.path.name
+
+    def restore_config(self, config: VMConfig) -> VMConfig:
+        """`config` (a pod's VM, of this snapshot's shape) set to start from the snapshot."""
+        return dataclasses.replace(config, memory_file=self.memory, memory_file_shared=False, incoming=True)
+
+
+def snapshots_dir() -> Path:
+    return paths.snapshots_dir()
+
+
+def _lock_fd(key: str) -> int:
+    root = snapshots_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+class SnapshotUse:
+    """A shared claim on a snapshot while a pod's QEMU starts from it (eviction skips it)."""
+
+    def __init__(self, snapshot: BootSnapshot, fd: int):
+        self.snapshot = snapshot
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """The snapshot failed to restore: remove it (once nobody else starts from it), so the next pod
+        makes a new one."""
+        self.release()
+        with contextlib.suppress(OSError):
+            _remove(self.snapshot.key, wait=False)
+
+
+def _complete(path: Path) -> bool:
+    return (path / "state").is_file() and (path / "memory").is_file()
+
+
+async def find_or_make(config: VMConfig, qemu_binary: Path, *, timeout: float,
+                       on_making=None) -> tuple[SnapshotUse, float]:
+    """A claim on the snapshot for `config`'s shape, made now if there is none (then `on_making()` is
+    called first, and the seconds it took are returned; 0.0 when it existed). Raises VMError (and leaves
+    nothing behind) when it cannot be made."""
+    shape = SnapshotShape.of(config, qemu_binary)
+    key = shape.key
+    final = snapshots_dir() / key
+    fd = _lock_fd(key)
+    try:
+        # one pod makes it, the others of the same shape wait and use it
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        took = 0.0
+        if not _complete(final):
+            if on_making:
+                on_making()
+            started = time.monotonic()
+            await _make(config, shape, final, timeout)
+            took = time.monotonic() - started
+        fcntl.flock(fd, fcntl.LOCK_SH)  # downgrade: eviction and discard skip it while the pod starts
+        with contextlib.suppress(OSError):
+            os.utime(final)  # "recently used", for eviction
+    except BaseException:
+        os.close(fd)
+        raise
+    if took:
+        evict(settings.int_setting("snapshots-kept", "run", DEFAULT_KEEP), keep_key=key)
+    return SnapshotUse(BootSnapshot(final), fd), took
+
+
+async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: float) -> None:
+    """Boot a VM of `shape`, let the agent mount the image disks, save it into `final`. The VM's
+    sockets and logs go to a private directory of the runtime dir, removed afterwards."""
+    from kvmpod.agent.session import AgentSession
+    from kvmpod.vm.qemu import QemuVM
+
+    stage = final.with_name(f"{final.name}.new-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(mode=0o700)
+    paths.runtime_dir().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="snapshot-", dir=paths.runtime_dir()))
+    vm = None
+    try:
+        vm_config = dataclasses.replace(
+            config, name=f"kvmpod-snapshot-{final.name[:12]}", console_log=work / "console.log",
+            qmp_socket=work / "qmp.sock", agent_socket=work / "agent.sock", memory_file=stage / "memory",
+            memory_file_shared=True, incoming=False)
+        vm = QemuVM(vm_config, work / "qemu.log", connect_timeout=timeout)
+        try:
+            channel = await vm.start()
+            session = AgentSession(*channel)
+            await asyncio.wait_for(session.handshake(), timeout)
+            await asyncio.wait_for(session.prepare_snapshot([d.serial for d in config.disks]), timeout)
+            await asyncio.wait_for(vm.save_snapshot(stage / "state"), timeout)
+        except asyncio.TimeoutError:
+            raise VMError(f"making a boot snapshot took longer than {timeout:.0f} s") from None
+        except KvmpodError as e:
+            raise VMError(f"making a boot snapshot failed: {e}{_console_hint(work)}") from None
+        await vm.stop(grace=0)
+        (stage / "shape.json").write_text(json.dumps(dataclasses.asdict(shape), indent=1) + "\n")
+        for name in ("memory", "state", "shape.json"):
+            with open(stage / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # an incomplete one left by a crash
+            shutil.rmtree(final)
+        stage.rename(final)
+    finally:
+        if vm is not None and vm.pid is not None:
+            with contextlib.suppress(KvmpodError):
+                await vm.stop(grace=0)
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _console_hint(work: Path) -> str:
+    try:
+        lines = (work / "console.log").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f" (guest console: {lines[-1]})" if lines else ""
+
+
+def _remove(key: str, wait: bool) -> bool:
+    """Remove snapshot `key` under its exclusive lock; False if a pod holds it and not `wait`."""
+    fd = _lock_fd(key)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        shutil.rmtree(snapshots_dir() / key, ignore_errors=True)
+        return True  # the lock file stays: unlinking it would let two makers lock different files
+    finally:
+        os.close(fd)
+
+
+def entries_named(root: Path, part: str) -> list[os.DirEntry]:
+    return [e for e in os.scandir(root) if part in e.name and e.name.rsplit("-", 1)[-1].isdigit()]
+
+
+def evict(keep: int, keep_key: str | None = None) -> list[str]:
+    """Remove the least recently used snapshots beyond `keep` (never `keep_key`, nor one in use).
+    Returns the keys removed."""
+    root = snapshots_dir()
+    try:
+        entries = [e for e in os.scandir(root) if e.is_dir() and "." not in e.name]
+    except FileNotFoundError:
+        return []
+    for entry in entries_named(root, ".new-"):  # stages of makers that died
+        if not pid_alive(int(entry.name.rsplit("-", 1)[1])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    removed = []
+    for entry in entries[keep:]:
+        if entry.name != keep_key and _remove(entry.name, wait=False):
+            removed.append(entry.name)
+    return removed
+
+
+def remove_all() -> int:
+    """Remove every snapshot nobody is starting from (`kvmpod gc --snapshots`); returns how many."""
+    return len(evict(0))

@@ -1,0 +1,122 @@
+"""Boot snapshots end to end (docs/snapshot.md): made on first use, restored after, each restored pod
+its own (hostname, random generator, clock), a broken snapshot costs one cold boot and is made anew,
+concurrent first uses make one snapshot, and what rules a snapshot out boots cold.
+
+Each test asks for its own --memory size, so it gets a snapshot shape no other test made."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from tests.e2e.conftest import stderr_lines
+
+SH = ["--exec", "/bin/sh", "--", "-c"]
+
+
+def snapshots(env: dict[str, str]) -> list[Path]:
+    root = Path(env["KVMPOD_SNAPSHOT_DIR"])
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def kept_state(kvmpod, *args: str) -> tuple[dict, "object"]:
+    """Run with --keep; return state.json and the result, and remove the pod directory."""
+    pods = Path(kvmpod.env["KVMPOD_RUN_DIR"], "pods")
+    before = set(pods.glob("*")) if pods.exists() else set()
+    result = kvmpod.run("--keep", *args)
+    (pod,) = set(pods.glob("*")) - before
+    state = json.loads((pod / "state.json").read_text())
+    shutil.rmtree(pod)
+    return state, result
+
+
+def test_first_run_makes_the_snapshot_and_the_next_restores_it(kvmpod, busybox_aci):
+    before = set(snapshots(kvmpod.env))
+    state, first = kept_state(kvmpod, "--memory", "200M", str(busybox_aci), *SH, "echo one")
+    assert first.returncode == 0, first.stderr.decode()
+    assert first.stdout == b"one\n" and state["boot"] == "snapshot"   # made, then restored
+    (made,) = set(snapshots(kvmpod.env)) - before
+    assert sorted(p.name for p in made.iterdir()) == ["memory", "shape.json", "state"]
+    assert json.loads((made / "shape.json").read_text())["memory_mib"] == 200
+    state, second = kept_state(kvmpod, "--memory", "200M", str(busybox_aci), *SH, "echo two; cat /proc/meminfo")
+    assert second.returncode == 0, second.stderr.decode()
+    assert second.stdout.startswith(b"two\n") and b"MemTotal" in second.stdout
+    assert (state["boot"], state["snapshot"], state["agent_transport"]) == ("snapshot", made.name, "serial")
+    assert stderr_lines(second) == []
+
+
+def test_each_restored_pod_is_its_own(kvmpod, busybox_aci):
+    script = "hostname; cat /proc/sys/kernel/random/boot_id; head -c 32 /dev/urandom | od -An -x; date +%s"
+    runs = []
+    for extra in ([], [], ["--hostname", "chosen"]):
+        result = kvmpod.run("--memory", "208M", *extra, str(busybox_aci), *SH, script)
+        assert result.returncode == 0, result.stderr.decode()
+        runs.append(result.stdout.decode().split("\n"))
+    hostnames = [r[0] for r in runs]
+    assert hostnames[0].startswith("kvmpod-") and hostnames[0] != hostnames[1] and hostnames[2] == "chosen"
+    assert len({r[1] for r in runs}) == 3, "boot_id repeated across restored pods"
+    assert len({r[2] + r[3] for r in runs}) == 3, "the guest random generator repeated across restored pods"
+    for r in runs:  # the clock is the host's, not the snapshot's
+        assert abs(int(r[-2]) - time.time()) < 30, r
+
+
+def test_a_broken_snapshot_costs_one_cold_boot_and_is_made_anew(kvmpod, busybox_aci):
+    assert kvmpod.run("--memory", "216M", str(busybox_aci), *SH, "true").returncode == 0
+    before = set(snapshots(kvmpod.env))
+    (made,) = [p for p in before if json.loads((p / "shape.json").read_text())["memory_mib"] == 216]
+    (made / "state").write_bytes(b"QEVM broken")
+    result = kvmpod.run("--memory", "216M", str(busybox_aci), *SH, "echo still-runs")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"still-runs\n"
+    notices = [line for line in result.stderr.decode().splitlines() if "did not restore" in line]
+    assert len(notices) == 1 and made.name in notices[0] and notices[0].endswith("booting cold"), result.stderr
+    assert not made.exists()
+    state, again = kept_state(kvmpod, "--memory", "216M", str(busybox_aci), *SH, "true")  # made anew, used
+    assert again.returncode == 0 and state["boot"] == "snapshot" and state["snapshot"] == made.name
+    assert (made / "state").read_bytes() != b"QEVM broken"
+
+
+def test_concurrent_first_runs_make_one_snapshot(kvmpod, busybox_aci):
+    before = set(snapshots(kvmpod.env))
+    procs = [kvmpod.popen("--memory", "224M", str(busybox_aci), *SH, "echo ok") for _ in range(4)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[1] for o in outs]
+    assert [o[0] for o in outs] == [b"ok\n"] * 4
+    assert len(set(snapshots(kvmpod.env)) - before) == 1
+    assert not list(Path(kvmpod.env["KVMPOD_SNAPSHOT_DIR"]).glob("*.new-*"))
+
+
+def test_cold_boot_on_request_and_where_a_snapshot_cannot_carry_the_pod(kvmpod, busybox_aci, tmp_path):
+    state, result = kept_state(kvmpod, "--boot", "cold", "--memory", "232M", str(busybox_aci), *SH, "true")
+    assert result.returncode == 0 and state["boot"] == "cold" and state["agent_transport"] == "vsock-user"
+    state, result = kept_state(kvmpod, "--agent-transport", "vsock-user", "--memory", "232M", str(busybox_aci),
+                               *SH, "true")
+    assert result.returncode == 0 and state["boot"] == "cold"
+    share = tmp_path / "share"
+    share.mkdir()
+    state, result = kept_state(kvmpod, "--memory", "232M", "--volume", f"data,kind=host,source={share}",
+                               str(busybox_aci), "--mount", "volume=data,target=/data", *SH, "echo x > /data/f")
+    assert result.returncode == 0, result.stderr.decode()
+    assert state["boot"] == "cold" and (share / "f").read_text() == "x\n"
+    config = tmp_path / "cold.toml"
+    config.write_text('[run]\nboot = "cold"\n')
+    state, result = kept_state(type(kvmpod)({**kvmpod.env, "KVMPOD_CONFIG": str(config)}),
+                               "--memory", "232M", str(busybox_aci), *SH, "true")
+    assert result.returncode == 0 and state["boot"] == "cold"
+    assert not [p for p in snapshots(kvmpod.env)
+                if json.loads((p / "shape.json").read_text())["memory_mib"] == 232]
+
+
+def test_old_snapshots_are_evicted(kvmpod, busybox_aci, tmp_path):
+    config = tmp_path / "keep.toml"
+    config.write_text("[run]\nsnapshots-kept = 1\n")
+    env = {**kvmpod.env, "KVMPOD_CONFIG": str(config), "KVMPOD_SNAPSHOT_DIR": str(tmp_path / "snaps")}
+    limited = type(kvmpod)(env)
+    for memory in ("240M", "248M"):
+        assert limited.run("--memory", memory, str(busybox_aci), *SH, "true").returncode == 0
+    (left,) = snapshots(env)
+    assert json.loads((left / "shape.json").read_text())["memory_mib"] == 248
+    assert os.stat(left / "memory").st_blocks * 512 < 248 << 20  # sparse: only what the guest wrote

@@ -1,0 +1,169 @@
+"""Boot snapshots without a VM: the QEMU options, the shape key, what rules a snapshot out, the
+THAW/PREPARE exchange against a fake guest, eviction. The restore itself is in tests/e2e/test_snapshot.py."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmpod.agent import protocol as p
+from kvmpod.boot import snapshot
+from kvmpod.errors import ConfigError
+from kvmpod.vm.config import Disk, FsDevice, Nic, VMConfig, qemu_argv
+from kvmpod.vm.transport import SERIAL, choose_transport
+from tests.unit.test_protocol import _pair, run
+
+T, F = p.MessageType, p.Field
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    made = {}
+    for name in ("qemu", "vmlinux", "initrd", "disk.iso"):
+        (tmp_path / name).write_bytes(name.encode())
+        made[name] = tmp_path / name
+    return made
+
+
+def vm_config(files, **changes) -> VMConfig:
+    base = VMConfig(name="kvmpod-x", kernel=files["vmlinux"], initrd=files["initrd"], cmdline="quiet",
+                    console_log=Path("/run/x/console.log"), qmp_socket=Path("/run/x/qmp.sock"),
+                    agent_socket=Path("/run/x/agent.sock"), machine="microvm", disks=[Disk(files["disk.iso"], "img0")])
+    return dataclasses.replace(base, **changes)
+
+
+def test_the_snapshot_vm_writes_its_memory_through_and_a_restored_one_maps_it_private(files, tmp_path):
+    argv = qemu_argv(vm_config(files, memory_file=tmp_path / "memory", memory_file_shared=True))
+    assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path / 'memory'},share=on" in argv
+    assert "microvm,memory-backend=mem" in argv and "-incoming" not in argv
+    restored = snapshot.BootSnapshot(tmp_path).restore_config(vm_config(files))
+    argv = qemu_argv(restored)
+    assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path / 'memory'},share=off" in argv
+    assert argv[argv.index("-incoming") + 1] == "defer"
+
+
+def test_vhost_user_devices_and_a_snapshot_exclude_each_other(files, tmp_path):
+    with pytest.raises(ValueError):
+        qemu_argv(vm_config(files, memory_file=tmp_path / "m", filesystems=[FsDevice("t", tmp_path / "s")]))
+
+
+def test_the_shape_key_follows_everything_the_saved_state_depends_on(files):
+    key = snapshot.SnapshotShape.of(vm_config(files), files["qemu"]).key
+    # per-pod paths do not matter: they are not in the saved state
+    assert snapshot.SnapshotShape.of(vm_config(files, name="other", console_log=Path("/c"),
+                                               qmp_socket=Path("/q")), files["qemu"]).key == key
+    for change in ({"memory_mib": 512}, {"cpus": 2}, {"cmdline": "quiet debug"}, {"accel": "kvm"},
+                   {"disks": [Disk(files["disk.iso"], "img1")]}, {"machine": "q35"}):
+        assert snapshot.SnapshotShape.of(vm_config(files, **change), files["qemu"]).key != key, change
+    os.utime(files["vmlinux"], ns=(1, 1))  # a rebuilt kernel: another snapshot
+    assert snapshot.SnapshotShape.of(vm_config(files), files["qemu"]).key != key
+
+
+def test_what_rules_a_snapshot_out(files, tmp_path):
+    assert snapshot.unfit(vm_config(files)) is None
+    assert "vsock-user" in snapshot.unfit(vm_config(files, agent_transport="vsock-user"))
+    assert "virtio-fs" in snapshot.unfit(vm_config(files, filesystems=[FsDevice("t", tmp_path / "s")]))
+    assert "network" in snapshot.unfit(vm_config(files, nics=[Nic("52:54:00:00:00:01", user_options=())]))
+
+
+def test_auto_transport_is_serial_for_a_snapshot_boot():
+    class Kernel:
+        image = Path("vmlinux")
+
+        def option(self, name):
+            return "y"
+
+    chosen = choose_transport("auto", Kernel(), snapshot=True)  # type: ignore[arg-type]
+    assert chosen.kind == SERIAL and "snapshot" in chosen.reason
+    assert choose_transport("vsock-user", Kernel(), snapshot=True).kind == "vsock-user"  # type: ignore[arg-type]
+
+
+def test_boot_setting_from_the_config(tmp_path, monkeypatch):
+    conf = tmp_path / "kvmpod.toml"
+    monkeypatch.setenv("KVMPOD_CONFIG", str(conf))
+    conf.write_text("")
+    assert snapshot.boot_setting() == "snapshot"
+    conf.write_text('[run]\nboot = "cold"\n')
+    assert snapshot.boot_setting() == "cold"
+    conf.write_text('[run]\nboot = "warm"\n')
+    with pytest.raises(ConfigError, match=r"\[run\] boot.*'warm'"):
+        snapshot.boot_setting()
+
+
+def test_thaw_carries_hostname_fresh_entropy_and_the_time():
+    async def scenario():
+        host, guest = await _pair()
+        before = time.time_ns()
+        await host.thaw("pod-a")
+        mtype, stream, fields = await guest.recv()
+        assert (mtype, stream) == (T.THAW, 0)
+        assert fields.text(F.HOSTNAME) == "pod-a"
+        assert len(fields.all(F.ENTROPY)) == 8 and len(set(fields.all(F.ENTROPY))) == 8
+        assert before <= fields.get(F.REALTIME_NS) <= time.time_ns()
+        await host.thaw("pod-b")
+        _, _, again = await guest.recv()
+        assert set(again.all(F.ENTROPY)).isdisjoint(fields.all(F.ENTROPY))
+        # the agent may log (kvmpod.debug=1) before it says HELLO again
+        guest.send(p.message(T.LOG, 0, (F.MESSAGE, "thawed")))
+        await asyncio.gather(host.handshake(), guest.hello())
+        await host.close()
+    run(scenario())
+
+
+def test_prepare_waits_for_prepared():
+    async def scenario():
+        host, guest = await _pair()
+        await asyncio.gather(host.handshake(), guest.hello())
+        prepare = asyncio.ensure_future(host.prepare_snapshot(["img0", "img1"]))
+        mtype, _, fields = await guest.recv()
+        assert mtype is T.PREPARE and fields.all(F.DISK_SERIAL) == [b"img0", b"img1"]
+        await asyncio.sleep(0.01)
+        assert not prepare.done()
+        guest.send(p.message(T.PREPARED, 0))
+        await prepare
+        guest.send(p.message(T.PREPARED, 0))  # twice breaks the protocol
+        await asyncio.wait_for(host.failed, 5)
+        await host.close()
+    run(scenario())
+
+
+def _fake_snapshot(root: Path, key: str, age: float) -> Path:
+    path = root / key
+    path.mkdir(parents=True)
+    (path / "memory").write_bytes(b"m")
+    (path / "state").write_bytes(b"s")
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def test_eviction_keeps_the_most_recently_used_and_skips_those_in_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMPOD_SNAPSHOT_DIR", str(tmp_path))
+    for i in range(4):
+        _fake_snapshot(tmp_path, f"k{i}", age=100 * i)   # k0 newest, k3 oldest
+    in_use = os.open(tmp_path / "k3.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(in_use, fcntl.LOCK_SH)
+    dead_stage = tmp_path / "k9.new-999999999"
+    dead_stage.mkdir()
+    try:
+        assert snapshot.evict(2) == ["k2"]   # k3 is in use: it stays
+    finally:
+        os.close(in_use)
+    assert sorted(e.name for e in tmp_path.iterdir() if e.is_dir()) == ["k0", "k1", "k3"]
+    assert snapshot.evict(1, keep_key="k3") == ["k1"]
+    assert snapshot.remove_all() == 2
+
+
+def test_a_discarded_snapshot_is_gone_once_released(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMPOD_SNAPSHOT_DIR", str(tmp_path))
+    path = _fake_snapshot(tmp_path, "bad", age=0)
+    fd = os.open(tmp_path / "bad.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    snapshot.SnapshotUse(snapshot.BootSnapshot(path), fd).discard()
+    assert not path.exists()
