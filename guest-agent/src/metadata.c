@@ -1068,7 +1068,7 @@ void metadata_handle_events(const struct pollfd *pfd, size_t n)
  * ============================================================================================ */
 
 /* Nothing else in the guest configures networking: bring `lo` up (the kernel gives it 127.0.0.1). */
-static void loopback_up(void)
+void metadata_loopback_up(void)
 {
     struct ifreq ifr = {0};
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -1087,7 +1087,7 @@ static void loopback_up(void)
 
 static void start_listening(void)
 {
-    loopback_up();
+    metadata_loopback_up();
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(md.port),
                              .sin_addr = {.s_addr = htonl(INADDR_LOOPBACK)}};

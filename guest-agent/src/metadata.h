@@ -21,6 +21,10 @@
  * rules of docs/agent-protocol.md is fatal (stage "protocol"); failing to listen, too ("metadata"). */
 void metadata_handle_frame(const struct frame *f);
 
+/* Brings the loopback interface up (once; the service listens there). A boot snapshot does it in
+ * PREPARE, so pods restored from it do not spend the time. Fatal (stage "metadata") on failure. */
+void metadata_loopback_up(void);
+
 /* Fills pfd with the fds the service waits on; returns how many. */
 size_t metadata_pollfds(struct pollfd *pfd, size_t max);
 

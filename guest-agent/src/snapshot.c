@@ -11,6 +11,7 @@
 
 #include "app.h"
 #include "log.h"
+#include "metadata.h"
 #include "protocol.h"
 #include "snapshot.h"
 #include "tlv.h"
@@ -45,6 +46,7 @@ void snapshot_prepare(const struct frame *f)
     }
     if (more < 0)
         fatal_failure(&err);
+    metadata_loopback_up(); /* every pod has the metadata service: set up what does not vary */
     log_debug("snapshot: %u image disks mounted; waiting for THAW", disks);
     channel_send(KP_MSG_PREPARED, 0, NULL, 0);
 }

@@ -10,14 +10,14 @@ import enum
 import struct
 import tomllib
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from kvmpod.errors import ProtocolError
 
 
 def _load_definition() -> dict:
-    with resources.files("kvmpod.agent").joinpath("protocol.toml").open("rb") as f:
+    with open(Path(__file__).with_name("protocol.toml"), "rb") as f:  # a plain file: importlib.resources costs 4 ms
         return tomllib.load(f)
 
 

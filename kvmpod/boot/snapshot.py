@@ -39,7 +39,7 @@ from kvmpod.vm.config import VMConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1                # bump when what a snapshot holds changes meaning
+FORMAT = 2                # bump when what a snapshot holds changes meaning
 DEFAULT_KEEP = 8          # snapshots kept ([run] snapshots-kept); the least recently used go first
 BOOT_CHOICES = ("snapshot", "cold")
 
@@ -170,8 +170,11 @@ async def find_or_make(config: VMConfig, qemu_binary: Path, *, timeout: float,
     final = snapshots_dir() / key
     fd = _lock_fd(key)
     try:
-        # one pod makes it, the others of the same shape wait and use it
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        # one pod makes it, the others of the same shape wait (in a thread: the loop goes on) and use it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
         took = 0.0
         if not _complete(final):
             if on_making:

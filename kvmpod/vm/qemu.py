@@ -141,15 +141,15 @@ class QemuVM(VMBackend):
             os.close(fd)
 
     async def _load_snapshot(self, state: Path) -> None:
-        """Load the device state and run the guest. Guest RAM is the snapshot's memory file, mapped
-        private (config.memory_file), so nothing else is read. The snapshot VM was stopped when it was
-        saved, and a restored VM keeps that run state: it is continued here."""
+        """Have QEMU load the device state; guest RAM is the snapshot's memory file, mapped private
+        (config.memory_file), so nothing else is read. The snapshot was saved from a running VM, so QEMU
+        runs the guest as soon as the load is done, without waiting for kvmpod; a load that fails ends
+        QEMU, which the caller sees."""
         assert self._qmp is not None
         await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]})
+            {"capability": "x-ignore-shared", "state": True}]})
         await self._pass_file(state, os.O_RDONLY, "snapshot")
-        await self._migrate("migrate-incoming", "loading the boot snapshot")
-        await self._qmp.execute("cont")
+        await self._qmp.execute("migrate-incoming", {"uri": "fd:snapshot"})
 
     async def _migrate(self, command: str, what: str) -> None:
         """Run `command` (migrate or migrate-incoming, to or from fd "snapshot") until QEMU reports the end."""
@@ -168,11 +168,13 @@ class QemuVM(VMBackend):
                     raise VMError(f"{what} failed: {info.get('error-desc', status)}")
 
     async def save_snapshot(self, state: Path) -> None:
-        """Stop the guest and write its device state to `state`. Guest RAM is not written: it already
-        is the shared memory file (config.memory_file_shared), which x-ignore-shared leaves out."""
+        """Write the guest's device state to `state`; the guest is stopped after. Guest RAM is not
+        written: it already is the shared memory file (config.memory_file_shared), which x-ignore-shared
+        leaves out."""
         if self._qmp is None:
             raise VMError("VM was never started")
-        await self._qmp.execute("stop")
+        # no `stop` first: QEMU stops the guest itself to save the devices, and a state saved running
+        # is one QEMU resumes on its own once loaded (the agent is idle, waiting for THAW, meanwhile)
         await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]})
         await self._pass_file(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "snapshot")
