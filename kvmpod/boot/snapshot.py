@@ -283,5 +283,6 @@ def evict(keep: int, keep_key: str | None = None) -> list[str]:
 
 
 def remove_all() -> int:
-    """Remove every snapshot nobody is starting from (`kvmpod gc --snapshots`); returns how many."""
+    """Remove every snapshot nobody is starting from; returns how many. (No command calls it yet: deleting
+    <cache>/snapshots/ by hand is as safe, docs/snapshot.md.)"""
     return len(evict(0))
