@@ -208,8 +208,7 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
     try:
         vm_config = dataclasses.replace(
             config, name=f"kvmpod-snapshot-{final.name[:12]}", console_log=work / "console.log",
-            qmp_socket=work / "qmp.sock", agent_socket=work / "agent.sock", memory_file=stage / "memory",
-            memory_file_shared=True, incoming=False)
+            memory_file=stage / "memory", memory_file_shared=True, incoming=False)
         vm = QemuVM(vm_config, work / "qemu.log", connect_timeout=timeout)
         try:
             channel = await vm.start()

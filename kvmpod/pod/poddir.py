@@ -5,8 +5,6 @@
         state.json       state, pids, apps and their exit statuses (rewritten atomically)
         console.log      the guest's serial console
         qemu.log         QEMU's stderr
-        qmp.sock         QMP (kvmpod listens, QEMU connects)
-        agent.sock       the agent channel (likewise)
         control.sock     the pod's control socket: enter, stop, logs --follow (docs/control.md)
         logs/<app>.log   --detach: each app's output
 """

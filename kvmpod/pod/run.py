@@ -253,17 +253,14 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
         config = VMConfig(
             name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd,
             cmdline=f"{plan.cmdline} kvmpod.hostname={hostname} {agent_transport.kernel_arg()}",
-            console_log=pod.file("console.log"), qmp_socket=pod.file("qmp.sock"),
-            agent_socket=None if agent_transport.vsock else pod.file("agent.sock"),
-            agent_transport=agent_transport.kind,
+            console_log=pod.file("console.log"), agent_transport=agent_transport.kind,
             vhost_user_vsock=pod.file("vhost-vsock.sock") if agent_transport.kind == "vsock-user" else None,
             machine=plan.machine,
             machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
             memory_mib=size.memory_mib, cpus=size.cpus, disks=disks,
             filesystems=[FsDevice(s.tag, s.socket) for s in shares], shares_9p=shares_9p, nics=network.nics())
         vsock_front = pod.file("vsock.sock") if agent_transport.kind == "vsock-user" else None
-        for sock in (config.qmp_socket, config.agent_socket, config.vhost_user_vsock, vsock_front,
-                     *(s.socket for s in shares)):
+        for sock in (config.vhost_user_vsock, vsock_front, *(s.socket for s in shares)):
             if sock:
                 check_socket_path(Path(f"{sock}_4294967295") if sock == vsock_front else sock)
         log.debug("pod %s: kernel %s (%s), machine %s, accel %s (%s)", pod.uuid, kernel.image, kernel.kind,

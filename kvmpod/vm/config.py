@@ -56,8 +56,11 @@ class VMConfig:
     initrd: Path
     cmdline: str
     console_log: Path
-    qmp_socket: Path | None = None    # kvmpod listens, QEMU connects (so no start-up race)
-    agent_socket: Path | None = None  # likewise, for the agent's virtio-serial port (transport "serial")
+    # QEMU's ends of socketpairs kvmpod made (QemuVM.spawn): no path, no listener, nothing to race or
+    # clean up, and QEMU can be spawned before kvmpod has an event loop.
+    qmp_fd: int | None = None         # the QMP monitor
+    agent_fd: int | None = None       # the agent's virtio-serial port (transport "serial")
+    restore_monitor_fd: int | None = None  # a second QMP monitor that only loads a boot snapshot
     agent_transport: str = "serial"   # "serial" | "vhost-vsock" | "vsock-user" (kvmpod/vm/transport.py)
     vsock_cid: int = 0                # the guest's CID (vsock transports; kvmpod/vm/cid.py allocates it)
     vhost_user_vsock: Path | None = None  # "vsock-user": kvmpod's vhost-user backend listens, QEMU connects
@@ -75,7 +78,7 @@ class VMConfig:
     # memory_file_shared (the VM a snapshot is made of), else mapped private (a VM restored from it).
     memory_file: Path | None = None
     memory_file_shared: bool = False
-    incoming: bool = False    # start paused, waiting for a snapshot's device state (-incoming defer)
+    incoming: bool = False    # wait for a snapshot's device state (-incoming defer; the restore monitor loads it)
 
     @property
     def virtio_suffix(self) -> str:
@@ -109,18 +112,19 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         "-serial", "chardev:console",
         "-device", "pvpanic-pci" if v == "pci" else "pvpanic",
     ]
-    if cfg.qmp_socket:
-        argv += ["-chardev", f"socket,id=qmp,path={cfg.qmp_socket},server=off",
-                 "-mon", "chardev=qmp,mode=control"]
+    if cfg.qmp_fd is not None:
+        argv += ["-chardev", f"socket,id=qmp,fd={cfg.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
+    if cfg.restore_monitor_fd is not None:
+        argv += ["-chardev", f"socket,id=restore,fd={cfg.restore_monitor_fd}", "-mon", "chardev=restore,mode=control"]
     if cfg.agent_transport == "vsock-user":
         argv += ["-chardev", f"socket,id=vsock,path={cfg.vhost_user_vsock}",
                  "-device", f"vhost-user-vsock-{v},chardev=vsock"]
     elif cfg.agent_transport == "vhost-vsock":
         argv += ["-device", f"vhost-vsock-{v},guest-cid={cfg.vsock_cid}"]
-    elif cfg.agent_socket:
+    elif cfg.agent_fd is not None:
         argv += [
             "-device", f"virtio-serial-{v},id=vser0",
-            "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=off",
+            "-chardev", f"socket,id=agent,fd={cfg.agent_fd}",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
         ]
     if cfg.firmware:

@@ -4,39 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
+import json
 import logging
 import os
-import signal
 import socket
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmpod.errors import KvmpodError, VMError
 from kvmpod.vm.backend import AgentChannel, VMBackend, VMExit
-from kvmpod.vm.config import VMConfig, qemu_argv
+from kvmpod.vm.config import VMConfig
+from kvmpod.vm.spawn import RESTORE_ANSWERS, SpawnedQemu, spawn_qemu
 
 if TYPE_CHECKING:
     from kvmpod.vm.cid import CidLease
     from kvmpod.vsock.device import VsockDevice
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 # Until the agent listens on its vsock port the guest answers kvmpod's connection with RST; kvmpod
 # asks again after this long (nothing in the guest announces the listener). Bounded by the boot timeout.
 VSOCK_RETRY = 0.01
 
 
-def _die_with_parent() -> None:
-    # If kvmpod is killed (even with SIGKILL), QEMU must not outlive it.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 class QemuVM(VMBackend):
     def __init__(self, config: VMConfig, stderr_log: Path, connect_timeout: float = 30.0,
-                 vsock_front: Path | None = None, restore_from: Path | None = None):
+                 vsock_front: Path | None = None, restore_from: Path | None = None,
+                 spawned: SpawnedQemu | None = None):
         self.config = config
         self.restore_from = restore_from  # a boot snapshot's device state (config.incoming; kvmpod/boot/snapshot.py)
         self.vsock_front = vsock_front   # vsock-user: the Firecracker-style socket host programs use
@@ -45,9 +40,11 @@ class QemuVM(VMBackend):
         self._failure = ""
         self.stderr_log = stderr_log
         self.connect_timeout = connect_timeout
-        self._proc: asyncio.subprocess.Process | None = None
+        self._spawned = spawned   # QEMU already running (kvmpod/vm/spawn.py), else start() spawns it
+        self._popen: subprocess.Popen | None = spawned.process if spawned else None
+        if spawned:
+            self.config = spawned.config
         self._qmp = None
-        self._agent_server: asyncio.base_events.Server | None = None
         self._events_task: asyncio.Task | None = None
         self._panicked = False
         self._shutdown_reason: str | None = None
@@ -65,7 +62,7 @@ class QemuVM(VMBackend):
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._popen.pid if self._popen else None
 
     @property
     def ended(self) -> asyncio.Future[VMExit]:
@@ -73,62 +70,71 @@ class QemuVM(VMBackend):
         return self._ended
 
     async def start(self) -> AgentChannel:
+        """Spawn QEMU (unless it was spawned already), connect QMP and the agent channel, and for a
+        restored VM check that QEMU took the snapshot."""
         from qemu.qmp import QMPClient  # lazy: keeps `kvmpod --help` fast
 
-        transport = self.config.agent_transport
-        if not self.config.qmp_socket or (transport == "serial" and not self.config.agent_socket):
-            raise VMError("the QEMU backend needs a QMP socket, and an agent socket for the serial transport")
-
+        if self._spawned is None:
+            if self.config.agent_transport != "serial":
+                self._start_vsock()  # QEMU connects to the vhost-user socket as it starts
+            try:
+                self._spawned = spawn_qemu(self.config, self.stderr_log, self.restore_from)
+            except BaseException:
+                self._release_vsock()
+                raise
+            self._popen, self.config = self._spawned.process, self._spawned.config
+        self._remember_sockets()
+        spawned = self._spawned
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # its errors surface as ours
         loop = asyncio.get_running_loop()
-        agent_conn: asyncio.Future[AgentChannel] = loop.create_future()
-
-        def on_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if agent_conn.done():
-                writer.close()  # only QEMU may connect, and only once
-            else:
-                agent_conn.set_result((reader, writer))
-
-        # kvmpod listens and QEMU connects: every socket exists before QEMU starts, so no polling.
-        if transport == "serial":
-            self._agent_server = await asyncio.start_unix_server(
-                on_agent, path=str(self.config.agent_socket), limit=1 << 20)
-        else:
-            self._start_vsock()
+        self._watch()
         self._qmp = QMPClient(self.config.name)
         try:
-            await self._qmp.start_server(str(self.config.qmp_socket))
-        except BaseException:
-            await self._close_listeners()
-            raise
-        self._remember_sockets()
-        argv = qemu_argv(self.config)
-        log.debug("qemu argv: %s", argv)
-        with open(self.stderr_log, "wb") as err:
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                    stderr=err, preexec_fn=_die_with_parent,
-                    pass_fds=[n.tap_fd for n in self.config.nics if n.tap_fd is not None],
-                    start_new_session=True)  # Ctrl-C reaches kvmpod, which decides what the apps get
-            except FileNotFoundError:
-                await self._close_listeners()
-                raise VMError(f"{argv[0]}: not found (install qemu-system-x86: make setup)") from None
-        self._ended = loop.create_future()
-        loop.create_task(self._watch_process())
-        try:
-            await self._race(self._qmp.accept(), "QEMU did not connect to its QMP socket")
+            await self._race(self._qmp.connect(spawned.take("qmp")), "QEMU did not answer on QMP")
             self._events_task = loop.create_task(self._watch_events())
-            if self.restore_from is not None:
-                await self._race(self._load_snapshot(self.restore_from), "QEMU did not take the boot snapshot")
-            if transport == "serial":
-                channel = await self._race(agent_conn, "QEMU did not connect the agent channel")
+            if spawned.restore_monitor is not None:
+                await self._race(self._restore_answers(spawned.take("restore_monitor")),
+                                 "QEMU did not take the boot snapshot")
+            if spawned.agent is not None:
+                channel = await asyncio.open_connection(sock=spawned.take("agent"), limit=1 << 20)
             else:
                 channel = await self._race(self._connect_vsock(), "the guest agent did not accept a vsock connection")
         except BaseException:
             await self.stop(grace=0)
             raise
         return channel
+
+    def _watch(self) -> None:
+        """Watch the QEMU process from this event loop (once)."""
+        if self._ended is None:
+            self._ended = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().create_task(self._watch_process())
+
+    async def _restore_answers(self, sock: socket.socket) -> None:
+        """Read the restore monitor's answers (kvmpod/vm/spawn.py restore_commands): an error there is why
+        the VM did not start. The snapshot was saved from a running VM, so QEMU runs the guest as soon as
+        the load is done, without waiting for kvmpod; a load that fails ends QEMU, which the caller sees."""
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            answers = 0
+            while answers < RESTORE_ANSWERS:
+                line = await reader.readline()
+                if not line:
+                    raise EOFError("QEMU closed its restore monitor")
+                message = json.loads(line)
+                if "error" in message:
+                    raise VMError(f"QEMU did not take the boot snapshot: {message['error'].get('desc', message)}")
+                answers += "return" in message
+        finally:
+            writer.close()  # QEMU drops the monitor; QMP proper goes on
+
+    def _release_vsock(self) -> None:
+        if self._vsock is not None:
+            self._vsock.close()
+            self._vsock = None
+        if self._cid is not None:
+            self._cid.release()
+            self._cid = None
 
     async def _pass_file(self, path: Path, flags: int, fdname: str) -> None:
         """Open `path` here and hand the fd to QEMU as `fdname` (QEMU 7.2 has no file: migration URI)."""
@@ -139,17 +145,6 @@ class QemuVM(VMBackend):
             await self._qmp.execute("getfd", {"fdname": fdname})
         finally:
             os.close(fd)
-
-    async def _load_snapshot(self, state: Path) -> None:
-        """Have QEMU load the device state; guest RAM is the snapshot's memory file, mapped private
-        (config.memory_file), so nothing else is read. The snapshot was saved from a running VM, so QEMU
-        runs the guest as soon as the load is done, without waiting for kvmpod; a load that fails ends
-        QEMU, which the caller sees."""
-        assert self._qmp is not None
-        await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
-        await self._pass_file(state, os.O_RDONLY, "snapshot")
-        await self._qmp.execute("migrate-incoming", {"uri": "fd:snapshot"})
 
     async def _migrate(self, command: str, what: str) -> None:
         """Run `command` (migrate or migrate-incoming, to or from fd "snapshot") until QEMU reports the end."""
@@ -205,9 +200,9 @@ class QemuVM(VMBackend):
     def _device_failed(self, error: KvmpodError) -> None:
         """The guest broke the userspace vsock device: it is cut off, and so is its VM."""
         self._failure = str(error)
-        if self._proc is not None and self._proc.returncode is None:
+        if self._popen is not None and self._popen.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
+                self._popen.kill()
 
     async def _connect_vsock(self) -> "AgentChannel":
         """Connect to the agent's vsock port, again after each RST until it listens (the caller bounds it)."""
@@ -268,8 +263,8 @@ class QemuVM(VMBackend):
                     self._shutdown_reason = event.get("data", {}).get("reason")
 
     async def _watch_process(self) -> None:
-        assert self._proc is not None and self._ended is not None
-        returncode = await self._proc.wait()
+        assert self._popen is not None and self._ended is not None
+        returncode = await _exited(self._popen)
         # QEMU emits GUEST_PANICKED/SHUTDOWN just before exiting; give the reader a moment to deliver them.
         if self._events_task and not self._events_task.done():
             await asyncio.sleep(0)
@@ -291,12 +286,9 @@ class QemuVM(VMBackend):
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._qmp.disconnect(), 2)
-        if self._agent_server is not None:
-            self._agent_server.close()
-        if self._vsock is not None:
-            self._vsock.close()
-        if self._cid is not None:
-            self._cid.release()
+        if self._spawned is not None:
+            self._spawned.close()
+        self._release_vsock()
         for path in self._socket_paths():
             # only the file this VM listened on: a VM started after it (a cold boot after a failed
             # restore) may listen at the same path by now
@@ -306,8 +298,7 @@ class QemuVM(VMBackend):
                     os.unlink(path)
 
     def _socket_paths(self) -> list[Path]:
-        return [p for p in (self.config.agent_socket, self.config.qmp_socket, self.config.vhost_user_vsock,
-                            self.vsock_front) if p]
+        return [p for p in (self.config.vhost_user_vsock, self.vsock_front) if p]
 
     def _remember_sockets(self) -> None:
         for path in self._socket_paths():
@@ -319,8 +310,9 @@ class QemuVM(VMBackend):
         return await asyncio.shield(self.ended)
 
     async def stop(self, grace: float) -> VMExit:
-        if self._proc is None:
+        if self._popen is None:
             raise VMError("VM was never started")
+        self._watch()  # spawned but never started: nothing watched it yet
         if self.ended.done():
             return self.ended.result()
         if grace > 0 and self._qmp is not None:
@@ -329,10 +321,27 @@ class QemuVM(VMBackend):
             with contextlib.suppress(asyncio.TimeoutError):
                 return await asyncio.wait_for(asyncio.shield(self.ended), grace)
         with contextlib.suppress(ProcessLookupError):
-            self._proc.kill()
+            self._popen.kill()
         vm_exit = await asyncio.shield(self.ended)
         await self._closed.wait()  # its socket files are gone: another VM may take the paths
         return vm_exit
+
+
+async def _exited(proc: subprocess.Popen) -> int:
+    """Wait for `proc` to end without a thread or SIGCHLD handler (it was spawned before the loop
+    existed): its pidfd becomes readable when it exits."""
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        exited = loop.create_future()
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+    return proc.wait()
 
 
 def qemu_binary(name: str = "qemu-system-x86_64") -> Path:

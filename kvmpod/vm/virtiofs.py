@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpod.errors import VMError
-from kvmpod.vm.qemu import _die_with_parent
+from kvmpod.vm.spawn import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Virtiofsd:
         with open(self.log_path, "ab") as err:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
-                preexec_fn=_die_with_parent, start_new_session=True)
+                preexec_fn=die_with_parent, start_new_session=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT
         while not self.share.socket.exists():  # virtiofsd makes the socket: nothing to listen on first

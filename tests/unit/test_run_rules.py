@@ -113,7 +113,7 @@ def test_usage_errors_are_one_line(argv, problem, capsys):
 
 def test_qemu_argv_is_built_from_the_config(tmp_path):
     cfg = VMConfig(name="kvmpod-x", kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0 quiet",
-                   console_log=tmp_path / "c", qmp_socket=tmp_path / "q", agent_socket=tmp_path / "a",
+                   console_log=tmp_path / "c", qmp_fd=3, agent_fd=4,
                    disks=[Disk(Path("/d.iso"), "img0")])
     argv = qemu_argv(cfg)
     assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet"

@@ -33,8 +33,8 @@ def files(tmp_path) -> dict[str, Path]:
 
 def vm_config(files, **changes) -> VMConfig:
     base = VMConfig(name="kvmpod-x", kernel=files["vmlinux"], initrd=files["initrd"], cmdline="quiet",
-                    console_log=Path("/run/x/console.log"), qmp_socket=Path("/run/x/qmp.sock"),
-                    agent_socket=Path("/run/x/agent.sock"), machine="microvm", disks=[Disk(files["disk.iso"], "img0")])
+                    console_log=Path("/run/x/console.log"), qmp_fd=3,
+                    agent_fd=4, machine="microvm", disks=[Disk(files["disk.iso"], "img0")])
     return dataclasses.replace(base, **changes)
 
 
@@ -43,9 +43,10 @@ def test_the_snapshot_vm_writes_its_memory_through_and_a_restored_one_maps_it_pr
     assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path / 'memory'},share=on" in argv
     assert "microvm,memory-backend=mem" in argv and "-incoming" not in argv
     restored = snapshot.BootSnapshot(tmp_path).restore_config(vm_config(files))
-    argv = qemu_argv(restored)
+    argv = qemu_argv(dataclasses.replace(restored, restore_monitor_fd=5))
     assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path / 'memory'},share=off" in argv
     assert argv[argv.index("-incoming") + 1] == "defer"
+    assert "socket,id=restore,fd=5" in argv and "chardev=restore,mode=control" in argv
 
 
 def test_vhost_user_devices_and_a_snapshot_exclude_each_other(files, tmp_path):
@@ -57,7 +58,7 @@ def test_the_shape_key_follows_everything_the_saved_state_depends_on(files):
     key = snapshot.SnapshotShape.of(vm_config(files), files["qemu"]).key
     # per-pod paths do not matter: they are not in the saved state
     assert snapshot.SnapshotShape.of(vm_config(files, name="other", console_log=Path("/c"),
-                                               qmp_socket=Path("/q")), files["qemu"]).key == key
+                                               qmp_fd=9, restore_monitor_fd=10), files["qemu"]).key == key
     for change in ({"memory_mib": 512}, {"cpus": 2}, {"cmdline": "quiet debug"}, {"accel": "kvm"},
                    {"disks": [Disk(files["disk.iso"], "img1")]}, {"machine": "q35"}):
         assert snapshot.SnapshotShape.of(vm_config(files, **change), files["qemu"]).key != key, change

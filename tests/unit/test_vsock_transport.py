@@ -61,7 +61,7 @@ def test_forced_vhost_vsock_says_why_not(no_vhost):
 
 def _cfg(**kw) -> VMConfig:
     base = dict(name="t", kernel=Path("/k"), initrd=Path("/i"), cmdline="c", console_log=Path("/c"),
-                qmp_socket=Path("/q"))
+                qmp_fd=3)
     return VMConfig(**{**base, **kw})
 
 
@@ -75,8 +75,8 @@ def test_qemu_argv_per_transport():
     kernel = qemu_argv(_cfg(agent_transport="vhost-vsock", vsock_cid=9))
     assert "vhost-vsock-pci,guest-cid=9" in kernel
     assert not any("memory-backend" in a for a in kernel)
-    serial = qemu_argv(_cfg(agent_socket=Path("/a")))
-    assert any("virtserialport" in a for a in serial)
+    serial = qemu_argv(_cfg(agent_fd=4))
+    assert any("virtserialport" in a for a in serial) and "socket,id=agent,fd=4" in serial
     assert not any("vsock" in a for a in serial)
 
 
