@@ -15,35 +15,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kvmpod.agent import protocol as p
+from kvmpod.agent.isolators import Isolators
 from kvmpod.errors import (EXIT_CANNOT_INVOKE, EXIT_KVMPOD_FAILURE, EXIT_NOT_FOUND, EXIT_SIGNAL_BASE,
                            AgentError, AppStartError, ProtocolError)
 
 OutputSink = Callable[[bytes], None]
 THAW_ENTROPY_WORDS = 8   # 512 bits for the restored guest's random generator
-
-
-@dataclass(frozen=True)
-class Isolators:
-    """The isolators the guest agent enforces, as START carries them (docs/executor.md).
-
-    A capability set of None means the isolator is absent (the agent then applies spec/ace.md's
-    default bounding set); the same for the seccomp sets (no filter). At most one of each pair is set.
-    """
-
-    caps_retain: tuple[str, ...] | None = None
-    caps_remove: tuple[str, ...] | None = None
-    seccomp_retain: tuple[str, ...] | None = None
-    seccomp_remove: tuple[str, ...] | None = None
-    seccomp_errno: str = ""         # "" : blocked syscalls kill the process with SIGSYS
-    no_new_privileges: bool = False
-
-    def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
-        lists = ((p.Field.CAPS_RETAIN, self.caps_retain), (p.Field.CAPS_REMOVE, self.caps_remove),
-                 (p.Field.SECCOMP_RETAIN, self.seccomp_retain), (p.Field.SECCOMP_REMOVE, self.seccomp_remove))
-        out: list[tuple[p.Field, p.FieldValue | str]] = [(tag, v) for tag, values in lists for v in values or ()]
-        if self.seccomp_errno:
-            out.append((p.Field.SECCOMP_ERRNO, self.seccomp_errno))
-        return out
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ Files, under <cache>/snapshots/ (KVMPOD_SNAPSHOT_DIR; docs/layout.md):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -160,11 +159,33 @@ def _complete(path: Path) -> bool:
     return (path / "state").is_file() and (path / "memory").is_file()
 
 
+def find(config: VMConfig, qemu_binary: Path) -> SnapshotUse | None:
+    """A claim on the snapshot for `config`'s shape if it exists and nobody is making it; None otherwise
+    (find_or_make then waits for it or makes it). No event loop needed: `kvmpod run` looks before it has
+    one, so that QEMU can start at once."""
+    key = SnapshotShape.of(config, qemu_binary).key
+    final = snapshots_dir() / key
+    fd = _lock_fd(key)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # being made or removed
+        os.close(fd)
+        return None
+    if not _complete(final):
+        os.close(fd)
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(final)  # "recently used", for eviction
+    return SnapshotUse(BootSnapshot(final), fd)
+
+
 async def find_or_make(config: VMConfig, qemu_binary: Path, *, timeout: float,
                        on_making=None) -> tuple[SnapshotUse, float]:
     """A claim on the snapshot for `config`'s shape, made now if there is none (then `on_making()` is
     called first, and the seconds it took are returned; 0.0 when it existed). Raises VMError (and leaves
     nothing behind) when it cannot be made."""
+    import asyncio
+
     shape = SnapshotShape.of(config, qemu_binary)
     key = shape.key
     final = snapshots_dir() / key
@@ -196,6 +217,8 @@ async def find_or_make(config: VMConfig, qemu_binary: Path, *, timeout: float,
 async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: float) -> None:
     """Boot a VM of `shape`, let the agent mount the image disks, save it into `final`. The VM's
     sockets and logs go to a private directory of the runtime dir, removed afterwards."""
+    import asyncio
+
     from kvmpod.agent.session import AgentSession
     from kvmpod.vm.qemu import QemuVM
 

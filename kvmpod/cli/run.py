@@ -70,7 +70,7 @@ def _unique_annotations(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from kvmpod.pod.run import RunOptions, run
+    from kvmpod.pod.launch import RunOptions, run
 
     from kvmpod.pod.volumes import parse_volume
 

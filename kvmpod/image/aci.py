@@ -9,7 +9,6 @@ silently a smaller image), and the caps of kvmpod.toml [image] on entries and to
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 from kvmpod.errors import DiskError, ImageError, ManifestError, printable
@@ -20,6 +19,7 @@ BLOCK = 512
 
 def check_aci(tar_path: Path, shown_as: str | Path, limits: ImportLimits) -> bytes:
     """Check the ACI tar at `tar_path` and return its manifest's bytes (not yet parsed)."""
+    import tarfile  # lazy: `kvmpod run` of a stored image never opens one
     from kvmpod.disk.entries import EntryKind, entries_from_tar
     from kvmpod.image.manifest import MAX_MANIFEST_BYTES
 

@@ -1,4 +1,5 @@
-"""`kvmpod run`: prepare images and boot assets, boot the VM, run the apps, relay their I/O, tear down.
+"""`kvmpod run`, second half (the first plans the pod: kvmpod/pod/launch.py): boot the VM, run the
+apps, relay their I/O, tear down.
 
 Teardown is unconditional: whatever happens (app exit, guest death, Ctrl-C, a bug), QEMU is gone
 and the pod directory is removed (unless --keep) before run_pod returns.
@@ -9,35 +10,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, Hello, OutputSink, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
 from kvmpod.fsutil import write_atomically
-from kvmpod.image.manifest import Isolator
-from kvmpod.net.spec import NetRequest
 from kvmpod.pod import audit
 from kvmpod.pod.control import ControlServer
-from kvmpod.pod.metadata import MetadataSecrets, PodMetadata
+from kvmpod.pod.launch import PodPlan, RunOptions, SnapshotClaim, notice, plan_pod
+from kvmpod.pod.metadata import PodMetadata
 from kvmpod.pod.poddir import PodDir
-from kvmpod.pod.resources import app_resources, size_vm
-from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, pod_manifest, resolve_app
-from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, host_transport, pod_volumes, unique_volumes
-from kvmpod.store import Store, StoredImage
+from kvmpod.pod.spec import AppOverrides, ResolvedApp, pod_manifest
+from kvmpod.pod.volumes import PodVolumes
 from kvmpod.store.locks import SharedLocks
 from kvmpod.vm.backend import VMBackend, VMExit
 
 if TYPE_CHECKING:
-    from kvmpod.boot.snapshot import BootSnapshot, SnapshotUse
     from kvmpod.net.attach import PodNetwork
     from kvmpod.vm.config import VMConfig
 
@@ -45,38 +40,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SHUTDOWN_GRACE = 10.0   # seconds the guest gets to power off after SHUTDOWN
-STOP_TIMEOUT = 10.0     # seconds the apps get to end after SIGTERM (a signal or `kvmpod stop`) before SIGKILL
 KILL_WAIT = 5.0         # seconds the agent gets to report the apps' ends after SIGKILL before power-off
 STDIN_CHUNK = 65536
-
-
-@dataclass
-class RunOptions:
-    memory_mib: int | None = None   # None: sized from the apps' resource isolators (pod/resources.py)
-    cpus: int | None = None
-    hostname: str | None = None     # default kvmpod-<first 8 of the UUID>
-    annotations: dict[str, str] = field(default_factory=dict)   # the pod manifest's annotations
-    pod_isolators: list[Isolator] = field(default_factory=list)  # --pod-manifest's; resource ones bound the apps
-    uuid_file: str | None = None    # --uuid-file-save: the UUID is written here once the pod exists
-    kernel: str | None = None
-    accel: str = "auto"
-    agent_transport: str = "auto"   # --agent-transport (kvmpod/vm/transport.py)
-    boot: str | None = None         # --boot snapshot|cold; None: [run] boot (kvmpod/boot/snapshot.py)
-    debug: bool = False
-    interactive: bool = False
-    keep: bool = False
-    boot_timeout: float = 60.0
-    pod_env: dict[str, str] = field(default_factory=dict)
-    kernel_args: list[str] = field(default_factory=list)
-    detach: bool = False    # app output to <pod dir>/logs/, the directory stays once the apps have started
-    stop_timeout: float = STOP_TIMEOUT
-    on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
-    volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
-    network: NetRequest = field(default_factory=NetRequest)  # --net, --port, --dns… (kvmpod/net/); default: none
-
-
-def notice(message: str) -> None:
-    print(f"kvmpod: notice: {message}", file=sys.stderr, flush=True)
 
 
 class GuestDied(VMError):
@@ -110,139 +75,36 @@ class LogSink(FdSink):
             self.broken = True
 
 
-def run(apps: list[AppOverrides], options: RunOptions) -> int:
-    if options.detach:
-        from kvmpod.pod.detach import run_detached
-        return run_detached(apps, options)
-    return asyncio.run(run_pod(apps, options))
-
-
-def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str],
-                 claims: SharedLocks, metadata_url: str = "") -> list[ResolvedApp]:
-    """Find or import every image, claim it against `image rm`, and build (or reuse) its rootfs disk."""
-    from kvmpod.image.manifest import check_runnable
-
-    serials: dict[str, str] = {}
-    resolved = []
-    for overrides in apps:
-        image = store.resolve(overrides.image)
-        try:
-            check_runnable(image.manifest)
-        except KvmpodError as e:
-            raise KvmpodError(f"{overrides.image}: {e}") from None
-        with store.claim([image]) as held:
-            disk = store.rootfs_disk(image)
-            claims.take_over(held)
-        serial = serials.setdefault(image.id, f"img{len(serials)}")
-        resolved.append(resolve_app(image, keep_docker_entrypoint(image, overrides), pod_env, disk, serial,
-                                    metadata_url))
-    names = [a.name for a in resolved]
-    if len(set(names)) != len(names):
-        raise KvmpodError(f"two apps are named {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
-                          "give them distinct --name values")
-    return resolved
-
-
-def keep_docker_entrypoint(image: StoredImage, overrides: AppOverrides) -> AppOverrides:
-    """`-- ARGS` replace a converted Docker image's CMD but keep its ENTRYPOINT, as with docker run
-    (the converter records the ENTRYPOINT in the appc.io/docker/entrypoint annotation, as docker2aci
-    does). An explicit --exec means the user takes over the command line: then the appc rule applies."""
-    if overrides.args is None or overrides.exec is not None:
-        return overrides
-    try:
-        entrypoint = json.loads(image.manifest.annotations.get("appc.io/docker/entrypoint", "null"))
-    except ValueError:
-        return overrides
-    if not isinstance(entrypoint, list) or not entrypoint or not all(isinstance(w, str) for w in entrypoint):
-        return overrides
-    # app.exec[0] is ENTRYPOINT[0] already resolved in the image's PATH by the converter
-    return dataclasses.replace(overrides, args=[*entrypoint[1:], *overrides.args])
-
-
-def attach_volumes(resolved: list[ResolvedApp], volumes: list[Volume]) -> tuple[list[ResolvedApp], PodVolumes]:
-    """Each app's mounts (explicit, else its mountPoints by name) and the pod's volumes in use,
-    checked before anything boots; notices for mount points no volume satisfies."""
-    by_name = unique_volumes(volumes)
-    out = []
-    for app in resolved:
-        mounts, notices = app_mounts(app.name, by_name, app.explicit_mounts, app.mount_points)
-        for line in notices:
-            notice(line)
-        out.append(dataclasses.replace(app, mounts=mounts))
-    return out, pod_volumes(by_name, [a.mounts for a in out])
-
-
 async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
+    """Plan and run a pod from an event loop that already runs (a --detach'ed pod's child)."""
     timings = {"start": time.time()}
     with SharedLocks() as claims:  # the pod's images stay in the store until the pod is gone
-        return await _run_claimed(apps, options, timings, claims)
+        return await run_planned(plan_pod(apps, options, claims, timings), options, timings)
 
 
-async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: dict[str, float],
-                       claims: SharedLocks) -> int:
-    from kvmpod.boot.initrd import build_initrd, find_agent
-    from kvmpod.boot.kernel import find_kernel
-    from kvmpod.vm.accel import choose_accelerator
-    from kvmpod.vm.config import Disk, FsDevice, NinePShare, VMConfig
-    from kvmpod.vm.virtiofs import FsShare, Virtiofsd, find_virtiofsd
-    from kvmpod.vm.machine import plan_boot
-    from kvmpod.vm.qemu import QemuVM, check_socket_path
+async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, float]) -> int:
+    """The second half of `kvmpod run` (the first: kvmpod/pod/launch.py): the pod's manifest, metadata
+    and network, QEMU (unless planning spawned it from a boot snapshot), the apps, and teardown."""
+    from kvmpod.vm.config import NinePShare
+    from kvmpod.vm.virtiofs import Virtiofsd
+    from kvmpod.vm.qemu import QemuVM
     from kvmpod.net.attach import AppPorts, needs_netlink, setup as setup_network
 
-    metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
-    resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
-    resolved, volumes = attach_volumes(resolved, options.volumes)
-    for line in isolator_notices(resolved, options.pod_isolators):  # spec/ace.md: ignored ones are made known
-        notice(line)
-    pod_limits = app_resources("pod", options.pod_isolators) if options.pod_isolators else None
-    size = size_vm([app_resources(a.name, a.app_isolators) for a in resolved], pod_limits,
-                   memory_mib=options.memory_mib, cpus=options.cpus)
-    for line in size.notices:
-        notice(line)
-    log.debug("VM size: %d MiB, %d vCPUs (%s)", size.memory_mib, size.cpus, size.reason)
-    kernel = find_kernel(options.kernel)
-    initrd = build_initrd(find_agent(), kernel)
-    accel = choose_accelerator(options.accel)
-    if accel.name == "tcg" and accel.automatic:
-        notice(f"using TCG software emulation (slow): {accel.reason}")
-    plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
-    from kvmpod.boot.snapshot import boot_setting
-    from kvmpod.vm.transport import choose_transport
-    boot = options.boot or boot_setting()
-    # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit())
-    snapshot_possible = boot == "snapshot" and not volumes.host and options.network.mode == "none"
-    agent_transport = choose_transport(options.agent_transport, kernel, snapshot=snapshot_possible)
-    if agent_transport.notice:
-        notice(agent_transport.notice)
-    disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved}.values())
-    if volumes.host:
-        try:
-            find_virtiofsd()
-            have_virtiofsd = True
-        except VMError:
-            have_virtiofsd = False
-        transport, why = host_transport(have_virtiofsd, os.geteuid() == 0)
-        if transport == "virtiofs" and not have_virtiofsd:
-            find_virtiofsd()  # forced: fail before the pod exists, saying why
-        if why:
-            notice(why)
-        volumes = dataclasses.replace(volumes, transport=transport)
-
-    pod = PodDir.create()
+    pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
     network = None
     try:
-        hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"
         if options.uuid_file:
-            write_atomically(Path(options.uuid_file), pod.uuid.encode())
+            try:
+                write_atomically(Path(options.uuid_file), pod.uuid.encode())
+            except OSError as e:
+                raise KvmpodError(f"--uuid-file-save {options.uuid_file}: {e.strerror}") from None
         manifest = pod_manifest(resolved, options.annotations, options.pod_isolators, volumes.volumes)
-        shares = [FsShare(volumes.tag(v), Path(v.source or ""), pod.file(f"{volumes.tag(v)}.sock"), v.read_only)
-                  for v in volumes.host if volumes.transport == "virtiofs"]
         shares_9p = [NinePShare(volumes.tag(v), Path(v.source or ""), v.read_only,
                                 "passthrough" if os.geteuid() == 0 else "none")
                      for v in volumes.host if volumes.transport == "9p"]
         pod.write_json("pod-manifest", manifest)
-        metadata_secrets.save_key(pod.path)
-        metadata = PodMetadata.build(pod.uuid, manifest, resolved, metadata_secrets)
+        plan.metadata_secrets.save_key(pod.path)
+        metadata = PodMetadata.build(pod.uuid, manifest, resolved, plan.metadata_secrets)
         app_ports = [AppPorts(a.name, a.image.manifest.app.ports if a.image.manifest.app else []) for a in resolved]
         if needs_netlink(options.network):  # in a thread: pyroute2's synchronous API runs its own event loop
             network = await asyncio.to_thread(setup_network, options.network, pod.uuid, pod.path, app_ports, notice)
@@ -250,42 +112,32 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
             network = setup_network(options.network, pod.uuid, pod.path, app_ports, notice)
         if network.attachments:
             pod.update(networks=network.summary())
-        config = VMConfig(
-            name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd,
-            cmdline=f"{plan.cmdline} kvmpod.hostname={hostname} {agent_transport.kernel_arg()}",
-            console_log=pod.file("console.log"), agent_transport=agent_transport.kind,
-            vhost_user_vsock=pod.file("vhost-vsock.sock") if agent_transport.kind == "vsock-user" else None,
-            machine=plan.machine,
-            machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
-            memory_mib=size.memory_mib, cpus=size.cpus, disks=disks,
-            filesystems=[FsDevice(s.tag, s.socket) for s in shares], shares_9p=shares_9p, nics=network.nics())
-        vsock_front = pod.file("vsock.sock") if agent_transport.kind == "vsock-user" else None
-        for sock in (config.vhost_user_vsock, vsock_front, *(s.socket for s in shares)):
-            if sock:
-                check_socket_path(Path(f"{sock}_4294967295") if sock == vsock_front else sock)
-        log.debug("pod %s: kernel %s (%s), machine %s, accel %s (%s)", pod.uuid, kernel.image, kernel.kind,
-                  plan.machine_arg, accel.name, accel.reason)
-        log.debug("kernel cmdline: %s", plan.cmdline)
-        log.debug("agent transport %s (%s)", agent_transport.kind, agent_transport.reason)
-        restore = None
-        if snapshot_possible:
-            restore = await use_snapshot(dataclasses.replace(
-                config, cmdline=f"{plan.cmdline} {agent_transport.kernel_arg()}"), options.boot_timeout)
-        log.debug("boot: %s", f"from snapshot {restore.snapshot.key}" if restore else "cold")
+        config = dataclasses.replace(plan.config, shares_9p=shares_9p, nics=network.nics())
+        restore = plan.restore
+        if plan.snapshot_possible and restore is None:
+            restore = await use_snapshot(dataclasses.replace(config, cmdline=plan.snapshot_cmdline),
+                                         options.boot_timeout)
+        if plan.spawned is None:
+            log.debug("boot: %s", f"from snapshot {restore.snapshot.key}" if restore else "cold")
 
         def cold_vm() -> QemuVM:
-            return QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout, vsock_front=vsock_front)
+            return QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout,
+                          vsock_front=plan.vsock_front)
 
-        vm = cold_vm() if restore is None else QemuVM(
-            restore.snapshot.restore_config(dataclasses.replace(config, cmdline=restore.cmdline)),
-            pod.file("qemu.log"), connect_timeout=options.boot_timeout, restore_from=restore.snapshot.state)
+        if restore is None:
+            vm = cold_vm()
+        else:
+            vm = QemuVM(restore.snapshot.restore_config(dataclasses.replace(config, cmdline=restore.cmdline)),
+                        pod.file("qemu.log"), connect_timeout=options.boot_timeout,
+                        restore_from=restore.snapshot.state, spawned=plan.spawned)
+            plan.spawned = None  # the VM's now: the runner's teardown ends it
         audit.pod_started(pod.uuid, [{"name": a.name, "image": a.image.id, "image_name": a.image.manifest.name,
                                       "labels": a.image.manifest.labels, "signature": a.image.signature}
                                      for a in resolved])
-        timings["qemu_spawn"] = time.time()
+        timings.setdefault("qemu_spawn", time.time())
         runner = PodRunner(pod, vm, resolved, options, timings, metadata,
-                           [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in shares], volumes, network,
-                           restore=restore, cold_vm=cold_vm, hostname=hostname)
+                           [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in plan.shares], volumes, network,
+                           restore=restore, cold_vm=cold_vm, hostname=plan.hostname)
         return await runner.run()
     except KvmpodError as e:
         with contextlib.suppress(OSError):
@@ -294,6 +146,7 @@ async def _run_claimed(apps: list[AppOverrides], options: RunOptions, timings: d
             raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from None
         raise
     finally:
+        plan.abandon()  # what no runner took: a spawned QEMU, the snapshot claim
         released = (await asyncio.to_thread(release_network, network, pod) if needs_netlink(options.network)
                     else release_network(network, pod))
         # a detached pod's directory outlives it (status, logs) once its UUID was given out; one whose
@@ -306,7 +159,7 @@ async def use_snapshot(config: "VMConfig", timeout: float) -> "SnapshotClaim | N
     """A claim on the boot snapshot for `config` (made now if needed), or None with a notice when it
     cannot be made (the pod then boots cold)."""
     from kvmpod.boot.snapshot import find_or_make, unfit
-    from kvmpod.vm.qemu import qemu_binary
+    from kvmpod.vm.spawn import qemu_binary
 
     if why := unfit(config):
         log.debug("boot: cold, %s", why)
@@ -320,14 +173,6 @@ async def use_snapshot(config: "VMConfig", timeout: float) -> "SnapshotClaim | N
     if took:
         log.debug("boot snapshot %s made in %.2f s", use.snapshot.key, took)
     return SnapshotClaim(use.snapshot, use, config.cmdline)
-
-
-@dataclass
-class SnapshotClaim:
-    """The snapshot a pod starts from, held until QEMU has started from it."""
-    snapshot: "BootSnapshot"
-    use: "SnapshotUse"
-    cmdline: str
 
 
 def release_network(network: "PodNetwork | None", pod: PodDir) -> bool:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmpod.agent.session import Isolators
+from kvmpod.agent.isolators import Isolators
 from kvmpod.errors import ImageError, UsageError
 from kvmpod.image.manifest import AC_NAME, AC_VERSION, App, ImageManifest, Isolator, MountPoint
 from kvmpod.pod.volumes import AppMount, Mount, Volume

@@ -342,19 +342,3 @@ async def _exited(proc: subprocess.Popen) -> int:
     finally:
         os.close(pidfd)
     return proc.wait()
-
-
-def qemu_binary(name: str = "qemu-system-x86_64") -> Path:
-    """The QEMU binary the VMs run (by PATH, as spawning it does)."""
-    import shutil
-
-    found = shutil.which(name)
-    if found is None:
-        raise VMError(f"{name}: not found (install qemu-system-x86: make setup)")
-    return Path(found)
-
-
-def check_socket_path(path: Path) -> None:
-    """sockaddr_un holds 107 bytes of path: fail clearly now instead of with EINVAL later."""
-    if len(os.fsencode(path)) >= 108:
-        raise VMError(f"{path}: socket path too long for a unix socket (use a shorter runtime dir)")

@@ -119,3 +119,19 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
         for fd in theirs:
             os.close(fd)
     return SpawnedQemu(process, config, ours.get("qmp"), ours.get("agent"), ours.get("restore_monitor"))
+
+
+def qemu_binary(name: str = "qemu-system-x86_64") -> Path:
+    """The QEMU binary the VMs run (by PATH, as spawning it does)."""
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        raise VMError(f"{name}: not found (install qemu-system-x86: make setup)")
+    return Path(found)
+
+
+def check_socket_path(path: Path) -> None:
+    """sockaddr_un holds 107 bytes of path: fail clearly now instead of with EINVAL later."""
+    if len(os.fsencode(path)) >= 108:
+        raise VMError(f"{path}: socket path too long for a unix socket (use a shorter runtime dir)")

@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmpod.agent.protocol import VSOCK_PORT
 from kvmpod.boot.kernel import GuestKernel
 from kvmpod.errors import VMError
 
@@ -40,7 +39,11 @@ class AgentTransport:
 
     def kernel_arg(self) -> str:
         """What tells the agent where to find the host (main.c reads it)."""
-        return f"kvmpod.transport=vsock:{VSOCK_PORT}" if self.vsock else "kvmpod.transport=serial"
+        if not self.vsock:
+            return "kvmpod.transport=serial"
+        from kvmpod.agent.protocol import VSOCK_PORT  # not before QEMU is spawned: the serial path skips it
+
+        return f"kvmpod.transport=vsock:{VSOCK_PORT}"
 
 
 def vhost_vsock_unusable(device: Path = VHOST_VSOCK_DEV) -> str | None:

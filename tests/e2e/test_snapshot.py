@@ -120,3 +120,16 @@ def test_old_snapshots_are_evicted(kvmpod, busybox_aci, tmp_path):
     (left,) = snapshots(env)
     assert json.loads((left / "shape.json").read_text())["memory_mib"] == 248
     assert os.stat(left / "memory").st_blocks * 512 < 248 << 20  # sparse: only what the guest wrote
+
+
+def test_a_pod_failing_after_its_qemu_was_spawned_from_a_snapshot_leaves_nothing(kvmpod, busybox_aci, tmp_path):
+    """QEMU starts from an existing snapshot while kvmpod is still setting the pod up (kvmpod/pod/launch.py);
+    a failure after that ends it: one line, no QEMU (the autouse fixture), no pod directory."""
+    made = kvmpod.run("--memory", "232M", str(busybox_aci), "--exec", "/bin/true")
+    assert made.returncode == 0, made.stderr.decode()
+    bad = tmp_path / "missing-dir" / "uuid"
+    result = kvmpod.run("--memory", "232M", "--uuid-file-save", str(bad), str(busybox_aci), "--exec", "/bin/true")
+    assert result.returncode == 125
+    assert stderr_lines(result) == [f"kvmpod: error: --uuid-file-save {bad}: No such file or directory"]
+    pods = Path(kvmpod.env["KVMPOD_RUN_DIR"], "pods")
+    assert not (pods.exists() and any(pods.iterdir()))

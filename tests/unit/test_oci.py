@@ -626,7 +626,7 @@ def _converted(annotations: dict[str, str]):
     ({}, None, ["a"], (None, ["a"])),                                                         # a native ACI
 ])
 def test_args_replace_the_cmd_but_keep_the_entrypoint(annotations, exec_, args, expected):
-    from kvmpod.pod.run import keep_docker_entrypoint
+    from kvmpod.pod.launch import keep_docker_entrypoint
     from kvmpod.pod.spec import AppOverrides
 
     out = keep_docker_entrypoint(_converted(annotations), AppOverrides(image="x", exec=exec_, args=args))

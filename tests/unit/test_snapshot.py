@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from kvmpod.agent import protocol as p
 from kvmpod.boot import snapshot
-from kvmpod.errors import ConfigError
+from kvmpod.errors import ConfigError, VMError
 from kvmpod.vm.config import Disk, FsDevice, Nic, VMConfig, qemu_argv
 from kvmpod.vm.transport import SERIAL, choose_transport
 from tests.unit.test_protocol import _pair, run
@@ -168,3 +169,71 @@ def test_a_discarded_snapshot_is_gone_once_released(tmp_path, monkeypatch):
     fcntl.flock(fd, fcntl.LOCK_SH)
     snapshot.SnapshotUse(snapshot.BootSnapshot(path), fd).discard()
     assert not path.exists()
+
+
+def test_find_claims_only_a_complete_snapshot_nobody_is_making(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMPOD_SNAPSHOT_DIR", str(tmp_path / "snaps"))
+    config = vm_config(files)
+    assert snapshot.find(config, files["qemu"]) is None            # none yet
+    key = snapshot.SnapshotShape.of(config, files["qemu"]).key
+    made = tmp_path / "snaps" / key
+    made.mkdir(parents=True)
+    (made / "memory").write_bytes(b"m")
+    assert snapshot.find(config, files["qemu"]) is None            # half made: no state yet
+    (made / "state").write_bytes(b"s")
+    maker = os.open(tmp_path / "snaps" / f"{key}.lock", os.O_RDWR)
+    fcntl.flock(maker, fcntl.LOCK_EX)
+    assert snapshot.find(config, files["qemu"]) is None            # being made (or removed): do not wait here
+    os.close(maker)
+    use = snapshot.find(config, files["qemu"])
+    assert use is not None and use.snapshot.path == made
+    other = os.open(tmp_path / "snaps" / f"{key}.lock", os.O_RDWR)
+    with pytest.raises(BlockingIOError):                           # eviction cannot take it meanwhile
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    use.release()
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(other)
+
+
+def test_the_restore_commands_are_qmp_lines_naming_the_inherited_fd():
+    from kvmpod.vm.spawn import RESTORE_ANSWERS, restore_commands
+
+    lines = [json.loads(line) for line in restore_commands(7).decode().splitlines()]
+    assert [c["execute"] for c in lines] == ["qmp_capabilities", "migrate-set-capabilities", "migrate-incoming"]
+    assert lines[1]["arguments"]["capabilities"] == [{"capability": "x-ignore-shared", "state": True}]
+    assert lines[2]["arguments"] == {"uri": "fd:7"} and len(lines) == RESTORE_ANSWERS
+
+
+@pytest.mark.parametrize("answers, error", [
+    (b'{"QMP": {}}\n{"return": {}}\n{"event": "X"}\n{"return": {}}\n{"return": {}}\n', None),
+    (b'{"QMP": {}}\n{"return": {}}\n{"error": {"class": "GenericError", "desc": "bad fd"}}\n',
+     "did not take the boot snapshot: bad fd"),
+    (b'{"QMP": {}}\n{"return": {}}\n', "closed its restore monitor"),
+])
+def test_the_restore_monitor_answers_decide(answers, error, tmp_path):
+    import socket
+
+    from kvmpod.vm.qemu import QemuVM
+
+    ours, qemu_end = socket.socketpair()
+    qemu_end.sendall(answers)
+    qemu_end.close()
+    vm = QemuVM(VMConfig(name="t", kernel=Path("/k"), initrd=Path("/i"), cmdline="", console_log=Path("/c")),
+                tmp_path / "qemu.log")
+    if error is None:
+        run(vm._restore_answers(ours))
+    else:
+        with pytest.raises((VMError, EOFError), match=error):
+            run(vm._restore_answers(ours))
+
+
+def test_a_qemu_that_cannot_be_spawned_leaves_no_fd_behind(files, tmp_path, monkeypatch):
+    from kvmpod.vm.spawn import spawn_qemu
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    state = tmp_path / "state"
+    state.write_bytes(b"")
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(VMError, match="qemu-system-x86_64: not found"):
+        spawn_qemu(dataclasses.replace(vm_config(files), incoming=True), tmp_path / "qemu.log", restore_from=state)
+    assert sorted(os.listdir("/proc/self/fd")) == before

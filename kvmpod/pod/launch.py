@@ -1,0 +1,290 @@
+"""`kvmpod run`, first half: plan the pod before there is an event loop, and start QEMU as early as it
+can be started.
+
+Planning finds (or imports) the images and builds their disks, picks the kernel, initrd, accelerator,
+machine and agent transport, sizes the VM, makes the pod directory and describes the VM. A pod that
+starts from a boot snapshot which already exists gets its QEMU spawned right there (kvmpod/vm/spawn.py):
+QEMU initialises and the guest resumes while this process imports asyncio, qemu.qmp and the agent
+session and sets up the rest (the second half, kvmpod/pod/run.py). Nothing here imports those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from kvmpod.errors import KvmpodError, VMError
+from kvmpod.image.manifest import Isolator
+from kvmpod.net.spec import NetRequest
+from kvmpod.pod.metadata_secrets import MetadataSecrets
+from kvmpod.pod.poddir import PodDir
+from kvmpod.pod.spec import AppOverrides, ResolvedApp, resolve_app
+from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, pod_volumes, unique_volumes
+from kvmpod.store import Store, StoredImage
+from kvmpod.store.locks import SharedLocks
+
+if TYPE_CHECKING:
+    from kvmpod.boot.snapshot import BootSnapshot, SnapshotUse
+    from kvmpod.vm.config import VMConfig
+    from kvmpod.vm.spawn import SpawnedQemu
+    from kvmpod.vm.virtiofs import FsShare
+
+log = logging.getLogger(__name__)
+STOP_TIMEOUT = 10.0     # seconds the apps get to end after SIGTERM (a signal or `kvmpod stop`) before SIGKILL
+
+
+@dataclass
+class RunOptions:
+    memory_mib: int | None = None   # None: sized from the apps' resource isolators (pod/resources.py)
+    cpus: int | None = None
+    hostname: str | None = None     # default kvmpod-<first 8 of the UUID>
+    annotations: dict[str, str] = field(default_factory=dict)   # the pod manifest's annotations
+    pod_isolators: list[Isolator] = field(default_factory=list)  # --pod-manifest's; resource ones bound the apps
+    uuid_file: str | None = None    # --uuid-file-save: the UUID is written here once the pod exists
+    kernel: str | None = None
+    accel: str = "auto"
+    agent_transport: str = "auto"   # --agent-transport (kvmpod/vm/transport.py)
+    boot: str | None = None         # --boot snapshot|cold; None: [run] boot (kvmpod/boot/snapshot.py)
+    debug: bool = False
+    interactive: bool = False
+    keep: bool = False
+    boot_timeout: float = 60.0
+    pod_env: dict[str, str] = field(default_factory=dict)
+    kernel_args: list[str] = field(default_factory=list)
+    detach: bool = False    # app output to <pod dir>/logs/, the directory stays once the apps have started
+    stop_timeout: float = STOP_TIMEOUT
+    on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
+    volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
+    network: NetRequest = field(default_factory=NetRequest)  # --net, --port, --dns… (kvmpod/net/); default: none
+
+
+def notice(message: str) -> None:
+    print(f"kvmpod: notice: {message}", file=sys.stderr, flush=True)
+
+
+def run(apps: list[AppOverrides], options: RunOptions) -> int:
+    """`kvmpod run` in the foreground (or detached): plan, then run the pod under an event loop."""
+    if options.detach:
+        from kvmpod.pod.detach import run_detached
+        return run_detached(apps, options)
+    timings = {"start": time.time()}
+    with SharedLocks() as claims:  # the pod's images stay in the store until the pod is gone
+        plan = plan_pod(apps, options, claims, timings)
+        import asyncio  # only now: QEMU may be starting meanwhile
+
+        from kvmpod.pod.run import run_planned
+        return asyncio.run(run_planned(plan, options, timings))
+
+
+def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str],
+                 claims: SharedLocks, metadata_url: str = "") -> list[ResolvedApp]:
+    """Find or import every image, claim it against `image rm`, and build (or reuse) its rootfs disk."""
+    from kvmpod.image.manifest import check_runnable
+
+    serials: dict[str, str] = {}
+    resolved = []
+    for overrides in apps:
+        image = store.resolve(overrides.image)
+        try:
+            check_runnable(image.manifest)
+        except KvmpodError as e:
+            raise KvmpodError(f"{overrides.image}: {e}") from None
+        with store.claim([image]) as held:
+            disk = store.rootfs_disk(image)
+            claims.take_over(held)
+        serial = serials.setdefault(image.id, f"img{len(serials)}")
+        resolved.append(resolve_app(image, keep_docker_entrypoint(image, overrides), pod_env, disk, serial,
+                                    metadata_url))
+    names = [a.name for a in resolved]
+    if len(set(names)) != len(names):
+        raise KvmpodError(f"two apps are named {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
+                          "give them distinct --name values")
+    return resolved
+
+
+def keep_docker_entrypoint(image: StoredImage, overrides: AppOverrides) -> AppOverrides:
+    """`-- ARGS` replace a converted Docker image's CMD but keep its ENTRYPOINT, as with docker run
+    (the converter records the ENTRYPOINT in the appc.io/docker/entrypoint annotation, as docker2aci
+    does). An explicit --exec means the user takes over the command line: then the appc rule applies."""
+    if overrides.args is None or overrides.exec is not None:
+        return overrides
+    try:
+        entrypoint = json.loads(image.manifest.annotations.get("appc.io/docker/entrypoint", "null"))
+    except ValueError:
+        return overrides
+    if not isinstance(entrypoint, list) or not entrypoint or not all(isinstance(w, str) for w in entrypoint):
+        return overrides
+    # app.exec[0] is ENTRYPOINT[0] already resolved in the image's PATH by the converter
+    return dataclasses.replace(overrides, args=[*entrypoint[1:], *overrides.args])
+
+
+def attach_volumes(resolved: list[ResolvedApp], volumes: list[Volume]) -> tuple[list[ResolvedApp], PodVolumes]:
+    """Each app's mounts (explicit, else its mountPoints by name) and the pod's volumes in use,
+    checked before anything boots; notices for mount points no volume satisfies."""
+    by_name = unique_volumes(volumes)
+    out = []
+    for app in resolved:
+        mounts, notices = app_mounts(app.name, by_name, app.explicit_mounts, app.mount_points)
+        for line in notices:
+            notice(line)
+        out.append(dataclasses.replace(app, mounts=mounts))
+    return out, pod_volumes(by_name, [a.mounts for a in out])
+
+
+@dataclass
+class SnapshotClaim:
+    """The snapshot a pod starts from, held until QEMU has started from it."""
+    snapshot: "BootSnapshot"
+    use: "SnapshotUse"
+    cmdline: str
+
+
+
+
+@dataclass
+class PodPlan:
+    """A pod as planned: its directory exists, its VM is described, and QEMU may be running already."""
+    pod: PodDir
+    apps: list[ResolvedApp]
+    volumes: PodVolumes
+    config: "VMConfig"          # without NICs: the network is set up by the second half
+    snapshot_cmdline: str       # the command line without per-pod words: a boot snapshot's
+    hostname: str
+    metadata_secrets: MetadataSecrets
+    shares: list["FsShare"]     # virtiofsd per host volume
+    vsock_front: Path | None
+    snapshot_possible: bool     # nothing rules a boot snapshot out before the network is known
+    restore: SnapshotClaim | None = None   # the boot snapshot found while planning…
+    spawned: "SpawnedQemu | None" = None    # …and the QEMU already started from it
+
+    def abandon(self) -> None:
+        """The pod fails before a runner took the VM: QEMU goes, and so does the snapshot claim."""
+        if self.spawned is not None:
+            self.spawned.kill()
+            self.spawned = None
+        if self.restore is not None:
+            self.restore.use.release()
+
+
+def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
+             timings: dict[str, float]) -> PodPlan:
+    from kvmpod.boot.initrd import build_initrd, find_agent
+    from kvmpod.boot.kernel import find_kernel
+    from kvmpod.boot.snapshot import boot_setting
+    from kvmpod.pod.resources import app_resources, size_vm
+    from kvmpod.pod.spec import isolator_notices
+    from kvmpod.pod.volumes import host_transport
+    from kvmpod.vm.accel import choose_accelerator
+    from kvmpod.vm.config import Disk, FsDevice, VMConfig
+    from kvmpod.vm.machine import plan_boot
+    from kvmpod.vm.spawn import check_socket_path
+    from kvmpod.vm.transport import choose_transport
+
+    metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
+    resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
+    resolved, volumes = attach_volumes(resolved, options.volumes)
+    for line in isolator_notices(resolved, options.pod_isolators):  # spec/ace.md: ignored ones are made known
+        notice(line)
+    pod_limits = app_resources("pod", options.pod_isolators) if options.pod_isolators else None
+    size = size_vm([app_resources(a.name, a.app_isolators) for a in resolved], pod_limits,
+                   memory_mib=options.memory_mib, cpus=options.cpus)
+    for line in size.notices:
+        notice(line)
+    log.debug("VM size: %d MiB, %d vCPUs (%s)", size.memory_mib, size.cpus, size.reason)
+    kernel = find_kernel(options.kernel)
+    initrd = build_initrd(find_agent(), kernel)
+    accel = choose_accelerator(options.accel)
+    if accel.name == "tcg" and accel.automatic:
+        notice(f"using TCG software emulation (slow): {accel.reason}")
+    plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
+    boot = options.boot or boot_setting()
+    # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit())
+    snapshot_possible = boot == "snapshot" and not volumes.host and options.network.mode == "none"
+    agent_transport = choose_transport(options.agent_transport, kernel, snapshot=snapshot_possible)
+    if agent_transport.notice:
+        notice(agent_transport.notice)
+    disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved}.values())
+    if volumes.host:
+        from kvmpod.vm.virtiofs import find_virtiofsd
+
+        try:
+            find_virtiofsd()
+            have_virtiofsd = True
+        except VMError:
+            have_virtiofsd = False
+        transport, why = host_transport(have_virtiofsd, os.geteuid() == 0)
+        if transport == "virtiofs" and not have_virtiofsd:
+            find_virtiofsd()  # forced: fail before the pod exists, saying why
+        if why:
+            notice(why)
+        volumes = dataclasses.replace(volumes, transport=transport)
+
+    pod = PodDir.create()
+    planned = None
+    try:
+        hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"
+        shares = []
+        if volumes.transport == "virtiofs" and volumes.host:
+            from kvmpod.vm.virtiofs import FsShare
+
+            shares = [FsShare(volumes.tag(v), Path(v.source or ""), pod.file(f"{volumes.tag(v)}.sock"),
+                              v.read_only) for v in volumes.host]
+        snapshot_cmdline = f"{plan.cmdline} {agent_transport.kernel_arg()}"
+        config = VMConfig(
+            name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd,
+            cmdline=f"{plan.cmdline} kvmpod.hostname={hostname} {agent_transport.kernel_arg()}",
+            console_log=pod.file("console.log"), agent_transport=agent_transport.kind,
+            vhost_user_vsock=pod.file("vhost-vsock.sock") if agent_transport.kind == "vsock-user" else None,
+            machine=plan.machine,
+            machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
+            memory_mib=size.memory_mib, cpus=size.cpus, disks=disks,
+            filesystems=[FsDevice(s.tag, s.socket) for s in shares])
+        vsock_front = pod.file("vsock.sock") if agent_transport.kind == "vsock-user" else None
+        for sock in (config.vhost_user_vsock, vsock_front, *(s.socket for s in shares)):
+            if sock:
+                check_socket_path(Path(f"{sock}_4294967295") if sock == vsock_front else sock)
+        log.debug("pod %s: kernel %s (%s), machine %s, accel %s (%s)", pod.uuid, kernel.image, kernel.kind,
+                  plan.machine_arg, accel.name, accel.reason)
+        log.debug("kernel cmdline: %s", plan.cmdline)
+        log.debug("agent transport %s (%s)", agent_transport.kind, agent_transport.reason)
+        planned = PodPlan(pod, resolved, volumes, config, snapshot_cmdline, hostname, metadata_secrets, shares,
+                          vsock_front, snapshot_possible)
+        if snapshot_possible:
+            _spawn_from_snapshot(planned, options, timings)
+        return planned
+    except BaseException as e:
+        if planned is not None:
+            planned.abandon()
+        if options.keep and isinstance(e, KvmpodError):
+            pod.update(error=str(e))
+            raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from None
+        pod.remove()
+        raise
+
+
+def _spawn_from_snapshot(plan: PodPlan, options: RunOptions, timings: dict[str, float]) -> None:
+    """If the boot snapshot for the pod's shape exists, claim it and spawn QEMU from it now. Otherwise
+    (none yet, or one being made) the second half waits for it or makes it (kvmpod/pod/run.py)."""
+    from kvmpod.boot.snapshot import find, unfit
+    from kvmpod.vm.spawn import qemu_binary, spawn_qemu
+
+    config = dataclasses.replace(plan.config, cmdline=plan.snapshot_cmdline)
+    if unfit(config):
+        return
+    try:
+        use = find(config, qemu_binary())
+    except (KvmpodError, OSError):
+        return  # the second half tries again, and says why if it fails there too
+    if use is None:
+        return
+    plan.restore = SnapshotClaim(use.snapshot, use, plan.snapshot_cmdline)
+    log.debug("boot: from snapshot %s", use.snapshot.key)
+    timings["qemu_spawn"] = time.time()
+    plan.spawned = spawn_qemu(use.snapshot.restore_config(config), plan.pod.file("qemu.log"), use.snapshot.state)
