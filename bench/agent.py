@@ -68,11 +68,17 @@ def exec_latency(env: dict[str, str], aci: Path, transport: str, execs: int) -> 
     """Seconds per enter of /bin/true into a running (detached) pod."""
     from kvmpod.pod import client, registry
 
-    os.environ.update(env)
-    out = subprocess.run([*KVMPOD, "run", "--detach", "--net", "none", "--agent-transport", transport, str(aci),
-                          "--exec", "/bin/sleep", "--", "600"], capture_output=True, text=True, env=env, check=True)
-    uuid = out.stdout.split()[-1]
-    pod = registry.find_pod(uuid)
+    saved = dict(os.environ)
+    os.environ.update(env)  # registry.find_pod reads KVMPOD_RUN_DIR; restored below, or what runs later
+    try:                    # (matplotlib's config dir) would land in this run's work dir, removed by then
+        out = subprocess.run([*KVMPOD, "run", "--detach", "--net", "none", "--agent-transport", transport,
+                              str(aci), "--exec", "/bin/sleep", "--", "600"],
+                             capture_output=True, text=True, env=env, check=True)
+        uuid = out.stdout.split()[-1]
+        pod = registry.find_pod(uuid)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     times = []
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
