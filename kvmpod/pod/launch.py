@@ -257,7 +257,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         planned = PodPlan(pod, resolved, volumes, config, snapshot_cmdline, hostname, metadata_secrets, shares,
                           vsock_front, snapshot_possible)
         if snapshot_possible:
-            _spawn_from_snapshot(planned, options, timings)
+            _spawn_from_snapshot(planned, timings)
         return planned
     except BaseException as e:
         if planned is not None:
@@ -269,7 +269,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         raise
 
 
-def _spawn_from_snapshot(plan: PodPlan, options: RunOptions, timings: dict[str, float]) -> None:
+def _spawn_from_snapshot(plan: PodPlan, timings: dict[str, float]) -> None:
     """If the boot snapshot for the pod's shape exists, claim it and spawn QEMU from it now. Otherwise
     (none yet, or one being made) the second half waits for it or makes it (kvmpod/pod/run.py)."""
     from kvmpod.boot.snapshot import find, unfit
