@@ -19,6 +19,7 @@ from kvmpod.boot.initrd import build_initrd, find_agent  # noqa: E402
 from kvmpod.boot.kernel import find_kernel  # noqa: E402
 from kvmpod.vm.accel import choose_accelerator  # noqa: E402
 from kvmpod.vm.config import VMConfig, qemu_argv  # noqa: E402
+from kvmpod.vm.spawn import qemu_binary  # noqa: E402
 from kvmpod.vm.machine import plan_boot  # noqa: E402
 
 KVMPOD = [sys.executable, "-m", "kvmpod"]
@@ -58,7 +59,7 @@ def floor_vm(work: Path, kernel_kind: str | None = None) -> Floor:
     argv = qemu_argv(VMConfig(name="kvmpod-floor", kernel=kernel.image, initrd=floor_initrd,
                               cmdline=plan.cmdline, console_log=work / f"floor-{kernel.kind}-console.log",
                               machine=plan.machine, machine_options=plan.machine_options,
-                              firmware=plan.firmware, accel=accel.name))
+                              firmware=plan.firmware, accel=accel.name), str(qemu_binary()))
     return Floor(kernel, plan.machine_arg, accel.name, argv)
 
 

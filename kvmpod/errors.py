@@ -65,6 +65,10 @@ class VMError(KvmpodError):
     """QEMU could not be started, or the VM died."""
 
 
+class QemuBuildError(KvmpodError):
+    """kvmpod's own QEMU build (kvmpod/vm/qemu_build.py) failed."""
+
+
 class GuestPanic(VMError):
     """The guest kernel panicked."""
 

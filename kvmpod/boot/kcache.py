@@ -2,7 +2,8 @@
 
 Where kernels live (<cache>/kernels/<name>/ with kernel.json), the lock that serialises installs
 into it, the atomic swap of a finished kernel dir, and running the external tools both need
-(apt, dpkg, depmod, tar, patch, make) with one-line errors.
+(apt, dpkg, depmod, tar, patch, make) with one-line errors. kvmpod's QEMU build
+(kvmpod/vm/qemu_build.py) uses the same lock, swap and tool runner for its own cache directory.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kvmpod import paths
-from kvmpod.errors import KernelError
+from kvmpod.errors import KernelError, KvmpodError
 
 KERNEL_JSON = "kernel.json"
 
 # Which Debian package provides a tool, for the "not found" message.
 _TOOLS = {"apt-cache": "apt", "apt-get": "apt", "dpkg": "dpkg", "depmod": "kmod", "tar": "tar", "patch": "patch",
-          "make": "make"}
+          "make": "make", "dpkg-source": "dpkg-dev", "strip": "binutils"}
 
 
 def kernels_dir(cache: Path | None = None) -> Path:
@@ -34,32 +35,33 @@ def tail(text: str, limit: int = 240) -> str:
     return tail if len(tail) <= limit else "..." + tail[-limit:]
 
 
-def run_tool(cmd: list[str], cwd: Path | None = None) -> str:
-    """Run a command (C locale), return its stdout; KernelError with the stderr tail if it fails."""
+def run_tool(cmd: list[str], cwd: Path | None = None, error: type[KvmpodError] = KernelError) -> str:
+    """Run a command (C locale), return its stdout; `error` with the stderr tail if it fails."""
     env = dict(os.environ, LC_ALL="C", LANG="C", DEBIAN_FRONTEND="noninteractive")
     try:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, errors="replace")
     except FileNotFoundError:
-        raise KernelError(f"{cmd[0]} not found: install the Debian package {_TOOLS.get(cmd[0], cmd[0])}") from None
+        raise error(f"{cmd[0]} not found: install the Debian package {_TOOLS.get(cmd[0], cmd[0])}") from None
     if proc.returncode != 0:
         detail = tail(proc.stderr) or tail(proc.stdout) or "no output"
-        raise KernelError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {detail}")
+        raise error(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {detail}")
     return proc.stdout
 
 
 @contextlib.contextmanager
-def locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
+def locked(directory: Path, log: Callable[[str], None], what: str = "kernel fetch",
+           error: type[KvmpodError] = KernelError) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     lock_path = directory / ".lock"
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise KernelError(f"cannot open lock file {lock_path}: {e.strerror}") from None
+        raise error(f"cannot open lock file {lock_path}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"waiting for another kernel fetch ({lock_path})")
+            log(f"waiting for another {what} ({lock_path})")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -74,12 +76,13 @@ def replace_dir(stage: Path, final: Path, scratch: Path) -> None:
 
 
 def run_command_line(action: Callable[[], None]) -> int:
-    """Run a `python -m kvmpod.boot.*` command: KernelError becomes one line and exit status 1."""
+    """Run a `python -m kvmpod.boot.*` (or kvmpod.vm.qemu_build) command: a KvmpodError becomes one line
+    and exit status 1."""
     import sys
 
     try:
         action()
-    except KernelError as e:
+    except KvmpodError as e:
         print(f"kvmpod: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -184,6 +184,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
     from kvmpod.vm.accel import choose_accelerator
     from kvmpod.vm.config import Disk, FsDevice, VMConfig
     from kvmpod.vm.machine import plan_boot
+    from kvmpod.vm.qemu_binary import find_qemu
     from kvmpod.vm.spawn import check_socket_path
     from kvmpod.vm.transport import choose_transport
 
@@ -203,6 +204,10 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
     accel = choose_accelerator(options.accel)
     if accel.name == "tcg" and accel.automatic:
         notice(f"using TCG software emulation (slow): {accel.reason}")
+    qemu = find_qemu()
+    if qemu.notice:
+        notice(qemu.notice)
+    log.debug("QEMU: %s (%s)", qemu.path, qemu.source)
     plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
     boot = options.boot or boot_setting()
     # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit())

@@ -227,13 +227,13 @@ def test_the_restore_monitor_answers_decide(answers, error, tmp_path):
             run(vm._restore_answers(ours))
 
 
-def test_a_qemu_that_cannot_be_spawned_leaves_no_fd_behind(files, tmp_path, monkeypatch):
+def test_a_qemu_that_cannot_be_spawned_leaves_no_fd_behind(files, tmp_path):
     from kvmpod.vm.spawn import spawn_qemu
 
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     state = tmp_path / "state"
     state.write_bytes(b"")
     before = sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(VMError, match="qemu-system-x86_64: not found"):
-        spawn_qemu(dataclasses.replace(vm_config(files), incoming=True), tmp_path / "qemu.log", restore_from=state)
+        spawn_qemu(dataclasses.replace(vm_config(files), incoming=True), tmp_path / "qemu.log", restore_from=state,
+                   binary=tmp_path / "empty" / "qemu-system-x86_64")
     assert sorted(os.listdir("/proc/self/fd")) == before
