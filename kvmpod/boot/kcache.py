@@ -14,9 +14,13 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmpod import paths
 from kvmpod.errors import KernelError, KvmpodError
+
+if TYPE_CHECKING:
+    import argparse
 
 KERNEL_JSON = "kernel.json"
 
@@ -73,6 +77,15 @@ def replace_dir(stage: Path, final: Path, scratch: Path) -> None:
     if final.exists():
         final.rename(scratch / "old")
     stage.rename(final)
+
+
+def add_build_arguments(parser: "argparse.ArgumentParser", what: str, installed_in: str, source_size: str) -> None:
+    """The options `build` commands share (the minimal kernel, kvmpod's QEMU)."""
+    parser.add_argument("--cache", type=Path, help=f"cache directory (default: kvmpod's cache dir); {what} goes "
+                                                   f"to CACHE/{installed_in}/, the build tree to CACHE/build/")
+    parser.add_argument("--force", action="store_true", help="build even if an identical build is installed")
+    parser.add_argument("-j", "--jobs", type=int, help="parallel make jobs (default: the number of CPUs)")
+    parser.add_argument("--keep-source", action="store_true", help=f"keep the source tree ({source_size})")
 
 
 def run_command_line(action: Callable[[], None]) -> int:

@@ -439,12 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build kvmpod's minimal guest kernel from Debian's linux-source.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="build and install the kernel into the cache (nothing if up to date)")
-    p.add_argument("--cache", type=Path, help="cache directory (default: kvmpod's cache dir); the kernel "
-                                              "goes to CACHE/kernels/, the build tree to CACHE/build/")
+    kcache.add_build_arguments(p, "the kernel", "kernels", "~1.3 GB")
     p.add_argument("--fragment", type=Path, default=FRAGMENT, help=f"config fragment (default {FRAGMENT})")
-    p.add_argument("--force", action="store_true", help="build even if an identical kernel is installed")
-    p.add_argument("-j", "--jobs", type=int, help="parallel make jobs (default: the number of CPUs)")
-    p.add_argument("--keep-source", action="store_true", help="keep the unpacked source tree (~1.3 GB)")
     sub.add_parser("deps", help="print the Debian packages the build needs")
     sub.add_parser("tsc-khz", help="print the host TSC frequency in kHz (for tsc_early_khz=)")
     args = parser.parse_args(argv)

@@ -315,11 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build kvmpod's own QEMU from Debian's qemu source package.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="build and install QEMU into the cache (nothing if up to date)")
-    p.add_argument("--cache", type=Path, help="cache directory (default: kvmpod's cache dir); the binary goes "
-                                              "to CACHE/qemu/, the build tree to CACHE/build/")
-    p.add_argument("--force", action="store_true", help="build even if an identical build is installed")
-    p.add_argument("-j", "--jobs", type=int, help="parallel make jobs (default: the number of CPUs)")
-    p.add_argument("--keep-source", action="store_true", help="keep the source and build tree (~600 MB)")
+    kcache.add_build_arguments(p, "the QEMU binary", "qemu", "and build tree, ~600 MB")
     sub.add_parser("deps", help="print the Debian packages the build needs")
     args = parser.parse_args(argv)
 
