@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import KVMPOD, REPO, bench_env, build_busybox_aci, measure_start, print_start, stats, timed  # noqa: E402
 from agent import measure as measure_agent, print_agent  # noqa: E402
 from image import Unavailable, measure_image, print_image  # noqa: E402
+from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
     ("host prep", "start", "qemu_spawn"),
@@ -193,8 +194,10 @@ def main() -> int:
     parser.add_argument("--agent-mib", type=int, default=256, help="MiB streamed per agent transport")
     args = parser.parse_args()
     began = time.perf_counter()
+    qemu = find_qemu()
     results: dict = {"date": datetime.date.today().isoformat(), "host": os.uname().nodename,
-                     "cpus": os.cpu_count()}
+                     "cpus": os.cpu_count(), "qemu": {"path": str(qemu.path), "source": qemu.source}}
+    print(f"QEMU: {qemu.path} ({qemu.source}); the floor runs the same binary")
     with tempfile.TemporaryDirectory(prefix="kvmpod-bench-") as tmp:
         work = Path(tmp)
         aci = build_busybox_aci(work)
