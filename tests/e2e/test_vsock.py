@@ -217,7 +217,7 @@ def test_64_concurrent_connections_each_way(kvmpod, vsock_test_aci, kvmpod_env):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert errors == []
+    assert errors == [], f"the pod said: {err.decode()}"  # the guest program's own error says which step failed
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines() == ["listening on 5001", f"guest->host: {n} connections ok", "refused: ok",
                                          f"host->guest: {n} connections ok"]
