@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 static struct sockaddr_vm vsock_addr(uint32_t cid, uint32_t port)
@@ -29,13 +30,15 @@ int vsock_listen(uint32_t port, int backlog)
     return fd;
 }
 
-int vsock_connect(uint32_t cid, uint32_t port)
+int vsock_connect(uint32_t cid, uint32_t port, int timeout_s)
 {
     int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
+    struct timeval timeout = {.tv_sec = timeout_s};
     struct sockaddr_vm a = vsock_addr(cid, port);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+    if ((timeout_s > 0 && setsockopt(fd, AF_VSOCK, VSOCK_SO_CONNECT_TIMEOUT, &timeout, sizeof timeout) < 0) ||
+        connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
         int saved = errno;
         close(fd);
         errno = saved;

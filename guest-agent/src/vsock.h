@@ -24,7 +24,11 @@ struct sockaddr_vm {
 /* A listening AF_VSOCK stream socket on `port` (any CID), close-on-exec; -1 with errno on failure. */
 int vsock_listen(uint32_t port, int backlog);
 
-/* A connected AF_VSOCK stream socket to cid:port, close-on-exec; -1 with errno on failure. */
-int vsock_connect(uint32_t cid, uint32_t port);
+/* SO_VM_SOCKETS_CONNECT_TIMEOUT (the _OLD one: a struct timeval on 64-bit), level AF_VSOCK. */
+#define VSOCK_SO_CONNECT_TIMEOUT 6
+
+/* A connected AF_VSOCK stream socket to cid:port, close-on-exec; -1 with errno on failure. The
+ * connect waits up to timeout_s seconds for the peer's answer (0: the kernel's default, 2 s). */
+int vsock_connect(uint32_t cid, uint32_t port, int timeout_s);
 
 #endif
