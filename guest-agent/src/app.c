@@ -20,6 +20,7 @@
 #define IMAGES_DIR KVMPOD_RUN "/images"
 #define APPS_DIR KVMPOD_RUN "/apps"
 #define VOLUMES_DIR KVMPOD_RUN "/volumes"
+#define SPARES_DIR KVMPOD_RUN "/spare"
 /* The disks are there before the agent starts serving (virtio_blk probes when it loads); the
  * wait only covers a slow probe. */
 #define DISK_TIMEOUT_MS 5000u
@@ -45,9 +46,19 @@ struct volume {
     char path[PATH_MAX];
 };
 
+/* A spare app root (see app_prebuild): an image's overlay and the appc filesystem set, made while a
+ * boot snapshot is prepared; the first writable app on that image without volumes takes it. */
+struct spare {
+    struct spare *next;
+    char *serial;
+    size_t first_mount, nmounts; /* its entries in mounts[] */
+    char base[PATH_MAX];
+};
+
 static struct image *images;
 static struct app *apps;
 static struct volume *volumes;
+static struct spare *spares;
 
 /* Every mount made, in order, so a failed setup and shutdown can undo them newest first. */
 static char **mounts;
@@ -81,10 +92,37 @@ static void unmount_to(size_t depth)
 {
     while (nmounts > depth) {
         char *target = mounts[--nmounts];
-        if (umount2(target, 0) < 0)
+        if (target && umount2(target, 0) < 0) /* NULL: already gone with a subtree (forget_mounts) */
             umount2(target, MNT_DETACH);
         free(target);
     }
+}
+
+/* Entries [first, first + n) were unmounted together (with their parent, MNT_DETACH): keep their
+ * slots, so the indexes of later mounts stay valid. */
+static void forget_mounts(size_t first, size_t n)
+{
+    for (size_t i = first; i < first + n; i++) {
+        free(mounts[i]);
+        mounts[i] = NULL;
+    }
+}
+
+/* The mounts moved (MS_MOVE) from `from` to `to`: their recorded paths follow. 0, or -1 on ENOMEM. */
+static int rebase_mounts(size_t first, size_t n, const char *from, const char *to)
+{
+    size_t len = strlen(from);
+    for (size_t i = first; i < first + n; i++) {
+        const char *rest = mounts[i] + len;
+        char *moved = malloc(strlen(to) + strlen(rest) + 1);
+        if (!moved)
+            return -1;
+        strcpy(moved, to);
+        strcat(moved, rest);
+        free(mounts[i]);
+        mounts[i] = moved;
+    }
+    return 0;
 }
 
 void app_unmount_all(void)
@@ -522,6 +560,68 @@ static int mount_volumes(const char *root, char *const *specs, size_t n, struct 
     return 0;
 }
 
+/* What of an app root depends only on its image: the overlay on a tmpfs at `base`, and the appc
+ * filesystem set in it. */
+static int image_root(const char *base, const char *image, const char *root, struct failure *f)
+{
+    if (make_dir_or_fail(base, "rootfs", f) < 0)
+        return -1;
+    return overlay_root(base, image, root, f) < 0 ? -1 : appc_filesystems(root, f);
+}
+
+int app_prebuild(const char *serial, struct failure *f)
+{
+    const char *image = image_mount(serial, f);
+    if (!image)
+        return -1;
+    struct spare *s = calloc(1, sizeof *s);
+    char root[PATH_MAX];
+    if (!s || !(s->serial = strdup(serial))) {
+        free(s);
+        return failf(f, "rootfs", ENOMEM, "out of memory");
+    }
+    s->first_mount = nmounts;
+    if (path_join(s->base, sizeof s->base, SPARES_DIR "/%s", serial) < 0 ||
+        path_join(root, sizeof root, "%s/rootfs", s->base) < 0) {
+        failf(f, "rootfs", ENAMETOOLONG, "spare root path too long");
+    } else if (make_dir_or_fail(KVMPOD_RUN, "rootfs", f) == 0 && make_dir_or_fail(SPARES_DIR, "rootfs", f) == 0 &&
+               image_root(s->base, image, root, f) == 0) {
+        s->nmounts = nmounts - s->first_mount;
+        s->next = spares;
+        spares = s;
+        return 0;
+    }
+    unmount_to(s->first_mount);
+    free(s->serial);
+    free(s);
+    return -1;
+}
+
+/* The spare root of `serial` moved to `base`: 1 when taken (its mount entries in *first, *n), 0 when
+ * there is none or it cannot be moved (the caller builds the root itself). */
+static int take_spare(const char *serial, const char *base, size_t *first, size_t *n)
+{
+    struct spare **link = &spares;
+    while (*link && strcmp((*link)->serial, serial) != 0)
+        link = &(*link)->next;
+    struct spare *s = *link;
+    if (!s || make_dir(base, 0755) < 0)
+        return 0;
+    if (mount(s->base, base, NULL, MS_MOVE, NULL) < 0) {
+        log_debug("spare root of %s not used: move to %s: %s", serial, base, strerror(errno));
+        return 0;
+    }
+    if (rebase_mounts(s->first_mount, s->nmounts, s->base, base) < 0) /* shutdown's unmount is best effort */
+        log_debug("spare root of %s: out of memory recording its mounts", serial);
+    *first = s->first_mount;
+    *n = s->nmounts;
+    *link = s->next;
+    rmdir(s->base);
+    free(s->serial);
+    free(s);
+    return 1;
+}
+
 static int build_root(struct app *a, const char *image, bool readonly, char *const *vols, size_t nvols,
                       struct failure *f)
 {
@@ -529,11 +629,21 @@ static int build_root(struct app *a, const char *image, bool readonly, char *con
     if (path_join(base, sizeof base, APPS_DIR "/%s", a->name) < 0 ||
         path_join(a->root, sizeof a->root, "%s/rootfs", base) < 0)
         return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
-    if (make_dir_or_fail(APPS_DIR, "rootfs", f) < 0 || make_dir_or_fail(base, "rootfs", f) < 0)
+    if (make_dir_or_fail(APPS_DIR, "rootfs", f) < 0)
         return -1;
-    if (overlay_root(base, image, a->root, f) < 0 || appc_filesystems(a->root, f) < 0 ||
-        executor_etc_files(a->root, f) < 0 || mount_volumes(a->root, vols, nvols, f) < 0)
+    size_t spare_first = 0, spare_n = 0;
+    bool spare = !readonly && nvols == 0 && take_spare(a->serial, base, &spare_first, &spare_n);
+    if (spare)
+        log_debug("app %s: spare root of disk %s moved in", a->name, a->serial);
+    else if (image_root(base, image, a->root, f) < 0)
         return -1;
+    if (executor_etc_files(a->root, f) < 0 || mount_volumes(a->root, vols, nvols, f) < 0) {
+        if (spare) { /* the caller unmounts what this setup mounted; the moved subtree is older */
+            umount2(base, MNT_DETACH);
+            forget_mounts(spare_first, spare_n);
+        }
+        return -1;
+    }
     return readonly ? make_readonly(a->root, f) : 0;
 }
 

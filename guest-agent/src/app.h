@@ -24,6 +24,12 @@ const char *app_existing_root(const char *name, const char *serial, struct failu
  * path) and returns where. NULL with *f (stage "mount") when there is no such disk or it will not mount. */
 const char *image_mount(const char *serial, struct failure *f);
 
+/* For a boot snapshot: mounts the image disk `serial` and builds a spare writable app root on it
+ * (the overlay and the appc filesystem set, nothing that depends on the app or the pod), which the
+ * first START of a writable app on that disk without volumes moves into place instead of building
+ * its own. 0, or -1 with *f. */
+int app_prebuild(const char *serial, struct failure *f);
+
 /* Unmounts everything app_prepare() mounted, newest first; best effort, for shutdown. */
 void app_unmount_all(void);
 

@@ -41,13 +41,15 @@ void snapshot_prepare(const struct frame *f)
         char *serial = tlv_strdup(&field, &err);
         if (!serial || !image_mount(serial, &err))
             fatal_failure(&err);
+        if (app_prebuild(serial, &err) < 0) /* only a saving: the START builds the root instead */
+            log_debug("snapshot: no spare root on disk %s: %s", serial, err.msg);
         free(serial);
         disks++;
     }
     if (more < 0)
         fatal_failure(&err);
     metadata_loopback_up(); /* every pod has the metadata service: set up what does not vary */
-    log_debug("snapshot: %u image disks mounted; waiting for THAW", disks);
+    log_debug("snapshot: %u image disks mounted, spare app roots built; waiting for THAW", disks);
     channel_send(KP_MSG_PREPARED, 0, NULL, 0);
 }
 

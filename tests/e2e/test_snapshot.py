@@ -133,3 +133,23 @@ def test_a_pod_failing_after_its_qemu_was_spawned_from_a_snapshot_leaves_nothing
     assert stderr_lines(result) == [f"kvmpod: error: --uuid-file-save {bad}: No such file or directory"]
     pods = Path(kvmpod.env["KVMPOD_RUN_DIR"], "pods")
     assert not (pods.exists() and any(pods.iterdir()))
+
+
+def test_the_spare_app_root_made_with_the_snapshot_goes_to_the_first_writable_app(kvmpod, busybox_aci):
+    """PREPARE builds one writable app root per image disk (guest-agent app_prebuild): on a restored VM the
+    first writable app on that disk moves it into place; a second app on the disk and a read-only app
+    build their own, as on a cold boot. Each app still gets its own root, /etc/hosts and hostname."""
+    args = ["--memory", "216M", "--hostname", "spare-test"]
+    assert kvmpod.run(*args, str(busybox_aci), *SH, "true").returncode == 0  # makes the snapshot
+    script = "echo {0} > /mine; cat /mine; ls /; grep -q localhost /etc/hosts && echo hosts-{0}; hostname"
+    result = kvmpod.run("--debug", *args,
+                        str(busybox_aci), "--name", "one", *SH, script.format("one"), "---",
+                        str(busybox_aci), "--name", "two", *SH, "sleep 1; " + script.format("two"), "---",
+                        str(busybox_aci), "--name", "ro", "--readonly-rootfs", *SH, "sleep 2; cat /mine || echo none")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode().split()
+    for app in ("one", "two"):
+        assert out.count(app) == 1 and f"hosts-{app}" in out, out   # own root: each sees only its own /mine
+    assert "none" in out and out.count("spare-test") == 2
+    spare_lines = [line for line in result.stderr.decode().splitlines() if "spare root of disk" in line]
+    assert len(spare_lines) == 1 and "app one:" in spare_lines[0], spare_lines
