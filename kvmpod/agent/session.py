@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -171,6 +172,63 @@ class AgentSession:
         self.failed: asyncio.Future[AgentError] = loop.create_future()  # resolves (not raises) on failure
         self._reader_task: asyncio.Task | None = None
         self._prepared: asyncio.Future[None] = loop.create_future()
+        self._mid_frame = False   # a header is read, its payload not yet
+        self.quiet_since = time.monotonic()   # the last frame sent, or received other than app output
+
+    @classmethod
+    async def adopt(cls, sock: socket.socket, unread: bytes, hello: Hello, next_stream: int, finished: set[int],
+                    on_log: Callable[[str], None] | None = None) -> "AgentSession":
+        """A session whose handshake happened before this process exec'd (kvmpod/pod/relay.py): `unread`
+        is what was read from `sock` but not dispatched. Add its processes, then call dispatch()."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+        reader.feed_data(unread)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
+        session = cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop), on_log)
+        session.hello.set_result(hello)
+        session._next_stream, session._finished = next_stream, set(finished)
+        return session
+
+    def adopt_process(self, stream: int, pid: int, on_stdout: OutputSink, on_stderr: OutputSink,
+                      status: "ExitStatus | None") -> GuestProcess:
+        """A process started before the exec; `status` if it has ended already."""
+        proc = GuestProcess(self, stream, on_stdout, on_stderr)
+        proc.pid = pid
+        proc.started.set_result(pid)
+        if status is None:
+            self._processes[stream] = proc
+        else:
+            proc.exited.set_result(status)
+        return proc
+
+    def dispatch(self) -> None:
+        """Start dispatching frames (handshake() does this itself)."""
+        self._reader_task = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    @property
+    def open_streams(self) -> set[int]:
+        return set(self._processes)
+
+    @property
+    def streams(self) -> tuple[int, set[int]]:
+        """The next stream number and the streams that have ended, for adopt()."""
+        return self._next_stream, set(self._finished)
+
+    def hand_over(self) -> tuple[int, bytes] | None:
+        """The channel's fd and the bytes read from it but not dispatched yet, for kvmpod-relay, with
+        reading paused; None unless the session is quiet between two frames with nothing left to send.
+        The caller execs next, or calls take_back()."""
+        if self._mid_frame or self.failed.done() or self._reader_task is None \
+                or self._writer.transport.get_write_buffer_size():
+            return None
+        self._writer.transport.pause_reading()
+        # StreamReader offers no public look at what it has buffered
+        return self._writer.get_extra_info("socket").fileno(), bytes(self._reader._buffer)
+
+    def take_back(self) -> None:
+        """The exec after hand_over() failed: go on reading."""
+        self._writer.transport.resume_reading()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -194,7 +252,7 @@ class AgentSession:
         boot_ns = f.get(p.Field.BOOT_NS, 0)
         hello = Hello(version, f.text(p.Field.AGENT_VERSION), boot_ns if isinstance(boot_ns, int) else 0)
         self.hello.set_result(hello)
-        self._reader_task = asyncio.get_running_loop().create_task(self._dispatch_forever())
+        self.dispatch()
         return hello
 
     async def thaw(self, hostname: str) -> None:
@@ -240,6 +298,7 @@ class AgentSession:
     # -- I/O -------------------------------------------------------------------------------
 
     async def send(self, frame: p.Frame) -> None:
+        self.quiet_since = time.monotonic()
         async with self._write_lock:
             self.raise_if_failed()
             try:
@@ -263,8 +322,10 @@ class AgentSession:
     async def _read_frame(self) -> tuple[p.MessageType, int, bytes]:
         try:
             header = await self._reader.readexactly(p.HEADER_SIZE)
+            self._mid_frame = True
             mtype, stream, length = p.decode_header(header)
             payload = await self._reader.readexactly(length) if length else b""
+            self._mid_frame = False
         except asyncio.IncompleteReadError as e:
             raise AgentError("agent channel closed" + (" in the middle of a frame" if e.partial else "")) from None
         except (ConnectionError, OSError) as e:
@@ -285,6 +346,8 @@ class AgentSession:
 
     def _dispatch(self, mtype: p.MessageType, stream: int, payload: bytes) -> None:
         T = p.MessageType
+        if mtype not in (T.STDOUT, T.STDERR):
+            self.quiet_since = time.monotonic()
         if mtype is T.LOG:
             if self._on_log:
                 self._on_log(p.Fields.decode(payload).text(p.Field.MESSAGE))

@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kvmpod import __version__, paths
 from kvmpod.cli.images import (cmd_fetch, cmd_image_build, cmd_image_cat_manifest, cmd_image_export,
@@ -224,7 +224,10 @@ def _parse(parser: KvmpodParser, argv: list[str]) -> argparse.Namespace:
 def entry() -> None:
     """The `kvmpod` command: main(), then out at once. By then every pod, file and child kvmpod made
     is dealt with, and tearing the interpreter down would only add ~20-50 ms to each command."""
-    code = main()
+    exit_now(main())
+
+
+def exit_now(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -234,9 +237,18 @@ def entry() -> None:
     os._exit(code)
 
 
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmpod: %(message)s")
+    if not debug:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its noise is ours to explain
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    try:
+    debug = False
+
+    def command() -> int:
+        nonlocal debug
         ns = _parse(parser, list(sys.argv[1:] if argv is None else argv))
         if not getattr(ns, "func", None):
             parser.print_help()
@@ -244,10 +256,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.dir:
             paths.set_store_dir(ns.dir)
         debug = getattr(ns, "debug", False)
-        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmpod: %(message)s")
-        if not debug:
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its noise is ours to explain
+        configure_logging(debug)
         return ns.func(ns)
+
+    return reporting_failures(command, lambda: debug)
+
+
+def reporting_failures(command: Callable[[], int], debug: Callable[[], bool]) -> int:
+    """Run `command`; a failure becomes one line on stderr and its exit status (a traceback with --debug)."""
+    try:
+        return command()
     except KvmpodError as e:
         print(f"kvmpod: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -257,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_KVMPOD_FAILURE
     except Exception as e:  # a bug: one line for users, the traceback with --debug
-        if getattr(locals().get("ns"), "debug", False):
+        if debug():
             raise
         print(f"kvmpod: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
         return EXIT_KVMPOD_FAILURE

@@ -245,10 +245,21 @@ class ControlServer:
         self._closing: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
+    async def start(self, listener: socket.socket | None = None) -> None:
+        """Listen on the socket path, or go on with `listener`, bound there before an exec (relay.py)."""
         self._closing = asyncio.Event()
+        if listener is not None:
+            self._server = await asyncio.start_unix_server(self._serve, sock=listener, limit=1 << 20)
+            return
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=1 << 20)
         os.chmod(self.path, 0o600)
+
+    def hand_over(self) -> int | None:
+        """The listening socket's fd, for kvmpod-relay to watch; None while a connection is served
+        (its state lives in this process) or the server is closing."""
+        if self._server is None or self._closing is None or self._closing.is_set() or self._tasks:
+            return None
+        return self._server.sockets[0].fileno()
 
     async def close(self) -> None:
         """The pod is gone: stop listening and end every connection (their EOF says so)."""

@@ -80,7 +80,7 @@ def run(apps: list[AppOverrides], options: RunOptions) -> int:
         import asyncio  # only now: QEMU may be starting meanwhile
 
         from kvmpod.pod.run import run_planned
-        return asyncio.run(run_planned(plan, options, timings))
+        return asyncio.run(run_planned(plan, options, timings, claims))
 
 
 def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str],

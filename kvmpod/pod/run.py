@@ -34,6 +34,7 @@ from kvmpod.vm.backend import VMBackend, VMExit
 
 if TYPE_CHECKING:
     from kvmpod.net.attach import PodNetwork
+    from kvmpod.pod.relay import RelayState
     from kvmpod.vm.config import VMConfig
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,11 @@ async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
     """Plan and run a pod from an event loop that already runs (a --detach'ed pod's child)."""
     timings = {"start": time.time()}
     with SharedLocks() as claims:  # the pod's images stay in the store until the pod is gone
-        return await run_planned(plan_pod(apps, options, claims, timings), options, timings)
+        return await run_planned(plan_pod(apps, options, claims, timings), options, timings, claims)
 
 
-async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, float]) -> int:
+async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, float],
+                      claims: SharedLocks | None = None) -> int:
     """The second half of `kvmpod run` (the first: kvmpod/pod/launch.py): the pod's manifest, metadata
     and network, QEMU (unless planning spawned it from a boot snapshot), the apps, and teardown."""
     from kvmpod.vm.config import NinePShare
@@ -93,6 +95,7 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
     pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
     network = None
     try:
+        relay = relay_for(options, bool(plan.shares), plan.config.agent_transport)
         if options.uuid_file:
             try:
                 write_atomically(Path(options.uuid_file), pod.uuid.encode())
@@ -137,22 +140,64 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
         timings.setdefault("qemu_spawn", time.time())
         runner = PodRunner(pod, vm, resolved, options, timings, metadata,
                            [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in plan.shares], volumes, network,
-                           restore=restore, cold_vm=cold_vm, hostname=plan.hostname)
+                           restore=restore, cold_vm=cold_vm, hostname=plan.hostname,
+                           claim_fds=claims.fds if claims else (), relay=relay)
         return await runner.run()
     except KvmpodError as e:
-        with contextlib.suppress(OSError):
-            pod.update(error=str(e))
-        if options.keep:
-            raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from None
-        raise
+        raise _failed(pod, options, e) from None
     finally:
         plan.abandon()  # what no runner took: a spawned QEMU, the snapshot claim
-        released = (await asyncio.to_thread(release_network, network, pod) if needs_netlink(options.network)
-                    else release_network(network, pod))
-        # a detached pod's directory outlives it (status, logs) once its UUID was given out; one whose
-        # network could not be released stays for `kvmpod gc` to try again
-        if released and not (options.keep or (options.detach and "apps_started" in timings)):
-            pod.remove()
+        await _release(network, pod, options, timings)
+
+
+async def run_after_relay(state: "RelayState", unread: bytes, broken: set[int], signo: int | None) -> int:
+    """The pod's kvmpod process back from kvmpod-relay (kvmpod/pod/resume.py): the runner rebuilt,
+    and the rest of its life as if it had never left."""
+    from kvmpod.pod.relay import restore_runner
+
+    with SharedLocks.adopt(list(state.claim_fds)):  # still the pod's claims on its images
+        runner = None
+        try:
+            runner = await restore_runner(state, unread, broken)
+            return await runner.run(resumed_by=signo or 0)
+        except KvmpodError as e:
+            raise _failed(state.pod, state.options, e) from None
+        finally:
+            if runner is None:  # QEMU is this process's child: it must not outlive a failed comeback
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(state.qemu.pid, signal.SIGKILL)
+            await _release(state.network, state.pod, state.options, state.timings)
+
+
+def relay_for(options: RunOptions, virtiofs: bool, agent_transport: str) -> Path | None:
+    """kvmpod-relay for this pod, or None (kvmpod/pod/relay.py says which pods stay in Python)."""
+    from kvmpod.pod.relay import find_relay, unfit
+
+    if why := unfit(options, virtiofs, agent_transport):
+        log.debug("idle relay: not for this pod: %s", why)
+        return None
+    return find_relay()
+
+
+def _failed(pod: PodDir, options: RunOptions, error: KvmpodError) -> KvmpodError:
+    """The error a failed pod ends with, recorded in state.json."""
+    with contextlib.suppress(OSError):
+        pod.update(error=str(error))
+    if options.keep:
+        return KvmpodError(f"{error} (pod directory kept: {pod.path})")
+    return error
+
+
+async def _release(network: "PodNetwork | None", pod: PodDir, options: RunOptions, timings: dict[str, float]) -> None:
+    """The pod is over: its network goes, and its directory unless it is to stay."""
+    from kvmpod.net.attach import needs_netlink
+
+    released = (await asyncio.to_thread(release_network, network, pod) if needs_netlink(options.network)
+                else release_network(network, pod))
+    # a detached pod's directory outlives it (status, logs) once its UUID was given out; one whose
+    # network could not be released stays for `kvmpod gc` to try again
+    if released and not (options.keep or (options.detach and "apps_started" in timings)):
+        pod.remove()
 
 
 async def use_snapshot(config: "VMConfig", timeout: float) -> "SnapshotClaim | None":
@@ -199,8 +244,11 @@ class PodRunner:
                  timings: dict[str, float], metadata: PodMetadata | None = None,
                  fs_daemons: list | None = None, volumes: PodVolumes | None = None,
                  network: "PodNetwork | None" = None, restore: SnapshotClaim | None = None,
-                 cold_vm: Callable[[], VMBackend] | None = None, hostname: str = ""):
+                 cold_vm: Callable[[], VMBackend] | None = None, hostname: str = "",
+                 claim_fds: tuple[int, ...] = (), relay: Path | None = None):
         self.pod = pod
+        self.relay = relay   # kvmpod-relay, to hand the pod to once it is quiet (kvmpod/pod/relay.py)
+        self.claim_fds = claim_fds   # the store locks: kept open across an exec into kvmpod-relay
         self.restore = restore    # `vm` starts from this boot snapshot; cold_vm() is the fallback
         self.cold_vm = cold_vm
         self.hostname = hostname
@@ -220,10 +268,15 @@ class PodRunner:
         self.stop_task: asyncio.Task | None = None
         self.stop_reason: tuple[str, int] | None = None   # why kvmpod ended the VM itself, and the exit status
         self.log_sinks: list[LogSink] = []
+        self.sinks: dict[str, tuple[FdSink, FdSink]] = {}   # per app: where its stdout and stderr go
+        self.broken_output: set[int] = set()   # output fds kvmpod-relay found broken
+        self.handovers = 0   # times this pod went to kvmpod-relay and came back
 
-    async def run(self) -> int:
+    async def run(self, resumed_by: int | None = None) -> int:
+        """The pod's life; `resumed_by` when the runner was rebuilt after kvmpod-relay (relay.py): 0,
+        or the signal the relay took."""
         try:
-            return await self._run()
+            return await (self._run() if resumed_by is None else self._continue(resumed_by))
         except VMError as e:  # GuestDied, or QEMU killed while it was starting
             if self.killed_by_user is not None:
                 raise Interrupted(f"pod killed after a second signal {self.killed_by_user}",
@@ -241,7 +294,7 @@ class PodRunner:
     async def _run(self) -> int:
         self.control = ControlServer(self.pod.file("control.sock"), self)
         await self.control.start()
-        sinks = self._sinks()
+        self.sinks = sinks = self._sinks()
         for daemon in self.fs_daemons:  # QEMU connects to their sockets: they come first
             await daemon.start()
             self.pod.update(virtiofsd_pids=[d.pid for d in self.fs_daemons if d.pid])
@@ -275,11 +328,40 @@ class PodRunner:
             stdin_task = asyncio.get_running_loop().create_task(self._pump_stdin(self.processes[0]))
         try:
             with self._terminal(self.processes[0] if tty else None):
-                statuses: list[ExitStatus] = [await self._until(p.wait()) for p in self.processes]
+                statuses = await self._wait_apps()
         finally:
             if stdin_task:
                 stdin_task.cancel()
         return self._record_exit(statuses)
+
+    async def _continue(self, signo: int) -> int:
+        """The rest of _run() for a runner rebuilt after kvmpod-relay: the signals it blocked are
+        handled again (one it took is handled first), then the apps are waited for as before."""
+        self.pod.update(host_process="kvmpod")
+        self._install_signal_handlers()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        if signo:
+            self._on_signal(signo)
+        return self._record_exit(await self._wait_apps())
+
+    async def _wait_apps(self) -> list[ExitStatus]:
+        """Every app's exit status. A pod that stays quiet meanwhile is handed to kvmpod-relay
+        (kvmpod/pod/relay.py): this process is replaced then, and a new one carries on."""
+        from kvmpod.pod.relay import QUIET_FOR, hand_off, quiet
+
+        async def statuses() -> list[ExitStatus]:
+            return [await self._until(p.wait()) for p in self.processes]
+
+        waiting = asyncio.ensure_future(statuses())
+        relay = self.relay
+        while relay is not None and not waiting.done():
+            await asyncio.wait({waiting}, timeout=QUIET_FOR)
+            if not waiting.done() and quiet(self) and not hand_off(self, relay):
+                relay = None
+        return await waiting
+
+    def agent_log(self, line: str) -> None:
+        log.debug("agent: %s", line)
 
     async def _boot(self) -> Hello:
         """Start QEMU and shake hands with the agent. A VM restored from a boot snapshot gets THAW first;
@@ -315,7 +397,7 @@ class PodRunner:
         self.pod.update(state="booting", qemu_pid=self.vm.pid, boot="snapshot" if self.restore else "cold",
                         **({"snapshot": self.restore.snapshot.key} if self.restore else {}),
                         **getattr(self.vm, "transport_info", {}))
-        self.session = AgentSession(*channel, on_log=lambda line: log.debug("agent: %s", line))
+        self.session = AgentSession(*channel, on_log=self.agent_log)
         if self.restore:
             await self._until(self.session.thaw(self.hostname))
         return await self._until(self.session.handshake(), self.options.boot_timeout,

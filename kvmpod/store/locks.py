@@ -62,6 +62,18 @@ class SharedLocks:
         self._fds.extend(other._fds)
         other._fds.clear()
 
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """The locks' fds: kept open across the exec into kvmpod-relay and back (kvmpod/pod/relay.py)."""
+        return tuple(self._fds)
+
+    @classmethod
+    def adopt(cls, fds: list[int]) -> SharedLocks:
+        """Locks this process holds already (inherited across exec)."""
+        locks = cls()
+        locks._fds.extend(fds)
+        return locks
+
     def close(self) -> None:
         while self._fds:
             os.close(self._fds.pop())

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -41,10 +42,11 @@ class QemuVM(VMBackend):
         self.stderr_log = stderr_log
         self.connect_timeout = connect_timeout
         self._spawned = spawned   # QEMU already running (kvmpod/vm/spawn.py), else start() spawns it
-        self._popen: subprocess.Popen | None = spawned.process if spawned else None
+        self._popen: "subprocess.Popen | AdoptedProcess | None" = spawned.process if spawned else None
         if spawned:
             self.config = spawned.config
         self._qmp = None
+        self._qmp_sock: socket.socket | None = None
         self._events_task: asyncio.Task | None = None
         self._panicked = False
         self._shutdown_reason: str | None = None
@@ -89,8 +91,9 @@ class QemuVM(VMBackend):
         loop = asyncio.get_running_loop()
         self._watch()
         self._qmp = QMPClient(self.config.name)
+        self._qmp_sock = spawned.take("qmp")
         try:
-            await self._race(self._qmp.connect(spawned.take("qmp")), "QEMU did not answer on QMP")
+            await self._race(self._qmp.connect(self._qmp_sock), "QEMU did not answer on QMP")
             self._events_task = loop.create_task(self._watch_events())
             if spawned.restore_monitor is not None:
                 await self._race(self._restore_answers(spawned.take("restore_monitor")),
@@ -103,6 +106,35 @@ class QemuVM(VMBackend):
             await self.stop(grace=0)
             raise
         return channel
+
+    # -- across an exec into kvmpod-relay and back (kvmpod/pod/relay.py) -------------------------
+
+    def hand_over(self) -> "QemuHandover | None":
+        """What the next kvmpod process needs to drive this QEMU, or None if it cannot be handed over
+        now (not fully started, ending, or with kvmpod's own vsock device, which lives in this process)."""
+        if (self._qmp_sock is None or self._popen is None or self._vsock is not None or self._ended is None
+                or self._ended.done()):
+            return None
+        return QemuHandover(self.config, self.stderr_log, self.connect_timeout, self._popen.pid,
+                            self._qmp_sock.fileno(), self._panicked, self._shutdown_reason)
+
+    @classmethod
+    async def adopt(cls, handover: "QemuHandover", qmp: socket.socket) -> "QemuVM":
+        """The QEMU a previous kvmpod process (this pid, before an exec) started: still this process's
+        child, and its QMP connection already negotiated."""
+        from qemu.qmp import QMPClient
+
+        vm = cls(handover.config, handover.stderr_log, handover.connect_timeout)
+        vm._popen = AdoptedProcess(handover.pid)
+        vm._panicked, vm._shutdown_reason = handover.panicked, handover.shutdown_reason
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        vm._watch()
+        vm._qmp, vm._qmp_sock = QMPClient(vm.config.name), qmp
+        vm._qmp.await_greeting = vm._qmp.negotiate = False  # done by the first process
+        with contextlib.suppress(Exception):  # QEMU may have ended meanwhile: `ended` tells, and why
+            await vm._qmp.connect(qmp)
+        vm._events_task = asyncio.get_running_loop().create_task(vm._watch_events())
+        return vm
 
     def _watch(self) -> None:
         """Watch the QEMU process from this event loop (once)."""
@@ -327,7 +359,36 @@ class QemuVM(VMBackend):
         return vm_exit
 
 
-async def _exited(proc: subprocess.Popen) -> int:
+@dataclasses.dataclass(frozen=True)
+class QemuHandover:
+    config: VMConfig
+    stderr_log: Path
+    connect_timeout: float
+    pid: int
+    qmp_fd: int          # the negotiated QMP connection (inherited across the exec)
+    panicked: bool
+    shutdown_reason: str | None
+
+
+class AdoptedProcess:
+    """The part of subprocess.Popen QemuVM uses, for a child this process inherited across an exec."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+async def _exited(proc: "subprocess.Popen | AdoptedProcess") -> int:
     """Wait for `proc` to end without a thread or SIGCHLD handler (it was spawned before the loop
     existed): its pidfd becomes readable when it exits."""
     loop = asyncio.get_running_loop()

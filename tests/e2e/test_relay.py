@@ -1,0 +1,113 @@
+"""The idle relay end to end (kvmpod/pod/relay.py, guest-agent/host/relay.c): a quiet pod's kvmpod
+process becomes kvmpod-relay and comes back as kvmpod for whatever needs it. Real VMs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.e2e.conftest import VM_TIMEOUT, qemu_pids_of
+from tests.e2e.test_interact import SERVICE, Pods, pods  # noqa: F401 (fixture)
+
+
+def exe_name(pid: int) -> str:
+    return Path(os.readlink(f"/proc/{pid}/exe")).name
+
+
+def wait_for_host(state_file: Path, want: str, timeout: float = 60, handovers: int = 1) -> dict:
+    """state.json once its host_process is `want` (kvmpod-relay or kvmpod), after `handovers` hand-overs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("host_process") == want and state.get("relay_handovers", 0) >= handovers:
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"{state_file}: host_process never became {want!r}")
+
+
+def running_pod(kvmpod_env: dict[str, str], proc: subprocess.Popen) -> Path:
+    pods_dir = Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods")
+    deadline = time.time() + VM_TIMEOUT
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for state_file in pods_dir.glob("*/state.json") if pods_dir.exists() else []:
+            return state_file
+        time.sleep(0.05)
+    raise AssertionError("no pod directory")
+
+
+def test_quiet_pod_is_relayed_and_every_byte_and_status_arrives(kvmpod, busybox_aci, kvmpod_env):
+    # two apps: the first writes now and then and exits 3 while the pod is relayed, the second later
+    ticker = ("for i in 1 2 3 4; do echo tick $i; echo err $i >&2; sleep 1.5; done; "
+              "head -c 300000 /dev/zero | tr '\\0' x; echo; exit 3")
+    proc = kvmpod.popen(str(busybox_aci), "--exec", "/bin/sh", "--name", "ticker", "--", "-c", ticker,
+                        "---", str(busybox_aci), "--exec", "/bin/sh", "--name", "sleeper", "--", "-c",
+                        "sleep 9; echo sleeper done")
+    state_file = running_pod(kvmpod_env, proc)
+    state = wait_for_host(state_file, "kvmpod-relay")
+    assert exe_name(proc.pid) == "kvmpod-relay"
+    assert state["kvmpod_pid"] == proc.pid and state["state"] == "running"
+    out, err = proc.communicate(timeout=VM_TIMEOUT)
+    assert proc.returncode == 3, err
+    lines = out.decode().splitlines()
+    assert [line for line in lines if line.startswith("tick")] == [f"tick {i}" for i in range(1, 5)]
+    assert "x" * 300000 in lines and "sleeper done" in lines
+    assert [line for line in err.decode().splitlines() if line.startswith("err")] == [f"err {i}" for i in range(1, 5)]
+
+
+def test_a_signal_to_the_relay_reaches_the_apps(kvmpod, busybox_aci, kvmpod_env):
+    proc = kvmpod.popen(str(busybox_aci), *SERVICE)
+    wait_for_host(running_pod(kvmpod_env, proc), "kvmpod-relay")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=VM_TIMEOUT)
+    assert proc.returncode == 0, err
+    assert out.decode().splitlines() == ["up", "got TERM"]
+
+
+def test_enter_stop_and_logs_of_a_relayed_detached_pod(pods, busybox_aci):  # noqa: F811
+    uuid = pods.detach(str(busybox_aci), *SERVICE)
+    state_file = pods.pod_dir(uuid) / "state.json"
+    state = wait_for_host(state_file, "kvmpod-relay")
+    result = pods.cmd("enter", uuid, "--", "/bin/sh", "-c", "echo inside; exit 4")
+    assert (result.returncode, result.stdout) == (4, b"inside\n"), result.stderr
+    # back to the relay once quiet again: the same process, a second time
+    wait_for_host(state_file, "kvmpod-relay", handovers=2)
+    assert exe_name(state["kvmpod_pid"]) == "kvmpod-relay"
+    assert pods.cmd("stop", uuid).returncode == 0
+    logs = pods.cmd("logs", uuid)
+    assert logs.stdout.decode().splitlines() == ["up", "to-stderr", "got TERM"], logs.stderr
+    assert pods.state(uuid)["apps"][0]["exit_code"] == 0
+
+
+def test_qemu_killed_under_the_relay_is_explained(kvmpod, busybox_aci, kvmpod_env):
+    proc = kvmpod.popen(str(busybox_aci), *SERVICE)
+    wait_for_host(running_pod(kvmpod_env, proc), "kvmpod-relay")
+    (qemu,) = qemu_pids_of(kvmpod_env["KVMPOD_RUN_DIR"])
+    os.kill(qemu, signal.SIGKILL)
+    _, err = proc.communicate(timeout=VM_TIMEOUT)
+    assert proc.returncode == 125
+    assert "kvmpod: error: the VM ended before the app finished: QEMU was killed by signal 9" in err.decode()
+
+
+def test_the_relay_can_be_turned_off(kvmpod, busybox_aci, kvmpod_env):
+    kvmpod.env = {**kvmpod.env, "KVMPOD_RELAY": "off"}
+    proc = kvmpod.popen(str(busybox_aci), "--exec", "/bin/sh", "--", "-c", "sleep 4; echo done")
+    running_pod(kvmpod_env, proc)
+    time.sleep(3)  # three times the quiet period that hands a pod over
+    assert exe_name(proc.pid).startswith("python")
+    out, err = proc.communicate(timeout=VM_TIMEOUT)
+    assert (proc.returncode, out) == (0, b"done\n"), err
+
+
+def test_a_missing_relay_binary_is_a_clear_error(kvmpod, busybox_aci, tmp_path):
+    kvmpod.env = {**kvmpod.env, "KVMPOD_RELAY": str(tmp_path / "nope")}
+    result = kvmpod.run(str(busybox_aci))
+    assert result.returncode == 125
+    assert f"$KVMPOD_RELAY names {tmp_path / 'nope'}, which is not an executable file" in result.stderr.decode()
