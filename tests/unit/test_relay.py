@@ -212,3 +212,38 @@ def test_bad_arguments_are_refused(relay_binary):
                         (["--agent", "3"], "--agent, --qmp, --control, --qemu, --unread and a resume command after -- are needed")):
         result = subprocess.run([str(relay_binary), *argv], capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.startswith(f"kvmpod-relay: {error}"), result.stderr
+
+
+# -- which pods, which binary (kvmpod/pod/relay.py) ------------------------------------------------
+
+def test_which_pods_stay_in_kvmpod():
+    from kvmpod.pod.launch import RunOptions
+    from kvmpod.pod.relay import unfit
+
+    assert unfit(RunOptions(), False, "serial") is None
+    assert unfit(RunOptions(), False, "vhost-vsock") is None
+    assert unfit(RunOptions(interactive=True), False, "serial") == "it is interactive"
+    assert "virtiofsd" in unfit(RunOptions(), True, "serial")
+    assert "vsock device" in unfit(RunOptions(), False, "vsock-user")
+
+
+def test_finding_the_relay(tmp_path, monkeypatch, relay_binary):
+    from kvmpod.errors import ConfigError
+    from kvmpod.pod.relay import ENV_RELAY, find_relay
+
+    config = tmp_path / "kvmpod.toml"
+    monkeypatch.setenv("KVMPOD_CONFIG", str(config))
+    monkeypatch.delenv(ENV_RELAY, raising=False)
+    assert find_relay() == relay_binary  # the checkout's build
+    config.write_text("[run]\nidle-relay = false\n")
+    assert find_relay() is None
+    config.write_text('[run]\nidle-relay = "no"\n')
+    with pytest.raises(ConfigError, match=r"idle-relay in .*kvmpod.toml must be true or false"):
+        find_relay()
+    monkeypatch.setenv(ENV_RELAY, "off")
+    assert find_relay() is None
+    monkeypatch.setenv(ENV_RELAY, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"\$KVMPOD_RELAY names .*, which is not an executable file"):
+        find_relay()
+    monkeypatch.setenv(ENV_RELAY, str(relay_binary))
+    assert find_relay() == relay_binary
