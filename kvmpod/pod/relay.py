@@ -160,7 +160,9 @@ def hand_off(runner: "PodRunner", relay: Path) -> bool:
     """Exec `relay` in place of this process. Returns only if it did not: True to try again later
     (the pod was busy after all), False if this pod cannot be handed over."""
     assert runner.session is not None and runner.control is not None
-    qemu = runner.vm.hand_over() if hasattr(runner.vm, "hand_over") else None
+    if not hasattr(runner.vm, "hand_over"):  # a backend whose VM cannot be adopted after an exec
+        return False
+    qemu = runner.vm.hand_over()
     control_fd = runner.control.hand_over()
     if qemu is None or control_fd is None:
         return True
