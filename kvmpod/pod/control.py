@@ -241,33 +241,56 @@ class ControlServer:
     def __init__(self, path: Path, runner: "PodRunner"):
         self.path = path
         self.runner = runner
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
         self._closing: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()   # one per connection, from its accept() to its close
 
     async def start(self, listener: socket.socket | None = None) -> None:
-        """Listen on the socket path, or go on with `listener`, bound there before an exec (relay.py)."""
+        """Listen on the socket path, or go on with `listener`, bound there before an exec (relay.py).
+        Connections are accepted here rather than by asyncio's server, so that each one is known from
+        the moment it exists: no connection may be open, unseen, when the pod's process execs."""
         self._closing = asyncio.Event()
-        if listener is not None:
-            self._server = await asyncio.start_unix_server(self._serve, sock=listener, limit=1 << 20)
-            return
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=1 << 20)
-        os.chmod(self.path, 0o600)
+        if listener is None:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(str(self.path))
+                os.chmod(self.path, 0o600)
+                listener.listen(64)
+            except BaseException:
+                listener.close()
+                raise
+        listener.setblocking(False)
+        self._listener = listener
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of fds, say: the client sees its connection closed
+                log.debug("control: accept: %s", e)
+                return
+            self._tasks.add(loop.create_task(self._connection(conn)))
 
     def hand_over(self) -> int | None:
-        """The listening socket's fd, for kvmpod-relay to watch; None while a connection is served
-        (its state lives in this process) or the server is closing."""
-        if self._server is None or self._closing is None or self._closing.is_set() or self._tasks:
+        """The listening socket's fd, for kvmpod-relay to watch; None while a connection is open (its
+        state lives in this process) or the server is closing."""
+        if self._listener is None or self._closing is None or self._closing.is_set() or self._tasks:
             return None
-        return self._server.sockets[0].fileno()
+        return self._listener.fileno()
 
     async def close(self) -> None:
         """The pod is gone: stop listening and end every connection (their EOF says so)."""
         if self._closing is None or self._closing.is_set():
             return
         self._closing.set()
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         tasks = {t for t in self._tasks if not t.done()}
@@ -277,10 +300,20 @@ class ControlServer:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    async def _connection(self, conn: socket.socket) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 20)
+            except OSError as e:
+                conn.close()
+                log.debug("control connection: %s", e)
+                return
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None and self._closing is not None
-        self._tasks.add(task)
+        assert self._closing is not None
         try:
             sock = writer.get_extra_info("socket")
             if not peer_allowed(peer_uid(sock)):
@@ -302,7 +335,6 @@ class ControlServer:
         except Exception:  # a bug here must never take the pod down
             log.debug("control connection failed", exc_info=True)
         finally:
-            self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1)

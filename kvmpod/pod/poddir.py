@@ -24,6 +24,20 @@ from kvmpod import paths
 from kvmpod.fsutil import write_atomically
 
 
+def process_start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot, /proc/PID/stat field 22), or None once it has
+    ended (gone or a zombie). With the pid it names one process for good: unlike the command line
+    it survives exec (the idle relay, docs/relay.md), and a reused pid has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
 @dataclass
 class PodDir:
     uuid: str
@@ -38,7 +52,7 @@ class PodDir:
         path = pods / pod_uuid
         path.mkdir(mode=0o700)
         pod = cls(pod_uuid, path, {"uuid": pod_uuid, "state": "preparing", "created": time.time(),
-                                   "kvmpod_pid": os.getpid()})
+                                   "kvmpod_pid": os.getpid(), "kvmpod_start": process_start_time(os.getpid())})
         pod.save()
         return pod
 

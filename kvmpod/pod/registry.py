@@ -1,6 +1,6 @@
 """The pods on this host, as their directories tell: listing, lookup by UUID prefix, and gc.
 
-A pod belongs to the `kvmpod run` process that made it (state.json's kvmpod_pid). While that
+A pod belongs to the `kvmpod run` process that made it (state.json's kvmpod_pid and kvmpod_start). While that
 process lives, nothing here touches the pod. Once it is gone — a normal exit with --keep, or a
 SIGKILL that gave it no chance to clean up — the pod is `exited`/`failed`, or `abandoned` if it
 died mid-run, and `kvmpod gc` may remove it, killing a stray QEMU first.
@@ -19,7 +19,7 @@ from typing import Any
 
 from kvmpod import paths
 from kvmpod.errors import KvmpodError, UsageError
-from kvmpod.pod.poddir import PodDir
+from kvmpod.pod.poddir import PodDir, process_start_time
 
 FINISHED = ("exited", "failed")
 
@@ -39,9 +39,15 @@ class PodInfo:
 
     @property
     def owner_alive(self) -> bool:
-        """Is the kvmpod process that runs this pod still there? (pid reuse: it must still be kvmpod)"""
-        pid = self.state.get("kvmpod_pid")
-        return isinstance(pid, int) and "kvmpod" in _cmdline(pid)
+        """Is the kvmpod process that runs this pod still there? Its start time tells it from a process
+        that reused the pid, and holds across its execs into kvmpod-relay and back, when its command
+        line changes (and is briefly empty). State files without one: it must still be a kvmpod."""
+        pid, start = self.state.get("kvmpod_pid"), self.state.get("kvmpod_start")
+        if not isinstance(pid, int):
+            return False
+        if isinstance(start, int):
+            return process_start_time(pid) == start
+        return "kvmpod" in _cmdline(pid)
 
     @property
     def qemu_pid(self) -> int | None:

@@ -85,3 +85,26 @@ def test_list_and_status_commands(run_dir, capsys):
     assert cli.main(["status", "1234"]) == 0
     assert "state:   exited" in capsys.readouterr().out
     assert cli.main(["status", "nope"]) == 125
+
+
+def test_the_owner_is_known_by_its_start_time_across_an_exec(tmp_path):
+    from kvmpod.pod.poddir import process_start_time
+
+    # a process that execs another program (as kvmpod does into kvmpod-relay): its command line
+    # changes, its pid and start time do not
+    proc = subprocess.Popen(["sh", "-c", "read line; exec sleep 30"], stdin=subprocess.PIPE)
+    try:
+        start = process_start_time(proc.pid)
+        info = registry.PodInfo("u", tmp_path, {"kvmpod_pid": proc.pid, "kvmpod_start": start})
+        assert info.owner_alive
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        while "sleep" not in registry._cmdline(proc.pid):
+            pass
+        assert info.owner_alive and process_start_time(proc.pid) == start
+        # the same pid with another start time is another process
+        assert not registry.PodInfo("u", tmp_path, {"kvmpod_pid": proc.pid, "kvmpod_start": start + 1}).owner_alive
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not info.owner_alive and process_start_time(proc.pid) is None
