@@ -10,8 +10,31 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import VM_TIMEOUT, qemu_pids_of
-from tests.e2e.test_interact import SERVICE, Pods, pods  # noqa: F401 (fixture)
+import pytest
+
+from tests.e2e.conftest import VM_TIMEOUT, Kvmpod, qemu_pids_of
+from tests.e2e.test_interact import SERVICE, pods  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def kvmpod(kvmpod_env):
+    """kvmpod runs whose pods end with the test even when it fails (two signals: the second kills the VM)."""
+    runs = Kvmpod(kvmpod_env)
+    started: list[subprocess.Popen] = []
+    popen = runs.popen
+    runs.popen = lambda *args: started.append(popen(*args)) or started[-1]  # type: ignore[method-assign]
+    yield runs
+    for proc in started:
+        for _ in range(2):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def exe_name(pid: int) -> str:
