@@ -104,8 +104,9 @@ def wait_host(state_file: Path, timeout: float) -> str:
     return "kvmpod"
 
 
-def memory(work: Path, aci: Path) -> dict:
-    env = bench_env(work)
+@contextlib.contextmanager
+def idle_pod(env: dict[str, str], aci: Path):
+    """A running `kvmpod run … sleep 30` once it is idle: (its process, state.json, the host process)."""
     pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
     before = set(pods.glob("*")) if pods.exists() else set()
     proc = subprocess.Popen([*KVMPOD, "run", str(aci), "--exec", "/bin/sleep", "--", "30"], env=env,
@@ -118,17 +119,32 @@ def memory(work: Path, aci: Path) -> dict:
             time.sleep(0.02)
         (pod,) = new
         state = wait_state(pod / "state.json", "running", 30)
-        host = wait_host(pod / "state.json", 10)
+        host = wait_host(pod / "state.json", 10 if env.get("KVMPOD_RELAY") != "off" else 1.5)
         time.sleep(0.5)  # let the idle pod settle
-        qemu_pid = state["qemu_pid"]
-        qemu, kvmpod = pss_kib(qemu_pid), pss_kib(proc.pid)
+        yield proc, state, host
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)  # the second signal kills the VM
             proc.wait(timeout=10)
+
+
+def stop_time(env: dict[str, str], aci: Path) -> tuple[float, str]:
+    """SIGTERM to an idle pod's process until it has exited (the app is killed, the VM ends)."""
+    with idle_pod(env, aci) as (proc, _, host):
+        start = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        return time.perf_counter() - start, host
+
+
+def memory(work: Path, aci: Path, stop_runs: int = 3) -> dict:
+    env = bench_env(work)
+    with idle_pod(env, aci) as (proc, state, host):
+        qemu, kvmpod = pss_kib(state["qemu_pid"]), pss_kib(proc.pid)
     base = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         time.sleep(0.5)
@@ -143,8 +159,19 @@ def memory(work: Path, aci: Path) -> dict:
     print(f"{'pod total':34}{total / 1024:8.1f}")
     print(f"{'baseline: python3 sleeping':34}{baseline / 1024:8.1f}")
     print(f"{'ratio pod/baseline':34}{total / baseline:8.1f}   kvmpod exit {proc.returncode}")
+    # what the relay costs: the way back into kvmpod on the first event, here a SIGTERM
+    stops: dict[str, list[float]] = {"kvmpod-relay": [], "kvmpod": []}
+    for _ in range(stop_runs):
+        for relay in ("on", "off"):
+            took, held_by = stop_time({**env, "KVMPOD_RELAY": "off"} if relay == "off" else env, aci)
+            stops[held_by].append(took)
+    medians = {k: statistics.median(v) for k, v in stops.items() if v}
+    print(f"{'SIGTERM to exit, median s':34}" + "   ".join(f"{k} {v:.3f} ({len(stops[k])})" for k, v in medians.items()))
+    if len(medians) == 2:
+        print(f"{'ratio relay/kvmpod':34}{medians['kvmpod-relay'] / medians['kvmpod']:8.2f}")
     return {"qemu_pss_kib": qemu, "kvmpod_pss_kib": kvmpod, "total_pss_kib": total, "host_process": host,
-            "baseline_python_sleep_pss_kib": baseline, "ratio": total / baseline, "kvmpod_exit": proc.returncode}
+            "baseline_python_sleep_pss_kib": baseline, "ratio": total / baseline, "kvmpod_exit": proc.returncode,
+            "stop_s": stops}
 
 
 def scale(work: Path, aci: Path, counts: list[int]) -> dict:

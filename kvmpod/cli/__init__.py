@@ -4,10 +4,8 @@ imported inside the commands, so `kvmpod --help` starts fast."""
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from kvmpod import __version__, paths
 from kvmpod.cli.images import (cmd_fetch, cmd_image_build, cmd_image_cat_manifest, cmd_image_export,
@@ -16,7 +14,8 @@ from kvmpod.cli.interact import cmd_enter, cmd_logs, cmd_rm, cmd_stop
 from kvmpod.cli.pods import cmd_gc, cmd_list, cmd_status
 from kvmpod.cli.run import APP_SEPARATOR, cmd_run
 from kvmpod.cli.types import KvmpodParser, annotation, env_pair, hostname, memory_mib, positive_int
-from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError, UsageError
+from kvmpod.errors import UsageError
+from kvmpod.outcome import configure_logging, exit_now, reporting_failures
 
 
 def build_parser() -> KvmpodParser:
@@ -227,22 +226,6 @@ def entry() -> None:
     exit_now(main())
 
 
-def exit_now(code: int) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            code = code or EXIT_KVMPOD_FAILURE
-    logging.shutdown()
-    os._exit(code)
-
-
-def configure_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmpod: %(message)s")
-    if not debug:
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its noise is ours to explain
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     debug = False
@@ -260,22 +243,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ns.func(ns)
 
     return reporting_failures(command, lambda: debug)
-
-
-def reporting_failures(command: Callable[[], int], debug: Callable[[], bool]) -> int:
-    """Run `command`; a failure becomes one line on stderr and its exit status (a traceback with --debug)."""
-    try:
-        return command()
-    except KvmpodError as e:
-        print(f"kvmpod: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("kvmpod: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return EXIT_KVMPOD_FAILURE
-    except Exception as e:  # a bug: one line for users, the traceback with --debug
-        if debug():
-            raise
-        print(f"kvmpod: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
-        return EXIT_KVMPOD_FAILURE
