@@ -134,3 +134,15 @@ def test_a_missing_relay_binary_is_a_clear_error(kvmpod, busybox_aci, tmp_path):
     result = kvmpod.run(str(busybox_aci))
     assert result.returncode == 125
     assert f"$KVMPOD_RELAY names {tmp_path / 'nope'}, which is not an executable file" in result.stderr.decode()
+
+
+def test_a_pod_with_a_network_is_relayed_too(kvmpod, busybox_aci, kvmpod_env):
+    # user-mode networking lives in QEMU: nothing of it stays in kvmpod (no packets are sent here)
+    proc = kvmpod.popen("--net", "user", "--agent-transport", "serial", str(busybox_aci), "--exec", "/bin/sh",
+                        "--", "-c", "trap 'ip -4 addr show eth0; exit 5' TERM; while :; do sleep 0.1; done")
+    state = wait_for_host(running_pod(kvmpod_env, proc), "kvmpod-relay")
+    assert state["networks"][0]["network"] == "user"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=VM_TIMEOUT)
+    assert proc.returncode == 5, err
+    assert b"inet 10.0.2.15/24" in out
