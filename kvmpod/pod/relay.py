@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 QUIET_FOR = 1.0   # seconds of quiet before the hand-over: short pods never pay for the way back
 ENV_RELAY = "KVMPOD_RELAY"    # a kvmpod-relay binary, or "off"
 SYSTEM_RELAY = Path("/usr/lib/kvmpod/kvmpod-relay")
-SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}   # what the pod's process answers
 RESUME = ("-P", "-m", "kvmpod.pod.resume")   # -P: the working directory is not on the module path
 
 
@@ -180,6 +179,8 @@ def _exec(runner: "PodRunner", relay: Path, qemu: "QemuHandover", control_fd: in
           unread: bytes) -> bool:
     import dataclasses
 
+    from kvmpod.pod.run import POD_SIGNALS
+
     session = runner.session
     assert session is not None
     next_stream, finished = session.streams
@@ -222,11 +223,11 @@ def _exec(runner: "PodRunner", relay: Path, qemu: "QemuHandover", control_fd: in
             handler.flush()
         for fd in inherited:
             os.set_inheritable(fd, True)
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, POD_SIGNALS)
         try:
             os.execv(relay, argv)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, POD_SIGNALS)
     except OSError as e:
         log.debug("idle relay: %s: %s: the pod stays in this process", relay, e.strerror)
         for fd in inherited:

@@ -43,6 +43,7 @@ T = TypeVar("T")
 SHUTDOWN_GRACE = 10.0   # seconds the guest gets to power off after SHUTDOWN
 KILL_WAIT = 5.0         # seconds the agent gets to report the apps' ends after SIGKILL before power-off
 STDIN_CHUNK = 65536
+POD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # what a pod's process answers (docs/cli.md)
 
 
 class GuestDied(VMError):
@@ -339,7 +340,7 @@ class PodRunner:
         handled again (one it took is handled first), then the apps are waited for as before."""
         self.pod.update(host_process="kvmpod")
         self._install_signal_handlers()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, POD_SIGNALS)
         if signo:
             self._on_signal(signo)
         return self._record_exit(await self._wait_apps())
@@ -594,7 +595,7 @@ class PodRunner:
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signo in POD_SIGNALS:
             loop.add_signal_handler(signo, self._on_signal, signo)
 
     def _on_signal(self, signo: int) -> None:
@@ -610,7 +611,7 @@ class PodRunner:
 
     async def _teardown(self) -> None:
         loop = asyncio.get_running_loop()
-        for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signo in POD_SIGNALS:
             loop.remove_signal_handler(signo)
         if self.vm.pid is None:
             await self._stop_fs_daemons()
