@@ -21,12 +21,14 @@ process), and a pod while `kvmpod enter`, `stop` or `wait` holds a control conne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,8 +93,6 @@ def unfit(options: "RunOptions", virtiofs: bool, agent_transport: str) -> str | 
 
 def quiet(runner: "PodRunner") -> bool:
     """Nothing under way that lives in this process only."""
-    import time
-
     session = runner.session
     return (session is not None and runner.stop_task is None and runner.stop_reason is None
             and runner.signals_seen == 0 and runner.killed_by_user is None
@@ -177,8 +177,6 @@ def hand_off(runner: "PodRunner", relay: Path) -> bool:
 
 def _exec(runner: "PodRunner", relay: Path, qemu: "QemuHandover", control_fd: int, agent_fd: int,
           unread: bytes) -> bool:
-    import dataclasses
-
     from kvmpod.pod.run import POD_SIGNALS
 
     session = runner.session
