@@ -1,7 +1,8 @@
 """Where kvmpod keeps things: the runtime pod dirs, the image store and the build caches.
 
 Root uses system locations; other users get their XDG directories. Environment overrides
-exist for tests and packagers (documented in docs/layout.md).
+exist for tests and packagers (documented in docs/layout.md). What the package itself carries (data
+files, the agent binaries) is found by kvmpod/resources.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _is_root() -> bool:

@@ -5,7 +5,7 @@ The kernel package is downloaded and unpacked, never installed on the host:
 1. the Depends of the metapackage linux-image-cloud-amd64 (`apt-cache show`) names the real
    package and its version (linux-image-6.1.0-56-cloud-amd64 6.1.192-2);
 2. `apt-get download` fetches the .deb, `dpkg -x` unpacks it, `depmod -b` writes modules.dep;
-3. vmlinuz, System.map, config and the guest modules (initrd/guest-modules.txt plus their
+3. vmlinuz, System.map, config and the guest modules (kvmpod/boot/data/guest-modules.txt plus their
    dependencies, with a modules.dep restricted to them) go into a staging directory, kernel.json
    last, and the staging directory is renamed to cache_dir()/kernels/debian-cloud-<version>.
 

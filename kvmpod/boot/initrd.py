@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from kvmpod import paths
+from kvmpod import paths, resources
 from kvmpod.boot.kernel import GuestKernel, find_kernel
 from kvmpod.boot.modules import guest_module_names, resolve_relative
 from kvmpod.errors import KernelError
@@ -41,8 +41,6 @@ COMPRESSIONS = ("none", "gzip")
 DEFAULT_COMPRESS = "none"
 
 ENV_AGENT = "KVMPOD_AGENT"
-SYSTEM_AGENT = Path("/usr/lib/kvmpod/kvmpod-agent")
-REPO_ROOT = paths.REPO_ROOT
 
 _BASE_DIRS = ("dev", "proc", "sys", "run", "tmp", "etc", "etc/kvmpod", "lib", MODULES_PREFIX)
 
@@ -122,16 +120,16 @@ class CpioWriter:
 # --- the agent -----------------------------------------------------------------------------
 
 def find_agent() -> Path:
-    """The guest agent binary: $KVMPOD_AGENT, the checkout's build, then the system copy."""
+    """The guest agent binary: $KVMPOD_AGENT, else the package's own copy, the checkout's build, the system
+    copy (kvmpod/resources.py)."""
     if env := os.environ.get(ENV_AGENT):
         agent = Path(env).expanduser()
         if not agent.is_file():
             raise KernelError(f"guest agent binary not found: ${ENV_AGENT} names {agent}, which does not exist")
         return agent
-    for candidate in (REPO_ROOT / "guest-agent" / "build" / "kvmpod-agent", SYSTEM_AGENT):
-        if candidate.is_file():
-            return candidate
-    raise KernelError("guest agent binary not found: run `make agent`")
+    if (found := resources.find_program("kvmpod-agent")) is not None:
+        return found
+    raise KernelError(f"guest agent binary not found: {resources.missing_program_hint('kvmpod-agent')}")
 
 
 # --- building ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Build kvmpod's minimal guest kernel: `python -m kvmpod.boot.minimal build`.
 
 The kernel is Debian's ``linux-source-6.1`` configured as ``make tinyconfig`` plus the fragment
-``kernels/minimal.config`` (everything built in, no modules), with the patches in
-``kernels/patches/*.patch``:
+``kvmpod/boot/data/minimal.config`` (everything built in, no modules), with the patches in
+``kvmpod/boot/data/patches/*.patch`` (data files of the package: an installed kvmpod builds the same
+kernel as a checkout):
 
 1. the source tarball (/usr/src/linux-source-6.1.tar.xz) is unpacked into
    ``cache_dir()/build/linux-<package version>/src`` and patched; the build output goes to
@@ -48,8 +49,9 @@ from kvmpod.errors import KernelError
 
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-FRAGMENT = paths.REPO_ROOT / "kernels" / "minimal.config"
-PATCH_DIR = paths.REPO_ROOT / "kernels" / "patches"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+FRAGMENT = DATA_DIR / "minimal.config"
+PATCH_DIR = DATA_DIR / "patches"
 DIR_PREFIX = "minimal-"
 # Bump when the build steps change what comes out for the same fragment, source and patches.
 RECIPE_VERSION = 1
@@ -59,7 +61,7 @@ RECIPE_VERSION = 1
 BUILD_PACKAGES = ("linux-source-6.1", "build-essential", "flex", "bison", "bc", "libelf-dev", "xz-utils",
                   "patch")
 # The APIC timer frequency of QEMU's emulated local APIC (1 GHz bus); for `lapic_timer_khz=`,
-# which kernels/patches/0001-x86-apic-lapic_timer_khz.patch adds.
+# which data/patches/0001-x86-apic-lapic_timer_khz-boot-option.patch adds.
 QEMU_LAPIC_TIMER_KHZ = 1_000_000
 
 # Reproducible build stamps (uname -v): the same inputs give the same kernel.

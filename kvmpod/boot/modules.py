@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from kvmpod import paths
 from kvmpod.errors import KernelError
 
-# Where the list of guest modules lives: the checkout (also right for `pip install -e .`),
-# then the place a distribution package would put it.
-SYSTEM_MODULE_LIST = Path("/usr/lib/kvmpod/guest-modules.txt")
+# The modules the guest loads (besides their dependencies): a data file of the package, so that an
+# installed kvmpod and a checkout read the same list.
+MODULE_LIST = Path(__file__).resolve().parent / "data" / "guest-modules.txt"
 
 _KO_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
@@ -107,11 +106,10 @@ def resolve_modules(modules_dir: Path, names: Iterable[str]) -> list[Path]:
 
 
 def module_list_file() -> Path:
-    """initrd/guest-modules.txt of the checkout, else the system-wide copy."""
-    for candidate in (paths.REPO_ROOT / "initrd" / "guest-modules.txt", SYSTEM_MODULE_LIST):
-        if candidate.is_file():
-            return candidate
-    raise KernelError(f"guest module list not found: {paths.REPO_ROOT / 'initrd' / 'guest-modules.txt'}")
+    """The package's kvmpod/boot/data/guest-modules.txt."""
+    if not MODULE_LIST.is_file():
+        raise KernelError(f"guest module list not found: {MODULE_LIST} (an incomplete kvmpod installation)")
+    return MODULE_LIST
 
 
 def parse_module_list(text: str) -> list[str]:
@@ -123,7 +121,7 @@ def parse_module_list(text: str) -> list[str]:
 
 
 def guest_module_names(list_file: Path | None = None) -> list[str]:
-    """The module names in initrd/guest-modules.txt, in file order."""
+    """The module names in guest-modules.txt, in file order."""
     path = list_file or module_list_file()
     try:
         return parse_module_list(path.read_text())

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmpod import paths
+from kvmpod import paths, resources
 from kvmpod.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -50,12 +50,12 @@ log = logging.getLogger(__name__)
 
 QUIET_FOR = 1.0   # seconds of quiet before the hand-over: short pods never pay for the way back
 ENV_RELAY = "KVMPOD_RELAY"    # a kvmpod-relay binary, or "off"
-SYSTEM_RELAY = Path("/usr/lib/kvmpod/kvmpod-relay")
 RESUME = ("-P", "-m", "kvmpod.pod.resume")   # -P: the working directory is not on the module path
 
 
 def find_relay() -> Path | None:
-    """The kvmpod-relay binary: $KVMPOD_RELAY, the checkout's build, then the system copy; None when
+    """The kvmpod-relay binary: $KVMPOD_RELAY, else the package's own copy, the checkout's build, the system
+    copy (kvmpod/resources.py); None when
     the relay is off (KVMPOD_RELAY=off, `[run] idle-relay = false`) or not built."""
     from kvmpod.config import lookup
 
@@ -73,11 +73,11 @@ def find_relay() -> Path | None:
             raise ConfigError(f"{setting.describe('idle-relay')} must be true or false")
         if not setting.value:
             return None
-    for candidate in (paths.REPO_ROOT / "guest-agent" / "build" / "kvmpod-relay", SYSTEM_RELAY):
-        if candidate.is_file():
-            return candidate
-    log.debug("no kvmpod-relay binary (make agent builds it): the pod stays in this process")
-    return None
+    found = resources.find_program("kvmpod-relay")
+    if found is None:
+        log.debug("no kvmpod-relay binary (%s): the pod stays in this process",
+                  resources.missing_program_hint("kvmpod-relay"))
+    return found
 
 
 def unfit(options: "RunOptions", virtiofs: bool, agent_transport: str) -> str | None:

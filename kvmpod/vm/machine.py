@@ -20,7 +20,7 @@ MICROVM_OPTIONS = ("x-option-roms=off", "pit=off", "pic=off", "rtc=on", "acpi=on
 # qboot: a minimal firmware for direct kernel boot on pc (SeaBIOS does far more than we need).
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 # QEMU's emulated local APIC (and KVM's) counts at 1 GHz; the minimal kernel's lapic_timer_khz= patch
-# takes this instead of calibrating for ~100 ms (kernels/patches/0001-*).
+# takes this instead of calibrating for ~100 ms (kvmpod/boot/data/patches/0001-*).
 LAPIC_TIMER_KHZ = 1_000_000
 
 

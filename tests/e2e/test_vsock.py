@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpod.paths import REPO_ROOT
+from tests.conftest import REPO as REPO_ROOT
 from tests.conftest import kvmpod_cmd
 from tests.e2e.conftest import stderr_lines, the_error
 

@@ -223,7 +223,9 @@ def test_resolve_guest_modules_on_real_debian_kernel():
 
 
 def test_guest_module_list_format():
-    text = (paths.REPO_ROOT / "initrd" / "guest-modules.txt").read_text()
+    from kvmpod.boot.modules import MODULE_LIST
+
+    text = MODULE_LIST.read_text()
     names = guest_module_names()
     assert {"virtio_pci", "virtio_blk", "virtio_console", "isofs", "overlay", "pvpanic-pci"} <= set(names)
     for line in text.splitlines():
@@ -415,19 +417,39 @@ def test_initrd_missing_agent(env, kernel_with_modules):
         build_initrd(env / "nope", kernel_with_modules)
 
 
+def _executable(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(0o755)
+    return path
+
+
 def test_find_agent_order(env, monkeypatch):
-    repo, system = env / "repo", env / "usr-lib" / "kvmpod-agent"
-    monkeypatch.setattr(initrd, "REPO_ROOT", repo)
-    monkeypatch.setattr(initrd, "SYSTEM_AGENT", system)
+    """$KVMPOD_AGENT, the package's own copy (a wheel), the checkout's build, the system copy."""
+    from kvmpod import resources
+
+    repo, system, libexec = env / "repo", env / "usr-lib", env / "site-packages" / "kvmpod" / "libexec"
+    monkeypatch.setattr(resources, "checkout", lambda: repo)
+    monkeypatch.setattr(resources, "SYSTEM_LIBEXEC", system)
+    monkeypatch.setattr(resources, "LIBEXEC", libexec)
     with pytest.raises(KernelError, match="guest agent binary not found: run `make agent`"):
         find_agent()
-    system.parent.mkdir(parents=True)
-    system.write_bytes(b"sys")
-    assert find_agent() == system
-    built = repo / "guest-agent" / "build" / "kvmpod-agent"
-    built.parent.mkdir(parents=True)
-    built.write_bytes(b"built")
+    (system / "kvmpod-agent").parent.mkdir(parents=True)
+    (system / "kvmpod-agent").write_bytes(b"not executable")
+    with pytest.raises(KernelError, match="guest agent binary not found"):
+        find_agent()
+    _executable(system / "kvmpod-agent", b"sys")
+    assert find_agent() == system / "kvmpod-agent"
+    built = _executable(repo / "guest-agent" / "build" / "kvmpod-agent", b"built")
     assert find_agent() == built
+    packaged = _executable(libexec / "kvmpod-agent", b"wheel")
+    assert find_agent() == packaged
+    monkeypatch.setattr(resources, "checkout", lambda: None)  # an installed package names no make target
+    packaged.unlink()
+    (system / "kvmpod-agent").unlink()
+    with pytest.raises(KernelError, match=f"guest agent binary not found: this kvmpod installation lacks "
+                                          f"{libexec / 'kvmpod-agent'}: reinstall kvmpod"):
+        find_agent()
     monkeypatch.setenv("KVMPOD_AGENT", str(env / "custom-agent"))
     with pytest.raises(KernelError, match="custom-agent"):
         find_agent()

@@ -1,5 +1,5 @@
 """The minimal kernel recipe: fragment parsing and verification, the build hash, the up-to-date
-check, the PVH note check, host TSC parsing, and that kernels/minimal.config covers what pods
+check, the PVH note check, host TSC parsing, and that kvmpod/boot/data/minimal.config covers what pods
 need. No kernel is built here (that takes minutes)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kvmpod.errors import KernelError
 
 FRAGMENT_TEXT = minimal.FRAGMENT.read_text()
 
-# What pods need, by family: every option must be set in kernels/minimal.config as shown.
+# What pods need, by family: every option must be set in kvmpod/boot/data/minimal.config as shown.
 REQUIRED = {
     "64-bit, SMP": {"CONFIG_64BIT": "y", "CONFIG_SMP": "y"},
     "PVH entry, KVM paravirt": {"CONFIG_PVH": "y", "CONFIG_KVM_GUEST": "y", "CONFIG_PARAVIRT": "y",

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmpod import paths
 from kvmpod.agent import protocol as p
+from tests.conftest import REPO
 
-RELAY = paths.REPO_ROOT / "guest-agent" / "build" / "kvmpod-relay"
+RELAY = REPO / "guest-agent" / "build" / "kvmpod-relay"
 RECORDER = """
 import json, os, sys
 result, qmp_fd, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
