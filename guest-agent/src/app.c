@@ -392,6 +392,7 @@ static int appc_filesystems(const char *root, struct failure *f)
 
 struct vol_mount {
     char name[NAME_MAX + 1], kind[16], options[256];
+    char file[NAME_MAX + 1]; /* non-empty: TARGET is a file, bound from this file of the volume */
     const char *target;
     bool bind_ro; /* read-only in this app */
 };
@@ -428,6 +429,13 @@ static int parse_vol_mount(const char *spec, struct vol_mount *m, struct failure
     m->bind_ro = n >= 7 && strcmp(m->options + n - 7, ",bindro") == 0;
     if (m->bind_ro)
         m->options[n - 7] = '\0';
+    m->file[0] = '\0';
+    char *file = strstr(m->options, ",file=");
+    if (file) { /* the volume is the same whichever of its files an app binds: not part of its options */
+        if (!copy_part(m->file, sizeof m->file, file + 6, file + strlen(file)) || !safe_name(m->file))
+            return failf(f, "request", EINVAL, "bad VOLUME_MOUNT %s", spec);
+        *file = '\0';
+    }
     return 0;
 }
 
@@ -494,7 +502,8 @@ static const char *volume_path(const struct vol_mount *m, struct failure *f)
 
 /* The mount point `target` in the app's root, made 0:0 0755 where missing, each component checked
  * without following symlinks (the agent is not chrooted: a symlink would lead the mount out). */
-static int volume_target(const char *root, const char *target, char *out, size_t size, struct failure *f)
+static int volume_target(const char *root, const char *target, bool is_file, char *out, size_t size,
+                         struct failure *f)
 {
     char copy[PATH_MAX], *save = NULL;
     if (path_join(copy, sizeof copy, "%s", target) < 0 || path_join(out, size, "%s%s", root, target) < 0)
@@ -502,13 +511,21 @@ static int volume_target(const char *root, const char *target, char *out, size_t
     int fd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return failf(f, "volume", errno, "open %s: %s", root, strerror(errno));
-    for (char *c = strtok_r(copy, "/", &save); c; c = strtok_r(NULL, "/", &save)) {
+    for (char *c = strtok_r(copy, "/", &save), *after; c; c = after) {
+        after = strtok_r(NULL, "/", &save);
+        bool last_file = is_file && !after; /* a file target: its last component is a file, made empty */
         if (strcmp(c, ".") == 0 || strcmp(c, "..") == 0) {
             close(fd);
             return failf(f, "request", EINVAL, "volume target %s is not a clean absolute path", target);
         }
         int next = openat(fd, c, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-        if (next < 0 && errno == ENOENT && (mkdirat(fd, c, 0755) == 0 || errno == EEXIST))
+        if (next < 0 && errno == ENOENT && last_file) {
+            int made = openat(fd, c, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+            if (made >= 0)
+                close(made);
+            if (made >= 0 || errno == EEXIST)
+                next = openat(fd, c, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        } else if (next < 0 && errno == ENOENT && (mkdirat(fd, c, 0755) == 0 || errno == EEXIST))
             next = openat(fd, c, O_PATH | O_NOFOLLOW | O_CLOEXEC);
         int e = errno;
         struct stat st;
@@ -518,11 +535,13 @@ static int volume_target(const char *root, const char *target, char *out, size_t
         if (next < 0)
             return failf(f, "volume", e, "volume target %s: %s: %s", target, c, strerror(e));
         fd = next;
-        if (S_ISLNK(st.st_mode) || !S_ISDIR(st.st_mode)) {
+        if (last_file && S_ISREG(st.st_mode))
+            break;
+        if (last_file || S_ISLNK(st.st_mode) || !S_ISDIR(st.st_mode)) {
             close(fd);
-            return failf(f, "volume", S_ISLNK(st.st_mode) ? ELOOP : ENOTDIR,
+            return failf(f, "volume", S_ISLNK(st.st_mode) ? ELOOP : last_file ? EISDIR : ENOTDIR,
                          "volume target %s: %s is %s in the app's rootfs", target, c,
-                         S_ISLNK(st.st_mode) ? "a symlink" : "not a directory");
+                         S_ISLNK(st.st_mode) ? "a symlink" : last_file ? "not a regular file" : "not a directory");
         }
     }
     close(fd);
@@ -546,11 +565,14 @@ static int mount_volumes(const char *root, char *const *specs, size_t n, struct 
 {
     for (size_t i = 0; i < n; i++) {
         struct vol_mount m;
-        char target[PATH_MAX];
+        char target[PATH_MAX], file_src[PATH_MAX];
         const char *src;
         if (parse_vol_mount(specs[i], &m, f) < 0 || !(src = volume_path(&m, f)) ||
-            volume_target(root, m.target, target, sizeof target, f) < 0 ||
-            mount_at(src, target, NULL, MS_BIND, NULL, "volume", f) < 0)
+            volume_target(root, m.target, m.file[0] != '\0', target, sizeof target, f) < 0)
+            return -1;
+        if (m.file[0] && path_join(file_src, sizeof file_src, "%s/%s", src, m.file) < 0)
+            return failf(f, "volume", ENAMETOOLONG, "volume %s: path too long", m.name);
+        if (mount_at(m.file[0] ? file_src : src, target, NULL, MS_BIND, NULL, "volume", f) < 0)
             return -1;
         /* A bind mount takes its flags at remount time: keep nosuid,nodev along with ro. */
         if (m.bind_ro && mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
@@ -622,22 +644,32 @@ static int take_spare(const char *serial, const char *base, size_t *first, size_
     return 1;
 }
 
-static int build_root(struct app *a, const char *image, bool readonly, char *const *vols, size_t nvols,
-                      struct failure *f)
+/* A host directory as the app's root: the virtio-fs share mounted in place (what the app writes lands
+ * in the directory on the host), with the appc filesystem set on top, which lives in the guest. */
+static int share_root(const char *base, const char *tag, const char *root, struct failure *f)
+{
+    if (make_dir_or_fail(base, "rootfs", f) < 0 || make_dir_or_fail(root, "rootfs", f) < 0 ||
+        mount_at(tag, root, "virtiofs", MS_NOSUID | MS_NODEV, NULL, "rootfs", f) < 0)
+        return -1;
+    return appc_filesystems(root, f);
+}
+
+static int build_root(struct app *a, const char *image, const struct app_root_req *req, struct failure *f)
 {
     char base[PATH_MAX];
+    bool readonly = req->readonly;
     if (path_join(base, sizeof base, APPS_DIR "/%s", a->name) < 0 ||
         path_join(a->root, sizeof a->root, "%s/rootfs", base) < 0)
         return failf(f, "rootfs", ENAMETOOLONG, "app path too long");
-    if (make_dir_or_fail(APPS_DIR, "rootfs", f) < 0)
+    if (make_dir_or_fail(KVMPOD_RUN, "rootfs", f) < 0 || make_dir_or_fail(APPS_DIR, "rootfs", f) < 0)
         return -1;
     size_t spare_first = 0, spare_n = 0;
-    bool spare = !readonly && nvols == 0 && take_spare(a->serial, base, &spare_first, &spare_n);
+    bool spare = !req->share_tag && !readonly && req->nmounts == 0 && take_spare(a->serial, base, &spare_first, &spare_n);
     if (spare)
         log_debug("app %s: spare root of disk %s moved in", a->name, a->serial);
-    else if (image_root(base, image, a->root, f) < 0)
+    else if (req->share_tag ? share_root(base, req->share_tag, a->root, f) < 0 : image_root(base, image, a->root, f) < 0)
         return -1;
-    if (executor_etc_files(a->root, f) < 0 || mount_volumes(a->root, vols, nvols, f) < 0) {
+    if ((!req->keep_etc && executor_etc_files(a->root, f) < 0) || mount_volumes(a->root, req->mounts, req->nmounts, f) < 0) {
         if (spare) { /* the caller unmounts what this setup mounted; the moved subtree is older */
             umount2(base, MNT_DETACH);
             forget_mounts(spare_first, spare_n);
@@ -671,10 +703,10 @@ const char *app_existing_root(const char *name, const char *serial, struct failu
     return found > 0 ? root : NULL;
 }
 
-const char *app_prepare(const char *name, const char *serial, bool readonly, char *const *vols, size_t nvols,
-                        struct failure *f)
+const char *app_prepare(const struct app_root_req *req, struct failure *f)
 {
-    const char *root = NULL;
+    const char *root = NULL, *name = req->name, *serial = req->serial;
+    bool readonly = req->readonly;
     if (!safe_name(name) || !safe_name(serial)) {
         failf(f, "request", EINVAL, "bad app name %s or disk serial %s", name, serial);
         return NULL;
@@ -683,8 +715,8 @@ const char *app_prepare(const char *name, const char *serial, bool readonly, cha
     if (found != 0)
         return found > 0 ? root : NULL;
 
-    const char *image = image_mount(serial, f);
-    if (!image)
+    const char *image = req->share_tag ? NULL : image_mount(serial, f);
+    if (!req->share_tag && !image)
         return NULL;
     struct app *a = calloc(1, sizeof *a);
     if (!a || !(a->name = strdup(name)) || !(a->serial = strdup(serial))) {
@@ -697,7 +729,7 @@ const char *app_prepare(const char *name, const char *serial, bool readonly, cha
     /* The image stays mounted for other apps; this app's own mounts are undone on failure, so a
      * later START can try again from scratch. */
     size_t depth = nmounts;
-    if (build_root(a, image, readonly, vols, nvols, f) < 0) {
+    if (build_root(a, image, req, f) < 0) {
         unmount_to(depth);
         forget_volumes(depth);
         free(a->name);
@@ -707,6 +739,7 @@ const char *app_prepare(const char *name, const char *serial, bool readonly, cha
     }
     a->next = apps;
     apps = a;
-    log_debug("app %s: root %s (%s)", name, a->root, readonly ? "read-only" : "overlay");
+    log_debug("app %s: root %s (%s%s)", name, a->root, req->share_tag ? "host directory, " : "",
+              readonly ? "read-only" : "writable");
     return a->root;
 }

@@ -1,4 +1,5 @@
-/* App roots: the read-only image disk of an app under a tmpfs-backed overlay, given the
+/* App roots: the read-only image disk of an app under a tmpfs-backed overlay (or a host directory
+ * shared over virtio-fs, used in place), given the
  * filesystems an appc executor provides (spec/ace.md, "Filesystem Setup") and an /etc/hosts
  * when the image has none, then left writable or made read-only. */
 #ifndef KVMPOD_APP_H
@@ -13,8 +14,15 @@
  * The first START naming an app builds it, with the pod volumes `mounts` (VOLUME_MOUNT values,
  * docs/volumes.md) bind-mounted in it; later ones reuse it. Returns NULL with *f filled:
  * stage "request" (bad name), "mount" (the image disk), "rootfs" (the app root) or "volume". */
-const char *app_prepare(const char *name, const char *serial, bool readonly, char *const *mounts, size_t nmounts,
-                        struct failure *f);
+struct app_root_req {
+    const char *name, *serial;
+    const char *share_tag; /* non-NULL: the root is this virtio-fs share, used in place (serial == tag) */
+    bool readonly;
+    bool keep_etc;         /* no executor /etc/hosts or resolv.conf (START_FLAG_KEEP_ETC) */
+    char *const *mounts;
+    size_t nmounts;
+};
+const char *app_prepare(const struct app_root_req *req, struct failure *f);
 
 /* The root an earlier START made for app `name` (START_FLAG_ENTER: enter it, never make it).
  * Returns NULL with *f (stage "request") when there is no such app or it runs from another disk. */

@@ -173,7 +173,11 @@ static const char *stream_root(const struct start_req *r, struct failure *f)
 {
     if (r->flags & KP_START_FLAG_ENTER)
         return app_existing_root(r->app, r->serial, f);
-    return app_prepare(r->app, r->serial, r->flags & KP_START_FLAG_READONLY_ROOTFS, r->mounts.v, r->mounts.n, f);
+    struct app_root_req req = {.name = r->app, .serial = r->serial, .share_tag = r->root_tag,
+                               .readonly = r->flags & KP_START_FLAG_READONLY_ROOTFS,
+                               .keep_etc = r->flags & KP_START_FLAG_KEEP_ETC,
+                               .mounts = r->mounts.v, .nmounts = r->mounts.n};
+    return app_prepare(&req, f);
 }
 
 /* The stream's stdio: a pty (START_FLAG_TTY), else pipes. */

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -57,8 +58,11 @@ void start_req_free(struct start_req *r)
     free(r->user);
     free(r->group);
     free(r->seccomp_errno);
-    struct strv *lists[] = {&r->argv,        &r->envp,           &r->pre_start,      &r->post_stop,
-                            &r->caps_retain, &r->caps_remove,    &r->seccomp_retain, &r->seccomp_remove, &r->mounts};
+    free(r->root_tag);
+    free(r->rlimits);
+    struct strv *lists[] = {&r->argv,           &r->envp,           &r->pre_start,      &r->post_stop,
+                            &r->caps_retain,    &r->caps_remove,    &r->seccomp_retain, &r->seccomp_remove,
+                            &r->mounts,         &r->rlimit_specs};
     for (size_t i = 0; i < ARRAY_LEN(lists); i++)
         strv_free(lists[i]);
     free(r->gids);
@@ -102,6 +106,8 @@ static struct strv *list_of(struct start_req *r, uint16_t tag)
         return &r->seccomp_retain;
     case KP_F_VOLUME_MOUNT:
         return &r->mounts;
+    case KP_F_RLIMIT:
+        return &r->rlimit_specs;
     default:
         return &r->seccomp_remove;
     }
@@ -125,6 +131,28 @@ static int prepare_isolators(struct start_req *r, struct failure *f)
         return -1;
     return seccomp_build(r->seccomp_retain.n ? r->seccomp_retain.v : NULL,
                          r->seccomp_remove.n ? r->seccomp_remove.v : NULL, r->seccomp_errno, &r->filter, f);
+}
+
+/* RLIMIT values ("RESOURCE SOFT HARD", decimal) into what the child applies; checked here, so that a
+ * bad one fails the START rather than the child. */
+static int parse_rlimits(struct start_req *r, struct failure *f)
+{
+    if (r->rlimit_specs.n == 0)
+        return 0;
+    if (!(r->rlimits = calloc(r->rlimit_specs.n, sizeof *r->rlimits)))
+        out_of_memory();
+    for (size_t i = 0; i < r->rlimit_specs.n; i++) {
+        const char *spec = r->rlimit_specs.v[i];
+        unsigned resource;
+        unsigned long long soft, hard;
+        int used = 0;
+        if (sscanf(spec, "%u %llu %llu%n", &resource, &soft, &hard, &used) != 3 || spec[used] != '\0' ||
+            resource >= RLIM_NLIMITS || soft > hard)
+            return failf(f, "request", EINVAL, "bad RLIMIT %s", spec);
+        r->rlimits[i] = (struct rlimit_set){.resource = (int)resource, .soft = soft, .hard = hard};
+    }
+    r->nrlimits = r->rlimit_specs.n;
+    return 0;
 }
 
 int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, struct failure *f)
@@ -153,6 +181,13 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
         case KP_F_SECCOMP_ERRNO:
             set_once(&r->seccomp_errno, &field);
             break;
+        case KP_F_ROOT_TAG:
+            set_once(&r->root_tag, &field);
+            break;
+        case KP_F_OOM_SCORE_ADJ:
+            r->has_oom_score_adj = true;
+            r->oom_score_adj = (int32_t)tlv_u32(&field);
+            break;
         case KP_F_ARG:
         case KP_F_ENV:
         case KP_F_PRE_START:
@@ -162,6 +197,7 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
         case KP_F_SECCOMP_RETAIN:
         case KP_F_SECCOMP_REMOVE:
         case KP_F_VOLUME_MOUNT:
+        case KP_F_RLIMIT:
             if (strv_push(list_of(r, field.tag), field_str(&field)) < 0)
                 out_of_memory();
             break;
@@ -203,6 +239,12 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
         return failf(f, "request", EINVAL, "a process entering app %s has no event handlers", r->app);
     if (r->envp.n == 0 && strv_push(&r->envp, NULL) < 0) /* execve wants an array, even empty */
         out_of_memory();
+    if (r->root_tag && strcmp(r->root_tag, r->serial) != 0)
+        return failf(f, "request", EINVAL, "ROOT_TAG %s and DISK_SERIAL %s differ", r->root_tag, r->serial);
+    if (r->has_oom_score_adj && (r->oom_score_adj < -1000 || r->oom_score_adj > 1000))
+        return failf(f, "request", EINVAL, "OOM_SCORE_ADJ %d is outside -1000..1000", (int)r->oom_score_adj);
+    if (parse_rlimits(r, f) < 0)
+        return -1;
     return prepare_isolators(r, f);
 }
 
@@ -320,6 +362,21 @@ static noreturn void child_exec(const struct start_req *r, char *const *argv, co
         if (e == ENOENT)
             child_failf(report_fd, "workdir", e, "working directory %s does not exist", workdir);
         child_failf(report_fd, "workdir", e, "working directory %s: %s", workdir, strerror(e));
+    }
+    /* Limits and the OOM score while still root: raising a hard limit or lowering the score needs
+     * CAP_SYS_RESOURCE, which the app's user may not have. */
+    for (size_t i = 0; i < r->nrlimits; i++) {
+        struct rlimit lim = {.rlim_cur = (rlim_t)r->rlimits[i].soft, .rlim_max = (rlim_t)r->rlimits[i].hard};
+        if (setrlimit(r->rlimits[i].resource, &lim) < 0)
+            child_failf(report_fd, "exec", errno, "setrlimit %d: %s", r->rlimits[i].resource, strerror(errno));
+    }
+    if (r->has_oom_score_adj) {
+        char value[16];
+        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        int n = snprintf(value, sizeof value, "%d", (int)r->oom_score_adj);
+        if (fd < 0 || write(fd, value, (size_t)n) != n)
+            child_failf(report_fd, "exec", errno, "oom_score_adj %d: %s", (int)r->oom_score_adj, strerror(errno));
+        close(fd);
     }
     /* Names are looked up now, inside the app's root, in the app's own files. */
     if (resolve_user(r->user ? r->user : "0", &uid, &f) < 0 || resolve_group(r->group ? r->group : "0", &gid, &f) < 0)

@@ -18,18 +18,27 @@ struct strv {
 
 struct start_req {
     char *app, *serial, *workdir, *user, *group; /* NULL: not given (defaults "/", "0", "0") */
+    char *root_tag;                              /* ROOT_TAG: the root is this virtio-fs share; NULL: a disk */
     struct strv argv, envp;
     struct strv pre_start, post_stop;            /* event handlers' argv; n == 0: none */
     struct strv caps_retain, caps_remove;        /* capability isolators' names */
     struct strv seccomp_retain, seccomp_remove;  /* seccomp isolators' names */
     char *seccomp_errno;                         /* NULL or "": SIGSYS */
     struct strv mounts;                          /* VOLUME_MOUNT values (docs/volumes.md) */
+    struct strv rlimit_specs;                    /* RLIMIT values: "RESOURCE SOFT HARD" */
+    bool has_oom_score_adj;
+    int32_t oom_score_adj;
     gid_t *gids;
     size_t ngids;
     uint32_t flags;
     uint32_t tty_rows, tty_cols;                 /* START_FLAG_TTY: initial size; 0: not given */
     /* Made from the above by start_req_parse(): */
     uint64_t cap_bounding;
+    struct rlimit_set {
+        int resource;
+        uint64_t soft, hard;
+    } *rlimits;
+    size_t nrlimits;
     struct seccomp_filter filter;
 };
 

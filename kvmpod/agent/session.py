@@ -42,11 +42,16 @@ class ProcessSpec:
     tty: tuple[int, int] | None = None    # (rows, cols): stdin/stdout/stderr are one pty of that size
     enter: bool = False                    # run in the app's existing root (kvmpod enter)
     volume_mounts: list[str] = field(default_factory=list)   # VOLUME_MOUNT values (kvmpod/pod/volumes.py)
+    root_tag: str = ""    # the app's root is this virtio-fs share (a host directory), not an image disk
+    keep_etc: bool = False   # no executor /etc/hosts or resolv.conf: the root brings its own (OCI bundles)
+    rlimits: tuple[tuple[int, int, int], ...] = ()   # (RLIMIT_* number, soft, hard) set before exec
+    oom_score_adj: int | None = None
 
     def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
         flags = ((p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
                  | (p.StartFlag.NO_NEW_PRIVS if self.isolators.no_new_privileges else 0)
-                 | (p.StartFlag.TTY if self.tty else 0) | (p.StartFlag.ENTER if self.enter else 0))
+                 | (p.StartFlag.TTY if self.tty else 0) | (p.StartFlag.ENTER if self.enter else 0)
+                 | (p.StartFlag.KEEP_ETC if self.keep_etc else 0))
         out: list[tuple[p.Field, p.FieldValue | str]] = [
             (p.Field.APP_NAME, self.app_name), (p.Field.DISK_SERIAL, self.disk_serial)]
         out += [(p.Field.ARG, a) for a in self.argv]
@@ -60,6 +65,11 @@ class ProcessSpec:
         if self.tty:
             out += [(p.Field.TTY_ROWS, self.tty[0]), (p.Field.TTY_COLS, self.tty[1])]
         out += [(p.Field.VOLUME_MOUNT, m) for m in self.volume_mounts]
+        if self.root_tag:
+            out.append((p.Field.ROOT_TAG, self.root_tag))
+        out += [(p.Field.RLIMIT, f"{resource} {soft} {hard}") for resource, soft, hard in self.rlimits]
+        if self.oom_score_adj is not None:
+            out.append((p.Field.OOM_SCORE_ADJ, self.oom_score_adj))
         return out
 
 

@@ -361,6 +361,18 @@ class ControlServer:
         elif op == "wait":
             await self._reply(writer, {"ok": True, "uuid": self.runner.pod.uuid})
             await self._until_closed(reader)
+        elif op == "start":
+            self.runner.request_start()
+            await self._reply(writer, {"ok": True, "uuid": self.runner.pod.uuid})
+        elif op == "signal":
+            signo = request.get("signal")
+            if not isinstance(signo, int) or isinstance(signo, bool) or not 0 < signo < signal.NSIG:
+                raise ControlError("signal: signal must be a signal number")
+            await self.runner.signal_apps(signo)
+            await self._reply(writer, {"ok": True, "uuid": self.runner.pod.uuid})
+        elif op in ("pause", "resume"):
+            await self.runner.set_paused(op == "pause")
+            await self._reply(writer, {"ok": True, "uuid": self.runner.pod.uuid})
         else:
             raise ControlError(f"unknown control request {op!r}")
 
@@ -388,7 +400,8 @@ class ControlServer:
         out.release({"ok": True, "pid": proc.pid})
         with contextlib.suppress(ConnectionError, OSError):
             await writer.drain()  # a client that has gone already: the pump hangs up on the process
-        pump = asyncio.ensure_future(self._pump_client(reader, proc, out))
+        hangup = signal.SIGKILL if request.get("kill_on_hangup") is True else signal.SIGHUP
+        pump = asyncio.ensure_future(self._pump_client(reader, proc, out, hangup))
         try:
             status = await proc.wait()
             result: dict[str, Any] = {"exit": {"signal": status.signal} if status.signal is not None
@@ -404,9 +417,11 @@ class ControlServer:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.drain()
 
-    async def _pump_client(self, reader: asyncio.StreamReader, proc: "GuestProcess", out: _Output) -> None:
+    async def _pump_client(self, reader: asyncio.StreamReader, proc: "GuestProcess", out: _Output,
+                           hangup: int = signal.SIGHUP) -> None:
         """The client's stdin, EOF, resizes and signals to the process. A client that goes away
-        before the process ends hangs up on it: stdin closed, SIGHUP."""
+        before the process ends hangs up on it: stdin closed, SIGHUP (SIGKILL for an OCI exec, whose
+        process must not outlive its host process)."""
         eof_sent = False
         try:
             while (frame := await read_frame(reader)) is not None:
@@ -432,4 +447,4 @@ class ControlServer:
         with contextlib.suppress(KvmpodError, ConnectionError, OSError):
             if not eof_sent:
                 await proc.close_stdin()
-            await proc.signal(signal.SIGHUP)
+            await proc.signal(hangup)

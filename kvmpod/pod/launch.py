@@ -11,6 +11,7 @@ session and sets up the rest (the second half, kvmpod/pod/run.py). Nothing here 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
 
 if TYPE_CHECKING:
+    from kvmpod.agent.session import ExitStatus
     from kvmpod.boot.snapshot import BootSnapshot, SnapshotUse
     from kvmpod.vm.config import VMConfig
     from kvmpod.vm.spawn import SpawnedQemu
@@ -63,6 +65,12 @@ class RunOptions:
     on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
     volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
     network: NetRequest = field(default_factory=NetRequest)  # --net, --port, --dns… (kvmpod/net/); default: none
+    # the apps' names and exit statuses once they are known, before teardown (rkt's status files)
+    on_exited: Callable[[list[tuple[str, "ExitStatus"]]], None] | None = None
+    # OCI create/start: boot the VM and get the apps ready, call on_created, then wait for a `start`
+    # control request before starting them (kvmpod/oci_runtime/, docs/oci-runtime.md)
+    hold_apps: bool = False
+    on_created: Callable[[PodDir], None] | None = None
 
 
 def notice(message: str) -> None:
@@ -91,6 +99,11 @@ def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str]
     serials: dict[str, str] = {}
     resolved = []
     for overrides in apps:
+        if overrides.rootfs_dir is not None:  # no store image: the directory is the root (virtio-fs)
+            serial = f"root{sum(a.root_share for a in resolved)}"
+            resolved.append(resolve_app(directory_image(overrides), overrides, pod_env, overrides.rootfs_dir,
+                                        serial, metadata_url, root_share=True))
+            continue
         image = store.resolve(overrides.image)
         try:
             check_runnable(image.manifest)
@@ -107,6 +120,19 @@ def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str]
         raise KvmpodError(f"two apps are named {sorted(n for n in names if names.count(n) > 1)[0]!r}: "
                           "give them distinct --name values")
     return resolved
+
+
+def directory_image(overrides: AppOverrides) -> StoredImage:
+    """What stands for the image of an app rooted in a host directory: its manifest, and its ID where
+    one is known (rkt's pod manifest has it), else the sha512 of the manifest (an OCI bundle has none)."""
+    root = overrides.rootfs_dir
+    assert root is not None and overrides.image_manifest is not None, "a rootfs_dir app needs its manifest"
+    if not root.is_dir():
+        raise KvmpodError(f"{root}: the app's rootfs is not a directory")
+    manifest = overrides.image_manifest
+    image_id = overrides.image_id or "sha512-" + hashlib.sha512(
+        json.dumps(manifest.raw, sort_keys=True).encode()).hexdigest()
+    return StoredImage(id=image_id, blob=root, manifest=manifest)
 
 
 def keep_docker_entrypoint(image: StoredImage, overrides: AppOverrides) -> AppOverrides:
@@ -211,11 +237,19 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
     plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
     boot = options.boot or boot_setting()
     # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit())
-    snapshot_possible = boot == "snapshot" and not volumes.host and options.network.mode == "none"
+    snapshot_possible = (boot == "snapshot" and not volumes.host and options.network.mode == "none"
+                         and not any(a.root_share for a in resolved))
     agent_transport = choose_transport(options.agent_transport, kernel, snapshot=snapshot_possible)
     if agent_transport.notice:
         notice(agent_transport.notice)
-    disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved}.values())
+    disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved if not app.root_share}.values())
+    root_shares = [app for app in resolved if app.root_share]
+    if root_shares and os.geteuid() != 0:
+        raise KvmpodError(f"{root_shares[0].disk}: an app rooted in a host directory needs virtiofsd, "
+                          "and virtiofsd needs root")
+    if root_shares:
+        from kvmpod.vm.virtiofs import find_virtiofsd
+        find_virtiofsd()  # fail before the pod exists, saying why
     if volumes.host:
         from kvmpod.vm.virtiofs import find_virtiofsd
 
@@ -241,6 +275,11 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
 
             shares = [FsShare(volumes.tag(v), Path(v.source or ""), pod.file(f"{volumes.tag(v)}.sock"),
                               v.read_only) for v in volumes.host]
+        if root_shares:
+            from kvmpod.vm.virtiofs import FsShare  # noqa: F811 (either branch may be first)
+
+            shares += [FsShare(a.disk_serial, a.disk, pod.file(f"{a.disk_serial}.sock"), a.readonly_rootfs)
+                       for a in root_shares]
         snapshot_cmdline = f"{plan.cmdline} {agent_transport.kernel_arg()}"
         config = VMConfig(
             name=f"kvmpod-{pod.uuid}", kernel=kernel.image, initrd=initrd,

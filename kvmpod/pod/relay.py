@@ -84,6 +84,8 @@ def unfit(options: "RunOptions", virtiofs: bool, agent_transport: str) -> str | 
     """Why a pod can never be handed over, or None."""
     if options.interactive:
         return "it is interactive"
+    if options.on_exited or options.hold_apps:
+        return "it reports to a caller in this process (on_exited, OCI create/start)"
     if virtiofs:
         return "its virtiofsd daemons are this process's to stop"
     if agent_transport == "vsock-user":

@@ -272,6 +272,7 @@ class PodRunner:
         self.sinks: dict[str, tuple[FdSink, FdSink]] = {}   # per app: where its stdout and stderr go
         self.broken_output: set[int] = set()   # output fds kvmpod-relay found broken
         self.handovers = 0   # times this pod went to kvmpod-relay and came back
+        self.start_requested = asyncio.Event()   # the `start` control request (RunOptions.hold_apps)
 
     async def run(self, resumed_by: int | None = None) -> int:
         """The pod's life; `resumed_by` when the runner was rebuilt after kvmpod-relay (relay.py): 0,
@@ -309,6 +310,11 @@ class PodRunner:
             for frame in self.metadata.frames():
                 await self._until(self.session.send(frame))
         self._install_signal_handlers()
+        if self.options.hold_apps:  # OCI create: ready, and the apps wait for `start`
+            self.pod.update(state="created")
+            if self.options.on_created:
+                self.options.on_created(self.pod)
+            await self._until(self.start_requested.wait())
         tty = self._local_tty()
         for i, app in enumerate(self.apps):
             spec = ProcessSpec(app.name, app.disk_serial, app.argv, app.env, app.working_dir, app.user,
@@ -318,7 +324,10 @@ class PodRunner:
                                post_stop=app.event_handlers.get("post-stop", []), isolators=app.isolators,
                                tty=tty if i == 0 else None,
                                volume_mounts=[m.field(self.volumes.tag(m.volume), self.volumes.transport)
-                                              for m in app.mounts])
+                                              for m in app.mounts],
+                               root_tag=app.disk_serial if app.root_share else "",
+                               keep_etc=app.extras.keep_etc, rlimits=app.extras.rlimits,
+                               oom_score_adj=app.extras.oom_score_adj)
             self.processes.append(await self._until(self.session.start(spec, *sinks[app.name])))
         self.timings["apps_started"] = time.time()
         self.pod.update(state="running", apps=[{"name": a.name, "image": a.image.id} for a in self.apps])
@@ -411,6 +420,8 @@ class PodRunner:
                                                "exit_code": s.shell_code} for a, s in zip(self.apps, statuses)])
         for app, status in zip(self.apps, statuses):
             log.debug("app %s %s", app.name, status.describe())
+        if self.options.on_exited:
+            self.options.on_exited([(a.name, s) for a, s in zip(self.apps, statuses)])
         failing = [s.shell_code for s in statuses if s.shell_code]
         return failing[0] if failing else 0
 
@@ -439,6 +450,35 @@ class PodRunner:
         if self.session is None:
             raise AgentError("the pod's agent is not up yet")
         return await self._until(self.session.start(spec, on_stdout, on_stderr))
+
+    def request_start(self) -> None:
+        """`start` (OCI): the apps of a pod created with hold_apps may start now."""
+        if not self.options.hold_apps:
+            raise KvmpodError(f"pod {self.pod.uuid} was not created to wait for a start request")
+        if self.start_requested.is_set():
+            raise KvmpodError(f"pod {self.pod.uuid} has been started already")
+        self.start_requested.set()
+
+    async def signal_apps(self, signo: int) -> None:
+        """`signal` (OCI kill): `signo` to every app that runs. Before they run, a pod that is told to
+        end (SIGKILL, SIGTERM, SIGINT, SIGHUP) goes at once, as a container that was never started."""
+        if not self.apps_started:
+            if signo in (signal.SIGKILL, *POD_SIGNALS):
+                self.stop_reason = self.stop_reason or (f"killed by signal {signo} before its apps started",
+                                                        EXIT_SIGNAL_BASE + signo)
+                await self._kill_vm()
+                return
+            raise KvmpodError(f"pod {self.pod.uuid}: its apps have not started, signal {signo} has nowhere to go")
+        for proc in self.processes:
+            if not proc.exited.done():
+                await self._until(proc.signal(signo))
+
+    async def set_paused(self, paused: bool) -> None:
+        """`pause`/`resume` (OCI): the VM's vCPUs stopped or let go; state.json says which."""
+        if self.vm.pid is None or self.vm.ended.done():
+            raise KvmpodError(f"pod {self.pod.uuid} has no running VM to {'pause' if paused else 'resume'}")
+        await (self.vm.pause() if paused else self.vm.resume())
+        self.pod.update(paused=paused)
 
     def request_stop(self, timeout: float, force: bool) -> None:
         """`kvmpod stop`: SIGTERM to the apps, `timeout` seconds, SIGKILL, power-off. `force`: kill QEMU now."""
@@ -620,7 +660,7 @@ class PodRunner:
         try:
             # the guest writes through to the host only on host volumes: without them there is nothing
             # to sync or unmount, and QEMU can be told to quit at once
-            if self.session and not self.vm.ended.done() and self.volumes.host:
+            if self.session and not self.vm.ended.done() and (self.volumes.host or self.fs_daemons):
                 await self.session.shutdown()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self.vm.ended), SHUTDOWN_GRACE)

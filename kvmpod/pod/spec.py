@@ -23,6 +23,15 @@ SECCOMP_WILDCARDS = {"os/linux/seccomp-retain-set": "@appc.io/all", "os/linux/se
 EVENT_HANDLERS = ("pre-start", "post-stop")
 
 
+@dataclass(frozen=True)
+class ProcessExtras:
+    """What an OCI runtime must apply to a process beyond appc's executor rules (docs/oci-runtime.md)."""
+
+    rlimits: tuple[tuple[int, int, int], ...] = ()   # (RLIMIT_* number, soft, hard)
+    oom_score_adj: int | None = None
+    keep_etc: bool = False   # the root brings its own /etc/hosts and resolv.conf (no executor files)
+
+
 @dataclass
 class AppOverrides:
     """What the user asked for one app: on the command line (rkt's per-app flags), or as one app of a
@@ -42,14 +51,22 @@ class AppOverrides:
     image_labels: dict[str, str] = field(default_factory=dict)   # ...and these labels
     annotations: dict[str, str] = field(default_factory=dict)    # the app's, merged by the metadata service
     mounts: list[Mount] = field(default_factory=list)            # --mount / apps[].mounts (pod/volumes.py)
+    # An app that runs from a host directory rather than a store image (an OCI bundle's rootfs, rkt's
+    # rendered app rootfs): the directory is shared with the guest over virtio-fs and used in place, so
+    # what the app writes lands in it. `image` is then only a display name; the manifest (and its ID,
+    # when one is known) stand for the image.
+    rootfs_dir: Path | None = None
+    image_manifest: ImageManifest | None = None
+    image_id: str | None = None
+    extras: ProcessExtras = field(default_factory=ProcessExtras)
 
 
 @dataclass(frozen=True)
 class ResolvedApp:
     name: str
     image: StoredImage
-    disk: Path              # the image's rootfs disk on the host
-    disk_serial: str        # how the guest finds that disk
+    disk: Path              # the image's rootfs disk on the host (with root_share: the rootfs directory)
+    disk_serial: str        # how the guest finds that disk (with root_share: the virtio-fs tag)
     argv: list[str]
     env: list[str]
     working_dir: str
@@ -66,6 +83,8 @@ class ResolvedApp:
     mounts: list[AppMount] = field(default_factory=list)               # volumes in the app's root
     mount_points: list[MountPoint] = field(default_factory=list)       # the app's mountPoints (matched by name)
     explicit_mounts: list[Mount] = field(default_factory=list)         # --mount / apps[].mounts
+    root_share: bool = False    # `disk` is a host directory shared over virtio-fs as the app's root
+    extras: ProcessExtras = field(default_factory=ProcessExtras)
 
 
 def default_app_name(manifest: ImageManifest) -> str:
@@ -159,7 +178,7 @@ def _check_image_identity(image: StoredImage, overrides: AppOverrides) -> None:
 
 
 def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, str], disk: Path,
-                disk_serial: str, metadata_url: str = "") -> ResolvedApp:
+                disk_serial: str, metadata_url: str = "", root_share: bool = False) -> ResolvedApp:
     manifest = image.manifest
     _check_image_identity(image, overrides)
     app = overrides.app or manifest.app  # a pod manifest's app object replaces the image's whole
@@ -202,6 +221,8 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
         annotations=dict(overrides.annotations),
         mount_points=list(app.mount_points) if app else [],
         explicit_mounts=list(overrides.mounts),
+        root_share=root_share,
+        extras=overrides.extras,
     )
 
 

@@ -61,6 +61,14 @@ class VMBackend(abc.ABC):
     async def stop(self, grace: float) -> VMExit:
         """End the VM: ask politely (up to `grace` seconds), then kill it. Idempotent."""
 
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop the VM's vCPUs (the guest and its apps freeze where they are). Raises VMError."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """Let the vCPUs of a paused VM run again. Raises VMError."""
+
     @property
     @abc.abstractmethod
     def pid(self) -> int | None:

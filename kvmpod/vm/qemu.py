@@ -338,6 +338,20 @@ class QemuVM(VMBackend):
                 st = os.stat(path)
                 self._socket_inodes[path] = (st.st_ino, st.st_ctime_ns)
 
+    async def pause(self) -> None:
+        await self._vcpus("stop")
+
+    async def resume(self) -> None:
+        await self._vcpus("cont")
+
+    async def _vcpus(self, command: str) -> None:
+        from qemu.qmp import QMPError
+
+        try:
+            await self._qmp.execute(command)
+        except QMPError as e:
+            raise VMError(f"QMP {command}: {e}") from e
+
     async def wait(self) -> VMExit:
         return await asyncio.shield(self.ended)
 

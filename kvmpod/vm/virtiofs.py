@@ -41,6 +41,8 @@ class FsShare:
 
 
 def virtiofsd_argv(binary: Path, share: FsShare) -> list[str]:
+    if "," in str(share.source):  # virtiofsd splits -o at commas: such a path would inject options
+        raise VMError(f"{share.source}: a shared directory's path may not contain a comma")
     # The C virtiofsd has no read-only option: the guest mounts a readOnly volume ro (and binds it ro).
     return [str(binary), f"--socket-path={share.socket}", "-o", f"source={share.source}",
             "-o", "cache=auto", "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "log_level=warn",
