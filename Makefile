@@ -10,12 +10,15 @@ BUILD      := build
 DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod gcc make python3-venv buildah gnupg gpgv \
                 linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils patch \
                 dpkg-dev meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libslirp-dev libfdt-dev \
-                libcap-ng-dev libattr1-dev
+                libcap-ng-dev libattr1-dev \
+                python3-build help2man zsh
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv bytecode agent kernel kernel-distro qemu initrd demo test unit bench bench-deps bench-image bench-agent clean
 
-setup: deps venv bytecode agent kernel kernel-distro qemu
+# The per-machine builds are `kvmpod setup`'s (kvmpod/provision.py): the same path as for an installed kvmpod.
+setup: deps venv bytecode agent
+	$(KVMPOD) setup
 
 # Compiled once here: with PYTHONDONTWRITEBYTECODE set (as on CI runners), every kvmpod command
 # would otherwise compile its ~60 modules again (~0.1 s each time).
@@ -45,15 +48,15 @@ agent:
 
 # kvmpod's own minimal kernel (the default; built from Debian's linux-source, ~6 min the first
 # time, nothing when unchanged) and the Debian cloud kernel (the fallback). docs/kernel.md.
-kernel: venv
-	$(VPY) -m kvmpod.boot.minimal build
-kernel-distro: venv
-	$(VPY) -m kvmpod.boot.distro fetch
+kernel: venv agent
+	$(KVMPOD) setup --only minimal-kernel
+kernel-distro: venv agent
+	$(KVMPOD) setup --only distro-kernel
 
 # kvmpod's own QEMU: Debian's qemu source package of the installed version, built with only the
 # machines and devices pods use (~2 min the first time, nothing when unchanged). docs/qemu.md.
-qemu: venv
-	$(VPY) -m kvmpod.vm.qemu_build build
+qemu: venv agent
+	$(KVMPOD) setup --only qemu
 
 initrd: setup
 	$(VPY) -c 'from kvmpod.boot.initrd import build_initrd, find_agent; from kvmpod.boot.kernel import find_kernel; print(build_initrd(find_agent(), find_kernel()))'

@@ -347,6 +347,20 @@ def _remove_older(kdir_root: Path, keep: Path, log: Callable[[str], None]) -> No
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def current_digest(fragment_path: Path = FRAGMENT, patch_dir: Path = PATCH_DIR) -> str:
+    """The build hash of what `build` would build now (KernelError if linux-source is not installed)."""
+    try:
+        fragment = fragment_path.read_bytes()
+    except OSError as e:
+        raise KernelError(f"cannot read the kernel config fragment {fragment_path}: {e.strerror}") from None
+    return build_hash(fragment, source_version(), [(p.name, p.read_bytes()) for p in find_patches(patch_dir)])
+
+
+def build_log(cache: Path | None = None) -> Path:
+    """Where `build` writes make's output for the installed linux-source (kept after the build)."""
+    return build_dir(cache) / f"linux-{source_version()}" / "build.log"
+
+
 def build(cache: Path | None = None, fragment_path: Path = FRAGMENT, patch_dir: Path = PATCH_DIR,
           tarball: Path = SOURCE_TARBALL, force: bool = False, jobs: int | None = None,
           keep_source: bool = False, log: Callable[[str], None] = lambda msg: print(msg, flush=True)) -> Path:

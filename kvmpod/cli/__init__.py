@@ -13,6 +13,7 @@ from kvmpod.cli.images import (cmd_fetch, cmd_image_build, cmd_image_cat_manifes
 from kvmpod.cli.interact import cmd_enter, cmd_logs, cmd_rm, cmd_stop
 from kvmpod.cli.pods import cmd_gc, cmd_list, cmd_status
 from kvmpod.cli.run import APP_SEPARATOR, cmd_run
+from kvmpod.cli.setup import cmd_complete_words, cmd_completion, cmd_setup
 from kvmpod.cli.types import KvmpodParser, annotation, env_pair, hostname, memory_mib, positive_int
 from kvmpod.errors import UsageError
 from kvmpod.outcome import configure_logging, exit_now, reporting_failures
@@ -181,6 +182,28 @@ def build_parser() -> KvmpodParser:
     igc = image_sub.add_parser("gc", help="remove rootfs disks, blobs and temp files no image references")
     igc.set_defaults(func=cmd_image_gc)
     image.set_defaults(func=lambda ns: (image.print_help(), 2)[1])
+
+    setup = sub.add_parser("setup", help="build what is per machine: the guest kernels and kvmpod's QEMU",
+                           description="Build (or fetch) into the cache what kvmpod builds per machine: the "
+                                       "minimal guest kernel from Debian's linux-source, the Debian cloud kernel, "
+                                       "kvmpod's QEMU from Debian's qemu source. Nothing is rebuilt when an "
+                                       "identical build is there (docs/install.md).")
+    only = setup.add_mutually_exclusive_group()
+    only.add_argument("--kernel-only", action="store_true", help="only the guest kernels")
+    only.add_argument("--qemu-only", action="store_true", help="only kvmpod's QEMU")
+    only.add_argument("--only", action="append", choices=["minimal-kernel", "distro-kernel", "qemu"],
+                      help="only this step (repeatable)")
+    setup.add_argument("--force", action="store_true", help="build even what is up to date")
+    setup.add_argument("-j", "--jobs", type=positive_int, help="parallel make jobs (default: the number of CPUs)")
+    setup.set_defaults(func=cmd_setup)
+    completion = sub.add_parser("completion", help="print the shell completion script (bash or zsh)",
+                                description="Print a completion script for SHELL, e.g. "
+                                            "`kvmpod completion bash > /etc/bash_completion.d/kvmpod`.")
+    completion.add_argument("shell", choices=["bash", "zsh"], metavar="SHELL", help="bash or zsh")
+    completion.set_defaults(func=cmd_completion)
+    words = sub.add_parser("__complete")  # no help: hidden; what the completion scripts call
+    words.add_argument("kind", choices=["pods", "images"])
+    words.set_defaults(func=cmd_complete_words)
     return parser
 
 

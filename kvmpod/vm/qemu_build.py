@@ -50,6 +50,7 @@ BINARY_PACKAGE = "qemu-system-x86"   # its source package is what gets built
 SOURCE_PACKAGE = "qemu"
 # Bump when the build steps change what comes out for the same source, features and devices.
 RECIPE_VERSION = 1
+BUILD_LOG = "build.log"   # make's output, kept in the installed build's directory
 # What the build needs (`make deps` installs them): Debian's source tools, QEMU's build system and
 # the libraries FEATURES link against.
 BUILD_PACKAGES = ("dpkg-dev", "build-essential", "python3", "meson", "ninja-build", "pkg-config", "binutils",
@@ -300,6 +301,8 @@ def build(cache: Path | None = None, force: bool = False, jobs: int | None = Non
             src = _fetch_source(work, version, log)
             binary = _build_binary(src, work / "out", version, digest, jobs, log)
             final = _install(binary, root, version, digest)
+            # make's output outlives the build tree, next to the binary it made (`kvmpod setup` names it)
+            shutil.copyfile(work / "out" / "build.log", final / BUILD_LOG)
             _remove_older(root, final, log)
             if not keep_source:
                 shutil.rmtree(work, ignore_errors=True)

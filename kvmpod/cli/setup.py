@@ -1,0 +1,47 @@
+"""`kvmpod setup` (the per-machine builds, kvmpod/provision.py) and `kvmpod completion` (the shell scripts,
+kvmpod/completion.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_setup(ns: argparse.Namespace) -> int:
+    from kvmpod import provision
+
+    if ns.only:
+        names = list(dict.fromkeys(ns.only))
+    elif ns.kernel_only:
+        names = list(provision.KERNEL_STEPS)
+    elif ns.qemu_only:
+        names = ["qemu"]
+    else:
+        names = list(provision.STEP_NAMES)
+    for name, path in provision.check_programs():
+        print(f"{name}: {path}")
+    reuse = provision.reusable_caches()
+    print(f"cache: {provision.own_cache()}" + (f" (builds in {', '.join(map(str, reuse))} count too)" if reuse else ""))
+    results = provision.run_steps(names, force=ns.force, jobs=ns.jobs)
+    built = [r.step for r in results if r.built]
+    total = sum(r.seconds for r in results)
+    print(f"kvmpod setup: {'built ' + ', '.join(built) if built else 'everything was up to date'} "
+          f"({total:.1f} s)")
+    return 0
+
+
+def cmd_completion(ns: argparse.Namespace) -> int:
+    from kvmpod.cli import build_parser
+    from kvmpod.completion import script
+
+    sys.stdout.write(script(build_parser(), ns.shell))
+    return 0
+
+
+def cmd_complete_words(ns: argparse.Namespace) -> int:
+    """The dynamic words the completion scripts ask for: pod UUIDs, image names."""
+    from kvmpod.completion import dynamic_words
+
+    for word in dynamic_words(ns.kind):
+        print(word)
+    return 0
