@@ -103,3 +103,20 @@ class Interrupted(KvmpodError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class PodTimeout(KvmpodError):
+    """The Python API's timeout (kvmpod/api) ran out: the pod was stopped (docs/api.md)."""
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result    # the api.PodResult: output so far, the exit status the stop gave
+
+
+class AppExitError(KvmpodError):
+    """The Python API's check=True: an app ended with a non-zero exit status (docs/api.md)."""
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result
+        self.exit_code = getattr(result, "exit_code", EXIT_KVMPOD_FAILURE)

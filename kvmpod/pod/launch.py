@@ -65,6 +65,9 @@ class RunOptions:
     on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
     volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
     network: NetRequest = field(default_factory=NetRequest)  # --net, --port, --dns… (kvmpod/net/); default: none
+    # where the apps' stdout and stderr go when not detached; None: this process's own fds 1 and 2. The
+    # Python API's worker (kvmpod/api/worker.py) names them, its sys.stderr carrying kvmpod's messages.
+    output_fds: tuple[int, int] | None = None
     # the apps' names and exit statuses once they are known, before teardown (rkt's status files)
     on_exited: Callable[[list[tuple[str, "ExitStatus"]]], None] | None = None
     # OCI create/start: boot the VM and get the apps ready, call on_created, then wait for a `start`

@@ -532,7 +532,8 @@ class PodRunner:
         """Where each app's stdout and stderr go: kvmpod's own, or with --detach one log file per app
         (<pod dir>/logs/<app>.log, both streams in arrival order)."""
         if not self.options.detach:
-            stdout, stderr = FdSink(sys.stdout.fileno()), FdSink(sys.stderr.fileno())
+            out_fd, err_fd = self.options.output_fds or (sys.stdout.fileno(), sys.stderr.fileno())
+            stdout, stderr = FdSink(out_fd), FdSink(err_fd)
             return {app.name: (stdout, stderr) for app in self.apps}
         logs = self.pod.file("logs")
         logs.mkdir(mode=0o700, exist_ok=True)
