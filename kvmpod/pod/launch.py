@@ -74,6 +74,11 @@ class RunOptions:
     # control request before starting them (kvmpod/oci_runtime/, docs/oci-runtime.md)
     hold_apps: bool = False
     on_created: Callable[[PodDir], None] | None = None
+    # the pod's UUID when its caller chose it (rkt's stage0 does, kvmpod/stage1/); None: a new one
+    pod_uuid: str | None = None
+    # rkt's immutable pods: the first app to fail stops the others (SIGTERM, then SIGKILL after
+    # stop_timeout), and its exit status is the pod's; otherwise the pod waits for every app
+    stop_on_failure: bool = False
 
 
 def notice(message: str) -> None:
@@ -268,7 +273,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             notice(why)
         volumes = dataclasses.replace(volumes, transport=transport)
 
-    pod = PodDir.create()
+    pod = PodDir.create(uuid=options.pod_uuid)
     planned = None
     try:
         hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmpod import paths
+from kvmpod.errors import KvmpodError
 from kvmpod.fsutil import write_atomically
 
 
@@ -45,12 +46,16 @@ class PodDir:
     state: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, root: Path | None = None) -> "PodDir":
+    def create(cls, root: Path | None = None, uuid: str | None = None) -> "PodDir":
+        """A new pod directory, for a new UUID or the one given (rkt's stage0 chooses it)."""
         pods = (root or paths.runtime_dir()) / "pods"
         pods.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pod_uuid = str(uuidlib.uuid4())
+        pod_uuid = uuid or str(uuidlib.uuid4())
         path = pods / pod_uuid
-        path.mkdir(mode=0o700)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise KvmpodError(f"{path}: a pod with UUID {pod_uuid} exists already") from None
         pod = cls(pod_uuid, path, {"uuid": pod_uuid, "state": "preparing", "created": time.time(),
                                    "kvmpod_pid": os.getpid(), "kvmpod_start": process_start_time(os.getpid())})
         pod.save()

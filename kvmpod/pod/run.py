@@ -273,6 +273,7 @@ class PodRunner:
         self.broken_output: set[int] = set()   # output fds kvmpod-relay found broken
         self.handovers = 0   # times this pod went to kvmpod-relay and came back
         self.start_requested = asyncio.Event()   # the `start` control request (RunOptions.hold_apps)
+        self.first_failure: int | None = None    # RunOptions.stop_on_failure: the app that failed first
 
     async def run(self, resumed_by: int | None = None) -> int:
         """The pod's life; `resumed_by` when the runner was rebuilt after kvmpod-relay (relay.py): 0,
@@ -362,6 +363,9 @@ class PodRunner:
         async def statuses() -> list[ExitStatus]:
             return [await self._until(p.wait()) for p in self.processes]
 
+        if self.options.stop_on_failure:
+            for index, proc in enumerate(self.processes):
+                proc.exited.add_done_callback(lambda fut, i=index: self._app_ended(i, fut))
         waiting = asyncio.ensure_future(statuses())
         relay = self.relay
         while relay is not None and not waiting.done():
@@ -369,6 +373,17 @@ class PodRunner:
             if not waiting.done() and quiet(self) and not hand_off(self, relay):
                 relay = None
         return await waiting
+
+    def _app_ended(self, index: int, fut: asyncio.Future) -> None:
+        """RunOptions.stop_on_failure: the first app to fail stops the pod, as a signal would."""
+        if fut.cancelled() or fut.exception() is not None or not fut.result().shell_code:
+            return
+        if self.first_failure is None:
+            self.first_failure = index
+            if self.stop_task is None and self.stop_reason is None:
+                log.debug("app %s failed: stopping the pod", self.apps[index].name)
+                self.stop_task = asyncio.get_running_loop().create_task(
+                    self._stop_apps(signal.SIGTERM, self.options.stop_timeout))
 
     def agent_log(self, line: str) -> None:
         log.debug("agent: %s", line)
@@ -422,6 +437,8 @@ class PodRunner:
             log.debug("app %s %s", app.name, status.describe())
         if self.options.on_exited:
             self.options.on_exited([(a.name, s) for a, s in zip(self.apps, statuses)])
+        if self.first_failure is not None:  # stop_on_failure: the others' ends were its consequence
+            return statuses[self.first_failure].shell_code
         failing = [s.shell_code for s in statuses if s.shell_code]
         return failing[0] if failing else 0
 
