@@ -96,3 +96,18 @@ bench: setup bench-deps
 clean:
 	$(MAKE) -C guest-agent clean
 	rm -rf $(BUILD) $(STAMPS) .pytest_cache
+
+# A system install (docs/install.md): kvmpod in a venv of its own under PREFIX/lib/kvmpod, its console
+# scripts linked into PREFIX/bin, the agent and relay, man pages, bash and zsh completion, a sample
+# kvmpod.toml. DESTDIR stages it for a package. Then `kvmpod setup` builds the guest kernels and QEMU.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+INSTALL_PY := /usr/bin/python3
+INSTALL_DEB_PACKAGES := python3-venv python3-build musl-tools make help2man
+.PHONY: install uninstall install-deps
+install-deps:
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(INSTALL_DEB_PACKAGES)'
+install: install-deps
+	$(INSTALL_PY) packaging/install.py install --prefix '$(PREFIX)' --destdir '$(DESTDIR)'
+uninstall:
+	$(INSTALL_PY) packaging/install.py uninstall --prefix '$(PREFIX)' --destdir '$(DESTDIR)'
