@@ -12,10 +12,9 @@ from kvmpod.cli.images import (cmd_fetch, cmd_image_build, cmd_image_cat_manifes
                                cmd_image_gc, cmd_image_list, cmd_image_rm)
 from kvmpod.cli.interact import cmd_enter, cmd_logs, cmd_rm, cmd_stop
 from kvmpod.cli.pods import cmd_gc, cmd_list, cmd_status
-from kvmpod.cli.run import APP_SEPARATOR, cmd_run
+from kvmpod.cli.run import cmd_run
 from kvmpod.cli.setup import cmd_complete_words, cmd_completion, cmd_setup
 from kvmpod.cli.types import KvmpodParser, annotation, env_pair, hostname, memory_mib, positive_int
-from kvmpod.errors import UsageError
 from kvmpod.outcome import configure_logging, exit_now, reporting_failures
 
 
@@ -28,7 +27,7 @@ def build_parser() -> KvmpodParser:
 
     run = sub.add_parser(
         "run", help="run an image in a new pod (VM)",
-        usage="kvmpod run [pod flags] IMAGE [--exec PATH] [app flags] [-- ARGS...] [--- IMAGE2 ...]\n"
+        usage="kvmpod run [pod flags] IMAGE [--exec PATH] [app flags] [-- ARGS... ---] [IMAGE2 ...]\n"
               "       kvmpod run [pod flags] --pod-manifest FILE",
         description="Boot a VM, run the image's app in it, relay its output; exit with the app's exit "
                     "code (128+N if killed by signal N, 125 if kvmpod itself failed, 126/127 if the exec "
@@ -207,33 +206,32 @@ def build_parser() -> KvmpodParser:
     return parser
 
 
-def _misplaced_app_flag(parser: KvmpodParser, words: list[str]) -> UsageError | None:
-    """An app flag given where only pod flags may stand (before any IMAGE) gets a precise message
-    instead of argparse's "unrecognized arguments"."""
-    from kvmpod.cli.run import app_flag_names
-
-    pod_flags = {flag for action in parser.run_parser._actions for flag in action.option_strings}
-    app_only = app_flag_names() - pod_flags  # --set-env is both
-    flag = next((w.split("=", 1)[0] for w in words if w.split("=", 1)[0] in app_only), None)
-    if flag is None:
-        return None
-    return UsageError(f"run: {flag} is an app flag: it goes after the IMAGE it applies to "
-                      "(a --pod-manifest gives each app's settings in the manifest)")
+def _command_index(argv: list[str]) -> int | None:
+    """Where the command is in argv: after the global flags (--dir DIR, --version, --help)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--dir":
+            i += 2
+        elif argv[i].startswith("--dir=") or argv[i] in ("-h", "--help", "--version"):
+            i += 1
+        else:
+            return i
+    return None
 
 
 def _parse(parser: KvmpodParser, argv: list[str]) -> argparse.Namespace:
-    """argparse, except that `run`'s `-- ARGS` and `--- IMAGE2 ...` never reach it: argparse would
-    swallow a `--` right after IMAGE. They are handed to the run command's own app parser intact."""
-    if "run" in argv:
-        cut = next((i for i in range(argv.index("run") + 1, len(argv)) if argv[i] in ("--", APP_SEPARATOR)),
-                   len(argv))
-        try:
-            ns = parser.parse_args(argv[:cut])
-        except UsageError as e:
-            raise _misplaced_app_flag(parser, argv[argv.index("run") + 1:cut]) or e from None
-        if getattr(ns, "func", None) is cmd_run:
-            ns.app_words = [*ns.app_words, *argv[cut:]]
-            return ns
+    """argparse, except for `run`'s words after its pod flags (IMAGE, app flags, `-- ARGS`, more
+    images), which go to the run command's own parser intact (kvmpod/cli/run.py): argparse would
+    swallow a `--` after IMAGE, and take an unknown pod flag's value for the IMAGE."""
+    from kvmpod.cli.run import split_run_words
+
+    at = _command_index(argv)
+    if at is not None and argv[at] == "run":
+        pod_words, image, rest = split_run_words(argv[at + 1:], parser.run_parser)
+        ns = parser.parse_args(argv[:at + 1] + pod_words)
+        ns.image, ns.app_words = image, rest
+        ns.pod_flags = frozenset(f for action in parser.run_parser._actions for f in action.option_strings)
+        return ns
     if "enter" in argv and "--" in argv[argv.index("enter"):]:  # enter's command, likewise
         cut = argv.index("--", argv.index("enter"))
         ns = parser.parse_args(argv[:cut])

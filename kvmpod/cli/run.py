@@ -1,4 +1,4 @@
-"""`kvmpod run`: rkt's command line (pod flags, then IMAGE [app flags] [-- ARGS] [--- IMAGE2 ...])."""
+"""`kvmpod run`: rkt's command line (pod flags, then IMAGE [app flags] [-- ARGS] [---] [IMAGE2 ...])."""
 
 from __future__ import annotations
 
@@ -31,30 +31,80 @@ def app_flag_names() -> set[str]:
     return {flag for action in _app_parser()._actions for flag in action.option_strings}
 
 
-def _parse_apps(words: list[str], image: str) -> list:
-    """Split `IMAGE [app flags] [-- ARGS] [--- IMAGE2 ...]` into one AppOverrides per image."""
+def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Each option string of `parser`, and whether it is followed by a value."""
+    return {flag: action.nargs != 0 for action in parser._actions for flag in action.option_strings}
+
+
+def split_run_words(words: list[str], pod_parser: argparse.ArgumentParser) -> tuple[list[str], str | None, list[str]]:
+    """rkt's `run [pod flags] IMAGE ...`: the pod flags (each with its value), the first IMAGE, and the
+    rest (its app flags, `-- ARGS`, more images). The first word that is neither a pod flag nor a pod
+    flag's value is the IMAGE, so a flag kvmpod does not know is named as such, not taken for one."""
+    pod_flags = _takes_value(pod_parser)
+    app_only = app_flag_names() - set(pod_flags)  # --set-env is both
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in ("--", APP_SEPARATOR):
+            raise UsageError(f"run: {word} must follow an IMAGE")
+        if not word.startswith("-") or word == "-":
+            return words[:i], word, words[i + 1:]
+        name, has_value, _ = word.partition("=")
+        if name in pod_flags:
+            i += 2 if pod_flags[name] and not has_value else 1
+            continue
+        if name.startswith("-") and not name.startswith("--") and all(f"-{c}" in pod_flags and not pod_flags[f"-{c}"]
+                                                                      for c in name[1:]):
+            i += 1  # short switches together (-id)
+            continue
+        if name in app_only:
+            raise UsageError(f"run: {name} is an app flag: it goes after the IMAGE it applies to "
+                             "(a --pod-manifest gives each app's settings in the manifest)")
+        raise UsageError(f"run: unknown flag {name} (pod flags go before the first IMAGE; kvmpod run --help)")
+    return words, None, []
+
+
+def _parse_apps(words: list[str], image: str, pod_flags: frozenset[str] = frozenset()) -> list:
+    """Split `IMAGE [app flags] [-- ARGS] [---] [IMAGE2 [app flags] ...]` into one AppOverrides per
+    image, as rkt does: a word that is neither an app flag nor its value starts the next image; after
+    `-- ARGS` only `---` does (the arguments run until it)."""
     from kvmpod.pod.spec import AppOverrides
     from kvmpod.pod.volumes import parse_mount
 
-    segments: list[list[str]] = [[]]
-    for word in words:
-        if word == APP_SEPARATOR:
-            segments.append([])
-        else:
-            segments[-1].append(word)
-    apps = []
     parser = _app_parser()
-    for index, segment in enumerate(segments):
-        if index > 0:
-            if not segment or segment[0].startswith("-"):
+    takes_value = _takes_value(parser)
+    segments: list[tuple[str, list[str], list[str] | None]] = []
+    current: tuple[str, list[str], list[str] | None] = (image, [], None)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == APP_SEPARATOR:
+            segments.append(current)
+            if i + 1 >= len(words) or words[i + 1].startswith("-"):
                 raise UsageError(f"run: an image must follow {APP_SEPARATOR}")
-            image, segment = segment[0], segment[1:]
-        args = None
-        if "--" in segment:
-            cut = segment.index("--")
-            segment, args = segment[:cut], segment[cut + 1:]
-        ns = parser.parse_args(segment)
-        apps.append(AppOverrides(image=image, exec=ns.exec, args=args, env=dict(ns.set_env), user=ns.user,
+            current = (words[i + 1], [], None)
+            i += 2
+        elif word == "--":
+            end = words.index(APP_SEPARATOR, i + 1) if APP_SEPARATOR in words[i + 1:] else len(words)
+            current = (current[0], current[1], words[i + 1:end])
+            i = end
+        elif word.startswith("-") and word != "-":
+            name = word.split("=", 1)[0]
+            if name not in takes_value:
+                where = "a pod flag: it goes before the first IMAGE" if name in pod_flags else "not an app flag"
+                raise UsageError(f"run: {name} (after {current[0]}) is {where}")
+            value = [words[i + 1]] if takes_value[name] and "=" not in word and i + 1 < len(words) else []
+            current[1].extend([word, *value])
+            i += 1 + len(value)
+        else:  # rkt's `run IMG1 IMG2`: the next image
+            segments.append(current)
+            current = (word, [], None)
+            i += 1
+    segments.append(current)
+    apps = []
+    for image_word, flags, args in segments:
+        ns = parser.parse_args(flags)
+        apps.append(AppOverrides(image=image_word, exec=ns.exec, args=args, env=dict(ns.set_env), user=ns.user,
                                  group=ns.group, working_dir=ns.working_dir, name=ns.name,
                                  readonly_rootfs=ns.readonly_rootfs, mounts=[parse_mount(m) for m in ns.mount]))
     return apps
@@ -94,7 +144,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     elif ns.image is None:
         raise UsageError("run: give an IMAGE or --pod-manifest FILE")
     else:
-        apps = _parse_apps(ns.app_words, ns.image)
+        apps = _parse_apps(ns.app_words, ns.image, getattr(ns, "pod_flags", frozenset()))
     network = net_request(ns.net, port_flags, ns.dns, ns.dns_search, ns.dns_opt, ns.hosts_entry)
     if ns.interactive and len(apps) != 1:
         raise UsageError("run: --interactive needs exactly one app")

@@ -102,7 +102,8 @@ def test_double_dash_right_after_the_image_is_the_apps(argv, expected):
 @pytest.mark.parametrize("argv, problem", [
     (["run", "--memory", "12X", "a.aci"], "memory size"),
     (["run", "--cpus", "0", "a.aci"], "at least 1"),
-    (["run", "a.aci", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "a.aci", "--bogus"], "run: --bogus (after a.aci) is not an app flag"),
+    (["run", "--bogus", "x", "a.aci", "--exec", "/bin/true"], "run: unknown flag --bogus (pod flags go before"),
     (["run", "a.aci", "---", "--exec", "/x"], "an image must follow ---"),
 ])
 def test_usage_errors_are_one_line(argv, problem, capsys):
