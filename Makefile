@@ -14,7 +14,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 python3-build help2man zsh
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv bytecode agent kernel kernel-distro qemu initrd demo test unit bench bench-deps bench-image bench-agent clean
+.PHONY: setup deps venv bytecode agent kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean
 
 # The per-machine builds are `kvmpod setup`'s (kvmpod/provision.py): the same path as for an installed kvmpod.
 setup: deps venv bytecode agent
@@ -70,7 +70,12 @@ $(BUILD)/busybox.aci: setup tests/make-busybox-rootfs.sh
 demo: $(BUILD)/busybox.aci
 	$(KVMPOD) run --net user $(BUILD)/busybox.aci  # user-mode networking: the demo changes nothing on the host
 
-test: setup
+# kvmpod as rkt's stage1: `rkt run --stage1-path=build/kvmpod-stage1.aci ...` (docs/stage1.md). Its
+# entrypoints run this checkout's kvmpod (.venv), recorded in the ACI. Rebuilt every time: it is tiny.
+stage1: venv
+	$(VPY) -m kvmpod.stage1.build -o $(BUILD)/kvmpod-stage1.aci
+
+test: setup stage1
 	$(VPY) -m pytest $(PYTEST_ARGS) tests
 
 unit: venv
