@@ -39,13 +39,16 @@ static bool lookup(const struct kp_named *table, size_t n, const char *name, uns
 }
 
 /* The syscall numbers of a set, without duplicates, in nrs[] (room for every known syscall). */
-static int set_numbers(char *const *names, const char *isolator, unsigned *nrs, size_t *n, struct failure *f)
+static int set_numbers(char *const *names, const char *isolator, bool skip_unknown, unsigned *nrs, size_t *n,
+                       struct failure *f)
 {
     for (; *names; names++) {
         unsigned nr;
         if ((*names)[0] == '@')
             return failf(f, "seccomp", EINVAL, "%s: %s is not supported (kvmpod knows @appc.io/all in %s and "
                          "@appc.io/empty in %s)", isolator, *names, RETAIN, REMOVE);
+        if (!lookup(KP_SYSCALLS, ARRAY_LEN(KP_SYSCALLS), *names, &nr) && skip_unknown)
+            continue; /* an OCI profile names every architecture's syscalls: this one lacks it */
         if (!lookup(KP_SYSCALLS, ARRAY_LEN(KP_SYSCALLS), *names, &nr))
             return failf(f, "seccomp", EINVAL, "%s: unknown %s syscall %s", isolator, KP_ARCH_NAME, *names);
         size_t i = 0;
@@ -116,8 +119,8 @@ static int block_action(const char *errno_name, uint32_t *action, struct failure
     return 0;
 }
 
-int seccomp_build(char *const *retain, char *const *remove, const char *errno_name, struct seccomp_filter *out,
-                  struct failure *f)
+int seccomp_build(char *const *retain, char *const *remove, const char *errno_name, bool skip_unknown,
+                  struct seccomp_filter *out, struct failure *f)
 {
     static unsigned nrs[ARRAY_LEN(KP_SYSCALLS) + ARRAY_LEN(LIFE_CYCLE)];
     size_t n = 0;
@@ -134,11 +137,12 @@ int seccomp_build(char *const *retain, char *const *remove, const char *errno_na
     if ((retain && has(retain, "@appc.io/all")) || (remove && has(remove, "@appc.io/empty")))
         return 0;
     if (retain) {
-        if (set_numbers(retain, RETAIN, nrs, &n, f) < 0 || set_numbers(LIFE_CYCLE, RETAIN, nrs, &n, f) < 0)
+        if (set_numbers(retain, RETAIN, skip_unknown, nrs, &n, f) < 0 ||
+            set_numbers(LIFE_CYCLE, RETAIN, false, nrs, &n, f) < 0)
             return -1;
         return emit(nrs, n, RET_ALLOW, block, block, out, f);
     }
-    if (set_numbers(remove, REMOVE, nrs, &n, f) < 0)
+    if (set_numbers(remove, REMOVE, skip_unknown, nrs, &n, f) < 0)
         return -1;
     return emit(nrs, n, block, RET_ALLOW, block, out, f);
 }

@@ -23,11 +23,12 @@ struct seccomp_filter {
 /* Builds the filter of a retain set or a remove set (at most one is non-NULL; both NULL: no
  * filter) with `errno_name` (NULL or "": blocked syscalls kill the process with SIGSYS). The
  * appc wildcards @appc.io/all (retain) and @appc.io/empty (remove) mean "no filter"; other
- * @-values, unknown syscall names and unknown errno names fail (stage "seccomp"). A retain set
+ * @-values, unknown syscall names (unless `skip_unknown`: START_FLAG_SECCOMP_SKIP_UNKNOWN, for OCI
+ * profiles) and unknown errno names fail (stage "seccomp"). A retain set
  * always allows execve, exit and exit_group: the app's life cycle needs them. Runs in the agent,
  * at START; free with seccomp_filter_free(). */
-int seccomp_build(char *const *retain, char *const *remove, const char *errno_name, struct seccomp_filter *out,
-                  struct failure *f);
+int seccomp_build(char *const *retain, char *const *remove, const char *errno_name, bool skip_unknown,
+                  struct seccomp_filter *out, struct failure *f);
 void seccomp_filter_free(struct seccomp_filter *filter);
 
 /* Installs the filter in the calling process (the child, last thing before exec). It needs

@@ -130,7 +130,8 @@ static int prepare_isolators(struct start_req *r, struct failure *f)
                           &r->cap_bounding, f) < 0)
         return -1;
     return seccomp_build(r->seccomp_retain.n ? r->seccomp_retain.v : NULL,
-                         r->seccomp_remove.n ? r->seccomp_remove.v : NULL, r->seccomp_errno, &r->filter, f);
+                         r->seccomp_remove.n ? r->seccomp_remove.v : NULL, r->seccomp_errno,
+                         r->flags & KP_START_FLAG_SECCOMP_SKIP_UNKNOWN, &r->filter, f);
 }
 
 /* RLIMIT values ("RESOURCE SOFT HARD", decimal) into what the child applies; checked here, so that a

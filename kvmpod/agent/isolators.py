@@ -24,6 +24,7 @@ class Isolators:
     seccomp_remove: tuple[str, ...] | None = None
     seccomp_errno: str = ""         # "" : blocked syscalls kill the process with SIGSYS
     no_new_privileges: bool = False
+    seccomp_skip_unknown: bool = False   # names this architecture lacks are skipped (OCI profiles), not refused
 
     def fields(self) -> list[tuple["p.Field", "p.FieldValue | str"]]:
         from kvmpod.agent import protocol as p  # loaded with the session: planning a pod does not need it

@@ -51,7 +51,8 @@ class ProcessSpec:
         flags = ((p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
                  | (p.StartFlag.NO_NEW_PRIVS if self.isolators.no_new_privileges else 0)
                  | (p.StartFlag.TTY if self.tty else 0) | (p.StartFlag.ENTER if self.enter else 0)
-                 | (p.StartFlag.KEEP_ETC if self.keep_etc else 0))
+                 | (p.StartFlag.KEEP_ETC if self.keep_etc else 0)
+                 | (p.StartFlag.SECCOMP_SKIP_UNKNOWN if self.isolators.seccomp_skip_unknown else 0))
         out: list[tuple[p.Field, p.FieldValue | str]] = [
             (p.Field.APP_NAME, self.app_name), (p.Field.DISK_SERIAL, self.disk_serial)]
         out += [(p.Field.ARG, a) for a in self.argv]

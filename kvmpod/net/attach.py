@@ -139,7 +139,7 @@ def _vhost_net() -> bool:
 def needs_netlink(request: NetRequest) -> bool:
     """Does setting up (or releasing) this request use pyroute2, whose synchronous API runs an event
     loop of its own and so must not be called from kvmpod's?"""
-    return request.mode in (NET_DEFAULT, "cni")
+    return request.mode in (NET_DEFAULT, "cni", "netns")
 
 
 @dataclass
@@ -181,8 +181,9 @@ def _save(pod_path: Path, records: list[dict[str, Any]]) -> None:
 def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[AppPorts],
           notice: Callable[[str], None]) -> PodNetwork:
     """Attach the pod's networks; on any failure, undo what was made and raise."""
-    if request.mode in (NET_DEFAULT, "cni") and os.geteuid() != 0:
-        what = "--net default" if request.mode == NET_DEFAULT else f"--net {','.join(request.cni_networks)} (CNI)"
+    if request.mode in (NET_DEFAULT, "cni", "netns") and os.geteuid() != 0:
+        what = ("--net default" if request.mode == NET_DEFAULT else f"network namespace {request.netns}"
+                if request.mode == "netns" else f"--net {','.join(request.cni_networks)} (CNI)")
         raise UsageError(f"{what} needs root (it makes taps, bridges and namespaces): use --net user")
     forwards = resolve_ports(request.ports, apps)
     network = PodNetwork(pod_path)
@@ -219,6 +220,12 @@ def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[App
             from kvmpod.net import cni
 
             network.attachments += cni.attach(list(request.cni_networks), pod_uuid, pod_path, remember, forwards)
+        elif request.mode == "netns":
+            from kvmpod.net import given
+
+            network.attachments += given.attach(Path(request.netns))
+            if network.attachments:
+                remember(network.attachments[0].record)
         network_dns = next((a.dns for a in network.attachments if a.dns), None)
         network.guest = GuestNetwork([a.interface for a in network.attachments],
                                      guest_dns(request, network_dns, notice), hosts_entries(request))
@@ -258,3 +265,6 @@ def _release_record(record: dict[str, Any]) -> None:
     elif kind == "cni":
         from kvmpod.net import cni
         cni.release(record)
+    elif kind == "netns":
+        from kvmpod.net import given
+        given.release(record)

@@ -49,13 +49,14 @@ class PortForward:
 class NetRequest:
     """The pod's network as asked for on the command line (docs/networking.md)."""
 
-    mode: str = NET_NONE                  # none | user | default | cni
+    mode: str = NET_NONE                  # none | user | default | cni | netns (a namespace given: OCI)
     cni_networks: tuple[str, ...] = ()    # mode "cni": the networks, in order (eth0, eth1…)
     ports: tuple[PortRequest, ...] = ()
     dns: tuple[str, ...] = ()             # nameserver addresses; ("host",) or ("none",) are modes
     dns_search: tuple[str, ...] = ()
     dns_options: tuple[str, ...] = ()
     hosts_entries: tuple[str, ...] = ()   # "ADDRESS NAME" lines; ("host",) copies the host's /etc/hosts
+    netns: str = ""                       # mode "netns": the namespace's path (kvmpod/net/given.py)
 
     @property
     def names(self) -> list[str]:

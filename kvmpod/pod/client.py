@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, EXIT_SIGNAL_BASE, Interrupted, KvmpodError
 from kvmpod.pod import control as c
@@ -172,6 +172,7 @@ class EnterRequest:
     user: str | None = None
     group: str | None = None
     workdir: str | None = None
+    kill_on_hangup: bool = False   # the process gets SIGKILL, not SIGHUP, if this client goes (OCI exec)
 
     def message(self, tty: tuple[int, int] | None) -> dict[str, Any]:
         env = self.env
@@ -179,7 +180,8 @@ class EnterRequest:
             env = [f"TERM={term}", *env]  # the terminal's type travels with it, as with ssh
         return {"op": "enter", "app": self.app, "argv": self.argv, "env": env, "user": self.user,
                 "group": self.group, "workdir": self.workdir,
-                "tty": {"rows": tty[0], "cols": tty[1]} if tty else None}
+                "tty": {"rows": tty[0], "cols": tty[1]} if tty else None,
+                **({"kill_on_hangup": True} if self.kill_on_hangup else {})}
 
 
 def exit_status(message: dict[str, Any]) -> int:
@@ -208,14 +210,19 @@ class EnterSession:
         self.stdin_open = True
         self.signals_seen = 0
         self.broken: set[int] = set()
+        self.pid = 0   # the process's pid in the guest, once started
 
     def start(self, req: EnterRequest) -> deque[tuple[c.Kind, bytes]]:
         size = (window_size(self.stdin_fd) or (24, 80)) if self.tty else None
-        _, early = request(self.sock, req.message(size), self.parser, timeout=None)
+        reply, early = request(self.sock, req.message(size), self.parser, timeout=None)
+        self.pid = reply.get("pid") if isinstance(reply.get("pid"), int) else 0
         return deque(early)
 
-    def run(self, req: EnterRequest) -> int:
+    def run(self, req: EnterRequest, on_started: Callable[[int], None] | None = None) -> int:
+        """Start the process (`on_started` gets its guest pid), relay until it ends; its exit status."""
         pending = self.start(req)
+        if on_started is not None:
+            on_started(self.pid)
         with _Signals(self.tty) as signals, \
                 (RawTerminal(self.stdin_fd) if self.tty else contextlib.nullcontext()):
             return self._loop(pending, signals)

@@ -479,6 +479,8 @@ class PodRunner:
     async def signal_apps(self, signo: int) -> None:
         """`signal` (OCI kill): `signo` to every app that runs. Before they run, a pod that is told to
         end (SIGKILL, SIGTERM, SIGINT, SIGHUP) goes at once, as a container that was never started."""
+        if self.pod.state.get("paused") and self.vm.pid is not None and not self.vm.ended.done():
+            await self.set_paused(False)   # a frozen guest could not act on the signal
         if not self.apps_started:
             if signo in (signal.SIGKILL, *POD_SIGNALS):
                 self.stop_reason = self.stop_reason or (f"killed by signal {signo} before its apps started",

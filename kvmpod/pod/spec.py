@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class ProcessExtras:
     rlimits: tuple[tuple[int, int, int], ...] = ()   # (RLIMIT_* number, soft, hard)
     oom_score_adj: int | None = None
     keep_etc: bool = False   # the root brings its own /etc/hosts and resolv.conf (no executor files)
+    seccomp_skip_unknown: bool = False   # seccomp names this architecture lacks are skipped (OCI profiles)
 
 
 @dataclass
@@ -201,6 +203,8 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
         raise UsageError(f"--working-dir: {working_dir!r} is not an absolute path")
     image_env = [(e.name, e.value) for e in app.environment] if app else []
     isolators, unenforced = enforced_isolators(name, list(app.isolators) if app else [])
+    if overrides.extras.seccomp_skip_unknown:
+        isolators = dataclasses.replace(isolators, seccomp_skip_unknown=True)
     handlers = {h: list(app.event_handlers[h]) for h in EVENT_HANDLERS if app and h in app.event_handlers}
     return ResolvedApp(
         name=name,

@@ -47,6 +47,7 @@ class Mount:
     """An app's explicit mount (`--mount volume=NAME,target=PATH`, a pod manifest's apps[].mounts)."""
     volume: str
     target: str
+    file: str = ""      # non-empty: `target` is a file, bound from this file of the volume (OCI file binds)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class AppMount:
     volume: Volume
     target: str
     read_only: bool
+    file: str = ""      # see Mount.file
 
     def field(self, tag: str, transport: str = "virtiofs") -> str:
         """START's VOLUME_MOUNT value: `NAME:KIND:OPTIONS:TARGET` (docs/agent-protocol.md).
@@ -64,7 +66,8 @@ class AppMount:
             options = f"mode={v.mode:04o},uid={v.uid},gid={v.gid}"
         else:
             options = f"tag={tag}" + (",9p" if transport == "9p" else "") + (",ro" if v.read_only else "")
-        return f"{v.name}:{v.kind}:{options}{',bindro' if self.read_only else ''}:{self.target}"
+        file = f",file={self.file}" if self.file else ""
+        return f"{v.name}:{v.kind}:{options}{file}{',bindro' if self.read_only else ''}:{self.target}"
 
 
 def _bool(flag: str, key: str, value: str) -> bool:
@@ -188,7 +191,7 @@ def app_mounts(app_name: str, volumes: dict[str, Volume], explicit: list[Mount],
                 raise UsageError(f"app {app_name}: --mount volume={m.volume}: no such volume (give --volume {m.volume},...)")
             mp = by_name.get(m.volume)
             ro = volumes[m.volume].read_only or (mp is not None and mp.read_only)
-            out.append(AppMount(volumes[m.volume], m.target, ro))
+            out.append(AppMount(volumes[m.volume], m.target, ro, m.file))
     else:
         for mp in mount_points:
             if mp.name in volumes:
