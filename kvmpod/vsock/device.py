@@ -209,9 +209,15 @@ class VsockDevice:
     def queue_started(self, vhost: "VhostUserConnection", index: int) -> None:
         self.queue_kicked(index)
 
-    def queue_stopped(self, index: int) -> None:
+    def queue_stopped(self, index: int) -> int:
+        """The queue stops (QEMU's stop/cont, a reset): how many buffers it took from the guest without
+        using them, which the ring's base is rewound by, so that the guest's buffers are offered again
+        when it restarts instead of being lost (they are the last ones taken: used in order)."""
         if index == RX:
+            unused = len(self._spare_rx)
             self._spare_rx.clear()
+            return unused
+        return 0
 
     def queue_kicked(self, index: int) -> None:
         try:

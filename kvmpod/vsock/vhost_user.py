@@ -280,7 +280,8 @@ class VhostUserConnection:
             self._loop.remove_reader(q.kick_fd)
         q.close_fds()
         q.unmap()
-        self.device.queue_stopped(q.index)
+        unused = self.device.queue_stopped(q.index)
+        q.last_avail = (q.last_avail - unused) & 0xFFFF   # GET_VRING_BASE: where the device resumes
 
     def _stop_rings(self) -> None:
         for q in self.queues:
