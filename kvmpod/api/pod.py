@@ -266,10 +266,10 @@ class PodProcess:
             raise _error(outcome, result)
         return result
 
-    def _stop_after_timeout(self, timeout: float, input: bytes | None) -> tuple[bytes | None, bytes | None]:
+    def _stop_after_timeout(self) -> tuple[bytes | None, bytes | None]:
         self.stop()
         try:
-            return self._proc.communicate(input=None, timeout=self._stop_timeout + KILL_GRACE)
+            return self._proc.communicate(timeout=self._stop_timeout + KILL_GRACE)
         except subprocess.TimeoutExpired:
             self._proc.kill()  # its QEMU dies with it (the pod directory stays: `kvmpod gc`)
             return self._proc.communicate()
@@ -277,10 +277,11 @@ class PodProcess:
     def communicate(self, input: bytes | None = None, timeout: float | None = None) -> PodResult:
         """Feed `input` to the app, read the output to its end, wait for the pod; PodTimeout after
         `timeout` seconds (the pod stopped), the kvmpod.errors class of a failure."""
+        self._forget_closed_streams()
         try:
             stdout, stderr = self._proc.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            stdout, stderr = self._stop_after_timeout(timeout or 0, input)
+            stdout, stderr = self._stop_after_timeout()
             try:
                 result = self._finish(stdout, stderr)
             except KvmpodError as e:
@@ -307,10 +308,18 @@ class PodProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Leaving the block stops a pod still running, and waits for it."""
+        """Leaving the block stops a pod still running and waits for it, the output it still had unread."""
         if self._proc.poll() is None:
             self.stop()
+        self._forget_closed_streams()
         self._proc.communicate()
+
+    def _forget_closed_streams(self) -> None:
+        """Streams the caller closed are not Popen's to flush or read any more."""
+        for name in ("stdin", "stdout", "stderr"):
+            stream = getattr(self._proc, name)
+            if stream is not None and stream.closed:
+                setattr(self._proc, name, None)
 
 
 def _error(outcome: Mapping[str, Any], result: PodResult) -> KvmpodError:
