@@ -249,10 +249,12 @@ class Stage0:
 
     def run(self, pod: Pod, argv: list[str], env: dict[str, str] | None = None, timeout: float = 240,
             **popen: Any) -> subprocess.CompletedProcess:
+        input_ = popen.pop("input", None)
+        popen.setdefault("stdin", subprocess.DEVNULL if input_ is None else subprocess.PIPE)
         popen.setdefault("stdout", subprocess.PIPE)
         popen.setdefault("stderr", subprocess.PIPE)
         proc = self.spawn_run(pod, argv, env, **popen)
-        out, err = proc.communicate(popen.pop("input", None), timeout=timeout)
+        out, err = proc.communicate(input_, timeout=timeout)
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     # -- the pod's state, as rkt reads it -------------------------------------------------------
