@@ -219,7 +219,8 @@ def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[App
         elif request.mode == "cni":
             from kvmpod.net import cni
 
-            network.attachments += cni.attach(list(request.cni_networks), pod_uuid, pod_path, remember, forwards)
+            network.attachments += cni.attach(list(request.cni_networks), pod_uuid, pod_path, remember, forwards,
+                                              [Path(d) for d in request.cni_config_dirs] or None)
         elif request.mode == "netns":
             from kvmpod.net import given
 

@@ -210,6 +210,17 @@ def load_network(name: str, dirs: list[Path] | None = None) -> NetworkConfig:
     raise NetworkError(f"--net {name}: no CNI network named {name!r} in {where} ({have})")
 
 
+def network_names(dirs: list[Path] | None = None) -> list[str]:
+    """Every network configured in the config dirs, in lookup order, each name once."""
+    names: list[str] = []
+    for directory in config_dirs() if dirs is None else dirs:
+        for path in _config_files(directory):
+            name = _read_config(path).name
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def find_plugin(kind: str, path: list[Path]) -> Path:
     for directory in path:
         candidate = directory / kind
@@ -543,14 +554,15 @@ def port_mappings(forwards: list[PortForward]) -> list[dict[str, Any]]:
 
 
 def attach(names: list[str], pod_uuid: str, pod_path: Path, remember: Callable[[dict[str, Any]], None],
-           forwards: list[PortForward] | None = None) -> list[Attachment]:
+           forwards: list[PortForward] | None = None, config_dirs: list[Path] | None = None) -> list[Attachment]:
     """The pod's namespace, each network's ADD there and a tap joined to its interface; on any failure
     everything made so far is undone and NetworkError raised. `forwards` (--port) go to the plugins
-    with the portMappings capability (e.g. portmap) of every network."""
+    with the portMappings capability (e.g. portmap) of every network. `config_dirs`: where the configs
+    are (default: [net] cni-config-dirs)."""
     from kvmpod.net.tap import open_tap
 
     path = plugin_path()
-    confs = [load_network(name) for name in names]
+    confs = [load_network(name, config_dirs) for name in names]
     if forwards:
         if not any(conf.has_capability("portMappings") for conf in confs):
             raise NetworkError(f"--port with --net {','.join(names)}: no plugin of "

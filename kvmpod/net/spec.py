@@ -57,6 +57,9 @@ class NetRequest:
     dns_options: tuple[str, ...] = ()
     hosts_entries: tuple[str, ...] = ()   # "ADDRESS NAME" lines; ("host",) copies the host's /etc/hosts
     netns: str = ""                       # mode "netns": the namespace's path (kvmpod/net/given.py)
+    # mode "cni": where the network configs are looked up, in order; () is [net] cni-config-dirs
+    # (rkt's stage1 looks in rkt's net.d directories, kvmpod/stage1/network.py)
+    cni_config_dirs: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:

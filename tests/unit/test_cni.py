@@ -365,7 +365,7 @@ def test_remember_saves_the_same_record_in_place(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake_attach(names, pod_uuid, pod_path, remember, forwards=None):
+    def fake_attach(names, pod_uuid, pod_path, remember, forwards=None, config_dirs=None):
         record = {"kind": "test", "step": 1}
         remember(record)
         record["step"] = 2

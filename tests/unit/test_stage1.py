@@ -234,11 +234,28 @@ def test_unsupported_run_flags_are_refused(pod):
 
 
 @pytest.mark.parametrize("net, expected", [
-    ("none", ("none", ())), ("default", ("default", ())),
+    ("none", ("none", ())), ("default", ("default", ())), ("a,b", ("cni", ("a", "b"))),
 ])
 def test_networks(net, expected, tmp_path):
     req = network.net_request(flags.parse_run([f"--net={net}", UUID]), tmp_path, [])
     assert (req.mode, req.cni_networks) == expected
+    assert req.cni_config_dirs == (("/etc/rkt/net.d", "/usr/lib/rkt/net.d") if req.mode == "cni" else ())
+
+
+def test_cni_networks_are_looked_up_in_rkts_config_dirs(tmp_path):
+    from kvmpod.net.cni import load_network
+
+    local = tmp_path / "etc-rkt"
+    (local / "net.d").mkdir(parents=True)
+    for i, name in enumerate(("front", "back")):
+        (local / "net.d" / f"{i}0-{name}.conf").write_text(json.dumps(
+            {"cniVersion": "0.4.0", "name": name, "type": "bridge", "ipam": {"type": "host-local"}}))
+    req = network.net_request(flags.parse_run([f"--local-config={local}", "--net=all", UUID]), tmp_path, [])
+    assert (req.mode, req.cni_networks) == ("cni", ("front", "back"))
+    assert load_network("back", [Path(d) for d in req.cni_config_dirs]).name == "back"
+    with pytest.raises(Stage1Error, match="--net=all: no CNI network configs in"):
+        network.net_request(flags.parse_run([f"--local-config={tmp_path / 'none'}", "--net=all", UUID]),
+                            tmp_path, [])
 
 
 @pytest.mark.parametrize("net, message", [
