@@ -108,7 +108,7 @@ clean:
 PREFIX  ?= /usr/local
 DESTDIR ?=
 INSTALL_PY := /usr/bin/python3
-INSTALL_DEB_PACKAGES := python3-venv python3-build musl-tools make help2man
+INSTALL_DEB_PACKAGES := python3-venv python3-build gcc musl-tools make help2man
 .PHONY: install uninstall install-deps
 install-deps:
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(INSTALL_DEB_PACKAGES)'

@@ -31,10 +31,10 @@ def _compile_programs(build_dir: Path) -> None:
     """`make -C guest-agent` with its build directory in build_dir (the source tree stays untouched)."""
     if shutil.which("make") is None:
         raise SetupError("kvmpod: building the wheel compiles the guest agent: `make` not found "
-                         "(apt-get install make musl-tools)")
-    if not os.environ.get("CC") and not (shutil.which("musl-gcc") or shutil.which("gcc")):
+                         "(apt-get install make gcc musl-tools)")
+    if not os.environ.get("CC") and not shutil.which("gcc"):  # musl-gcc too is a wrapper around gcc
         raise SetupError("kvmpod: building the wheel compiles the guest agent and kvmpod-relay (static C): "
-                         "no C compiler (apt-get install musl-tools, or gcc)")
+                         "no C compiler (apt-get install gcc musl-tools)")
     cmd = ["make", "-s", "-C", str(HERE / "guest-agent"), f"BUILD={build_dir}", f"PYTHON={sys.executable}",
            f"-j{len(os.sched_getaffinity(0))}", "all"]
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")

@@ -79,3 +79,23 @@ def test_failures_raise_their_class(image, make, error, exit_code, message):
         make(image).run(timeout=200)
     assert caught.value.exit_code == exit_code
     assert isinstance(caught.value.result, kvmpod.PodResult)
+
+
+def test_the_pod_ends_with_the_program_that_started_it(image, kvmpod_env):
+    """A program that dies without stopping its pod: the worker gets SIGTERM (PR_SET_PDEATHSIG) and the
+    pod ends, its VM and directory gone (the autouse fixture checks them)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import kvmpod, os, sys\n"
+            f"proc = kvmpod.Pod(kvmpod.App({image!r}, exec='/bin/sleep', args=['600']), net='none').start()\n"
+            "proc.wait_started(200)\n"
+            "print(proc.pid, flush=True)\n"
+            "os._exit(0)\n")
+    program = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    worker = int(program.stdout)
+    deadline = time.time() + 60   # the pod's stop: SIGTERM to sleep, which dies of it
+    while Path(f"/proc/{worker}").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{worker}").exists(), "the worker outlived the program that started it"

@@ -108,6 +108,20 @@ def test_wheel_carries_what_kvmpod_needs(wheel):
     assert any(n.startswith("kvmpod/boot/data/patches/") and n.endswith(".patch") for n in entries)
 
 
+def test_wheel_build_without_a_compiler_fails_in_one_line(tmp_path):
+    """No wheel without its agent: a build where only `make` is on PATH stops, naming the packages."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "make").symlink_to(shutil.which("make"))
+    out = tmp_path / "dist"
+    proc = run([SYSTEM_PYTHON, "-m", "build", "--outdir", str(out), str(REPO)],
+               env={**os.environ, "PATH": str(bin_dir)})
+    assert proc.returncode != 0
+    assert ("kvmpod: building the wheel compiles the guest agent and kvmpod-relay (static C): no C compiler "
+            "(apt-get install gcc musl-tools)") in proc.stdout + proc.stderr
+    assert list(out.glob("*.whl")) == []
+
+
 def test_wheel_in_a_fresh_venv_runs_pods_as_root_and_as_a_user(wheel, public_dir, image, user, kvmpod_env):
     venv = public_dir / "venv"
     ok([SYSTEM_PYTHON, "-m", "venv", str(venv)])
