@@ -9,6 +9,8 @@
 6. image      import + ISO build throughput on a Debian minbase rootfs vs gzip|sha512sum, tar -x, xorriso;
               the cost of a cached second run (bench/image.py; needs root + debootstrap the first time)
 7. agent      stdout throughput and exec latency per agent transport vs virtio-serial (bench/agent.py)
+8. stage1     start through kvmpod's stage1 (tests/stage0.py, rkt's ABI) vs kvmpod run of the same pod
+              (bench/stage1.py; needs root)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import KVMPOD, REPO, bench_env, build_busybox_aci, measure_start, print_start, stats, timed  # noqa: E402
 from agent import measure as measure_agent, print_agent  # noqa: E402
 from image import Unavailable, measure_image, print_image  # noqa: E402
+from stage1 import Unavailable as Stage1Unavailable, measure_stage1, print_stage1  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -233,6 +236,7 @@ def main() -> int:
     parser.add_argument("--scale", default="1,2,4,8,16")
     parser.add_argument("--image-runs", type=int, default=3)
     parser.add_argument("--agent-mib", type=int, default=256, help="MiB streamed per agent transport")
+    parser.add_argument("--stage1-runs", type=int, default=5)
     args = parser.parse_args()
     began = time.perf_counter()
     qemu = find_qemu()
@@ -259,6 +263,13 @@ def main() -> int:
         header("7. agent transports")
         results["agent"] = measure_agent(work, aci, args.agent_mib, execs=20, rounds=2)
         print_agent(results["agent"])
+        header("8. stage1 (rkt's stage1 ABI through tests/stage0.py)")
+        try:
+            results["stage1"] = measure_stage1(work, aci, args.stage1_runs)
+            print_stage1(results["stage1"])
+        except Stage1Unavailable as e:
+            print(f"skipped: {e}")
+            results["stage1"] = {"skipped": str(e)}
     header("6. image (import + rootfs disk of a Debian minbase)")
     try:
         results["image"] = measure_image(args.image_runs)
