@@ -28,7 +28,8 @@ from kvmpod.fsutil import write_atomically
 from kvmpod.pod.poddir import process_start_time
 from kvmpod.pod.registry import PodInfo
 
-DEFAULT_ROOT = Path("/run/kvmpod-oci")
+# runc's --root; KVMPOD_OCI_ROOT changes the default (for a runtime wrapper: conmon passes no environment on)
+DEFAULT_ROOT = Path(os.environ.get("KVMPOD_OCI_ROOT") or "/run/kvmpod-oci")
 RECORD = "container.json"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]{0,1023}$")
 OCI_VERSION = "1.0.2"   # the runtime-spec version kvmpod-oci implements (state.json's ociVersion)

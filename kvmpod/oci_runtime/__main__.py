@@ -1,0 +1,3 @@
+from kvmpod.oci_runtime.cli import entry
+
+entry()
