@@ -11,7 +11,8 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils patch \
                 dpkg-dev meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libslirp-dev libfdt-dev \
                 libcap-ng-dev libattr1-dev \
-                python3-build help2man zsh
+                python3-build help2man zsh \
+                podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv bytecode agent kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean
