@@ -7,7 +7,7 @@
     <pod>/pid                                      written here: the pod's process, for `rkt enter`
     <pod>/stage1/rootfs/rkt/status/<app>           written here: the app's exit status, for `rkt status`
     <pod>/stage1/rootfs/rkt/supervisor-status      written here: -> "ready" once every app runs
-    <pod>/stage1/rootfs/kvmpod/pod.json            written here: where the kvmpod pod directory is
+    <pod>/kvmpod.json                              written here: where the kvmpod pod directory is
 
 The pod manifest is checked as `kvmpod run --pod-manifest` checks one (kvmpod/pod/podmanifest.py),
 after two adjustments for what rkt (Go's encoding/json and appc's Go types) writes: null stands for
@@ -36,7 +36,7 @@ STAGE1_ROOTFS = Path("stage1", "rootfs")
 STAGE2 = STAGE1_ROOTFS / "opt" / "stage2"
 STATUS_DIR = STAGE1_ROOTFS / "rkt" / "status"
 SUPERVISOR_STATUS = STAGE1_ROOTFS / "rkt" / "supervisor-status"
-RECORD = STAGE1_ROOTFS / "kvmpod" / "pod.json"
+RECORD = Path("kvmpod.json")   # next to `pid`, outside any overlay stage0 mounts on stage1/rootfs
 PID_FILE = "pid"
 MAX_MANIFEST_BYTES = 1 << 20
 MUTABLE_ANNOTATION = "coreos.com/rkt/stage1/mutable"
@@ -95,7 +95,6 @@ class RktPod:
 def write_record(root: Path, kvmpod_pod_dir: Path) -> None:
     """Where this pod's kvmpod pod directory is, for enter, stop and gc (whatever their environment)."""
     path = root / RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, json.dumps({"pod_dir": str(kvmpod_pod_dir)}).encode(), mode=0o644)
 
 

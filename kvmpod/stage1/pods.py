@@ -19,14 +19,13 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0   # seconds the apps get after SIGTERM before SIGKILL (kvmpod stop's default)
 
 
-def kvmpod_pod_dir(root: Path, uuid: str | None) -> Path | None:
-    """The kvmpod pod directory of the rkt pod in `root`: as run recorded it, else by UUID."""
+def kvmpod_pod_dir(root: Path, uuid: str | None) -> Path:
+    """The kvmpod pod directory of the rkt pod in `root`: as run recorded it, else by UUID (enter is
+    given none: rkt's pod directory is named by it)."""
     recorded = read_record(root)
     if recorded is not None:
         return recorded
-    if uuid is not None:
-        return paths.runtime_dir() / "pods" / uuid
-    return None
+    return paths.runtime_dir() / "pods" / (uuid or root.name)
 
 
 def _pod_info(path: Path) -> PodInfo:
@@ -41,7 +40,7 @@ def enter(argv: list[str]) -> int:
     args = parse_enter(argv)
     root = Path.cwd()
     path = kvmpod_pod_dir(root, None)
-    if path is None or not path.is_dir():
+    if not path.is_dir():
         raise Stage1Error(f"enter: {root}: the pod is not running (no kvmpod pod for it)")
     pod = _pod_info(path)
     running_pid = pod.state.get("kvmpod_pid")
@@ -57,7 +56,7 @@ def stop(argv: list[str]) -> int:
 
     args = parse_stop(argv)
     path = kvmpod_pod_dir(Path.cwd(), args.uuid)
-    if path is None or not path.is_dir():
+    if not path.is_dir():
         return 0
     stop_pod(_pod_info(path), STOP_TIMEOUT, args.force)
     return 0
@@ -73,7 +72,7 @@ def gc(argv: list[str]) -> int:
     args = parse_gc(argv)
     configure_logging(args.debug)
     path = kvmpod_pod_dir(Path.cwd(), args.uuid)
-    if path is None or not path.exists():
+    if not path.exists():
         log.debug("gc: pod %s has nothing left to release", args.uuid)
         return 0
     remove(_pod_info(path))   # refuses a pod whose process still runs; raises if a network is stuck

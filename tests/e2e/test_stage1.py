@@ -121,8 +121,13 @@ def test_two_app_pods(rkt, busybox_aci, first, second, code, statuses):
 
 def test_output_and_environment(rkt, busybox_aci):
     script = ('echo "out $PATH $AC_APP_NAME"; echo err >&2; hostname; echo "$AC_METADATA_URL"; '
-              'wget -q -O - "$AC_METADATA_URL/acMetadata/v1/pod/uuid"; echo')
+              'wget -q -O - "$AC_METADATA_URL/acMetadata/v1/pod/uuid"; echo; grep CapBnd /proc/self/status')
     pod = rkt.pod(App(busybox_aci, **sh(script)))
+    manifest = json.loads(pod.file("pod").read_text())   # isolators, as `rkt run --caps-retain` writes them
+    manifest["apps"][0]["app"]["isolators"] = [
+        {"name": "os/linux/capabilities-retain-set", "value": {"set": ["CAP_KILL", "CAP_NET_BIND_SERVICE"]}},
+        {"name": "os/linux/oom-score-adj", "value": 100}]
+    pod.file("pod").write_text(json.dumps(manifest))
     # the argv in Go flag's other spellings: space-separated values, an explicit false
     argv = [rkt.run_argv(pod)[0], "--debug=false", "--net", "none", "--hostname", "web", "--mds-token", "tok", pod.uuid]
     result = rkt.run(pod, argv, env=rkt.env)
@@ -131,7 +136,9 @@ def test_output_and_environment(rkt, busybox_aci):
     assert out[0] == "out /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin busybox"
     assert out[1] == "web" and out[2].startswith("http://127.0.0.1:18112/")
     assert out[3] == pod.uuid   # the UUID stage0 chose is the pod's
+    assert out[4].split() == ["CapBnd:", "0000000000000420"]   # KILL (5) and NET_BIND_SERVICE (10)
     assert errors(result) == ["err"]
+    assert "kvmpod: notice: app busybox: isolator os/linux/oom-score-adj is not enforced" in result.stderr.decode()
     assert rkt.statuses(pod) == {"busybox": 0}
 
 
