@@ -309,3 +309,25 @@ def test_net_host_is_refused(rkt, busybox_aci):
     assert result.returncode == 254
     assert errors(result) == ["kvmpod-stage1: error: run: --net=host: a pod VM cannot share the host's network "
                               "namespace (use --net=default or a CNI network)"]
+
+
+# -- CNI networks from rkt's config directories ---------------------------------------------------
+
+def test_a_cni_network_from_rkts_local_config(rkt, busybox_aci, kvmpod_env, tmp_path):
+    from tests.e2e.test_net_cni import PLUGINS, CniHost
+
+    if not all((PLUGINS / p).exists() for p in ("bridge", "host-local")):
+        pytest.skip("the CNI plugins bridge and host-local are not in /usr/lib/cni (containernetworking-plugins)")
+    (tmp_path / "rkt-etc").mkdir()
+    host = CniHost(kvmpod_env, tmp_path / "rkt-etc")   # its configs are in rkt-etc/net.d: --local-config's
+    try:
+        toml = tmp_path / "plugins.toml"   # kvmpod's own config names the plugins only, not the configs
+        toml.write_text(f'[net]\ncni-plugin-path = ["{PLUGINS}"]\n')
+        pod = rkt.pod(App(busybox_aci, **sh("ip -4 -o addr show eth0 | tr -s ' ' | cut -d' ' -f4")))
+        argv = rkt.run_argv(pod, net="testnet", local_config=str(tmp_path / "rkt-etc"))
+        result = rkt.run(pod, ["ip", "netns", "exec", host.name, *argv], env={**kvmpod_env, "KVMPOD_CONFIG": str(toml)})
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout.decode().startswith("10.77.0.")
+        assert host.leases() == [] and host.veths() == []   # released at the pod's end
+    finally:
+        host.delete()
