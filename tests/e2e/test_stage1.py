@@ -220,6 +220,31 @@ def test_enter_then_stop(rkt, busybox_aci):
     assert rkt.stop(pod, env=rkt.env).returncode == 0   # an exited pod: nothing to do
 
 
+def test_enter_on_a_terminal(rkt, busybox_aci):
+    from tests.e2e.test_interact import PtySession
+
+    pod = rkt.pod(App(busybox_aci, **SLEEPER))
+    rkt.start(pod)
+    pid = rkt.wait_pid(pod)
+    argv = [str(pod.file("stage1/rootfs/kvmpod/enter")), f"--pid={pid}", "--appname=busybox", "--",
+            "/bin/sh", "-c", "tty; stty size; read line; echo got $line; exit 9"]
+    here = os.getcwd()
+    os.chdir(pod.path)   # stage0 runs enter in the pod directory (PtySession takes no cwd)
+    try:
+        term = PtySession(argv, rkt.env, rows=33, cols=77)
+    finally:
+        os.chdir(here)
+    try:
+        assert b"/dev/pts/" in term.expect(b"/dev/pts/")
+        term.expect(b"33 77")
+        term.send(b"abc\r")
+        term.expect(b"got abc")
+        assert term.wait() == 9
+    finally:
+        term.close()
+    assert rkt.stop(pod, force=True, env=rkt.env).returncode == 0
+
+
 def test_stop_force(rkt, busybox_aci):
     pod = rkt.pod(App(busybox_aci, **SLEEPER))
     proc = rkt.start(pod)

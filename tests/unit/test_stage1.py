@@ -303,3 +303,29 @@ def test_disable_flags_lift_isolators(pod):
     assert [i.name for i in lifted.isolators] == ["os/linux/no-new-privileges", "os/linux/capabilities-retain-set"]
     assert lifted.isolators[1].value["set"] == list(stage1_run.ALL_CAPABILITIES)
     assert stage1_run.app_object(app, flags.parse_run([UUID])) is app.pod_app.app
+
+
+# -- the entrypoints' own failures ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["run", UUID], {}, "kvmpod-stage1: error: RKT_LOCK_FD is not set: stage0 passes the pod directory's locked fd "
+                        "in it"),
+    (["run", "--bogus", UUID], {}, "kvmpod-stage1: error: run: flag provided but not defined: --bogus"),
+    (["launch"], {}, "kvmpod-stage1: error: usage: python -m kvmpod.stage1 run|enter|stop|gc ARGS..."),
+    (["enter", "--pid=1", "--appname=a", "--", "/bin/true"], {},
+     "kvmpod-stage1: error: enter: {cwd}: the pod is not running (no kvmpod pod for it)"),
+])
+def test_entrypoint_failures_are_one_line_and_254(tmp_path, argv, env, message):
+    environ = {k: v for k, v in os.environ.items() if k != "RKT_LOCK_FD"}
+    environ["KVMPOD_RUN_DIR"] = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "kvmpod.stage1", *argv], cwd=tmp_path, capture_output=True,
+                            text=True, env={**environ, **env})
+    assert (result.returncode, result.stderr) == (254, message.format(cwd=tmp_path) + "\n")
+
+
+def test_stop_and_gc_of_a_pod_that_left_nothing_succeed(tmp_path):
+    env = {**os.environ, "KVMPOD_RUN_DIR": str(tmp_path / "run")}
+    for argv in (["stop", UUID], ["stop", "--force", UUID], ["gc", "--debug", "--local-config", "/x", UUID]):
+        result = subprocess.run([sys.executable, "-m", "kvmpod.stage1", *argv], cwd=tmp_path, capture_output=True,
+                                env=env)
+        assert result.returncode == 0, result.stderr
