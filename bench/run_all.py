@@ -11,6 +11,8 @@
 7. agent      stdout throughput and exec latency per agent transport vs virtio-serial (bench/agent.py)
 8. stage1     start through kvmpod's stage1 (tests/stage0.py, rkt's ABI) vs kvmpod run of the same pod
               (bench/stage1.py; needs root)
+9. oci        podman run --rm IMAGE /bin/true with kvmpod-oci vs runc and crun, and vs kvmpod run of the
+              same rootfs (bench/oci.py; needs root and podman)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -38,6 +40,7 @@ from common import KVMPOD, REPO, bench_env, build_busybox_aci, measure_start, pr
 from agent import measure as measure_agent, print_agent  # noqa: E402
 from image import Unavailable, measure_image, print_image  # noqa: E402
 from stage1 import Unavailable as Stage1Unavailable, measure_stage1, print_stage1  # noqa: E402
+from oci import Unavailable as OciUnavailable, measure_oci, print_oci  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -237,6 +240,7 @@ def main() -> int:
     parser.add_argument("--image-runs", type=int, default=3)
     parser.add_argument("--agent-mib", type=int, default=256, help="MiB streamed per agent transport")
     parser.add_argument("--stage1-runs", type=int, default=5)
+    parser.add_argument("--oci-runs", type=int, default=5)
     args = parser.parse_args()
     began = time.perf_counter()
     qemu = find_qemu()
@@ -270,6 +274,13 @@ def main() -> int:
         except Stage1Unavailable as e:
             print(f"skipped: {e}")
             results["stage1"] = {"skipped": str(e)}
+        header("9. oci (podman run --rm IMAGE /bin/true)")
+        try:
+            results["oci"] = measure_oci(work, aci, args.oci_runs)
+            print_oci(results["oci"])
+        except OciUnavailable as e:
+            print(f"skipped: {e}")
+            results["oci"] = {"skipped": str(e)}
     header("6. image (import + rootfs disk of a Debian minbase)")
     try:
         results["image"] = measure_image(args.image_runs)

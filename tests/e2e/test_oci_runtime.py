@@ -20,100 +20,25 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
-import tarfile
 import termios
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-PODMAN = shutil.which("podman")
+from tests.podman_env import CONFIGURED, IMAGE, PODMAN, TIMEOUT, Podman, isolated_podman, unmount_below
+
 CTR, CONTAINERD = shutil.which("ctr"), shutil.which("containerd")
 pytestmark = pytest.mark.skipif(PODMAN is None or os.geteuid() != 0,
                                 reason="podman (Debian package podman, installed by make setup) and root are needed")
-KVMPOD_OCI = Path(sys.executable).parent / "kvmpod-oci"
-IMAGE = "localhost/kvmpod-test/bb:1"
-CONFIGURED = "localhost/kvmpod-test/configured:1"
-TIMEOUT = 240
-
-
-@dataclass
-class Podman:
-    base: Path
-    netns: str
-    runtime: Path
-    env: dict[str, str]
-
-    def argv(self, *args: str) -> list[str]:
-        return ["nsenter", f"--net=/run/netns/{self.netns}", PODMAN or "podman",
-                "--root", str(self.base / "storage"), "--runroot", str(self.base / "run"),
-                "--tmpdir", str(self.base / "libpod"), "--network-config-dir", str(self.base / "networks"),
-                "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--storage-driver", "overlay",
-                "--runtime", str(self.runtime), *args]
-
-    def __call__(self, *args: str, input: bytes | None = None, check: bool = False,
-                 timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-        done = subprocess.run(self.argv(*args), input=input, capture_output=True, env=self.env, timeout=timeout)
-        if check and done.returncode != 0:
-            raise AssertionError(f"podman {' '.join(args)}: exit {done.returncode}: {done.stderr.decode()[-2000:]}")
-        return done
-
-    def in_netns(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", *argv], capture_output=True,
-                              timeout=timeout)
-
-
-def _unmount_below(path: Path) -> None:
-    """podman's overlay mounts (and its storage's own bind mount) under the test's directory."""
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    for target in sorted((m for m in mounts if m.startswith(str(path))), key=len, reverse=True):
-        subprocess.run(["umount", "-l", target], capture_output=True)
-
-
-def _write_wrapper(path: Path, env: dict[str, str], oci_root: Path) -> None:
-    keys = ("KVMPOD_RUN_DIR", "KVMPOD_STORE_DIR", "KVMPOD_AUDIT_LOG", "XDG_CONFIG_HOME", "KVMPOD_SNAPSHOT_DIR")
-    lines = ["#!/bin/sh", *(f"export {k}='{env[k]}'" for k in keys), f"export KVMPOD_OCI_ROOT='{oci_root}'",
-             f"exec '{KVMPOD_OCI}' \"$@\""]
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o755)
 
 
 @pytest.fixture(scope="module")
-def podman(tmp_path_factory, kvmpod_dirs, busybox_rootfs) -> Podman:
-    base = tmp_path_factory.mktemp("podman")
-    for sub in ("storage", "run", "libpod", "networks"):
-        (base / sub).mkdir()
-    (base / "containers.conf").write_text(
-        '[containers]\n'
-        '# below this sandbox\'s hard limits (machine-facts.md): podman\'s defaults cannot be set here\n'
-        'default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
-        '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
-    (base / "storage.conf").write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{base}/storage"\n'
-                                       f'runroot = "{base}/run"\n')
-    env = {**os.environ, **kvmpod_dirs, "CONTAINERS_CONF": str(base / "containers.conf"),
-           "CONTAINERS_STORAGE_CONF": str(base / "storage.conf")}
-    _write_wrapper(base / "kvmpod-oci", kvmpod_dirs, base / "oci-root")
-    netns = f"kvmpod-oci-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    p = Podman(base, netns, base / "kvmpod-oci", env)
-    try:
-        p.in_netns("ip", "link", "set", "lo", "up")
-        with tarfile.open(base / "rootfs.tar", "w") as tar:
-            tar.add(busybox_rootfs, arcname=".")
-        p("import", str(base / "rootfs.tar"), IMAGE, check=True)
-        p("import", "--change", "ENV=GREETING=from-the-image", "--change", "WORKDIR=/home/app",
-          "--change", "USER=1000:1000", str(base / "rootfs.tar"), CONFIGURED, check=True)
+def podman(tmp_path_factory, kvmpod_dirs, busybox_rootfs) -> Iterator[Podman]:
+    with isolated_podman(tmp_path_factory.mktemp("podman") / "env", kvmpod_dirs, busybox_rootfs) as p:
         yield p
-    finally:
-        p("rm", "--all", "--force", "--time", "0")
-        p("volume", "rm", "--all", "--force")
-        p("rmi", "--all", "--force")
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        _unmount_below(base)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -377,7 +302,7 @@ def containerd(tmp_path_factory, podman):
             daemon.kill()
             daemon.wait()
         log.close()
-        _unmount_below(base)
+        unmount_below(base)
         shutil.rmtree(base, ignore_errors=True)
         if not had_shim_dirs:
             shutil.rmtree(shim_dirs, ignore_errors=True)
