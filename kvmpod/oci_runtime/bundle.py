@@ -112,7 +112,7 @@ def _fail(where: str, message: str) -> BundleError:
     return BundleError(f"config.json: {where}: {message}")
 
 
-def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+def get_field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
     value = obj.get(key, default)
     if value is default and key not in obj:
         return default
@@ -126,16 +126,16 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
-def _str_list(obj: dict[str, Any], key: str, where: str) -> list[str]:
-    value = _get(obj, key, list, where, [])
+def str_list(obj: dict[str, Any], key: str, where: str) -> list[str]:
+    value = get_field(obj, key, list, where, [])
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise _fail(f"{where}{key}[{i}]", f"{json.dumps(item)[:60]} is not a string")
     return value
 
 
-def _uint(obj: dict[str, Any], key: str, where: str, limit: int = 2**32 - 1) -> int | None:
-    value = _get(obj, key, int, where)
+def uint_field(obj: dict[str, Any], key: str, where: str, limit: int = 2**32 - 1) -> int | None:
+    value = get_field(obj, key, int, where)
     if value is not None and not 0 <= value <= limit:
         raise _fail(f"{where}{key}", f"{value} is out of range")
     return value
@@ -158,52 +158,52 @@ def read_bundle(bundle: Path) -> Bundle:
 
 
 def parse_config(bundle: Path, config: dict[str, Any]) -> Bundle:
-    version = _get(config, "ociVersion", str, "")
+    version = get_field(config, "ociVersion", str, "")
     if version is None:
         raise _fail("ociVersion", "missing")
     major = version.split(".", 1)[0]
     if not major.isdigit() or int(major) != SUPPORTED_MAJOR:
         raise _fail("ociVersion", f"{version!r}: kvmpod serves runtime-spec {SUPPORTED_MAJOR}.x")
     rootfs, readonly = _root(bundle, config)
-    process = _get(config, "process", dict, "")
+    process = get_field(config, "process", dict, "")
     if process is None:
         raise _fail("process", "missing (kvmpod runs a container's process; it has nothing to run)")
-    args = _str_list(process, "args", "process.")
+    args = str_list(process, "args", "process.")
     if not args or not args[0]:
         raise _fail("process.args", "empty: nothing to run")
-    cwd = _get(process, "cwd", str, "process.", "/")
+    cwd = get_field(process, "cwd", str, "process.", "/")
     if not cwd.startswith("/"):
         raise _fail("process.cwd", f"{cwd!r} is not an absolute path")
-    user = _get(process, "user", dict, "process.", {})
-    caps = _get(process, "capabilities", dict, "process.")
-    linux = _get(config, "linux", dict, "", {})
-    annotations = _get(config, "annotations", dict, "", {})
+    user = get_field(process, "user", dict, "process.", {})
+    caps = get_field(process, "capabilities", dict, "process.")
+    linux = get_field(config, "linux", dict, "", {})
+    annotations = get_field(config, "annotations", dict, "", {})
     for key, value in annotations.items():
         if not isinstance(value, str):
             raise _fail(f"annotations.{key}", "is not a string")
-    size = _get(process, "consoleSize", dict, "process.")
+    size = get_field(process, "consoleSize", dict, "process.")
     binds, tmpfs = _mounts(config)
-    memory_mib, cpus = _resources(_get(linux, "resources", dict, "linux.", {}))
+    memory_mib, cpus = _resources(get_field(linux, "resources", dict, "linux.", {}))
     return Bundle(
         path=bundle, oci_version=version, rootfs=rootfs, readonly_rootfs=readonly, args=args,
-        env=_env(process), cwd=cwd, uid=_uint(user, "uid", "process.user.") or 0,
-        gid=_uint(user, "gid", "process.user.") or 0,
-        additional_gids=[_gid(g, i) for i, g in enumerate(_get(user, "additionalGids", list, "process.user.", []))],
-        terminal=_get(process, "terminal", bool, "process.", False),
-        console_size=(_uint(size, "height", "process.consoleSize.") or 24, _uint(size, "width", "process.consoleSize.") or 80)
+        env=env_list(process), cwd=cwd, uid=uint_field(user, "uid", "process.user.") or 0,
+        gid=uint_field(user, "gid", "process.user.") or 0,
+        additional_gids=[_gid(g, i) for i, g in enumerate(get_field(user, "additionalGids", list, "process.user.", []))],
+        terminal=get_field(process, "terminal", bool, "process.", False),
+        console_size=(uint_field(size, "height", "process.consoleSize.") or 24, uint_field(size, "width", "process.consoleSize.") or 80)
         if size else None,
         capabilities=_bounding(caps) if caps is not None else None,
-        no_new_privileges=_get(process, "noNewPrivileges", bool, "process.", False),
+        no_new_privileges=get_field(process, "noNewPrivileges", bool, "process.", False),
         rlimits=_rlimits(process), oom_score_adj=_oom(process),
-        hostname=_get(config, "hostname", str, ""), binds=binds, tmpfs=tmpfs, memory_mib=memory_mib, cpus=cpus,
-        seccomp=_seccomp(_get(linux, "seccomp", dict, "linux.")), netns=_network(linux), annotations=annotations)
+        hostname=get_field(config, "hostname", str, ""), binds=binds, tmpfs=tmpfs, memory_mib=memory_mib, cpus=cpus,
+        seccomp=_seccomp(get_field(linux, "seccomp", dict, "linux.")), netns=_network(linux), annotations=annotations)
 
 
 def _root(bundle: Path, config: dict[str, Any]) -> tuple[Path, bool]:
-    root = _get(config, "root", dict, "")
+    root = get_field(config, "root", dict, "")
     if root is None:
         raise _fail("root", "missing")
-    path = _get(root, "path", str, "root.")
+    path = get_field(root, "path", str, "root.")
     if not path:
         raise _fail("root.path", "missing")
     rootfs = (bundle / path) if not path.startswith("/") else Path(path)
@@ -213,11 +213,11 @@ def _root(bundle: Path, config: dict[str, Any]) -> tuple[Path, bool]:
         raise _fail("root.path", f"{rootfs}: {e.strerror}") from e
     if not stat.S_ISDIR(st.st_mode):
         raise _fail("root.path", f"{rootfs} is not a directory")
-    return rootfs.resolve(), _get(root, "readonly", bool, "root.", False)
+    return rootfs.resolve(), get_field(root, "readonly", bool, "root.", False)
 
 
-def _env(process: dict[str, Any]) -> list[str]:
-    env = _str_list(process, "env", "process.")
+def env_list(process: dict[str, Any]) -> list[str]:
+    env = str_list(process, "env", "process.")
     for i, entry in enumerate(env):
         name, sep, _ = entry.partition("=")
         if not sep or not name:
@@ -226,7 +226,7 @@ def _env(process: dict[str, Any]) -> list[str]:
 
 
 def _bounding(caps: dict[str, Any]) -> tuple[str, ...]:
-    names = _str_list(caps, "bounding", "process.capabilities.")
+    names = str_list(caps, "bounding", "process.capabilities.")
     for i, name in enumerate(names):
         if name not in CAPABILITIES:
             raise _fail(f"process.capabilities.bounding[{i}]", f"{name!r} is not a Linux capability")
@@ -241,14 +241,14 @@ def _gid(value: Any, index: int) -> int:
 
 def _rlimits(process: dict[str, Any]) -> tuple[tuple[int, int, int], ...]:
     out = []
-    for i, item in enumerate(_get(process, "rlimits", list, "process.", [])):
+    for i, item in enumerate(get_field(process, "rlimits", list, "process.", [])):
         where = f"process.rlimits[{i}]."
         if not isinstance(item, dict):
             raise _fail(where[:-1], "is not an object")
-        kind = _get(item, "type", str, where)
+        kind = get_field(item, "type", str, where)
         if kind not in RLIMITS:
             raise _fail(f"{where}type", f"{kind!r} is not a Linux resource limit")
-        soft, hard = _uint(item, "soft", where, U64_MAX), _uint(item, "hard", where, U64_MAX)
+        soft, hard = uint_field(item, "soft", where, U64_MAX), uint_field(item, "hard", where, U64_MAX)
         if soft is None or hard is None:
             raise _fail(where[:-1], "needs soft and hard")
         if soft > hard:
@@ -258,7 +258,7 @@ def _rlimits(process: dict[str, Any]) -> tuple[tuple[int, int, int], ...]:
 
 
 def _oom(process: dict[str, Any]) -> int | None:
-    value = _get(process, "oomScoreAdj", int, "process.")
+    value = get_field(process, "oomScoreAdj", int, "process.")
     if value is not None and not -1000 <= value <= 1000:
         raise _fail("process.oomScoreAdj", f"{value} is outside -1000..1000")
     return value
@@ -267,21 +267,21 @@ def _oom(process: dict[str, Any]) -> int | None:
 def _mounts(config: dict[str, Any]) -> tuple[list[BindMount], list[TmpfsMount]]:
     binds: list[BindMount] = []
     tmpfs: list[TmpfsMount] = []
-    for i, mount in enumerate(_get(config, "mounts", list, "", [])):
+    for i, mount in enumerate(get_field(config, "mounts", list, "", [])):
         where = f"mounts[{i}]"
         if not isinstance(mount, dict):
             raise _fail(where, "is not an object")
-        destination = _get(mount, "destination", str, f"{where}.")
+        destination = get_field(mount, "destination", str, f"{where}.")
         if not destination or not destination.startswith("/") or "/../" in destination + "/" \
                 or "\0" in destination:
             raise _fail(f"{where}.destination", f"{destination!r} is not a clean absolute path")
         destination = "/" + "/".join(p for p in destination.split("/") if p and p != ".")
-        kind = _get(mount, "type", str, f"{where}.", "")
-        options = _str_list(mount, "options", f"{where}.")
+        kind = get_field(mount, "type", str, f"{where}.", "")
+        options = str_list(mount, "options", f"{where}.")
         if kind in GUEST_MOUNT_TYPES or destination in GUEST_DESTINATIONS:
             continue   # the guest's own (its kernel's proc, sysfs, devpts...; /dev and /dev/shm tmpfs)
         if kind == "bind" or "bind" in options or "rbind" in options:
-            source = _get(mount, "source", str, f"{where}.")
+            source = get_field(mount, "source", str, f"{where}.")
             if not source or not source.startswith("/"):
                 raise _fail(f"{where}.source", f"{source!r} is not an absolute path")
             try:
@@ -305,13 +305,13 @@ def _mounts(config: dict[str, Any]) -> tuple[list[BindMount], list[TmpfsMount]]:
 
 
 def _resources(resources: dict[str, Any]) -> tuple[int | None, int | None]:
-    memory = _get(resources, "memory", dict, "linux.resources.", {})
-    limit = _get(memory, "limit", int, "linux.resources.memory.")
+    memory = get_field(resources, "memory", dict, "linux.resources.", {})
+    limit = get_field(memory, "limit", int, "linux.resources.memory.")
     memory_mib = None
     if limit is not None and limit > 0:
         memory_mib = max(MIN_MEMORY_MIB, math.ceil(limit / (1 << 20)))
-    cpu = _get(resources, "cpu", dict, "linux.resources.", {})
-    quota, period = _get(cpu, "quota", int, "linux.resources.cpu."), _get(cpu, "period", int, "linux.resources.cpu.")
+    cpu = get_field(resources, "cpu", dict, "linux.resources.", {})
+    quota, period = get_field(cpu, "quota", int, "linux.resources.cpu."), get_field(cpu, "period", int, "linux.resources.cpu.")
     cpus = None
     if quota is not None and quota > 0:
         cpus = max(1, math.ceil(quota / (period or 100000)))
@@ -330,22 +330,22 @@ def _seccomp(profile: dict[str, Any] | None) -> Seccomp | None:
     boundary, the filter a second line (docs/oci-runtime.md)."""
     if profile is None:
         return None
-    default = _get(profile, "defaultAction", str, "linux.seccomp.")
+    default = get_field(profile, "defaultAction", str, "linux.seccomp.")
     if default not in ALLOW_ACTIONS | DENY_ACTIONS:
         raise _fail("linux.seccomp.defaultAction", f"{default!r} is not a seccomp action kvmpod applies")
     allow_by_default = default in ALLOW_ACTIONS
     names: list[str] = []
     conditional = 0
-    for i, rule in enumerate(_get(profile, "syscalls", list, "linux.seccomp.", [])):
+    for i, rule in enumerate(get_field(profile, "syscalls", list, "linux.seccomp.", [])):
         where = f"linux.seccomp.syscalls[{i}]."
         if not isinstance(rule, dict):
             raise _fail(where[:-1], "is not an object")
-        action = _get(rule, "action", str, where)
+        action = get_field(rule, "action", str, where)
         if action not in ALLOW_ACTIONS | DENY_ACTIONS:
             raise _fail(f"{where}action", f"{action!r} is not a seccomp action kvmpod applies")
         if (action in ALLOW_ACTIONS) == allow_by_default:
             continue   # what the default does anyway
-        rule_names = _str_list(rule, "names", where)
+        rule_names = str_list(rule, "names", where)
         if rule.get("args"):
             conditional += 1
             if not allow_by_default:
@@ -373,17 +373,17 @@ def _errno_name(number: Any) -> str:
 def _network(linux: dict[str, Any]) -> str | None:
     """The network namespace's path; "" for a new (empty) one; a container with none shares the host's
     network stack, which a VM cannot."""
-    namespaces = _get(linux, "namespaces", list, "linux.", [])
+    namespaces = get_field(linux, "namespaces", list, "linux.", [])
     network: str | None = None
     for i, ns in enumerate(namespaces):
         where = f"linux.namespaces[{i}]"
         if not isinstance(ns, dict):
             raise _fail(where, "is not an object")
-        kind = _get(ns, "type", str, f"{where}.")
+        kind = get_field(ns, "type", str, f"{where}.")
         if kind not in NAMESPACES:
             raise _fail(f"{where}.type", f"{kind!r} is not a Linux namespace type")
         if kind == "network":
-            network = _get(ns, "path", str, f"{where}.", "")
+            network = get_field(ns, "path", str, f"{where}.", "")
     if network is None:
         raise _fail("linux.namespaces", "no network namespace: the container would share the host's network "
                                         "stack, which a VM cannot (podman: use --network none or a network)")

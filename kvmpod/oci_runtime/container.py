@@ -10,7 +10,6 @@ and ends with the app's exact status: its exit code, or the app's signal raised 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -27,7 +26,8 @@ from kvmpod.net.spec import NetRequest
 from kvmpod.oci_runtime import bundle as b
 from kvmpod.oci_runtime import runtime_log
 from kvmpod.oci_runtime.console import become_terminal, send_console
-from kvmpod.oci_runtime.records import Container, ContainerStateError, Records, rfc3339
+from kvmpod.oci_runtime.records import Container, ContainerNotFound, ContainerStateError, Records, rfc3339
+from kvmpod.pod import client, control, registry
 from kvmpod.pod.launch import RunOptions
 from kvmpod.pod.poddir import PodDir, process_start_time
 from kvmpod.pod.spec import AppOverrides, ProcessExtras
@@ -164,6 +164,8 @@ def _pod_process(app: AppOverrides, options: RunOptions, slave: int | None, repo
                  debug: bool) -> None:
     """The forked init: the pod in the foreground, its app's stdio on fds 0-2 (conmon's pipes, or the
     terminal), kvmpod's own messages in the runtime log. Never returns."""
+    import asyncio  # the pod process only: the other commands start without it
+
     from kvmpod.pod.run import run_pod
 
     code = EXIT_KVMPOD_FAILURE
@@ -222,8 +224,6 @@ def _pod_or_fail(container: Container):
 
 
 def _request(container: Container, message: dict[str, Any]) -> dict[str, Any]:
-    from kvmpod.pod import client, control
-
     sock = client.connect(_pod_or_fail(container))
     with sock:
         reply, _ = client.request(sock, message, control.FrameParser())
@@ -284,16 +284,13 @@ def set_paused(records: Records, container_id: str, paused: bool) -> int:
 def delete(records: Records, container_id: str, force: bool) -> int:
     """The container goes: a stopped one is cleaned up; a created one is killed first; a running or
     paused one only with --force. A pod whose process died without cleaning up is collected."""
-    from kvmpod.pod import client, registry
-
     try:
-        lock = records.locked(container_id)
-        lock.__enter__()
-    except KvmpodError:
+        records.get(container_id)
+    except ContainerNotFound:
         if force:
             return 0   # runc: delete --force of a container that is not there succeeds
         raise
-    try:
+    with records.locked(container_id):
         container = records.get(container_id)
         status = container.status
         if status in ("running", "paused") and not force:
@@ -305,6 +302,4 @@ def delete(records: Records, container_id: str, force: bool) -> int:
         if pod is not None and not container.alive:   # its process died without tearing the pod down
             registry.remove(pod)
         records.remove(container)
-    finally:
-        lock.__exit__(None, None, None)
     return 0

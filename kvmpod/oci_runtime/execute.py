@@ -16,7 +16,7 @@ from typing import Any
 
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
 from kvmpod.fsutil import write_atomically
-from kvmpod.oci_runtime.bundle import BundleError, _env, _get, _str_list, _uint
+from kvmpod.oci_runtime.bundle import BundleError, env_list, get_field, str_list, uint_field
 from kvmpod.oci_runtime.console import become_terminal, send_console
 from kvmpod.oci_runtime.container import die_like
 from kvmpod.oci_runtime.records import ContainerStateError, Records
@@ -54,10 +54,10 @@ def enter_request(req: ExecRequest) -> tuple[EnterRequest, bool]:
     """What to run and whether it has a terminal: the --process file, or the flags and arguments."""
     if req.process_file:
         process = read_process(req.process_file)
-        args = _str_list(process, "args", "process.")
-        user = _get(process, "user", dict, "process.", {})
-        uid, gid = _uint(user, "uid", "process.user."), _uint(user, "gid", "process.user.")
-        env, cwd, tty = _env(process), _get(process, "cwd", str, "process."), _get(process, "terminal", bool,
+        args = str_list(process, "args", "process.")
+        user = get_field(process, "user", dict, "process.", {})
+        uid, gid = uint_field(user, "uid", "process.user."), uint_field(user, "gid", "process.user.")
+        env, cwd, tty = env_list(process), get_field(process, "cwd", str, "process."), get_field(process, "terminal", bool,
                                                                                "process.", False)
         user_name, group_name = (str(uid) if uid is not None else None), (str(gid) if gid is not None else None)
     else:
