@@ -195,7 +195,7 @@ def parse_config(bundle: Path, config: dict[str, Any]) -> Bundle:
         capabilities=_bounding(caps) if caps is not None else None,
         no_new_privileges=get_field(process, "noNewPrivileges", bool, "process.", False),
         rlimits=_rlimits(process), oom_score_adj=_oom(process),
-        hostname=get_field(config, "hostname", str, ""), binds=binds, tmpfs=tmpfs, memory_mib=memory_mib, cpus=cpus,
+        hostname=_hostname(config), binds=binds, tmpfs=tmpfs, memory_mib=memory_mib, cpus=cpus,
         seccomp=_seccomp(get_field(linux, "seccomp", dict, "linux.")), netns=_network(linux), annotations=annotations)
 
 
@@ -223,6 +223,21 @@ def env_list(process: dict[str, Any]) -> list[str]:
         if not sep or not name:
             raise _fail(f"process.env[{i}]", f"{entry!r} is not NAME=VALUE")
     return env
+
+
+def _hostname(config: dict[str, Any]) -> str | None:
+    """An RFC 1123 host name (it travels on the guest kernel's command line: nothing else may be in it)."""
+    import argparse
+
+    from kvmpod.cli.types import hostname
+
+    value = get_field(config, "hostname", str, "")
+    if not value:
+        return None
+    try:
+        return hostname(value)
+    except argparse.ArgumentTypeError as e:
+        raise _fail("hostname", str(e)) from e
 
 
 def _bounding(caps: dict[str, Any]) -> tuple[str, ...]:

@@ -108,6 +108,7 @@ def test_seccomp_allow_list_and_deny_list():
 @pytest.mark.parametrize("change, message", [
     ({"ociVersion": "2.0.0"}, r"config.json: ociVersion: '2.0.0': kvmpod serves runtime-spec 1.x"),
     ({"ociVersion": None}, r"config.json: ociVersion: null is not a string"),
+    ({"hostname": "a b quiet init=/bin/sh"}, r"config.json: hostname: 'a b quiet init=/bin/sh' is not a host name"),
     ({"root": {"path": "missing"}}, r"config.json: root.path: .*missing: No such file or directory"),
     ({"root": {"path": "file"}}, r"config.json: root.path: .*file is not a directory"),
     ({"process": {"args": []}}, r"config.json: process.args: empty: nothing to run"),
