@@ -98,7 +98,6 @@ def _minimal_kernel(ctx: StepContext) -> tuple[Path, bool]:
         for cache in (ctx.cache, *ctx.reuse):
             if (done := minimal.installed_kernel(kcache.kernels_dir(cache), digest)) is not None:
                 return done, False
-    ctx.log(f"make's output: {minimal.build_log(ctx.cache)}")
     return minimal.build(ctx.cache, force=ctx.force, jobs=ctx.jobs, log=ctx.log), True
 
 
@@ -132,8 +131,9 @@ def _qemu(ctx: StepContext) -> tuple[Path, bool]:
         if qemu_build.installed_build(qemu_dir(ctx.cache), digest) is not None:
             # build() finds it, and refreshes what it recorded of Debian's binary if need be
             return qemu_build.build(ctx.cache, log=lambda _: None), False
-    ctx.log(f"make's output, kept with the build: <build dir>/{qemu_build.BUILD_LOG}")
-    return qemu_build.build(ctx.cache, force=ctx.force, jobs=ctx.jobs, log=ctx.log), True
+    built = qemu_build.build(ctx.cache, force=ctx.force, jobs=ctx.jobs, log=ctx.log)
+    ctx.log(f"make's output: {built / qemu_build.BUILD_LOG}")
+    return built, True
 
 
 def steps() -> list[Step]:
@@ -206,8 +206,10 @@ def _status(title: str, cache: Path, out: TextIO) -> Iterator[None]:
 
 
 def run_steps(names: list[str], force: bool = False, jobs: int | None = None,
-              out: TextIO = sys.stdout) -> list[StepResult]:
-    """Run the named steps in order; print each one's header, messages, outcome, time and log."""
+              out: TextIO | None = None) -> list[StepResult]:
+    """Run the named steps in order; print each one's header, messages, outcome, time and log (to
+    `out`, default stdout)."""
+    out = out or sys.stdout
     cache = own_cache()
     ctx_reuse = reusable_caches()
     chosen = [s for s in steps() if s.name in names]

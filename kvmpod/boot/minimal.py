@@ -356,11 +356,6 @@ def current_digest(fragment_path: Path = FRAGMENT, patch_dir: Path = PATCH_DIR) 
     return build_hash(fragment, source_version(), [(p.name, p.read_bytes()) for p in find_patches(patch_dir)])
 
 
-def build_log(cache: Path | None = None) -> Path:
-    """Where `build` writes make's output for the installed linux-source (kept after the build)."""
-    return build_dir(cache) / f"linux-{source_version()}" / "build.log"
-
-
 def build(cache: Path | None = None, fragment_path: Path = FRAGMENT, patch_dir: Path = PATCH_DIR,
           tarball: Path = SOURCE_TARBALL, force: bool = False, jobs: int | None = None,
           keep_source: bool = False, log: Callable[[str], None] = lambda msg: print(msg, flush=True)) -> Path:

@@ -108,3 +108,54 @@ def test_sample_config_shows_every_default():
     assert settings["image"]["trusted-keys"] == str(DEFAULT_KEYRING)
     assert parse_size(settings["image"]["max-size"]) == DEFAULT_MAX_SIZE
     assert settings["image"]["max-entries"] == DEFAULT_MAX_ENTRIES
+
+
+def test_qemu_step_builds_once_and_keeps_makes_log(tmp_path, monkeypatch, capsys):
+    """The QEMU step with the slow parts faked (fetching Debian's source, make, strip): the first run
+    builds and keeps make's log with the build, the second finds the build and does nothing."""
+    from kvmpod.vm import qemu_build, qemu_binary
+
+    monkeypatch.setenv("KVMPOD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(qemu_build, "source_version", lambda package=qemu_build.BINARY_PACKAGE: "1:7.2+fake-1")
+    monkeypatch.setattr(qemu_binary, "DEBIAN_QEMU", tmp_path / "debian-qemu")
+    monkeypatch.setattr(qemu_build, "DEBIAN_QEMU", tmp_path / "debian-qemu")
+    (tmp_path / "debian-qemu").write_text("")
+    fetched: list[Path] = []
+
+    def fake_fetch(work, version, log):
+        fetched.append(work)
+        (work / "src").mkdir(exist_ok=True)
+        return work / "src"
+
+    def fake_make(src, out, version, digest, jobs, log):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "build.log").write_text("make: the whole of QEMU\n")
+        binary = out / qemu_build.QEMU_NAME
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o755)
+        return binary
+
+    real_run_tool = qemu_build.kcache.run_tool
+
+    def fake_tools(cmd, cwd=None, error=None):
+        if cmd[0] == "strip":
+            Path(cmd[2]).write_bytes(Path(cmd[3]).read_bytes())
+            Path(cmd[2]).chmod(0o755)
+            return ""
+        return real_run_tool(cmd, cwd=cwd, error=error)
+
+    monkeypatch.setattr(qemu_build, "_fetch_source", fake_fetch)
+    monkeypatch.setattr(qemu_build, "_build_binary", fake_make)
+    monkeypatch.setattr(qemu_build, "missing_capabilities", lambda binary: [])
+    monkeypatch.setattr(qemu_build.kcache, "run_tool", fake_tools)
+    monkeypatch.setattr(provision, "check_packages", lambda step: None)
+
+    (first,) = provision.run_steps(["qemu"])
+    assert first.built and (first.path / qemu_build.QEMU_NAME).is_file()
+    assert (first.path / qemu_build.BUILD_LOG).read_text() == "make: the whole of QEMU\n"
+    assert not (tmp_path / "cache" / "build").exists() or list((tmp_path / "cache" / "build").iterdir()) == []
+    (second,) = provision.run_steps(["qemu"])
+    assert not second.built and second.path == first.path and len(fetched) == 1
+    out = capsys.readouterr().out
+    assert f"      built: {first.path} (" in out and f"      up to date: {first.path} (" in out
+    assert "up to date" in second.log.read_text() and "built" in second.log.read_text()
