@@ -6,7 +6,7 @@ Search order (the first that gives a value wins; see docs/kernel.md):
 2. the environment variable ``KVMPOD_KERNEL``;
 3. ``kernel = "..."`` in the config files of ``paths.config_files()`` (later files win);
 4. the kernel cache ``cache_dir()/kernels/*/kernel.json`` (for non-root users also
-   /var/cache/kvmpod/kernels, where a root ``make kernel`` puts them, unless KVMPOD_CACHE_DIR is
+   /var/cache/kvmpod/kernels, where root's ``kvmpod setup`` puts them, unless KVMPOD_CACHE_DIR is
    set): kind "minimal" before "distro" before "custom", then the highest version.
 
 A value from 1-3 may be a kernel directory (holding kernel.json), a kernel.json file, a kernel
@@ -165,7 +165,7 @@ def load_kernel_json(path: Path) -> GuestKernel:
 
 # --- the cache -----------------------------------------------------------------------------
 
-# Where `make kernel` run as root puts kernels; other users look there after their own cache.
+# Where `kvmpod setup` run as root puts kernels; other users look there after their own cache.
 SYSTEM_KERNELS = Path("/var/cache/kvmpod/kernels")
 
 
@@ -224,7 +224,7 @@ def _from_value(value: str, source: str, base: Path | None = None) -> GuestKerne
             for kernel in cached_kernels():
                 if kernel.kind == value:
                     return kernel
-            raise KernelError(f"no {value} kernel in {kernels_dir()} ({source}): run `make kernel`")
+            raise KernelError(f"no {value} kernel in {kernels_dir()} ({source}): run `kvmpod setup --kernel-only`")
     raise KernelError(f"guest kernel not found: {path} ({source})")
 
 
@@ -250,7 +250,7 @@ def find_kernel(explicit: str | None = None) -> GuestKernel:
     kernels = cached_kernels()
     if kernels:
         return kernels[0]
-    raise KernelError(f"no guest kernel found in {kernels_dir()}: run `make kernel` (or pass --kernel PATH)")
+    raise KernelError(f"no guest kernel found in {kernels_dir()}: run `kvmpod setup` (or pass --kernel PATH)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,8 +161,8 @@ def source_version(package: str = SOURCE_PACKAGE) -> str:
                           f"{package} package") from None
     status, _, version = proc.stdout.partition("\t")
     if proc.returncode != 0 or not status.endswith(" installed") or not version:
-        raise KernelError(f"the Debian package {package} is not installed: run `make deps` "
-                          f"(or apt-get install {' '.join(BUILD_PACKAGES)})")
+        raise KernelError(f"the Debian package {package} is not installed: "
+                          f"apt-get install {' '.join(BUILD_PACKAGES)}")
     return version
 
 

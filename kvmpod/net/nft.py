@@ -56,7 +56,7 @@ def _nft(script: str, what: str) -> None:
     try:
         out = subprocess.run([binary, "-f", "-"], input=script.encode(), capture_output=True, timeout=30)
     except FileNotFoundError:
-        raise NetworkError("nft: not found (install nftables: make setup)") from None
+        raise NetworkError("nft: not found (apt-get install nftables)") from None
     if out.returncode:
         detail = out.stderr.decode(errors="replace").strip().splitlines()
         raise NetworkError(f"{what}: nft: {detail[0] if detail else f'exit status {out.returncode}'}")

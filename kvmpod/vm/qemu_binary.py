@@ -2,7 +2,7 @@
 
 1. ``$KVMPOD_QEMU`` (a path);
 2. ``qemu = "PATH"`` in a config file;
-3. kvmpod's own build (kvmpod/vm/qemu_build.py, `make qemu`) in <cache>/qemu/ (other users than
+3. kvmpod's own build (kvmpod/vm/qemu_build.py, `kvmpod setup`) in <cache>/qemu/ (other users than
    root also look in root's, /var/cache/kvmpod/qemu/), if it was built for the Debian QEMU installed now;
 4. ``qemu-system-x86_64`` on PATH (Debian's).
 
@@ -28,7 +28,7 @@ DEBIAN_QEMU = Path("/usr/bin") / QEMU_NAME
 BUILD_JSON = "qemu.json"
 DIR_PREFIX = "kvmpod-qemu-"
 ENV_VAR = "KVMPOD_QEMU"
-# Where `make qemu` run as root puts the build; other users look there after their own cache.
+# Where `kvmpod setup` run as root puts the build; other users look there after their own cache.
 SYSTEM_QEMU_DIR = Path("/var/cache/kvmpod/qemu")
 
 
@@ -92,7 +92,7 @@ def _own_build(cache: Path | None) -> tuple[Path | None, str | None]:
         if meta.get("debian_binary") == debian:
             return entry / QEMU_NAME, None
         stale = (f"kvmpod's QEMU build {entry.name} was made for another {DEBIAN_QEMU} than the one installed "
-                 f"now: using Debian's (slower, more memory per pod) until `make qemu` rebuilds it")
+                 f"now: using Debian's (slower, more memory per pod) until `kvmpod setup --qemu-only` rebuilds it")
     return None, stale
 
 
@@ -112,5 +112,5 @@ def find_qemu(cache: Path | None = None) -> QemuChoice:
         return QemuChoice(own, "kvmpod's build")
     on_path = shutil.which(QEMU_NAME)
     if on_path is None:
-        raise VMError(f"{QEMU_NAME}: not found (install qemu-system-x86: make setup)")
+        raise VMError(f"{QEMU_NAME}: not found (apt-get install qemu-system-x86)")
     return QemuChoice(Path(on_path), "PATH", passed_over)

@@ -1,4 +1,4 @@
-"""Build kvmpod's own QEMU: `python -m kvmpod.vm.qemu_build build` (`make qemu`).
+"""Build kvmpod's own QEMU: `kvmpod setup --qemu-only` (`make qemu`; or `python -m kvmpod.vm.qemu_build build`).
 
 Why: Debian's qemu-system-x86_64 has every board, device, display, audio and storage back-end QEMU
 offers, linked against ~50 libraries. kvmpod uses two machines and a dozen virtio devices, but
@@ -113,7 +113,7 @@ def source_version(package: str = BINARY_PACKAGE) -> str:
         raise QemuBuildError("dpkg-query not found: kvmpod's QEMU is built from Debian's qemu source package") from None
     status, _, version = proc.stdout.partition("\t")
     if proc.returncode != 0 or not status.endswith(" installed") or not version:
-        raise QemuBuildError(f"the Debian package {package} is not installed: run `make deps`")
+        raise QemuBuildError(f"the Debian package {package} is not installed: apt-get install {package}")
     return version
 
 

@@ -124,7 +124,7 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
                     pass_fds=[*theirs, *(n.tap_fd for n in config.nics if n.tap_fd is not None)],
                     start_new_session=True)  # Ctrl-C reaches kvmpod, which decides what the apps get
             except FileNotFoundError:
-                raise VMError(f"{argv[0]}: not found (install qemu-system-x86: make setup)") from None
+                raise VMError(f"{argv[0]}: not found (apt-get install qemu-system-x86)") from None
     except BaseException:
         for sock in ours.values():
             sock.close()

@@ -308,7 +308,7 @@ def test_bzimage_version_from_setup_header(env):
 
 
 def test_kernel_errors(env, monkeypatch):
-    with pytest.raises(KernelError, match="make kernel") as exc:
+    with pytest.raises(KernelError, match="kvmpod setup") as exc:
         find_kernel()
     assert "\n" not in str(exc.value)
     with pytest.raises(KernelError, match=r"/no/such/vmlinuz.*--kernel"):

@@ -100,7 +100,7 @@ def test_a_build_for_another_debian_qemu_is_passed_over_with_a_notice(tmp_path, 
     fake_build(tmp_path / "cache", {**identity, "mtime_ns": identity["mtime_ns"] - 1})  # apt upgraded it since
     choice = find_qemu(tmp_path / "cache")
     assert choice.path == debian and choice.source == "PATH"
-    assert "make qemu" in choice.notice and "kvmpod-qemu-7.2-abcdef12" in choice.notice
+    assert "kvmpod setup --qemu-only" in choice.notice and "kvmpod-qemu-7.2-abcdef12" in choice.notice
 
 
 def test_without_a_build_pods_run_qemu_from_path(tmp_path, monkeypatch):
@@ -111,7 +111,7 @@ def test_without_a_build_pods_run_qemu_from_path(tmp_path, monkeypatch):
 
 def test_no_qemu_at_all_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(VMError, match=r"^qemu-system-x86_64: not found \(install qemu-system-x86: make setup\)$"):
+    with pytest.raises(VMError, match=r"^qemu-system-x86_64: not found \(apt-get install qemu-system-x86\)$"):
         find_qemu(tmp_path / "cache")
 
 
