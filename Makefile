@@ -109,10 +109,12 @@ clean:
 PREFIX  ?= /usr/local
 DESTDIR ?=
 INSTALL_PY := /usr/bin/python3
-INSTALL_DEB_PACKAGES := python3-venv python3-build gcc musl-tools make help2man
+# What the install needs, what pods need (QEMU and its firmware, gpgv for signed images), and what
+# `kvmpod setup` builds with (as kvmpod/provision.py lists them: one source of truth).
+INSTALL_DEB_PACKAGES := python3-venv python3-build gcc musl-tools make help2man qemu-system-x86 gpgv
 .PHONY: install uninstall install-deps
 install-deps:
-	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(INSTALL_DEB_PACKAGES)'
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(INSTALL_DEB_PACKAGES) '"$$(cd / && PYTHONPATH=$(CURDIR) $(INSTALL_PY) -m kvmpod setup --list-packages)"
 install: install-deps
 	$(INSTALL_PY) packaging/install.py install --prefix '$(PREFIX)' --destdir '$(DESTDIR)'
 uninstall:

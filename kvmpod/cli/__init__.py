@@ -194,6 +194,8 @@ def build_parser() -> KvmpodParser:
                       help="only this step (repeatable)")
     setup.add_argument("--force", action="store_true", help="build even what is up to date")
     setup.add_argument("-j", "--jobs", type=positive_int, help="parallel make jobs (default: the number of CPUs)")
+    setup.add_argument("--list-packages", action="store_true",
+                       help="print the Debian packages the steps need, on one line, and build nothing")
     setup.set_defaults(func=cmd_setup)
     completion = sub.add_parser("completion", help="print the shell completion script (bash or zsh)",
                                 description="Print a completion script for SHELL, e.g. "

@@ -18,6 +18,9 @@ def cmd_setup(ns: argparse.Namespace) -> int:
         names = ["qemu"]
     else:
         names = list(provision.STEP_NAMES)
+    if ns.list_packages:  # e.g. apt-get install $(kvmpod setup --list-packages)
+        print(" ".join(dict.fromkeys(p for step in provision.steps() if step.name in names for p in step.packages)))
+        return 0
     for name, path in provision.check_programs():
         print(f"{name}: {path}")
     reuse = provision.reusable_caches()

@@ -159,3 +159,13 @@ def test_qemu_step_builds_once_and_keeps_makes_log(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert f"      built: {first.path} (" in out and f"      up to date: {first.path} (" in out
     assert "up to date" in second.log.read_text() and "built" in second.log.read_text()
+
+
+def test_list_packages_names_what_the_chosen_steps_need(kvmpod_env):
+    every = subprocess.run(kvmpod_cmd("setup", "--list-packages"), capture_output=True, text=True, check=True,
+                           env=kvmpod_env).stdout.split()
+    qemu = subprocess.run(kvmpod_cmd("setup", "--qemu-only", "--list-packages"), capture_output=True, text=True,
+                          check=True, env=kvmpod_env).stdout.split()
+    assert {"linux-source-6.1", "flex", "kmod", "qemu-system-x86", "libslirp-dev"} <= set(every)
+    assert "libslirp-dev" in qemu and "linux-source-6.1" not in qemu
+    assert len(every) == len(set(every))
