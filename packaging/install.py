@@ -137,6 +137,7 @@ def man_page(script: str, python: Path, venv_bin: Path, out: Path, version: str)
 
 def install(prefix: Path, destdir: str, wheel: Path | None) -> None:
     root = Path(destdir + str(prefix)) if destdir else prefix
+    os.umask(0o022)  # installed software is readable by every user, whatever root's umask is
     if (root / MANIFEST).exists():
         print(f"install: replacing the kvmpod installed in {root}", flush=True)
         uninstall(prefix, destdir, quiet=True)
