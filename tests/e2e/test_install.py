@@ -218,7 +218,8 @@ def test_make_install_destdir_then_uninstall(public_dir, image, kvmpod_env, tmp_
 
 def test_make_install_prefix_runs_pods_as_root_and_as_a_user(public_dir, image, user, kvmpod_env):
     prefix = public_dir / "prefix"
-    ok(["make", "-s", "install", f"PREFIX={prefix}"], cwd=REPO)
+    # root's umask does not leak into the install: the user below can run it
+    ok(["sh", "-c", f"umask 077 && exec make -s install PREFIX={prefix}"], cwd=REPO)
     kvmpod = prefix / "bin" / "kvmpod"
     assert (prefix / "lib/kvmpod/venv/bin/kvmpod").read_text().startswith(f"#!{prefix}/lib/kvmpod/venv/bin/python\n")
     assert (prefix / "share/zsh/site-functions/_kvmpod").is_file()   # not Debian's vendor dir outside /usr
