@@ -45,8 +45,8 @@ def split_run_words(words: list[str], pod_parser: argparse.ArgumentParser) -> tu
     i = 0
     while i < len(words):
         word = words[i]
-        if word in ("--", APP_SEPARATOR):
-            raise UsageError(f"run: {word} must follow an IMAGE")
+        if word in ("--", APP_SEPARATOR):  # no IMAGE: cmd_run says what is wrong (--pod-manifest or not)
+            return words[:i], None, words[i:]
         if not word.startswith("-") or word == "-":
             return words[:i], word, words[i + 1:]
         name, has_value, _ = word.partition("=")
@@ -141,6 +141,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
         pod_isolators = pod.isolators
         volumes = [*pod.volumes, *volumes]
         port_flags = [f"{p.name}:{p.host_ip + ':' if p.host_ip else ''}{p.host_port}" for p in pod.ports] + port_flags
+    elif ns.image is None and ns.app_words:
+        raise UsageError(f"run: {ns.app_words[0]} must follow an IMAGE")
     elif ns.image is None:
         raise UsageError("run: give an IMAGE or --pod-manifest FILE")
     else:
