@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
         print(f"kvmpod-stage1: error: usage: python -m kvmpod.stage1 {'|'.join(ENTRYPOINTS)} ARGS...",
               file=sys.stderr)
         return EXIT_STAGE1_FAILURE
-    debug = "--debug" in argv[1:] or any(a.startswith("--debug=t") or a == "--debug=1" for a in argv[1:])
+    debug = any(w.startswith("-") and w.lstrip("-").partition("=")[0] == "debug"
+                and w.partition("=")[2] in ("", "1", "t", "T", "true", "True", "TRUE") for w in argv[1:])
     try:
         return _entrypoint(argv[0])(argv[1:])
     except KvmpodError as e:
