@@ -278,32 +278,39 @@ def netns(kvmpod_env):
     subprocess.run(["ip", "netns", "del", ns.name], check=False)
 
 
-def test_gc_after_a_sigkilled_run_releases_everything(rkt, busybox_aci, netns, kvmpod_env):
-    pod = rkt.pod(App(busybox_aci, **SLEEPER))
+@pytest.fixture(scope="module")
+def web_aci(busybox_rootfs, tmp_path_factory) -> Path:
+    """busybox with an appc port `http` (tcp/80), for a pod manifest's port forward."""
+    from tests.conftest import kvmpod_cmd
+
+    out = tmp_path_factory.mktemp("stage1-images") / "web.aci"
+    subprocess.run(kvmpod_cmd("image", "build", "--rootfs", str(busybox_rootfs), "--name", "example.com/web",
+                              "--exec", "/bin/httpd -f -p 80 -h /etc", "--port", "http:tcp:80", "-o", str(out)),
+                   check=True)
+    return out
+
+
+def test_gc_after_a_sigkilled_run_releases_everything(rkt, web_aci, netns, kvmpod_env):
+    pod = rkt.pod(App(web_aci), ports=[{"name": "http", "hostPort": 18080}])
     proc = rkt.start(pod, net="default", wrap=("ip", "netns", "exec", netns.name))
     rkt.wait_pid(pod)
     run_dir = Path(kvmpod_env["KVMPOD_RUN_DIR"])
     kvmpod_pod = run_dir / "pods" / pod.uuid
-    leases = run_dir / "net" / "default"
-
-    def leased() -> list[Path]:
-        return [f for f in leases.iterdir() if f.is_file() and pod.uuid in f.read_text(errors="replace")]
-
-    assert leased() and "tap" in netns.ip("-o", "link")
+    held = netns.leftovers()   # its tap on the bridge, the port forward, the lease
+    assert any("kvtap" in h for h in held) and any("18080" in h for h in held), held
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     deadline = time.time() + 10
     while (qemu_pids_of(str(run_dir)) or rkt.running(pod)) and time.time() < deadline:
         time.sleep(0.1)
     assert not rkt.running(pod) and qemu_pids_of(str(run_dir)) == []   # QEMU dies with its kvmpod
-    assert kvmpod_pod.is_dir() and leased()   # what a SIGKILL leaves: for gc
+    assert kvmpod_pod.is_dir() and any("18080" in h for h in netns.leftovers())   # what a SIGKILL leaves for gc
     collected = subprocess.run(["ip", "netns", "exec", netns.name,
                                 str(pod.file("stage1/rootfs/kvmpod/gc")), pod.uuid],
                                cwd=pod.path, env=kvmpod_env, capture_output=True)
     assert collected.returncode == 0, collected.stderr.decode()
-    assert not kvmpod_pod.exists() and leased() == []
-    assert "tap" not in netns.ip("-o", "link")
-    assert not list(run_dir.glob(f"**/{pod.uuid}*.sock"))
+    assert not kvmpod_pod.exists() and netns.leftovers() == []
+    assert not list(run_dir.glob("**/*.sock"))
     again = subprocess.run([str(pod.file("stage1/rootfs/kvmpod/gc")), "--debug", pod.uuid], cwd=pod.path,
                            env=kvmpod_env, capture_output=True)
     assert again.returncode == 0, again.stderr.decode()   # idempotent
