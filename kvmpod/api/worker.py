@@ -52,6 +52,16 @@ def main(argv: list[str] | None = None) -> None:
     if store_dir is not None:
         paths.set_store_dir(store_dir)
     options.output_fds = (1, 2)   # the apps' output: fds 1 and 2; sys.stderr is kvmpod's messages
+    import signal
+
+    from kvmpod.errors import Interrupted
+
+    def stopped_while_planning(signo: int, _frame: object) -> None:
+        # SIGTERM (the API's stop or timeout) before the pod's own handlers are installed: unwind, so that
+        # the planning half removes the pod directory and QEMU it may have made (launch.plan_pod)
+        raise Interrupted("stopped before its apps started", 128 + signo)
+
+    signal.signal(signal.SIGTERM, stopped_while_planning)
     options.on_started = lambda pod: report(started=pod.uuid)
     try:
         from kvmpod.pod.launch import run

@@ -54,15 +54,31 @@ def test_streaming_output_arrives_while_the_pod_runs(image):
 
 
 def test_timeout_stops_the_pod(image, kvmpod_env):
-    with pytest.raises(kvmpod.PodTimeout, match="did not end within 3 s") as caught:
-        kvmpod.run(image, "-c", "echo started; exec sleep 600", exec="/bin/sh", net="none", timeout=3,
-                   stop_timeout=2)
+    pod = kvmpod.Pod(kvmpod.App(image, exec="/bin/sh", args=["-c", "echo started; exec sleep 600"]), net="none",
+                     stop_timeout=2)
+    proc = pod.start()
+    assert proc.wait_started(200)   # the app runs: the timeout below falls while it does
+    with pytest.raises(kvmpod.PodTimeout, match="did not end within 1 s") as caught:
+        proc.communicate(timeout=1)
     result = caught.value.result
-    # Stopped like `kvmpod stop`: SIGTERM to the app (sleep dies of it); what it wrote is there. A pod
-    # still booting when the time ran out has no output yet and was stopped before its app started.
-    assert result.exit_code == 128 + 15
-    assert result.stdout in (b"started\n", b"")
+    # stopped like `kvmpod stop`: SIGTERM to the app (sleep dies of it); what it wrote is there
+    assert (result.exit_code, result.stdout, result.uuid) == (128 + 15, b"started\n", proc.uuid)
     assert list(Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods").glob("*")) == []
+
+
+def test_timeout_while_the_pod_is_planned(kvmpod_env):
+    """The image download hangs (a server that accepts and never answers): the timeout stops the pod
+    before it has a VM, and nothing of it is left (the autouse fixture checks the pod directories)."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/image.aci"
+        with pytest.raises(kvmpod.PodTimeout) as caught:
+            kvmpod.run(url, net="none", timeout=2)
+    assert (caught.value.result.exit_code, caught.value.result.uuid) == (128 + 15, None)
+    assert list(Path(kvmpod_env["KVMPOD_STORE_DIR"], "tmp").iterdir()) == []
 
 
 @pytest.mark.parametrize("make, error, exit_code, message", [
