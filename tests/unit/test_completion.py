@@ -90,6 +90,47 @@ def test_bash_completes_image_names_and_files(completion_env, busybox_aci, tmp_p
     assert bash_complete(completion_env, f"kvmpod --dir {tmp_path / 'other'} image rm ex", tmp_path) == []
 
 
+def type_in_bash(env: dict[str, str], script_path: Path, keys: bytes) -> bytes:
+    """`keys` typed into an interactive bash on a terminal (a pty) that loaded the completion script."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=slave, stdout=slave, stderr=slave,
+                            env={**env, "TERM": "dumb", "INPUTRC": "/dev/null"}, start_new_session=True)
+    os.close(slave)
+    os.write(master, b"source " + bytes(script_path) + b"\n" + keys + b"exit\n")
+    out = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            if not ready:
+                break
+            try:
+                data = os.read(master, 4096)
+            except OSError:   # EIO: bash has exited and the pty is closed
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        os.close(master)
+        proc.wait(timeout=60)
+    return out
+
+
+def test_tab_in_an_interactive_bash(completion_env, tmp_path):
+    """Real keystrokes: `kvmpod ru<TAB>` and `kvmpod status 6f9<TAB>`, then ^A and `echo :` before the
+    line, so that bash prints what TAB made of it."""
+    path = tmp_path / "kvmpod.bash"
+    path.write_text(subprocess.run(kvmpod_cmd("completion", "bash"), capture_output=True, text=True,
+                                   check=True, env=completion_env).stdout)
+    out = type_in_bash(completion_env, path, b"kvmpod ru\t\x01echo :\nkvmpod status 6f9\t\x01echo :\n")
+    lines = out.decode(errors="replace").splitlines()
+    assert ":kvmpod run" in lines, out
+    assert f":kvmpod status {UUIDS[1]}" in lines, out
+
+
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed (make setup installs it)")
 def test_zsh_script_loads_and_completes(completion_env, tmp_path):
     path = tmp_path / "_kvmpod"
