@@ -27,7 +27,7 @@ from typing import Any
 
 from kvmpod.errors import KvmpodError
 from kvmpod.fsutil import write_atomically
-from kvmpod.image.manifest import AC_IDENTIFIER, ImageManifest, parse_manifest
+from kvmpod.image.manifest import AC_IDENTIFIER, ImageManifest, check_runnable, parse_manifest
 from kvmpod.pod.podmanifest import PodApp, PodManifest, parse_pod_manifest
 from kvmpod.stage1.flags import Stage1Error
 
@@ -217,6 +217,7 @@ def read_pod(root: Path, uuid: str) -> RktPod:
         manifest_path = root / STAGE2 / pod_app.name / "manifest"
         try:
             image = parse_manifest(_read_bounded(manifest_path, "app's image manifest"))
+            check_runnable(image)   # os/arch a kvmpod guest can run (linux/amd64)
         except Stage1Error:
             raise
         except KvmpodError as e:

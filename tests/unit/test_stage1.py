@@ -180,6 +180,10 @@ def test_rkt_extensions_are_understood(pod):
      "stage2/two/rootfs: not a directory"),
     (lambda p: p.file("stage1/rootfs/opt/stage2/busybox/manifest").write_text('{"acKind": "ImageManifest"}'),
      "stage2/busybox/manifest: manifest:"),
+    (lambda p: p.file("stage1/rootfs/opt/stage2/busybox/manifest").write_text(json.dumps(
+        {**json.loads(p.file("stage1/rootfs/opt/stage2/busybox/manifest").read_text()),
+         "labels": [{"name": "os", "value": "linux"}, {"name": "arch", "value": "arm64"}]})),
+     "stage2/busybox/manifest: "),
 ])
 def test_a_bad_pod_directory_is_one_line(pod, damage, message):
     damage(pod)
