@@ -90,16 +90,16 @@ def test_bash_completes_image_names_and_files(completion_env, busybox_aci, tmp_p
     assert bash_complete(completion_env, f"kvmpod --dir {tmp_path / 'other'} image rm ex", tmp_path) == []
 
 
-def type_in_bash(env: dict[str, str], script_path: Path, keys: bytes) -> bytes:
-    """`keys` typed into an interactive bash on a terminal (a pty) that loaded the completion script."""
+def type_in(shell: list[str], env: dict[str, str], prelude: str, keys: bytes) -> bytes:
+    """`keys` typed into an interactive shell on a terminal (a pty), after the `prelude` line."""
     import pty
     import select
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen(shell, stdin=slave, stdout=slave, stderr=slave,
                             env={**env, "TERM": "dumb", "INPUTRC": "/dev/null"}, start_new_session=True)
     os.close(slave)
-    os.write(master, b"source " + bytes(script_path) + b"\n" + keys + b"exit\n")
+    os.write(master, prelude.encode() + b"\n" + keys + b"exit\n")
     out = b""
     try:
         while True:
@@ -125,7 +125,8 @@ def test_tab_in_an_interactive_bash(completion_env, tmp_path):
     path = tmp_path / "kvmpod.bash"
     path.write_text(subprocess.run(kvmpod_cmd("completion", "bash"), capture_output=True, text=True,
                                    check=True, env=completion_env).stdout)
-    out = type_in_bash(completion_env, path, b"kvmpod ru\t\x01echo :\nkvmpod status 6f9\t\x01echo :\n")
+    out = type_in(["bash", "--norc", "--noprofile", "-i"], completion_env, f"source {path}",
+                  b"kvmpod ru\t\x01echo :\nkvmpod status 6f9\t\x01echo :\n")
     lines = out.decode(errors="replace").splitlines()
     assert ":kvmpod run" in lines, out
     assert f":kvmpod status {UUIDS[1]}" in lines, out
@@ -143,6 +144,11 @@ def test_zsh_script_loads_and_completes(completion_env, tmp_path):
     proc = subprocess.run(["zsh", "-f"], input=driver, capture_output=True, text=True, env=completion_env,
                           cwd=tmp_path, timeout=60)
     assert proc.stdout.splitlines() == ["_kvmpod", "run", *UUIDS[:2], "snapshot", "cold"], proc.stderr
+    # and real keystrokes in an interactive zsh with compinit
+    out = type_in(["zsh", "-f", "-i"], completion_env, f"autoload -U compinit && compinit -u -D && source {path}",
+                  b"kvmpod ru\t\x01echo :\nkvmpod status 6f9\t\x01echo :\n")
+    lines = out.decode(errors="replace").splitlines()
+    assert ":kvmpod run" in lines and f":kvmpod status {UUIDS[1]}" in lines, out
 
 
 def test_generated_from_the_parser():
