@@ -2,8 +2,10 @@
 Documentation/devel/architecture.md, pod-lifecycle), to run kvmpod's stage1 ACI the way `rkt run`,
 `rkt enter`, `rkt stop` and `rkt gc` do. Debian has no rkt; this is what the tests drive it with.
 
-What it does, as rkt 1.30 does it (rendering in rkt's `--no-overlay` form, the ACIs extracted into
-the pod directory):
+What it does, as rkt 1.30 does it (the stage1 ACI extracted into the pod directory, as with rkt's
+`--no-overlay`; the apps' ACIs too, or with `overlay=True` as rkt does by default: each image rendered
+once into <dir>/cas/tree/<image>, and an overlay mounted on the app's rootfs at run time, its upper
+and work directories in <pod>/overlay/<image>/):
 
     <dir>/pods/embryo/<uuid>       made and flock()ed (LOCK_EX) through an open directory fd, renamed to
     <dir>/pods/prepare/<uuid>      where it is prepared:
@@ -133,8 +135,9 @@ class Stage0:
     def prepare(self, apps: list[App], volumes: list[dict[str, Any]] | None = None,
                 ports: list[dict[str, Any]] | None = None, dns: list[str] | None = None,
                 hosts_entries: list[tuple[str, str]] | None = None,
-                pod_manifest: dict[str, Any] | None = None) -> Pod:
-        """A pod directory rendered as `rkt prepare` does, left locked in pods/run/<uuid>."""
+                pod_manifest: dict[str, Any] | None = None, overlay: bool = False) -> Pod:
+        """A pod directory rendered as `rkt prepare` does, left locked in pods/run/<uuid>; with
+        `overlay`, the apps' rootfs are overlays on the tree store's renderings (rkt's default)."""
         pod_uuid = str(uuidlib.uuid4())
         embryo = self.data_dir / "pods" / "embryo" / pod_uuid
         embryo.mkdir(mode=DIR_MODE)
@@ -149,10 +152,16 @@ class Stage0:
             manifest, raw = read_manifest(app.aci)
             name = app.name or app_name(manifest["name"])
             names.append(name)
-            extract(app.aci, path / "stage1" / "rootfs" / "opt" / "stage2" / name)
             info = path / "appsinfo" / name
             info.mkdir(mode=DIR_MODE)
             (info / "manifest").write_bytes(raw)
+            if overlay:   # the tree store: each image rendered once, shared by the pods (read-only lower)
+                tree = self.data_dir / "cas" / "tree" / image_id(app.aci)
+                if not tree.is_dir():
+                    extract(app.aci, tree)
+                self._write(info / "treeStoreID", tree.name.encode())
+            else:
+                extract(app.aci, path / "stage1" / "rootfs" / "opt" / "stage2" / name)
             manifest_apps.append(self._runtime_app(app, name, manifest))
         pm = pod_manifest or {
             "acVersion": RKT_VERSION, "acKind": "PodManifest", "apps": manifest_apps,
@@ -173,8 +182,12 @@ class Stage0:
             lines = "".join(f"{ip} {name}\n" for ip, name in hosts_entries)
             self._write(etc / "rkt-hosts", ("#created by rkt stage0\n127.0.0.1 localhost localhost.localdomain\n"
                                             "\n\n# Added by rkt run --hosts-entry\n" + lines).encode(), 0o644)
+        if overlay:
+            (path / "overlay-prepared").touch(mode=FILE_MODE)
         run_path = self.data_dir / "pods" / "run" / pod_uuid
         os.rename(path, run_path)
+        for name in names if overlay else ():   # setupAppImage: the overlays, at run time
+            self._mount_overlay(run_path, name)
         for name in names:  # setupAppImage: /etc/mtab for tools that want it
             etc_dir = run_path / "stage1" / "rootfs" / "opt" / "stage2" / name / "rootfs" / "etc"
             if etc_dir.is_dir() and not os.path.lexists(etc_dir / "mtab"):
@@ -182,6 +195,28 @@ class Stage0:
         version = next((int(a["value"]) for a in self.stage1_manifest.get("annotations", [])
                         if a["name"] == INTERFACE_VERSION), 1)
         return Pod(pod_uuid, run_path, fd, names, version)
+
+    def _mount_overlay(self, pod_path: Path, name: str) -> None:
+        tree_id = (pod_path / "appsinfo" / name / "treeStoreID").read_text()
+        app_dir = pod_path / "stage1" / "rootfs" / "opt" / "stage2" / name
+        (app_dir / "rootfs").mkdir(parents=True, mode=DIR_MODE)
+        (app_dir / "manifest").write_bytes((pod_path / "appsinfo" / name / "manifest").read_bytes())
+        upper = pod_path / "overlay" / tree_id / "upper" / name
+        work = pod_path / "overlay" / tree_id / "work" / name
+        upper.mkdir(parents=True, mode=DIR_MODE)
+        work.mkdir(parents=True, mode=DIR_MODE)
+        lower = self.data_dir / "cas" / "tree" / tree_id / "rootfs"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+                        str(app_dir / "rootfs")], check=True)
+
+    @staticmethod
+    def unmount(pod: Pod) -> None:
+        """What rkt gc's MountGC does: every mount under the pod directory, deepest first."""
+        prefix = str(pod.path) + "/"
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", point], check=True)
 
     @staticmethod
     def _write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
@@ -331,6 +366,7 @@ class Stage0:
             argv += ["--local-config", local_config]
         result = subprocess.run([*argv, pod.uuid], cwd=pod.path, env=env, timeout=timeout, capture_output=True)
         if result.returncode == 0:
+            self.unmount(pod)
             subprocess.run(["rm", "-rf", "--one-file-system", str(pod.path)], check=True)
         return result
 

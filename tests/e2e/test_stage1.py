@@ -150,6 +150,16 @@ def test_default_hostname_and_writes_land_in_the_rendered_rootfs(rkt, busybox_ac
     assert pod.file("stage1/rootfs/opt/stage2/busybox/rootfs/written").read_text() == "kept\n"
 
 
+def test_overlay_rendered_app_rootfs(rkt, busybox_aci):
+    """rkt's default rendering: the app's rootfs an overlay on the tree store's copy of the image."""
+    pod = rkt.pod(App(busybox_aci, **sh("cat /etc/greeting; echo kept > /written")), overlay=True)
+    result = rkt.go(pod)
+    assert (result.returncode, result.stdout) == (0, b"Hello from a kvmpod VM!\n"), result.stderr.decode()
+    tree_id = pod.file("appsinfo/busybox/treeStoreID").read_text()
+    assert pod.file("overlay", tree_id, "upper/busybox/written").read_text() == "kept\n"
+    assert not (rkt.data_dir / "cas/tree" / tree_id / "rootfs/written").exists()   # the image stays as it was
+
+
 def test_interactive_with_pipes(rkt, busybox_aci):
     pod = rkt.pod(App(busybox_aci, **sh("cat; tty; exit 4")))
     result = rkt.go(pod, interactive=True, input=b"from stdin\n")
