@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,11 +40,16 @@ def tail(text: str, limit: int = 240) -> str:
     return tail if len(tail) <= limit else "..." + tail[-limit:]
 
 
+# Tools such as depmod live in sbin, which an ordinary user's PATH (Debian's default) does not have.
+_SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
+
+
 def run_tool(cmd: list[str], cwd: Path | None = None, error: type[KvmpodError] = KernelError) -> str:
     """Run a command (C locale), return its stdout; `error` with the stderr tail if it fails."""
     env = dict(os.environ, LC_ALL="C", LANG="C", DEBIAN_FRONTEND="noninteractive")
+    exe = cmd[0] if "/" in cmd[0] else shutil.which(cmd[0]) or shutil.which(cmd[0], path=_SBIN) or cmd[0]
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, errors="replace")
+        proc = subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, capture_output=True, text=True, errors="replace")
     except FileNotFoundError:
         raise error(f"{cmd[0]} not found: install the Debian package {_TOOLS.get(cmd[0], cmd[0])}") from None
     if proc.returncode != 0:

@@ -122,10 +122,16 @@ def test_wheel_build_without_a_compiler_fails_in_one_line(tmp_path):
     assert list(out.glob("*.whl")) == []
 
 
-def test_wheel_in_a_fresh_venv_runs_pods_as_root_and_as_a_user(wheel, public_dir, image, user, kvmpod_env):
-    venv = public_dir / "venv"
-    ok([SYSTEM_PYTHON, "-m", "venv", str(venv)])
-    ok([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel)])
+@pytest.fixture(scope="module")
+def venv(wheel, public_dir) -> Path:
+    """The wheel installed into a fresh venv of the system Python, outside the checkout."""
+    path = public_dir / "venv"
+    ok([SYSTEM_PYTHON, "-m", "venv", str(path)])
+    ok([str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel)])
+    return path
+
+
+def test_wheel_in_a_fresh_venv_runs_pods_as_root_and_as_a_user(venv, image, user, kvmpod_env):
     site = ok([str(venv / "bin" / "python"), "-c",
                "from kvmpod import resources; from kvmpod.boot.initrd import find_agent; "
                "from kvmpod.pod.relay import find_relay; print(resources.checkout(), find_agent(), find_relay())"])
@@ -152,6 +158,18 @@ def test_wheel_in_a_fresh_venv_runs_pods_as_root_and_as_a_user(wheel, public_dir
     assert proc.stdout.rstrip().splitlines()[-1].startswith("kvmpod setup: everything was up to date")
     own = Path(user.pw_dir, ".cache", "kvmpod")
     assert not (own / "kernels").exists() and not (own / "qemu").exists() and not (own / "build").exists()
+
+
+def test_a_users_setup_builds_into_its_own_cache(venv, user):
+    """Not root, a cache of its own named: the Debian cloud kernel is fetched there, once."""
+    cache = Path(user.pw_dir, "own-cache")
+    setup = ["env", f"KVMPOD_CACHE_DIR={cache}", str(venv / "bin" / "kvmpod"), "setup", "--only", "distro-kernel"]
+    first = as_user(user, setup)
+    assert first.returncode == 0 and "      built: " in first.stdout, first.stdout + first.stderr
+    (kernel,) = (cache / "kernels").glob("debian-cloud-*")
+    assert kernel.stat().st_uid == user.pw_uid
+    second = as_user(user, setup)
+    assert second.returncode == 0 and f"      up to date: {kernel} (" in second.stdout, second.stdout
 
 
 def test_setup_twice_builds_once(tmp_path, kvmpod_env):
