@@ -64,6 +64,8 @@ class App:
     env: dict[str, str] = field(default_factory=dict)   # --set-env
     mounts: list[tuple[str, str]] = field(default_factory=list)   # --mount volume=NAME,target=PATH
     readonly_rootfs: bool = False
+    user: str | None = None             # --user
+    group: str | None = None            # --group
 
 
 @dataclass
@@ -233,6 +235,10 @@ class Stage0:
             runtime_app["exec"] = [app.exec]
         if app.args is not None:
             runtime_app["exec"] = [*runtime_app.get("exec", []), *app.args]
+        if app.user:
+            runtime_app["user"] = app.user
+        if app.group:
+            runtime_app["group"] = app.group
         if app.env:
             env = {e["name"]: e["value"] for e in runtime_app.get("environment", [])}
             env.update(app.env)
