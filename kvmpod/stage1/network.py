@@ -60,7 +60,7 @@ def _net_mode(nets: list[NetArg], local_config: str) -> str:
     return ",".join(names)
 
 
-def _read_conf(root: Path, relative: Path, mode: str) -> list[str]:
+def _read_conf(root: Path, relative: Path, mode: str) -> list[list[str]]:
     path = root / relative
     try:
         with open(path, "rb") as f:
