@@ -141,19 +141,25 @@ def uint_field(obj: dict[str, Any], key: str, where: str, limit: int = 2**32 - 1
     return value
 
 
+def read_json_object(path: Path, what: str, missing: str = "no such file") -> dict[str, Any]:
+    """The JSON object in `path`; BundleError prefixed by `what` if it is unreadable or not one."""
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise BundleError(f"{what}: {missing}") from None
+    except OSError as e:
+        raise BundleError(f"{what}: {e.strerror}") from e
+    except ValueError as e:
+        raise BundleError(f"{what}: not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise BundleError(f"{what}: not a JSON object")
+    return value
+
+
 def read_bundle(bundle: Path) -> Bundle:
     """Read and check `bundle`/config.json; BundleError naming the field on anything kvmpod cannot run."""
     config_path = bundle / "config.json"
-    try:
-        config = json.loads(config_path.read_bytes())
-    except FileNotFoundError:
-        raise BundleError(f"{config_path}: no such file (is {bundle} an OCI bundle?)") from None
-    except OSError as e:
-        raise BundleError(f"{config_path}: {e.strerror}") from e
-    except ValueError as e:
-        raise BundleError(f"{config_path}: not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise BundleError(f"{config_path}: not a JSON object")
+    config = read_json_object(config_path, str(config_path), f"no such file (is {bundle} an OCI bundle?)")
     return parse_config(bundle, config)
 
 

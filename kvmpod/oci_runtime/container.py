@@ -145,19 +145,25 @@ def _fork_pod(app: AppOverrides, options: RunOptions, bundle: b.Bundle, req: Cre
     os.close(wfd)
     if slave is not None:
         os.close(slave)
-    data = b""
-    while chunk := os.read(rfd, 65536):
-        data += chunk
-    os.close(rfd)
-    try:
-        report = json.loads(data) if data else {}
-    except ValueError:
-        report = {}
+    report = read_report(rfd)
     if isinstance(report.get("uuid"), str):
         return pid, report
     _, status = os.waitpid(pid, 0)   # it has cleaned up after itself: the error is what it said
     raise KvmpodError(str(report.get("error") or f"the container's pod process ended during create "
                                                   f"(wait status {status})"))
+
+
+def read_report(fd: int) -> dict[str, Any]:
+    """A forked child's one JSON report, read to EOF (the child closed its end, or ended); {} if none."""
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    os.close(fd)
+    try:
+        report = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def _pod_process(app: AppOverrides, options: RunOptions, slave: int | None, report_fd: int, log: TextIO,

@@ -16,9 +16,9 @@ from typing import Any
 
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
 from kvmpod.fsutil import write_atomically
-from kvmpod.oci_runtime.bundle import BundleError, env_list, get_field, str_list, uint_field
+from kvmpod.oci_runtime.bundle import env_list, get_field, read_json_object, str_list, uint_field
 from kvmpod.oci_runtime.console import become_terminal, send_console
-from kvmpod.oci_runtime.container import die_like
+from kvmpod.oci_runtime.container import die_like, read_report
 from kvmpod.oci_runtime.records import ContainerStateError, Records
 from kvmpod.pod.client import EnterRequest, EnterSession, connect, fill_std_fds
 
@@ -39,15 +39,7 @@ class ExecRequest:
 
 def read_process(path: str) -> dict[str, Any]:
     """The --process file: a runtime-spec `process` object."""
-    try:
-        process = json.loads(Path(path).read_bytes())
-    except OSError as e:
-        raise BundleError(f"--process {path}: {e.strerror}") from e
-    except ValueError as e:
-        raise BundleError(f"--process {path}: not valid JSON: {e}") from e
-    if not isinstance(process, dict):
-        raise BundleError(f"--process {path}: not a JSON object")
-    return process
+    return read_json_object(Path(path), f"--process {path}")
 
 
 def enter_request(req: ExecRequest) -> tuple[EnterRequest, bool]:
@@ -128,14 +120,7 @@ def _detached(pod, enter: EnterRequest, tty: bool, req: ExecRequest) -> int:
     os.close(wfd)
     if slave is not None:
         os.close(slave)
-    data = b""
-    while chunk := os.read(rfd, 65536):
-        data += chunk
-    os.close(rfd)
-    try:
-        report = json.loads(data) if data else {}
-    except ValueError:
-        report = {}
+    report = read_report(rfd)
     if not isinstance(report.get("pid"), int):
         os.waitpid(pid, 0)
         raise KvmpodError(str(report.get("error") or "exec: the process's host end ended before it started"))
