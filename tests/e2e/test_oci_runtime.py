@@ -131,8 +131,12 @@ def test_what_the_container_writes_lands_in_its_upper_layer(podman):
         copied = podman.base / "copied"
         podman("cp", f"{name}:/etc/written", str(copied), check=True)
         assert copied.read_text() == "new\n"
+        podman("commit", "--quiet", name, f"localhost/kvmpod-test/{name}:1", check=True)
+        done = run(podman, f"localhost/kvmpod-test/{name}:1", "/bin/sh", "-c", "cat /etc/written; ls /etc/greeting")
+        assert done.stdout == b"new\n" and done.returncode == 1   # the commit has the write and the deletion
     finally:
         podman("rm", "--force", name)
+        podman("rmi", "--force", f"localhost/kvmpod-test/{name}:1")
 
 
 def test_port_forward_reaches_a_server_in_the_guest(podman):
