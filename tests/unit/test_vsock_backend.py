@@ -626,3 +626,30 @@ async def test_front_line_in_pieces_and_data_right_after_it(rig):
     got = rig.guest.received()
     assert ops(got) == ["RW"] and got[0][1] == b"early bytes"
     c.close()
+
+
+# -- QEMU stops and restarts the rings (a VM stop/cont: OCI pause and resume) ----------------------
+
+@with_rig
+async def test_receive_buffers_held_unused_are_offered_again_after_a_ring_restart(rig):
+    g, front = rig.guest, rig.front
+    spare = rig.device._take_rx()   # as when a host socket had nothing to read: taken, kept, unused
+    assert spare is not None
+    rig.device._spare_rx.appendleft(spare)
+    taken = rig.device.vhost.queues[0].last_avail
+    base = struct.unpack("<II", await front.ask(vu.GET_VRING_BASE, struct.pack("<II", 0, 0)))[1]
+    assert base == taken - 1   # the spare buffer is not counted as used: the guest gets it back
+    desc, avail, used = g.rings[0]
+    front.send(vu.SET_VRING_NUM, struct.pack("<II", 0, QSIZE))
+    front.send(vu.SET_VRING_BASE, struct.pack("<II", 0, base))
+    front.send(vu.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, USER_BASE + desc, USER_BASE + used,
+                                              USER_BASE + avail, 0))
+    front.send(vu.SET_VRING_KICK, struct.pack("<Q", 0), [os.dup(g.kick[0])])
+    front.send(vu.SET_VRING_CALL, struct.pack("<Q", 0), [os.dup(g.call[0])])
+    front.send(vu.SET_VRING_ENABLE, struct.pack("<II", 0, 1))
+    await settle()
+    for i in range(13):   # more packets than the buffers taken before: the spare one carries one too
+        g.send(41000 + i, 6000, d.OP_REQUEST)
+        await settle()
+    got = g.received()
+    assert ops(got) == ["RST"] * 12 and rig.failures == []
