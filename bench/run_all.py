@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -231,6 +232,18 @@ def plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def optional(measure: Callable[[], dict], show: Callable[[dict], None], unavailable: type[Exception]) -> dict:
+    """A benchmark this machine may not be able to run (no root, no debootstrap, no podman): its result,
+    printed, or {"skipped": why}, so the other results are still written."""
+    try:
+        result = measure()
+    except unavailable as e:
+        print(f"skipped: {e}")
+        return {"skipped": str(e)}
+    show(result)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="start runs with the minimal kernel, and breakdown runs")
@@ -268,26 +281,12 @@ def main() -> int:
         results["agent"] = measure_agent(work, aci, args.agent_mib, execs=20, rounds=2)
         print_agent(results["agent"])
         header("8. stage1 (rkt's stage1 ABI through tests/stage0.py)")
-        try:
-            results["stage1"] = measure_stage1(work, aci, args.stage1_runs)
-            print_stage1(results["stage1"])
-        except Stage1Unavailable as e:
-            print(f"skipped: {e}")
-            results["stage1"] = {"skipped": str(e)}
+        results["stage1"] = optional(lambda: measure_stage1(work, aci, args.stage1_runs), print_stage1,
+                                     Stage1Unavailable)
         header("9. oci (podman run --rm IMAGE /bin/true)")
-        try:
-            results["oci"] = measure_oci(work, aci, args.oci_runs)
-            print_oci(results["oci"])
-        except OciUnavailable as e:
-            print(f"skipped: {e}")
-            results["oci"] = {"skipped": str(e)}
+        results["oci"] = optional(lambda: measure_oci(work, aci, args.oci_runs), print_oci, OciUnavailable)
     header("6. image (import + rootfs disk of a Debian minbase)")
-    try:
-        results["image"] = measure_image(args.image_runs)
-        print_image(results["image"])
-    except Unavailable as e:  # no root or no debootstrap: the other results are still written
-        print(f"skipped: {e}")
-        results["image"] = {"skipped": str(e)}
+    results["image"] = optional(lambda: measure_image(args.image_runs), print_image, Unavailable)
     results["total_s"] = time.perf_counter() - began
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
