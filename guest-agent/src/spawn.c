@@ -228,9 +228,11 @@ int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, str
 
     if (!r->app || !r->serial)
         return failf(f, "request", EINVAL, "START lacks APP_NAME or DISK_SERIAL");
-    /* An entered command may be a bare name, looked up in its PATH (exec_in_path). */
+    /* An entered command (or an OCI process: runc looks it up too) may be a bare name, looked up in
+     * its PATH (exec_in_path). */
+    bool lookup = r->flags & (KP_START_FLAG_ENTER | KP_START_FLAG_EXEC_PATH);
     if (r->argv.n == 0 || !r->argv.v[0][0] ||
-        (r->argv.v[0][0] != '/' && !((r->flags & KP_START_FLAG_ENTER) && !strchr(r->argv.v[0], '/'))))
+        (r->argv.v[0][0] != '/' && !(lookup && !strchr(r->argv.v[0], '/'))))
         return failf(f, "request", EINVAL, "START needs an absolute path as its first ARG");
     if (r->workdir && r->workdir[0] != '/')
         return failf(f, "request", EINVAL, "working directory %s is not absolute", r->workdir);

@@ -46,12 +46,14 @@ class ProcessSpec:
     keep_etc: bool = False   # no executor /etc/hosts or resolv.conf: the root brings its own (OCI bundles)
     rlimits: tuple[tuple[int, int, int], ...] = ()   # (RLIMIT_* number, soft, hard) set before exec
     oom_score_adj: int | None = None
+    exec_path: bool = False   # a bare argv[0] is looked up in the PATH in the guest (OCI processes)
 
     def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
         flags = ((p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
                  | (p.StartFlag.NO_NEW_PRIVS if self.isolators.no_new_privileges else 0)
                  | (p.StartFlag.TTY if self.tty else 0) | (p.StartFlag.ENTER if self.enter else 0)
                  | (p.StartFlag.KEEP_ETC if self.keep_etc else 0)
+                 | (p.StartFlag.EXEC_PATH if self.exec_path else 0)
                  | (p.StartFlag.SECCOMP_SKIP_UNKNOWN if self.isolators.seccomp_skip_unknown else 0))
         out: list[tuple[p.Field, p.FieldValue | str]] = [
             (p.Field.APP_NAME, self.app_name), (p.Field.DISK_SERIAL, self.disk_serial)]

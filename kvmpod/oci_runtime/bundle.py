@@ -177,6 +177,8 @@ def parse_config(bundle: Path, config: dict[str, Any]) -> Bundle:
     args = str_list(process, "args", "process.")
     if not args or not args[0]:
         raise _fail("process.args", "empty: nothing to run")
+    if not args[0].startswith("/") and "/" in args[0]:
+        raise _fail("process.args", f"{args[0]!r}: a relative path (a bare name is looked up in PATH)")
     cwd = get_field(process, "cwd", str, "process.", "/")
     if not cwd.startswith("/"):
         raise _fail("process.cwd", f"{cwd!r} is not an absolute path")

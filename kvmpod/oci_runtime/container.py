@@ -97,7 +97,7 @@ def pod_for(bundle: b.Bundle, container: Container) -> tuple[AppOverrides, RunOp
         image=f"oci:{container.id}", name=b.APP_NAME, app=b.app_of(bundle), rootfs_dir=bundle.rootfs,
         image_manifest=b.image_manifest(bundle, container.id), readonly_rootfs=bundle.readonly_rootfs,
         mounts=mounts, extras=ProcessExtras(rlimits=bundle.rlimits, oom_score_adj=bundle.oom_score_adj,
-                                            keep_etc=True, seccomp_skip_unknown=True))
+                                            keep_etc=True, seccomp_skip_unknown=True, exec_path_lookup=True))
     network = NetRequest(mode="netns", netns=bundle.netns, dns=("none",)) if bundle.netns else NetRequest(dns=("none",))
     options = RunOptions(memory_mib=bundle.memory_mib, cpus=bundle.cpus, hostname=bundle.hostname or None,
                          annotations={}, interactive=True, hold_apps=True, volumes=volumes, network=network,

@@ -328,7 +328,7 @@ class PodRunner:
                                               for m in app.mounts],
                                root_tag=app.disk_serial if app.root_share else "",
                                keep_etc=app.extras.keep_etc, rlimits=app.extras.rlimits,
-                               oom_score_adj=app.extras.oom_score_adj)
+                               oom_score_adj=app.extras.oom_score_adj, exec_path=app.extras.exec_path_lookup)
             self.processes.append(await self._until(self.session.start(spec, *sinks[app.name])))
         self.timings["apps_started"] = time.time()
         self.pod.update(state="running", apps=[{"name": a.name, "image": a.image.id} for a in self.apps])

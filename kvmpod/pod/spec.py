@@ -32,6 +32,7 @@ class ProcessExtras:
     oom_score_adj: int | None = None
     keep_etc: bool = False   # the root brings its own /etc/hosts and resolv.conf (no executor files)
     seccomp_skip_unknown: bool = False   # seccomp names this architecture lacks are skipped (OCI profiles)
+    exec_path_lookup: bool = False   # a bare exec name is looked up in the app's PATH in the guest (as runc)
 
 
 @dataclass
@@ -193,7 +194,7 @@ def resolve_app(image: StoredImage, overrides: AppOverrides, pod_env: dict[str, 
         raise UsageError(f"app {overrides.name}: the pod manifest's app has no exec")
     if not exec_:
         raise UsageError(f"{overrides.image}: the image has no app.exec; give one with --exec")
-    if not exec_[0].startswith("/"):
+    if not exec_[0].startswith("/") and not (overrides.extras.exec_path_lookup and "/" not in exec_[0]):
         raise UsageError(f"--exec: {exec_[0]!r} is not an absolute path")
     name = overrides.name or default_app_name(manifest)
     if not AC_NAME.match(name):

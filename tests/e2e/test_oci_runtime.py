@@ -65,6 +65,12 @@ def test_exit_code_and_separate_streams(podman):
     assert done.stderr.decode().splitlines()[-1:] == ["err"]
 
 
+def test_a_bare_command_is_looked_up_in_path_as_runc_does(podman):
+    done = run(podman, IMAGE, "echo", "found in PATH")
+    assert (done.returncode, done.stdout) == (0, b"found in PATH\n"), done.stderr
+    assert run(podman, IMAGE, "no-such-command").returncode == 127
+
+
 def test_killed_by_a_signal(podman):
     assert run(podman, IMAGE, "/bin/sh", "-c", "kill -9 $$").returncode == 137
     assert run(podman, IMAGE, "/bin/sh", "-c", "kill -USR1 $$").returncode == 128 + signal.SIGUSR1

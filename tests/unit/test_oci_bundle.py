@@ -112,6 +112,7 @@ def test_seccomp_allow_list_and_deny_list():
     ({"root": {"path": "missing"}}, r"config.json: root.path: .*missing: No such file or directory"),
     ({"root": {"path": "file"}}, r"config.json: root.path: .*file is not a directory"),
     ({"process": {"args": []}}, r"config.json: process.args: empty: nothing to run"),
+    ({"process": {"args": ["bin/sh"]}}, r"config.json: process.args: 'bin/sh': a relative path"),
     ({"process": {"args": ["/bin/true"], "cwd": "srv"}}, r"config.json: process.cwd: 'srv' is not an absolute path"),
     ({"process": {"args": ["/bin/true"], "env": ["NOEQUALS"]}}, r"config.json: process.env\[0\]: 'NOEQUALS' is not NAME=VALUE"),
     ({"process": {"args": ["/bin/true"], "user": {"uid": "root"}}}, r"config.json: process.user.uid: \"root\" is not an integer"),
