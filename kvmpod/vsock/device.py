@@ -28,13 +28,11 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from kvmpod.errors import GuestFault, KvmpodError, VMError
+from kvmpod.vsock.vhost_user import VhostUserConnection
 from kvmpod.vsock.virtqueue import Chain, VirtQueue
-
-if TYPE_CHECKING:
-    from kvmpod.vsock.vhost_user import VhostUserConnection
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +93,8 @@ class Connection:
 
 
 class VsockDevice:
-    """The device model for one pod. Lives in the asyncio loop; everything is event-driven."""
+    """The device model for one pod (the VhostUserBackend its vhost-user connection calls). Lives in
+    the asyncio loop; everything is event-driven."""
 
     def __init__(self, guest_cid: int, uds_path: Path | None = None,
                  on_failure: Callable[[KvmpodError], None] | None = None):
@@ -154,8 +153,6 @@ class VsockDevice:
         on_accept(conn)
 
     def _accept_vhost(self, sock: socket.socket) -> None:
-        from kvmpod.vsock.vhost_user import VhostUserConnection
-
         if self.vhost is not None or self.failure is not None:
             sock.close()  # one front-end, once
             return
@@ -198,7 +195,7 @@ class VsockDevice:
         for conn in list(self.conns.values()):
             self._close(conn, notify_guest=False)
 
-    # -- called by the vhost-user connection -----------------------------------------------------
+    # -- the VhostUserBackend the vhost-user connection calls ------------------------------------
 
     def _queue(self, index: int) -> VirtQueue | None:
         return self.vhost.queues[index] if self.vhost is not None else None
@@ -206,7 +203,7 @@ class VsockDevice:
     def memory_changed(self) -> None:
         self._spare_rx.clear()  # views into the old mapping
 
-    def queue_started(self, vhost: "VhostUserConnection", index: int) -> None:
+    def queue_started(self, index: int) -> None:
         self.queue_kicked(index)
 
     def queue_stopped(self, index: int) -> int:

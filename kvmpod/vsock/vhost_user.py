@@ -7,6 +7,10 @@ kvmpod answers GET_FEATURES, GET_PROTOCOL_FEATURES, GET_CONFIG (the guest CID), 
 GET_QUEUE_NUM; it offers the CONFIG protocol feature only (no reply-ack, no multiqueue, no log).
 QEMU is the front-end kvmpod started itself, so it is trusted to speak the protocol; a message
 kvmpod cannot serve still ends the pod with a clear VMError rather than an exception.
+
+The protocol layer knows nothing of vsock packets: it serves the messages and tells the device behind
+it what changed through `VhostUserBackend` (as rust-vmm's vhost-user-backend crate defines the trait
+its daemon calls), which the vsock device implements. Imports point one way: device → vhost_user.
 """
 
 from __future__ import annotations
@@ -17,13 +21,10 @@ import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kvmpod.errors import KvmpodError, VMError
 from kvmpod.vsock.virtqueue import GuestMemory, VirtQueue
-
-if TYPE_CHECKING:
-    from kvmpod.vsock.device import VsockDevice
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,37 @@ def encode(request: int, payload: bytes = b"", flags: int = FLAG_VERSION) -> byt
     return _HEADER.pack(request, flags, len(payload)) + payload
 
 
+class VhostUserBackend(Protocol):
+    """The device behind a vhost-user connection: what the protocol layer tells it and asks of it.
+    Every call comes from the asyncio loop, from the connection's reader."""
+
+    def config_space(self) -> bytes:
+        """The device's virtio config space (GET_CONFIG reads a window of it)."""
+
+    def memory_changed(self) -> None:
+        """A new memory table is mapped: views into the old one must be dropped."""
+
+    def queue_started(self, index: int) -> None:
+        """The queue has its size, addresses and kick eventfd, and is enabled."""
+
+    def queue_kicked(self, index: int) -> None:
+        """The guest kicked the queue: new buffers are available."""
+
+    def queue_stopped(self, index: int) -> int:
+        """The queue stops (GET_VRING_BASE): how many buffers the device took from the ring without
+        using them, which the ring's base is rewound by."""
+
+    def front_end_gone(self) -> None:
+        """QEMU closed the connection (it is exiting)."""
+
+    def fail(self, error: KvmpodError) -> None:
+        """The connection broke or QEMU asked for what kvmpod cannot serve; it is closed already."""
+
+
 class VhostUserConnection:
     """The back-end end of one vhost-user connection, served from the asyncio loop."""
 
-    def __init__(self, sock: socket.socket, device: "VsockDevice"):
+    def __init__(self, sock: socket.socket, device: VhostUserBackend):
         self.sock = sock
         self.device = device
         self.memory = GuestMemory()
@@ -237,7 +265,7 @@ class VhostUserConnection:
             q = self._queue(index)
             q.enabled = bool(num)
             if q.ready:
-                self.device.queue_started(self, q.index)
+                self.device.queue_started(q.index)
             return None
         raise VMError(f"vhost-user: unsupported request {NAMES.get(request, request)}")
 
@@ -262,7 +290,7 @@ class VhostUserConnection:
         q.kick_fd = fd
         self._loop.add_reader(fd, self._kicked, q)
         if q.ready:
-            self.device.queue_started(self, q.index)
+            self.device.queue_started(q.index)
 
     def _kicked(self, q: VirtQueue) -> None:
         try:
