@@ -217,7 +217,7 @@ def dynamic_words(kind: str) -> list[str]:
     NAME:VERSION) in the store. Unreadable places give nothing: completion never fails loudly."""
     if kind == "pods":
         try:
-            return sorted(e for e in os.listdir(paths.runtime_dir() / "pods") if _UUID.match(e))
+            return sorted(e for e in os.listdir(paths.pods_dir()) if _UUID.match(e))
         except OSError:
             return []
     from kvmpod.errors import KvmpodError

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 
-
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -28,6 +27,12 @@ def runtime_dir() -> Path:
         return Path("/run/kvmpod")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     return Path(xdg) / "kvmpod" if xdg else Path("/tmp") / f"kvmpod-{os.getuid()}"
+
+
+def pods_dir() -> Path:
+    """One directory per pod, named by its UUID (docs/layout.md): listed by the registry, checked by
+    networking (a lease whose pod directory is gone is stale)."""
+    return runtime_dir() / "pods"
 
 
 _store_override: Path | None = None

@@ -94,10 +94,6 @@ class PodInfo:
         return summary
 
 
-def pods_root() -> Path:
-    return paths.runtime_dir() / "pods"
-
-
 def _read_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / "state.json").read_text())
@@ -107,7 +103,7 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def list_pods() -> list[PodInfo]:
-    root = pods_root()
+    root = paths.pods_dir()
     pods = [PodInfo(path.name, path, _read_state(path)) for path in (sorted(root.iterdir()) if root.is_dir() else [])]
     return sorted(pods, key=lambda p: p.state.get("created", 0))
 

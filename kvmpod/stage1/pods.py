@@ -25,7 +25,7 @@ def kvmpod_pod_dir(root: Path, uuid: str | None) -> Path:
     recorded = read_record(root)
     if recorded is not None:
         return recorded
-    return paths.runtime_dir() / "pods" / (uuid or root.name)
+    return paths.pods_dir() / (uuid or root.name)
 
 
 def _pod_info(path: Path) -> PodInfo:

@@ -116,5 +116,5 @@ def run(argv: list[str]) -> int:
         annotations=dict(pod.annotations), pod_isolators=list(pod.manifest.isolators),
         volumes=list(pod.manifest.volumes), network=network, pod_uuid=args.uuid,
         on_started=started, on_exited=exited, stop_on_failure=True)
-    pod.record(paths.runtime_dir() / "pods" / args.uuid)
+    pod.record(paths.pods_dir() / args.uuid)
     return run_pod(apps, options)
