@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmpod import paths
 from kvmpod.errors import NetworkError, UsageError
 from kvmpod.fsutil import write_atomically
+from kvmpod.net import bridge, cni, given, user
 from kvmpod.net.spec import (NET_DEFAULT, NET_NONE, NET_USER, Attachment, DnsConfig, GuestNetwork, NetRequest,
                              PortForward, pod_mac)
+from kvmpod.vm.config import Nic
 
 log = logging.getLogger(__name__)
 RECORD = "net.json"
@@ -105,7 +108,6 @@ def guest_dns(request: NetRequest, network_dns: DnsConfig | None, notice: Callab
     else:
         host = host_dns()
         if request.mode == NET_USER:   # slirp's proxy asks the host's resolvers, loopback ones included
-            from kvmpod.net import user
             base = DnsConfig((user.DNS,), host.search, host.options)
         elif network_dns and network_dns.nameservers and request.dns != ("host",):
             base = network_dns
@@ -150,9 +152,7 @@ class PodNetwork:
     attachments: list[Attachment] = field(default_factory=list)
     guest: GuestNetwork = field(default_factory=GuestNetwork)
 
-    def nics(self):
-        from kvmpod.vm.config import Nic
-
+    def nics(self) -> list[Nic]:
         vhost = _vhost_net()
         return [Nic(a.interface.mac, a.tap_fd, a.user_options, vhost=vhost and a.tap_fd is not None)
                 for a in self.attachments]
@@ -199,30 +199,25 @@ def setup(request: NetRequest, pod_uuid: str, pod_path: Path, apps: Sequence[App
 
     try:
         if request.mode == NET_USER:
-            from kvmpod.net import user
 
             check_host_ports_free(forwards)
             mac = pod_mac(pod_uuid, 0)
             network.attachments.append(Attachment(NET_USER, user.interface(mac, "eth0"), {"kind": "user"},
                                                   user_options=user.netdev_options(forwards)))
         elif request.mode == NET_DEFAULT:
-            from kvmpod.net import bridge
-            from kvmpod.pod.registry import pods_root
 
             def owner_gone(owner: str) -> bool:
-                return not (pods_root() / owner).is_dir()
+                return not (paths.pods_dir() / owner).is_dir()
 
             check_host_ports_free(forwards)
             attachment = bridge.attach(pod_uuid, pod_mac(pod_uuid, 0), "eth0", forwards, owner_gone)
             network.attachments.append(attachment)
             remember(attachment.record)
         elif request.mode == "cni":
-            from kvmpod.net import cni
 
             network.attachments += cni.attach(list(request.cni_networks), pod_uuid, pod_path, remember, forwards,
                                               [Path(d) for d in request.cni_config_dirs] or None)
         elif request.mode == "netns":
-            from kvmpod.net import given
 
             network.attachments += given.attach(Path(request.netns))
             if network.attachments:
@@ -261,11 +256,8 @@ def release(pod_path: Path) -> None:
 def _release_record(record: dict[str, Any]) -> None:
     kind = record.get("kind") if isinstance(record, dict) else None
     if kind == "bridge":
-        from kvmpod.net import bridge
         bridge.release(record)
     elif kind == "cni":
-        from kvmpod.net import cni
         cni.release(record)
     elif kind == "netns":
-        from kvmpod.net import given
         given.release(record)

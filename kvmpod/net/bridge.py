@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmpod import paths
+from kvmpod import config, paths
 from kvmpod.errors import ConfigError, NetworkError
 from kvmpod.net import nft
 from kvmpod.net.ipam import LeasePool
@@ -37,8 +37,6 @@ class DefaultNetwork:
     @classmethod
     def configured(cls) -> "DefaultNetwork":
         """From `[net] default-subnet` in kvmpod.toml, else 172.16.28.0/24."""
-        from kvmpod import config
-
         found = config.lookup("default-subnet", "net")
         text = found.value if found else DEFAULT_SUBNET
         try:

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmpod import config
 from kvmpod.errors import ConfigError, NetworkError, printable
 from kvmpod.fsutil import write_atomically
 from kvmpod.net.netns import NETNS_DIR, create_netns, in_netns, netns_alive, remove_netns
 from kvmpod.net.spec import Attachment, DnsConfig, GuestInterface, PortForward, Route
+from kvmpod.net.tap import open_tap
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,6 @@ _ETH_P_ALL = 0x0003
 
 def _path_list(key: str, default: tuple[str, ...]) -> list[Path]:
     """A list of directories from `[net] KEY` (relative ones are relative to the config file)."""
-    from kvmpod import config
-
     found = config.lookup(key, "net")
     if found is None:
         return [Path(p) for p in default]
@@ -74,8 +74,6 @@ def plugin_path() -> list[Path]:
 
 def plugin_timeout() -> int:
     """`[net] cni-plugin-timeout`: seconds one plugin call may take."""
-    from kvmpod import config
-
     return config.int_setting("cni-plugin-timeout", "net", DEFAULT_TIMEOUT)
 
 
@@ -559,8 +557,6 @@ def attach(names: list[str], pod_uuid: str, pod_path: Path, remember: Callable[[
     everything made so far is undone and NetworkError raised. `forwards` (--port) go to the plugins
     with the portMappings capability (e.g. portmap) of every network. `config_dirs`: where the configs
     are (default: [net] cni-config-dirs)."""
-    from kvmpod.net.tap import open_tap
-
     path = plugin_path()
     confs = [load_network(name, config_dirs) for name in names]
     if forwards:

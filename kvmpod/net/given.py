@@ -22,6 +22,7 @@ from kvmpod.errors import NetworkError
 from kvmpod.net.cni import join_tap
 from kvmpod.net.netns import in_netns, netns_alive
 from kvmpod.net.spec import Attachment, GuestInterface, Route
+from kvmpod.net.tap import open_tap
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ def _interfaces(netns: Path) -> list[GuestInterface]:
 
 def attach(netns: Path) -> list[Attachment]:
     """A tap per interface of `netns`, joined to it; on failure what was made is undone and NetworkError raised."""
-    from kvmpod.net.tap import open_tap
-
     if not netns.is_absolute():
         raise NetworkError(f"network namespace {netns}: not an absolute path")
     if not netns_alive(netns):

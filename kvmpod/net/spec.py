@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmpod import config
 from kvmpod.errors import UsageError
 
 NET_NONE, NET_USER, NET_DEFAULT = "none", "user", "default"
@@ -70,8 +71,6 @@ class NetRequest:
 def default_mode() -> str:
     """Root gets the default bridge network; anyone else user-mode networking, which needs no privilege.
     `[net] default` in kvmpod.toml overrides both (e.g. "none" on hosts where pods must stay offline)."""
-    from kvmpod import config
-
     found = config.lookup("default", "net")
     if found is not None:
         if not isinstance(found.value, str):

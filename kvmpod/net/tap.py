@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 from kvmpod.errors import NetworkError
+from kvmpod.net.netns import in_netns
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
@@ -30,8 +31,6 @@ def open_tap(name: str, netns: Path | None = None) -> int:
         raise NetworkError(f"tap name {name!r} is longer than {IFNAMSIZ - 1} bytes")
     if netns is None:
         return _make_tap(name)
-    from kvmpod.net.netns import in_netns
-
     return in_netns(netns, lambda: _make_tap(name))
 
 
