@@ -16,28 +16,30 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from kvmpod.disk.entries import entries_from_tar
 from kvmpod.errors import ImageError
-from kvmpod.store import locks
+from kvmpod.image.layers import Layer, merge_layers
 from kvmpod.store.refs import IdRef, NameRef
-
-if TYPE_CHECKING:
-    from kvmpod.store.store import Store, StoredImage
+from kvmpod.store.stored import StoredImage
 
 MAX_DEPTH = 16
 
+Find = Callable[[IdRef | NameRef], StoredImage]
+"""How a dependency is looked up in the store (Store.find): ImageError when it is not there."""
 
-def resolve_chain(store: Store, image: StoredImage) -> list[StoredImage]:
+
+def resolve_chain(find: Find, image: StoredImage) -> list[StoredImage]:
     """The images whose rootfs make up `image`'s, in the order they are applied (`image` last)."""
     chain: list[StoredImage] = []
-    _append_chain(store, image, chain, [])
+    _append_chain(find, image, chain, [])
     return chain
 
 
-def _append_chain(store: Store, image: StoredImage, chain: list[StoredImage], stack: list[str]) -> None:
+def _append_chain(find: Find, image: StoredImage, chain: list[StoredImage], stack: list[str]) -> None:
     if image.id in stack:
         names = " -> ".join([*stack, image.id])
         raise ImageError(f"{image.manifest.name}: dependency cycle ({names})")
@@ -48,24 +50,24 @@ def _append_chain(store: Store, image: StoredImage, chain: list[StoredImage], st
         if dep.image_id:
             hex_prefix = dep.image_id.removeprefix("sha512-")
             try:
-                found = store.find(IdRef(hex_prefix))
-            except ImageError:
-                raise ImageError(f"{where} ({dep.image_id}) is not in the store: fetch it first") from None
+                found = find(IdRef(hex_prefix))
+            except ImageError as e:
+                raise ImageError(f"{where} ({dep.image_id}) is not in the store: fetch it first") from e
             if found.manifest.name != dep.image_name:
                 raise ImageError(f"{where}: image {dep.image_id} is named {found.manifest.name!r}")
         else:
             try:
-                found = store.find(NameRef(dep.image_name, dict(dep.labels)))
-            except ImageError:
+                found = find(NameRef(dep.image_name, dict(dep.labels)))
+            except ImageError as e:
                 labels = "".join(f",{k}={v}" for k, v in dep.labels.items())
-                raise ImageError(f"{where}{labels} is not in the store: fetch it first") from None
-        _append_chain(store, found, chain, [*stack, image.id])
+                raise ImageError(f"{where}{labels} is not in the store: fetch it first") from e
+        _append_chain(find, found, chain, [*stack, image.id])
     chain.append(image)
 
 
-def disk_key(store: Store, image: StoredImage, chain: list[StoredImage] | None = None) -> str:
-    """The name of the disk (without .iso) that holds `image`'s assembled rootfs."""
-    chain = chain if chain is not None else resolve_chain(store, image)
+def disk_key(image: StoredImage, chain: list[StoredImage]) -> str:
+    """The name of the disk (without .iso) that holds `image`'s assembled rootfs (`chain`: its
+    resolve_chain)."""
     whitelist = image.manifest.path_whitelist
     if len(chain) == 1 and not whitelist:
         return image.hex
@@ -73,32 +75,19 @@ def disk_key(store: Store, image: StoredImage, chain: list[StoredImage] | None =
     return "assembled-" + hashlib.sha256(described.encode()).hexdigest()
 
 
-def rootfs_disk(store: Store, image: StoredImage) -> Path:
-    """The disk of `image`'s assembled rootfs, built once under a lock; later calls (any process) reuse it."""
-    chain = resolve_chain(store, image)
-    key = disk_key(store, image, chain)
-    disk = store.disks / f"{key}.iso"
-    if disk.exists():
-        return disk
-    from kvmpod.disk.entries import entries_from_tar  # heavy (pycdlib): only when a disk is built
-    from kvmpod.disk.iso import build_iso
+def build_rootfs_disk(image: StoredImage, chain: list[StoredImage], disk: Path) -> None:
+    """Write `image`'s assembled rootfs (`chain`: its resolve_chain) to `disk`. The caller holds the
+    disk's lock (Store.rootfs_disk)."""
+    from kvmpod.disk.iso import build_iso  # heavy (pycdlib): only when a disk is built
 
-    store.disks.mkdir(parents=True, exist_ok=True)
-    store.locks.mkdir(parents=True, exist_ok=True)
-    with locks.exclusive(store.lock_file(key)):
-        if disk.exists():  # another process built it while we waited
-            return disk
-        with ExitStack() as stack:
-            tars = [stack.enter_context(tarfile.open(layer.blob, "r:")) for layer in chain]
-            if len(chain) == 1 and not image.manifest.path_whitelist:
-                entries = entries_from_tar(tars[0])
-            else:
-                from kvmpod.image.layers import Layer, merge_layers
-
-                # implied_dirs=False: a directory an upper image does not list keeps the mode and
-                # owner a dependency gave it, instead of a made-up 0755 root:root
-                layers = [Layer(f"{layer.manifest.name} ({layer.id[:19]})", entries_from_tar(t, implied_dirs=False))
-                          for layer, t in zip(chain, tars)]
-                entries = merge_layers(layers, path_whitelist=image.manifest.path_whitelist or None)
-            build_iso(entries, disk)
-    return disk
+    with ExitStack() as stack:
+        tars = [stack.enter_context(tarfile.open(layer.blob, "r:")) for layer in chain]
+        if len(chain) == 1 and not image.manifest.path_whitelist:
+            entries = entries_from_tar(tars[0])
+        else:
+            # implied_dirs=False: a directory an upper image does not list keeps the mode and
+            # owner a dependency gave it, instead of a made-up 0755 root:root
+            layers = [Layer(f"{layer.manifest.name} ({layer.id[:19]})", entries_from_tar(t, implied_dirs=False))
+                      for layer, t in zip(chain, tars)]
+            entries = merge_layers(layers, path_whitelist=image.manifest.path_whitelist or None)
+        build_iso(entries, disk)

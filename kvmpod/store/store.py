@@ -22,7 +22,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpod import paths
@@ -32,29 +31,19 @@ from kvmpod.image.aci import check_aci
 from kvmpod.image.archive import decompress_to
 from kvmpod.image.limits import ImportLimits
 from kvmpod.image.signature import SIGNATURE_SUFFIX, UNVERIFIED, check_signature, signature_path
-from kvmpod.image.manifest import ImageManifest, parse_manifest
+from kvmpod.image.manifest import parse_manifest
 from kvmpod.progress import progress
 from kvmpod.store import index, locks
-from kvmpod.store.index import SIGNATURE_NOT_CHECKED, SIGNATURE_UNSIGNED, ImageRecord, SourceStamp
+from kvmpod.store.index import SIGNATURE_NOT_CHECKED, ImageRecord, SourceStamp
 from kvmpod.store.refs import FileRef, IdRef, NameRef, OciRef, UrlRef, parse_image_ref
+from kvmpod.store.rootfs import build_rootfs_disk, disk_key, resolve_chain
+from kvmpod.store.stored import StoredImage
 
 def _notice(message: str) -> None:
     print(f"kvmpod: notice: {message}", file=sys.stderr, flush=True)
 
 
 _TMP_NAME = re.compile(r"^(?P<what>[a-z]+)-(?P<pid>\d+)-")
-
-
-@dataclass(frozen=True)
-class StoredImage:
-    id: str                 # "sha512-<128 hex>"
-    blob: Path              # uncompressed tar
-    manifest: ImageManifest
-    signature: str = SIGNATURE_UNSIGNED     # the index record's signature status
-
-    @property
-    def hex(self) -> str:
-        return self.id.removeprefix("sha512-")
 
 
 class Store:
@@ -301,14 +290,13 @@ class Store:
         """Remove what no image references: blobs without a record (a crash between the two writes),
         rootfs disks of removed images or of dependency sets that no longer resolve so, stale source
         stamps, temp files of dead processes, lock files of removed images. Returns what was removed."""
-        from kvmpod.store.rootfs import disk_key
-
         removed: list[str] = []
         records = {r.hex: r for r in self.list_records()}
         live_disks: set[str] = set()
         for record in records.values():
             try:
-                live_disks.add(disk_key(self, self._image(record)))
+                image = self._image(record)
+                live_disks.add(disk_key(image, resolve_chain(self.find, image)))
             except ImageError:
                 pass  # a dependency is missing: its old disk (if any) is no longer valid either
         for blob in _listdir(self.blobs):
@@ -363,22 +351,30 @@ class Store:
             raise
 
     def rootfs_disk(self, image: StoredImage) -> Path:
-        """The image's rootfs disk (its dependencies laid down first), built on first use and reused."""
-        from kvmpod.store.rootfs import rootfs_disk
-
-        return rootfs_disk(self, image)
+        """The image's rootfs disk (its dependencies laid down first), built once under a lock; later
+        calls (any process) reuse it."""
+        chain = resolve_chain(self.find, image)
+        key = disk_key(image, chain)
+        disk = self.disks / f"{key}.iso"
+        if disk.exists():
+            return disk
+        self.disks.mkdir(parents=True, exist_ok=True)
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with locks.exclusive(self.lock_file(key)):
+            if not disk.exists():  # else another process built it while we waited
+                build_rootfs_disk(image, chain, disk)
+        return disk
 
     def claim(self, images: list[StoredImage]) -> locks.SharedLocks:
         """Shared locks that keep `image rm`/`gc` away from these images (and their disks) while held."""
-        from kvmpod.store.rootfs import disk_key, resolve_chain
-
         self._ensure_dirs()
         held = locks.SharedLocks()
         try:
             for image in images:
-                for layer in resolve_chain(self, image):
+                chain = resolve_chain(self.find, image)
+                for layer in chain:
                     held.add(self.use_file(layer.hex))
-                held.add(self.use_file(disk_key(self, image)))
+                held.add(self.use_file(disk_key(image, chain)))
                 if not (self.blobs / image.hex).is_file():
                     raise ImageError(f"{image.id}: removed from the store while the pod was starting")
         except BaseException:
