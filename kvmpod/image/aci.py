@@ -13,15 +13,16 @@ from pathlib import Path
 
 from kvmpod.errors import DiskError, ImageError, ManifestError, printable
 from kvmpod.image.limits import ImportLimits, human_size
+from kvmpod.image.manifest import MAX_MANIFEST_BYTES
 
 BLOCK = 512
 
 
 def check_aci(tar_path: Path, shown_as: str | Path, limits: ImportLimits) -> bytes:
     """Check the ACI tar at `tar_path` and return its manifest's bytes (not yet parsed)."""
-    import tarfile  # lazy: `kvmpod run` of a stored image never opens one
+    import tarfile  # lazy, with the tar reader below: `kvmpod run` of a stored image never opens one
+
     from kvmpod.disk.entries import EntryKind, entries_from_tar
-    from kvmpod.image.manifest import MAX_MANIFEST_BYTES
 
     manifests: list[tarfile.TarInfo] = []
     entries = file_bytes = 0

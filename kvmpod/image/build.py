@@ -47,6 +47,8 @@ def _whole_seconds(entries: Iterable[RootfsEntry]) -> Iterator[RootfsEntry]:
 
 def build_aci(rootfs: Path, manifest: dict, out: Path, compression: str = "gzip") -> None:
     """Write `out` atomically: a tar holding `manifest` then `rootfs/` with owners, modes and links kept."""
+    # The rootfs reader and tar writer (tarfile) only here: kvmpod/cli/images.py imports this module
+    # for every image command.
     from kvmpod.disk.entries import entries_from_dir
     from kvmpod.image.layers import write_aci
 

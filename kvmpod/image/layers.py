@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from kvmpod.disk.entries import ROOT_PATH, EntryKind, RootfsEntry
 from kvmpod.errors import DiskError, ImageError, KvmpodError
+from kvmpod.image.manifest import parse_manifest
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -243,8 +244,6 @@ def write_aci(entries: Iterable[RootfsEntry], manifest: dict, out: BinaryIO) -> 
     the clock or the host. `entries` must be in build_iso's order (merge_layers' result is). `out`
     is not closed.
     """
-    from kvmpod.image.manifest import parse_manifest
-
     data = json.dumps(manifest, indent=2).encode() + b"\n"
     parse_manifest(data)  # an ACI kvmpod writes is always valid
     # The tar is streamed to `out` ("w|"), which may be a pipe or a hashing writer.

@@ -15,14 +15,11 @@ version of a dependency yields a new disk instead of silently reusing the old on
 from __future__ import annotations
 
 import hashlib
-import tarfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from kvmpod.disk.entries import entries_from_tar
 from kvmpod.errors import ImageError
-from kvmpod.image.layers import Layer, merge_layers
 from kvmpod.store.refs import IdRef, NameRef
 from kvmpod.store.stored import StoredImage
 
@@ -78,7 +75,13 @@ def disk_key(image: StoredImage, chain: list[StoredImage]) -> str:
 def build_rootfs_disk(image: StoredImage, chain: list[StoredImage], disk: Path) -> None:
     """Write `image`'s assembled rootfs (`chain`: its resolve_chain) to `disk`. The caller holds the
     disk's lock (Store.rootfs_disk)."""
-    from kvmpod.disk.iso import build_iso  # heavy (pycdlib): only when a disk is built
+    # The disk writer (pycdlib, tarfile, the rootfs readers) only when a disk is built: a run whose
+    # image has its disk already, and `image list`, never load it.
+    import tarfile
+
+    from kvmpod.disk.entries import entries_from_tar
+    from kvmpod.disk.iso import build_iso
+    from kvmpod.image.layers import Layer, merge_layers
 
     with ExitStack() as stack:
         tars = [stack.enter_context(tarfile.open(layer.blob, "r:")) for layer in chain]

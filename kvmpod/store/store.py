@@ -14,6 +14,7 @@ always has its blob; `image gc` clears what a crash between the two steps left.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from kvmpod.errors import ImageError, ManifestError
 from kvmpod.fsutil import pid_alive
 from kvmpod.image.aci import check_aci
 from kvmpod.image.archive import decompress_to
-from kvmpod.image.limits import ImportLimits
+from kvmpod.image.limits import ImportLimits, human_size
 from kvmpod.image.signature import SIGNATURE_SUFFIX, UNVERIFIED, check_signature, signature_path
 from kvmpod.image.manifest import parse_manifest
 from kvmpod.progress import progress
@@ -128,7 +129,7 @@ class Store:
         return image
 
     def import_url(self, url: str) -> StoredImage:
-        from kvmpod.image.fetch import download
+        from kvmpod.image.fetch import download  # urllib.request (http.client, ssl): only for a URL
 
         with self.temp_file("download") as tmp, self.temp_file("download", SIGNATURE_SUFFIX) as sig:
             download(url, tmp, self.limits)
@@ -144,9 +145,7 @@ class Store:
 
     def import_oci(self, text: str) -> StoredImage:
         """Convert a Docker/OCI image to an ACI and store it; an unchanged source is not converted again."""
-        import hashlib
-
-        from kvmpod.image.oci import convert, parse_reference
+        from kvmpod.image.oci import convert, parse_reference  # the converter's modules: only for such sources
 
         ref = parse_reference(text)
         if ref is None:
@@ -392,7 +391,6 @@ class _HashingWriter:
     def write(self, data: bytes) -> int:
         self.size += len(data)
         if self.size > self.max_size:
-            from kvmpod.image.limits import human_size
             raise ImageError(f"{self.shown}: converted image exceeds the {human_size(self.max_size)} limit; "
                              "if it is genuine, raise [image] max-size in kvmpod.toml")
         self.digest.update(data)
