@@ -58,12 +58,12 @@ MIN_FILES = 10_000
 IMAGE_NAME = "bench/debian-minbase"
 MB = 1e6
 
-# What `kvmpod run IMAGE` does with the image before it boots (kvmpod.pod.run.prepare_apps), in a
+# What `kvmpod run IMAGE` does with the image before it boots (kvmpod.pod.launch.prepare_apps), in a
 # fresh interpreter that has also imported what `kvmpod run` imports.
 _RUN_PATH_SCRIPT = """
 import sys
 from pathlib import Path
-import kvmpod.cli, kvmpod.pod.run
+import kvmpod.cli, kvmpod.pod.launch
 from kvmpod.image.manifest import check_runnable
 from kvmpod.store.store import Store
 store = Store(Path(sys.argv[1]))

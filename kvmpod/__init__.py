@@ -7,7 +7,9 @@ start and must not pay for it.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from kvmpod.version import __version__
+
+__all__ = ["__version__"]
 
 _API = {"App", "AppExitError", "DEVNULL", "PIPE", "Pod", "PodProcess", "PodResult", "PodTimeout", "run"}
 

@@ -18,6 +18,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from kvmpod import paths
+from kvmpod.cli.run_words import app_parser
 
 # What an argument's value is, by its argparse dest: the rest is free text (nothing to complete).
 VALUE_KINDS = {
@@ -74,15 +75,13 @@ def _add_actions(node: CommandNode, parser: argparse.ArgumentParser, nodes: list
 def command_tree(parser: argparse.ArgumentParser) -> list[CommandNode]:
     """Every command path of the parser, the top level first. `run` also gets the app flags, which
     follow its IMAGE (kvmpod/cli/run.py parses them itself)."""
-    from kvmpod.cli.run import _app_parser
-
     top = CommandNode("kvmpod")
     nodes = [top]
     _add_actions(top, parser, nodes)
     run = next((n for n in nodes if n.path == "kvmpod run"), None)
     if run is not None:
         app = CommandNode("kvmpod run")
-        _add_actions(app, _app_parser(), [])
+        _add_actions(app, app_parser(), [])
         run.options.extend(o for o in app.options if o not in run.options)
         run.values.update({k: v for k, v in app.values.items() if k not in run.values})
     return nodes

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import TextIO
 
 from kvmpod import paths, resources
+from kvmpod.boot import distro, kcache, minimal
+from kvmpod.boot.modules import guest_module_names
 from kvmpod.errors import KernelError, KvmpodError, QemuBuildError
+from kvmpod.vm import qemu_binary, qemu_build
 
 SYSTEM_CACHE = Path("/var/cache/kvmpod")
 LOG_DIR = "logs"     # <cache>/logs/setup-<step>.log: each step's messages
@@ -91,8 +94,6 @@ def check_packages(step: Step) -> None:
 # --- the steps -------------------------------------------------------------------------------------
 
 def _minimal_kernel(ctx: StepContext) -> tuple[Path, bool]:
-    from kvmpod.boot import kcache, minimal
-
     digest = minimal.current_digest()
     if not ctx.force:
         for cache in (ctx.cache, *ctx.reuse):
@@ -102,9 +103,6 @@ def _minimal_kernel(ctx: StepContext) -> tuple[Path, bool]:
 
 
 def _distro_kernel(ctx: StepContext) -> tuple[Path, bool]:
-    from kvmpod.boot import distro, kcache
-    from kvmpod.boot.modules import guest_module_names
-
     try:
         package, version = distro.resolve_package()
     except KernelError:  # stale or missing package lists: fetch() refreshes them (as root) and says why
@@ -119,16 +117,14 @@ def _distro_kernel(ctx: StepContext) -> tuple[Path, bool]:
 
 
 def _qemu(ctx: StepContext) -> tuple[Path, bool]:
-    from kvmpod.vm import qemu_build
-    from kvmpod.vm.qemu_binary import DEBIAN_QEMU, binary_identity, qemu_dir, read_build_meta
-
     digest = qemu_build.build_hash(qemu_build.source_version())
     if not ctx.force:
         for cache in ctx.reuse:  # another user's build counts only if pods would run it (qemu_binary.py)
-            done = qemu_build.installed_build(qemu_dir(cache), digest)
-            if done and (read_build_meta(done) or {}).get("debian_binary") == binary_identity(DEBIAN_QEMU):
+            done = qemu_build.installed_build(qemu_binary.qemu_dir(cache), digest)
+            if done and ((qemu_binary.read_build_meta(done) or {}).get("debian_binary")
+                         == qemu_binary.binary_identity(qemu_binary.DEBIAN_QEMU)):
                 return done, False
-        if qemu_build.installed_build(qemu_dir(ctx.cache), digest) is not None:
+        if qemu_build.installed_build(qemu_binary.qemu_dir(ctx.cache), digest) is not None:
             # build() finds it, and refreshes what it recorded of Debian's binary if need be
             return qemu_build.build(ctx.cache, log=lambda _: None), False
     built = qemu_build.build(ctx.cache, force=ctx.force, jobs=ctx.jobs, log=ctx.log)
@@ -137,9 +133,6 @@ def _qemu(ctx: StepContext) -> tuple[Path, bool]:
 
 
 def steps() -> list[Step]:
-    from kvmpod.boot import minimal
-    from kvmpod.vm import qemu_build
-
     return [
         Step("minimal-kernel", "kvmpod's minimal guest kernel", minimal.BUILD_PACKAGES, KernelError,
              "~5 min on 2 cores", _minimal_kernel),

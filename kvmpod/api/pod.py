@@ -2,7 +2,7 @@
 
 The options are parsed here, in the caller's process, by the same functions `kvmpod run` uses (a bad one
 raises its UsageError at once), into the same AppOverrides and RunOptions. The pod then runs in a worker
-process (kvmpod/api/worker.py) through the same kvmpod.pod.launch.run() as the CLI: a pod owns signal
+process (kvmpod/api/worker.py) through the same kvmpod.pod.entry.run() as the CLI: a pod owns signal
 handlers, an event loop and its QEMU's lifetime, none of which belong in the caller's process. The
 apps' stdin, stdout and stderr are the worker's, so they go wherever the caller says, as with
 subprocess: captured (PIPE), a file, or inherited. A failure comes back as the kvmpod.errors class
@@ -98,7 +98,7 @@ class Pod:
                  debug: bool = False, store_dir: str | os.PathLike[str] | None = None,
                  _manifest: Any = None):
         from kvmpod.net.spec import request as net_request
-        from kvmpod.pod.launch import STOP_TIMEOUT, RunOptions
+        from kvmpod.pod.options import STOP_TIMEOUT, RunOptions
         from kvmpod.pod.volumes import parse_volume
 
         if isinstance(apps, (App, str)):

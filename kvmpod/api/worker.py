@@ -1,6 +1,6 @@
 """`python -m kvmpod.api.worker`: the process that runs one pod for the Python API (kvmpod/api/pod.py).
 
-It runs `kvmpod run`'s own implementation, kvmpod.pod.launch.run(), with the AppOverrides and RunOptions
+It runs `kvmpod run`'s own implementation, kvmpod.pod.entry.run(), with the AppOverrides and RunOptions
 the API built (pickled on the request fd). Its fds 0, 1 and 2 are the apps' stdin, stdout and stderr;
 kvmpod's own messages (notices, --debug logging) go to the messages fd, and what happened goes to the
 status fd as JSON lines: {"started": UUID} once every app runs, then {"exit": N} or {"error": CLASS,
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stopped_while_planning)
     options.on_started = lambda pod: report(started=pod.uuid)
     try:
-        from kvmpod.pod.launch import run
+        from kvmpod.pod.entry import run
 
         code = run(apps, options)
         report(exit=code)

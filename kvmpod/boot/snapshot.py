@@ -217,6 +217,8 @@ async def find_or_make(config: VMConfig, qemu_binary: Path, *, timeout: float,
 async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: float) -> None:
     """Boot a VM of `shape`, let the agent mount the image disks, save it into `final`. The VM's
     sockets and logs go to a private directory of the runtime dir, removed afterwards."""
+    # asyncio, qemu.qmp and the agent session only when a snapshot is made: pod.launch imports this
+    # module, and it runs before any event loop (docs/architecture.md, "The run path")
     import asyncio
 
     from kvmpod.agent.session import AgentSession

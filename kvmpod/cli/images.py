@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
+from pathlib import Path
 
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError, UsageError
+from kvmpod.image.build import build_aci
+from kvmpod.image.limits import human_size
+from kvmpod.image.manifest import Port, build_manifest
+from kvmpod.store import Store
 
 SHORT_ID_HEX = 32   # as `rkt image list` prints them; any unique prefix of 12+ hex digits is accepted
 
 
 def cmd_fetch(ns: argparse.Namespace) -> int:
     """Import each source and print its image ID (stdout: one ID per line, as rkt fetch does)."""
-    from kvmpod.store import Store
 
     store = Store()
     for source in ns.sources:
@@ -23,9 +28,6 @@ def cmd_fetch(ns: argparse.Namespace) -> int:
 
 
 def cmd_image_list(ns: argparse.Namespace) -> int:
-    from kvmpod.image.limits import human_size
-    from kvmpod.store import Store
-
     records = Store().list_records()
     if ns.json:
         print(json.dumps([{"id": r.id, "name": r.name, "labels": r.labels, "imported": r.imported,
@@ -53,17 +55,12 @@ def _short_signature(status: str) -> str:
 
 
 def cmd_image_cat_manifest(ns: argparse.Namespace) -> int:
-    from kvmpod.store import Store
-
     record = Store().find_text(ns.image)
     print(json.dumps(record.manifest, indent=2 if ns.pretty else None))
     return 0
 
 
 def cmd_image_export(ns: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from kvmpod.store import Store
 
     store = Store()
     store.export(store.find_text(ns.image), Path(ns.output), overwrite=ns.overwrite)
@@ -72,7 +69,6 @@ def cmd_image_export(ns: argparse.Namespace) -> int:
 
 def cmd_image_rm(ns: argparse.Namespace) -> int:
     """Remove each image; carry on past failures and report them (exit 125 if any failed)."""
-    from kvmpod.store import Store
 
     store = Store()
     failed = False
@@ -89,19 +85,18 @@ def cmd_image_rm(ns: argparse.Namespace) -> int:
 
 
 def cmd_image_gc(ns: argparse.Namespace) -> int:
-    from kvmpod.store import Store
-
     for what in Store().gc():
         print(f"removed {what}")
     return 0
 
 
-def cmd_image_build(ns: argparse.Namespace) -> int:
-    import shlex
-    from pathlib import Path
+def cmd_image_help(ns: argparse.Namespace) -> int:
+    """`kvmpod image` without a command."""
+    ns.help_parser.print_help()
+    return 2
 
-    from kvmpod.image.build import build_aci
-    from kvmpod.image.manifest import build_manifest
+
+def cmd_image_build(ns: argparse.Namespace) -> int:
 
     try:
         exec_ = shlex.split(ns.exec)
@@ -117,7 +112,6 @@ def cmd_image_build(ns: argparse.Namespace) -> int:
 
 def _port(text: str):
     """--port NAME:PROTOCOL:PORT[:COUNT] of `image build` (the manifest's validation checks the rest)."""
-    from kvmpod.image.manifest import Port
 
     parts = text.split(":")
     if len(parts) not in (3, 4) or not all(parts) or not all(x.isdigit() for x in parts[2:]):

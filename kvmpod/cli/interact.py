@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
+from kvmpod.pod.client import EnterRequest, enter, print_logs, stop
+from kvmpod.pod.registry import find_pod, remove
 
 DEFAULT_COMMAND = ["/bin/sh"]
 
@@ -16,9 +18,6 @@ def enter_command(words: list[str]) -> list[str]:
 
 
 def cmd_enter(ns: argparse.Namespace) -> int:
-    from kvmpod.pod.client import EnterRequest, enter
-    from kvmpod.pod.registry import find_pod
-
     pod = find_pod(ns.uuid)
     request = EnterRequest(enter_command(ns.command), app=ns.app, env=[f"{k}={v}" for k, v in ns.set_env],
                            user=ns.user, group=ns.group, workdir=ns.working_dir)
@@ -26,16 +25,12 @@ def cmd_enter(ns: argparse.Namespace) -> int:
 
 
 def cmd_logs(ns: argparse.Namespace) -> int:
-    from kvmpod.pod.client import print_logs
-    from kvmpod.pod.registry import find_pod
-
     print_logs(find_pod(ns.uuid), ns.app, ns.follow)
     return 0
 
 
 def _each_pod(prefixes: list[str], action) -> int:
     """Runs `action` on every pod named, past failures; 125 if any failed."""
-    from kvmpod.pod.registry import find_pod
 
     failed = False
     for prefix in prefixes:
@@ -51,12 +46,8 @@ def _each_pod(prefixes: list[str], action) -> int:
 
 
 def cmd_stop(ns: argparse.Namespace) -> int:
-    from kvmpod.pod.client import stop
-
     return _each_pod(ns.uuids, lambda pod: stop(pod, ns.timeout, ns.force))
 
 
 def cmd_rm(ns: argparse.Namespace) -> int:
-    from kvmpod.pod.registry import remove
-
     return _each_pod(ns.uuids, remove)

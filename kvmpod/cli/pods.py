@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
+
+from kvmpod.pod.registry import find_pod, gc, list_pods
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
-    import json
-
-    from kvmpod.pod.registry import list_pods
 
     pods = [p.summary() for p in list_pods()]
     if ns.json:
@@ -23,9 +24,6 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    import json
-
-    from kvmpod.pod.registry import find_pod
 
     pod = find_pod(ns.uuid)
     summary = {**pod.summary(), "timings": pod.state.get("timings", {})}
@@ -50,14 +48,10 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 
 def _when(stamp: object) -> str:
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if isinstance(stamp, (int, float)) else ""
 
 
 def cmd_gc(ns: argparse.Namespace) -> int:
-    from kvmpod.pod.registry import gc
-
     for uuid in gc(ns.grace_period):
         print(f"removed pod {uuid}")
     return 0

@@ -1,78 +1,28 @@
-"""`kvmpod run`: rkt's command line (pod flags, then IMAGE [app flags] [-- ARGS] [---] [IMAGE2 ...])."""
+"""`kvmpod run`: its words split into pods and apps (run_words.py), the pod's options, and the pod run
+in this process (kvmpod/pod/entry.py)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from kvmpod.cli.types import env_pair
-from kvmpod.cli.types import KvmpodParser as _Parser
+from kvmpod.cli.run_words import APP_SEPARATOR, app_parser, takes_value
 from kvmpod.errors import UsageError
-
-APP_SEPARATOR = "---"
-
-
-def _app_parser() -> _Parser:
-    """Per-app flags: they follow the image they apply to."""
-    p = _Parser(prog="kvmpod run IMAGE", add_help=False)
-    p.add_argument("--exec", metavar="PATH", help="run PATH instead of the image's app.exec[0]")
-    p.add_argument("--set-env", action="append", type=env_pair, default=[], metavar="NAME=VALUE")
-    p.add_argument("--user", help="user name or number (names resolve in the image's /etc/passwd)")
-    p.add_argument("--group", help="group name or number (names resolve in the image's /etc/group)")
-    p.add_argument("--working-dir", metavar="DIR", help="absolute working directory in the app's rootfs")
-    p.add_argument("--name", help="the app's name in the pod (default: from the image name)")
-    p.add_argument("--readonly-rootfs", action="store_true", help="mount the app's rootfs read-only")
-    p.add_argument("--mount", action="append", default=[], metavar="volume=NAME,target=PATH",
-                   help="mount the pod volume NAME at PATH in this app (docs/volumes.md)")
-    return p
+from kvmpod.image.manifest import Isolator
+from kvmpod.net.spec import request as net_request
+from kvmpod.pod.entry import run
+from kvmpod.pod.options import RunOptions
+from kvmpod.pod.podmanifest import read_pod_manifest
+from kvmpod.pod.spec import AppOverrides
+from kvmpod.pod.volumes import parse_mount, parse_volume
 
 
-def app_flag_names() -> set[str]:
-    return {flag for action in _app_parser()._actions for flag in action.option_strings}
-
-
-def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
-    """Each option string of `parser`, and whether it is followed by a value."""
-    return {flag: action.nargs != 0 for action in parser._actions for flag in action.option_strings}
-
-
-def split_run_words(words: list[str], pod_parser: argparse.ArgumentParser) -> tuple[list[str], str | None, list[str]]:
-    """rkt's `run [pod flags] IMAGE ...`: the pod flags (each with its value), the first IMAGE, and the
-    rest (its app flags, `-- ARGS`, more images). The first word that is neither a pod flag nor a pod
-    flag's value is the IMAGE, so a flag kvmpod does not know is named as such, not taken for one."""
-    pod_flags = _takes_value(pod_parser)
-    app_only = app_flag_names() - set(pod_flags)  # --set-env is both
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word in ("--", APP_SEPARATOR):  # no IMAGE: cmd_run says what is wrong (--pod-manifest or not)
-            return words[:i], None, words[i:]
-        if not word.startswith("-") or word == "-":
-            return words[:i], word, words[i + 1:]
-        name, has_value, _ = word.partition("=")
-        if name in pod_flags:
-            i += 2 if pod_flags[name] and not has_value else 1
-            continue
-        if name.startswith("-") and not name.startswith("--") and all(f"-{c}" in pod_flags and not pod_flags[f"-{c}"]
-                                                                      for c in name[1:]):
-            i += 1  # short switches together (-id)
-            continue
-        if name in app_only:
-            raise UsageError(f"run: {name} is an app flag: it goes after the IMAGE it applies to "
-                             "(a --pod-manifest gives each app's settings in the manifest)")
-        raise UsageError(f"run: unknown flag {name} (pod flags go before the first IMAGE; kvmpod run --help)")
-    return words, None, []
-
-
-def _parse_apps(words: list[str], image: str, pod_flags: frozenset[str] = frozenset()) -> list:
+def _parse_apps(words: list[str], image: str, pod_flags: frozenset[str] = frozenset()) -> list[AppOverrides]:
     """Split `IMAGE [app flags] [-- ARGS] [---] [IMAGE2 [app flags] ...]` into one AppOverrides per
     image, as rkt does: a word that is neither an app flag nor its value starts the next image; after
     `-- ARGS` only `---` does (the arguments run until it)."""
-    from kvmpod.pod.spec import AppOverrides
-    from kvmpod.pod.volumes import parse_mount
-
-    parser = _app_parser()
-    takes_value = _takes_value(parser)
+    parser = app_parser()
+    flag_takes_value = takes_value(parser)
     segments: list[tuple[str, list[str], list[str] | None]] = []
     current: tuple[str, list[str], list[str] | None] = (image, [], None)
     i = 0
@@ -90,10 +40,10 @@ def _parse_apps(words: list[str], image: str, pod_flags: frozenset[str] = frozen
             i = end
         elif word.startswith("-") and word != "-":
             name = word.split("=", 1)[0]
-            if name not in takes_value:
+            if name not in flag_takes_value:
                 where = "a pod flag: it goes before the first IMAGE" if name in pod_flags else "not an app flag"
                 raise UsageError(f"run: {name} (after {current[0]}) is {where}")
-            value = [words[i + 1]] if takes_value[name] and "=" not in word and i + 1 < len(words) else []
+            value = [words[i + 1]] if flag_takes_value[name] and "=" not in word and i + 1 < len(words) else []
             current[1].extend([word, *value])
             i += 1 + len(value)
         else:  # rkt's `run IMG1 IMG2`: the next image
@@ -120,19 +70,11 @@ def _unique_annotations(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from kvmpod.pod.launch import RunOptions, run
-
-    from kvmpod.pod.volumes import parse_volume
-
-    from kvmpod.net.spec import request as net_request
-
     annotations = _unique_annotations(ns.annotation)
     volumes = [parse_volume(v) for v in ns.volume]
     port_flags = list(ns.port)
-    pod_isolators: list = []  # a pod manifest's own isolators (kvmpod/image/manifest.py Isolator)
+    pod_isolators: list[Isolator] = []  # a pod manifest's own isolators
     if ns.pod_manifest:
-        from kvmpod.pod.podmanifest import read_pod_manifest
-
         if ns.image is not None or ns.app_words:
             raise UsageError("run: --pod-manifest takes no IMAGE, app flags or arguments (the manifest has the apps)")
         pod = read_pod_manifest(Path(ns.pod_manifest))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvmpod import provision
+from kvmpod.cli.parser import build_parser
+from kvmpod.completion import dynamic_words, script
+
 
 def cmd_setup(ns: argparse.Namespace) -> int:
-    from kvmpod import provision
-
     if ns.only:
         names = list(dict.fromkeys(ns.only))
     elif ns.kernel_only:
@@ -34,16 +36,12 @@ def cmd_setup(ns: argparse.Namespace) -> int:
 
 
 def cmd_completion(ns: argparse.Namespace) -> int:
-    from kvmpod.cli import build_parser
-    from kvmpod.completion import script
-
     sys.stdout.write(script(build_parser(), ns.shell))
     return 0
 
 
 def cmd_complete_words(ns: argparse.Namespace) -> int:
     """The dynamic words the completion scripts ask for: pod UUIDs, image names."""
-    from kvmpod.completion import dynamic_words
 
     for word in dynamic_words(ns.kind):
         print(word)

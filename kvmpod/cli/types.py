@@ -6,6 +6,7 @@ import argparse
 import re
 
 from kvmpod.errors import UsageError
+from kvmpod.image.names import AC_NAME
 
 
 class KvmpodParser(argparse.ArgumentParser):
@@ -59,7 +60,6 @@ def hostname(text: str) -> str:
 
 def annotation(text: str) -> tuple[str, str]:
     """NAME=VALUE with NAME an AC Name (spec/pods.md)."""
-    from kvmpod.image.manifest import AC_NAME
 
     name, value = env_pair(text)
     if not AC_NAME.match(name):

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from kvmpod import __version__
+from kvmpod.version import __version__
 from kvmpod.errors import ImageError
 from kvmpod.image.limits import ImportLimits, human_size
 from kvmpod.progress import progress

@@ -28,7 +28,6 @@ Every error is one line, `manifest: <field path>: <value as JSON> <problem>`.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +35,6 @@ from kvmpod import schema
 from kvmpod.errors import ManifestError
 from kvmpod.schema import SchemaFile
 
-AC_IDENTIFIER = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*\Z")
-AC_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*\Z")
 AC_VERSION = "0.8.11"
 MAX_MANIFEST_BYTES = 1 << 20
 

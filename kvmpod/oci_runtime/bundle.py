@@ -237,7 +237,7 @@ def _hostname(config: dict[str, Any]) -> str | None:
     """An RFC 1123 host name (it travels on the guest kernel's command line: nothing else may be in it)."""
     import argparse
 
-    from kvmpod.cli.types import hostname
+    from kvmpod.cli.types import hostname  # importing kvmpod.cli loads its whole parser: only for a hostname
 
     value = get_field(config, "hostname", str, "")
     if not value:

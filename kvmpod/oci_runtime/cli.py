@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from kvmpod import __version__
+from kvmpod.version import __version__
 from kvmpod.errors import KvmpodError, UsageError
 from kvmpod.oci_runtime import container as ctr
 from kvmpod.oci_runtime import runtime_log

@@ -28,7 +28,7 @@ from kvmpod.oci_runtime import runtime_log
 from kvmpod.oci_runtime.console import become_terminal, send_console
 from kvmpod.oci_runtime.records import Container, ContainerNotFound, ContainerStateError, Records, rfc3339
 from kvmpod.pod import client, control, registry
-from kvmpod.pod.launch import RunOptions
+from kvmpod.pod.options import RunOptions
 from kvmpod.pod.poddir import PodDir, process_start_time
 from kvmpod.pod.spec import AppOverrides, ProcessExtras
 from kvmpod.pod.volumes import Mount, Volume

@@ -23,14 +23,12 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
+from kvmpod.agent.session import GuestProcess, OutputSink, ProcessSpec
 from kvmpod.errors import KvmpodError
-
-if TYPE_CHECKING:
-    from kvmpod.agent.session import GuestProcess, ProcessSpec
-    from kvmpod.pod.run import PodRunner
-    from kvmpod.pod.spec import ResolvedApp
+from kvmpod.pod.poddir import PodDir
+from kvmpod.pod.spec import ResolvedApp
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +129,7 @@ def peer_allowed(uid: int) -> bool:
 
 # -- what `enter` runs -------------------------------------------------------------------------
 
-def choose_app(apps: list["ResolvedApp"], name: str | None) -> "ResolvedApp":
+def choose_app(apps: list[ResolvedApp], name: str | None) -> ResolvedApp:
     """The app a request names; without a name, the pod's only app."""
     names = ", ".join(a.name for a in apps)
     if name is None:
@@ -179,11 +177,9 @@ def merge_env(base: list[str], extra: list[str]) -> list[str]:
     return list(merged.values())
 
 
-def enter_spec(apps: list["ResolvedApp"], request: dict[str, Any]) -> "ProcessSpec":
+def enter_spec(apps: list[ResolvedApp], request: dict[str, Any]) -> ProcessSpec:
     """The START for an `enter` request: the app's root, environment, user, group and working
     directory, each replaceable; no event handlers; the default capability set, no seccomp filter."""
-    from kvmpod.agent.session import ProcessSpec
-
     app = choose_app(apps, _opt_str(request, "app"))
     argv = _str_list(request, "argv")
     if not argv or not argv[0]:
@@ -235,10 +231,30 @@ class _Output:
         self.send(encode(Kind.STDERR, data))
 
 
+class ControlTarget(Protocol):
+    """What the control socket asks of a pod's runner (runner.py); docs/control.md has the requests."""
+    pod: PodDir
+    apps: list[ResolvedApp]
+
+    @property
+    def accepts_enter(self) -> bool: ...
+
+    async def start_process(self, spec: ProcessSpec, on_stdout: OutputSink, on_stderr: OutputSink) -> GuestProcess:
+        ...
+
+    def request_stop(self, timeout: float, force: bool) -> None: ...
+
+    def request_start(self) -> None: ...
+
+    async def signal_apps(self, signo: int) -> None: ...
+
+    async def set_paused(self, paused: bool) -> None: ...
+
+
 class ControlServer:
     """Serves one pod's control socket inside its `kvmpod run` process."""
 
-    def __init__(self, path: Path, runner: "PodRunner"):
+    def __init__(self, path: Path, runner: ControlTarget):
         self.path = path
         self.runner = runner
         self._listener: socket.socket | None = None
@@ -417,7 +433,7 @@ class ControlServer:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.drain()
 
-    async def _pump_client(self, reader: asyncio.StreamReader, proc: "GuestProcess", out: _Output,
+    async def _pump_client(self, reader: asyncio.StreamReader, proc: GuestProcess, out: _Output,
                            hangup: int = signal.SIGHUP) -> None:
         """The client's stdin, EOF, resizes and signals to the process. A client that goes away
         before the process ends hangs up on it: stdin closed, SIGHUP (SIGKILL for an OCI exec, whose

@@ -18,7 +18,9 @@ import signal
 import sys
 
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
+from kvmpod.pod.options import RunOptions
 from kvmpod.pod.poddir import PodDir
+from kvmpod.pod.run import run_pod
 from kvmpod.pod.spec import AppOverrides
 
 
@@ -52,9 +54,7 @@ class StartupReport:
         self._send({"error": message, "exit_code": exit_code})
 
 
-def _child(apps: list[AppOverrides], options, fd: int) -> None:
-    from kvmpod.pod.run import run_pod
-
+def _child(apps: list[AppOverrides], options: RunOptions, fd: int) -> None:
     code = EXIT_KVMPOD_FAILURE
     report = StartupReport(fd)
     try:
@@ -73,7 +73,7 @@ def _child(apps: list[AppOverrides], options, fd: int) -> None:
         os._exit(code)
 
 
-def run_detached(apps: list[AppOverrides], options) -> int:
+def run_detached(apps: list[AppOverrides], options: RunOptions) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     rfd, wfd = os.pipe()

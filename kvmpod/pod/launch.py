@@ -15,95 +15,37 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
+from kvmpod.boot.initrd import build_initrd, find_agent
+from kvmpod.boot.kernel import find_kernel
+from kvmpod.boot.snapshot import BootSnapshot, SnapshotUse, boot_setting, find, unfit
 from kvmpod.errors import KvmpodError, VMError
-from kvmpod.image.manifest import Isolator
-from kvmpod.net.spec import NetRequest
+from kvmpod.image.manifest import check_runnable
 from kvmpod.pod.metadata_secrets import MetadataSecrets
+from kvmpod.pod.options import RunOptions, notice
 from kvmpod.pod.poddir import PodDir
-from kvmpod.pod.spec import AppOverrides, ResolvedApp, resolve_app
-from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, pod_volumes, unique_volumes
+from kvmpod.pod.resources import app_resources, size_vm
+from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, resolve_app
+from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, host_transport, pod_volumes, unique_volumes
 from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
-
-if TYPE_CHECKING:
-    from kvmpod.agent.session import ExitStatus
-    from kvmpod.boot.snapshot import BootSnapshot, SnapshotUse
-    from kvmpod.vm.config import VMConfig
-    from kvmpod.vm.spawn import SpawnedQemu
-    from kvmpod.vm.virtiofs import FsShare
+from kvmpod.vm.accel import choose_accelerator
+from kvmpod.vm.config import Disk, FsDevice, VMConfig
+from kvmpod.vm.machine import plan_boot
+from kvmpod.vm.qemu_binary import find_qemu
+from kvmpod.vm.spawn import SpawnedQemu, check_socket_path, qemu_binary, spawn_qemu
+from kvmpod.vm.transport import choose_transport
+from kvmpod.vm.virtiofs import FsShare, find_virtiofsd
 
 log = logging.getLogger(__name__)
-STOP_TIMEOUT = 10.0     # seconds the apps get to end after SIGTERM (a signal or `kvmpod stop`) before SIGKILL
-
-
-@dataclass
-class RunOptions:
-    memory_mib: int | None = None   # None: sized from the apps' resource isolators (pod/resources.py)
-    cpus: int | None = None
-    hostname: str | None = None     # default kvmpod-<first 8 of the UUID>
-    annotations: dict[str, str] = field(default_factory=dict)   # the pod manifest's annotations
-    pod_isolators: list[Isolator] = field(default_factory=list)  # --pod-manifest's; resource ones bound the apps
-    uuid_file: str | None = None    # --uuid-file-save: the UUID is written here once the pod exists
-    kernel: str | None = None
-    accel: str = "auto"
-    agent_transport: str = "auto"   # --agent-transport (kvmpod/vm/transport.py)
-    boot: str | None = None         # --boot snapshot|cold; None: [run] boot (kvmpod/boot/snapshot.py)
-    debug: bool = False
-    interactive: bool = False
-    keep: bool = False
-    boot_timeout: float = 60.0
-    pod_env: dict[str, str] = field(default_factory=dict)
-    kernel_args: list[str] = field(default_factory=list)
-    detach: bool = False    # app output to <pod dir>/logs/, the directory stays once the apps have started
-    stop_timeout: float = STOP_TIMEOUT
-    on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
-    volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
-    network: NetRequest = field(default_factory=NetRequest)  # --net, --port, --dns… (kvmpod/net/); default: none
-    # where the apps' stdout and stderr go when not detached; None: this process's own fds 1 and 2. The
-    # Python API's worker (kvmpod/api/worker.py) names them, its sys.stderr carrying kvmpod's messages.
-    output_fds: tuple[int, int] | None = None
-    # the apps' names and exit statuses once they are known, before teardown (rkt's status files)
-    on_exited: Callable[[list[tuple[str, "ExitStatus"]]], None] | None = None
-    # OCI create/start: boot the VM and get the apps ready, call on_created, then wait for a `start`
-    # control request before starting them (kvmpod/oci_runtime/, docs/oci-runtime.md)
-    hold_apps: bool = False
-    on_created: Callable[[PodDir], None] | None = None
-    # the pod's UUID when its caller chose it (rkt's stage0 does, kvmpod/stage1/); None: a new one
-    pod_uuid: str | None = None
-    # rkt's immutable pods: the first app to fail stops the others (SIGTERM, then SIGKILL after
-    # stop_timeout), and its exit status is the pod's; otherwise the pod waits for every app
-    stop_on_failure: bool = False
-
-
-def notice(message: str) -> None:
-    print(f"kvmpod: notice: {message}", file=sys.stderr, flush=True)
-
-
-def run(apps: list[AppOverrides], options: RunOptions) -> int:
-    """`kvmpod run` in the foreground (or detached): plan, then run the pod under an event loop."""
-    if options.detach:
-        from kvmpod.pod.detach import run_detached
-        return run_detached(apps, options)
-    timings = {"start": time.time()}
-    with SharedLocks() as claims:  # the pod's images stay in the store until the pod is gone
-        plan = plan_pod(apps, options, claims, timings)
-        import asyncio  # only now: QEMU may be starting meanwhile
-
-        from kvmpod.pod.run import run_planned
-        return asyncio.run(run_planned(plan, options, timings, claims))
 
 
 def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str],
                  claims: SharedLocks, metadata_url: str = "") -> list[ResolvedApp]:
     """Find or import every image, claim it against `image rm`, and build (or reuse) its rootfs disk."""
-    from kvmpod.image.manifest import check_runnable
-
     serials: dict[str, str] = {}
     resolved = []
     for overrides in apps:
@@ -116,7 +58,7 @@ def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str]
         try:
             check_runnable(image.manifest)
         except KvmpodError as e:
-            raise KvmpodError(f"{overrides.image}: {e}") from None
+            raise KvmpodError(f"{overrides.image}: {e}") from e
         with store.claim([image]) as held:
             disk = store.rootfs_disk(image)
             claims.take_over(held)
@@ -175,8 +117,8 @@ def attach_volumes(resolved: list[ResolvedApp], volumes: list[Volume]) -> tuple[
 @dataclass
 class SnapshotClaim:
     """The snapshot a pod starts from, held until QEMU has started from it."""
-    snapshot: "BootSnapshot"
-    use: "SnapshotUse"
+    snapshot: BootSnapshot
+    use: SnapshotUse
     cmdline: str
 
 
@@ -188,15 +130,15 @@ class PodPlan:
     pod: PodDir
     apps: list[ResolvedApp]
     volumes: PodVolumes
-    config: "VMConfig"          # without NICs: the network is set up by the second half
+    config: VMConfig          # without NICs: the network is set up by the second half
     snapshot_cmdline: str       # the command line without per-pod words: a boot snapshot's
     hostname: str
     metadata_secrets: MetadataSecrets
-    shares: list["FsShare"]     # virtiofsd per host volume
+    shares: list[FsShare]     # virtiofsd per host volume
     vsock_front: Path | None
     snapshot_possible: bool     # nothing rules a boot snapshot out before the network is known
     restore: SnapshotClaim | None = None   # the boot snapshot found while planning…
-    spawned: "SpawnedQemu | None" = None    # …and the QEMU already started from it
+    spawned: SpawnedQemu | None = None    # …and the QEMU already started from it
 
     def abandon(self) -> None:
         """The pod fails before a runner took the VM: QEMU goes, and so does the snapshot claim."""
@@ -209,19 +151,6 @@ class PodPlan:
 
 def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
              timings: dict[str, float]) -> PodPlan:
-    from kvmpod.boot.initrd import build_initrd, find_agent
-    from kvmpod.boot.kernel import find_kernel
-    from kvmpod.boot.snapshot import boot_setting
-    from kvmpod.pod.resources import app_resources, size_vm
-    from kvmpod.pod.spec import isolator_notices
-    from kvmpod.pod.volumes import host_transport
-    from kvmpod.vm.accel import choose_accelerator
-    from kvmpod.vm.config import Disk, FsDevice, VMConfig
-    from kvmpod.vm.machine import plan_boot
-    from kvmpod.vm.qemu_binary import find_qemu
-    from kvmpod.vm.spawn import check_socket_path
-    from kvmpod.vm.transport import choose_transport
-
     metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
     resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
     resolved, volumes = attach_volumes(resolved, options.volumes)
@@ -256,11 +185,8 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         raise KvmpodError(f"{root_shares[0].disk}: an app rooted in a host directory needs virtiofsd, "
                           "and virtiofsd needs root")
     if root_shares:
-        from kvmpod.vm.virtiofs import find_virtiofsd
         find_virtiofsd()  # fail before the pod exists, saying why
     if volumes.host:
-        from kvmpod.vm.virtiofs import find_virtiofsd
-
         try:
             find_virtiofsd()
             have_virtiofsd = True
@@ -279,13 +205,9 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"
         shares = []
         if volumes.transport == "virtiofs" and volumes.host:
-            from kvmpod.vm.virtiofs import FsShare
-
             shares = [FsShare(volumes.tag(v), Path(v.source or ""), pod.file(f"{volumes.tag(v)}.sock"),
                               v.read_only) for v in volumes.host]
         if root_shares:
-            from kvmpod.vm.virtiofs import FsShare  # noqa: F811 (either branch may be first)
-
             shares += [FsShare(a.disk_serial, a.disk, pod.file(f"{a.disk_serial}.sock"), a.readonly_rootfs)
                        for a in root_shares]
         snapshot_cmdline = f"{plan.cmdline} {agent_transport.kernel_arg()}"
@@ -316,7 +238,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             planned.abandon()
         if options.keep and isinstance(e, KvmpodError):
             pod.update(error=str(e))
-            raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from None
+            raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from e
         pod.remove()
         raise
 
@@ -324,9 +246,6 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
 def _spawn_from_snapshot(plan: PodPlan, timings: dict[str, float]) -> None:
     """If the boot snapshot for the pod's shape exists, claim it and spawn QEMU from it now. Otherwise
     (none yet, or one being made) the second half waits for it or makes it (kvmpod/pod/run.py)."""
-    from kvmpod.boot.snapshot import find, unfit
-    from kvmpod.vm.spawn import qemu_binary, spawn_qemu
-
     config = dataclasses.replace(plan.config, cmdline=plan.snapshot_cmdline)
     if unfit(config):
         return

@@ -21,30 +21,20 @@ process), and a pod while `kvmpod enter`, `stop` or `wait` holds a control conne
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import pickle
 import signal
-import socket
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from kvmpod import paths, resources
+from kvmpod import resources
+from kvmpod.config import lookup
 from kvmpod.errors import ConfigError
-
-if TYPE_CHECKING:
-    from kvmpod.agent.session import ExitStatus, Hello
-    from kvmpod.net.attach import PodNetwork
-    from kvmpod.pod.launch import RunOptions
-    from kvmpod.pod.poddir import PodDir
-    from kvmpod.pod.run import PodRunner
-    from kvmpod.pod.spec import ResolvedApp
-    from kvmpod.pod.volumes import PodVolumes
-    from kvmpod.vm.qemu import QemuHandover
+from kvmpod.pod.handover import RelayState, encode_state, memfd
+from kvmpod.pod.options import POD_SIGNALS, RunOptions
+from kvmpod.pod.poddir import PodDir
+from kvmpod.vm.qemu import QemuHandover
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +47,6 @@ def find_relay() -> Path | None:
     """The kvmpod-relay binary: $KVMPOD_RELAY, else the package's own copy, the checkout's build, the system
     copy (kvmpod/resources.py); None when
     the relay is off (KVMPOD_RELAY=off, `[run] idle-relay = false`) or not built."""
-    from kvmpod.config import lookup
-
     env = os.environ.get(ENV_RELAY)
     if env == "off":
         return None
@@ -80,7 +68,7 @@ def find_relay() -> Path | None:
     return found
 
 
-def unfit(options: "RunOptions", virtiofs: bool, agent_transport: str) -> str | None:
+def unfit(options: RunOptions, virtiofs: bool, agent_transport: str) -> str | None:
     """Why a pod can never be handed over, or None."""
     if options.interactive:
         return "it is interactive"
@@ -93,118 +81,48 @@ def unfit(options: "RunOptions", virtiofs: bool, agent_transport: str) -> str | 
     return None
 
 
-def quiet(runner: "PodRunner") -> bool:
-    """Nothing under way that lives in this process only."""
-    session = runner.session
-    return (session is not None and runner.stop_task is None and runner.stop_reason is None
-            and runner.signals_seen == 0 and runner.killed_by_user is None
-            and session.open_streams <= {p.stream for p in runner.processes}
-            and time.monotonic() - session.quiet_since >= QUIET_FOR)
+class Relayable(Protocol):
+    """What the hand-over needs of a pod's runner (runner.py): its pod, the three channels that can be
+    handed over (each says None when it cannot be, right now), and the record of everything else."""
+    pod: PodDir
+
+    def hand_over_channels(self) -> tuple[QemuHandover, int, int, bytes] | None:
+        """The QEMU, the control listener's fd, the agent channel's fd and its unread bytes; None (and
+        nothing changed) if one of them cannot be handed over now."""
+
+    def take_back_channels(self) -> None:
+        """The exec did not happen: the channels are this process's again."""
+
+    def relay_record(self, qemu: QemuHandover, agent_fd: int, control_fd: int) -> RelayState:
+        """The runner's state as the next kvmpod process rebuilds it."""
 
 
-@dataclass
-class AppProcess:
-    """One app's process as the next kvmpod process adopts it."""
-    stream: int
-    pid: int
-    status: "ExitStatus | None"   # it has ended already
-    stdout_fd: int
-    stderr_fd: int
-    log: bool                     # --detach: both streams go to the app's log file
-
-
-@dataclass
-class RelayState:
-    """The runner as the next kvmpod process rebuilds it (kvmpod/pod/resume.py)."""
-    pod: "PodDir"
-    apps: list["ResolvedApp"]
-    options: "RunOptions"
-    timings: dict[str, float]
-    hostname: str
-    volumes: "PodVolumes"
-    network: "PodNetwork | None"
-    qemu: "QemuHandover"
-    hello: "Hello"
-    next_stream: int
-    finished: set[int]
-    processes: list[AppProcess]
-    agent_fd: int
-    control_fd: int
-    claim_fds: tuple[int, ...]
-    broken: set[int] = field(default_factory=set)   # output fds that failed: their output is dropped
-    handovers: int = 1
-
-
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, 0)
-    try:
-        os.set_inheritable(fd, True)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.lseek(fd, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def read_state(fd: int) -> RelayState:
-    with os.fdopen(fd, "rb") as f:
-        state = pickle.load(f)  # written by this same process before its exec (a memfd nobody else has)
-    if not isinstance(state, RelayState):
-        raise TypeError("the relay state is not a RelayState")
-    return state
-
-
-def hand_off(runner: "PodRunner", relay: Path) -> bool:
+def hand_off(runner: Relayable, relay: Path) -> bool:
     """Exec `relay` in place of this process. Returns only if it did not: True to try again later
     (the pod was busy after all), False if this pod cannot be handed over."""
-    assert runner.session is not None and runner.control is not None
-    if not hasattr(runner.vm, "hand_over"):  # a backend whose VM cannot be adopted after an exec
-        return False
-    qemu = runner.vm.hand_over()
-    control_fd = runner.control.hand_over()
-    if qemu is None or control_fd is None:
+    channels = runner.hand_over_channels()
+    if channels is None:
         return True
-    channel = runner.session.hand_over()
-    if channel is None:
-        return True
-    agent_fd, unread = channel
+    qemu, control_fd, agent_fd, unread = channels
     try:
-        return _exec(runner, relay, qemu, control_fd, agent_fd, unread)
+        return _exec(runner, relay, runner.relay_record(qemu, agent_fd, control_fd), unread)
     finally:
-        runner.session.take_back()  # only reached when there was no exec
+        runner.take_back_channels()  # only reached when there was no exec
 
 
-def _exec(runner: "PodRunner", relay: Path, qemu: "QemuHandover", control_fd: int, agent_fd: int,
-          unread: bytes) -> bool:
-    from kvmpod.pod.run import POD_SIGNALS
-
-    session = runner.session
-    assert session is not None
-    next_stream, finished = session.streams
-    processes, broken = [], set(runner.broken_output)
-    for proc, app in zip(runner.processes, runner.apps):
-        out, err = runner.sinks[app.name]
-        processes.append(AppProcess(proc.stream, proc.pid or 0, proc.exited.result() if proc.exited.done() else None,
-                                    out.fd, err.fd, out in runner.log_sinks))
-        broken |= {s.fd for s in (out, err) if s.broken}
-    state = RelayState(runner.pod, runner.apps, dataclasses.replace(runner.options, on_started=None),
-                       runner.timings, runner.hostname, runner.volumes, runner.network, qemu, session.hello.result(),
-                       next_stream, finished, processes, agent_fd, control_fd, runner.claim_fds, broken,
-                       runner.handovers + 1)
+def _exec(runner: Relayable, relay: Path, state: RelayState, unread: bytes) -> bool:
+    qemu, agent_fd, control_fd, processes = state.qemu, state.agent_fd, state.control_fd, state.processes
     try:
-        payload = pickle.dumps(state)
+        payload = encode_state(state)
     except Exception as e:  # something of this pod cannot cross an exec: it stays here
         log.debug("idle relay: the pod's state cannot be carried over (%s): it stays in this process", e)
         return False
     opened: list[int] = []
-    inherited = [agent_fd, qemu.qmp_fd, control_fd, *runner.claim_fds,
+    inherited = [agent_fd, qemu.qmp_fd, control_fd, *state.claim_fds,
                  *{fd for p in processes for fd in (p.stdout_fd, p.stderr_fd) if fd > 2}]
     try:
-        opened.append(state_fd := _memfd("kvmpod-pod-state", payload))
-        opened.append(unread_fd := _memfd("kvmpod-agent-unread", unread))
+        opened.append(state_fd := memfd("kvmpod-pod-state", payload))
+        opened.append(unread_fd := memfd("kvmpod-agent-unread", unread))
         opened.append(pidfd := os.pidfd_open(qemu.pid))
         os.set_inheritable(pidfd, True)
         argv = [str(relay), "--agent", str(agent_fd), "--qmp", str(qemu.qmp_fd), "--control", str(control_fd),
@@ -212,7 +130,7 @@ def _exec(runner: "PodRunner", relay: Path, qemu: "QemuHandover", control_fd: in
         for p in processes:
             if p.status is None:
                 argv += ["--stream", f"{p.stream}:{p.stdout_fd}:{p.stderr_fd}"]
-        for fd in sorted(broken):
+        for fd in sorted(state.broken):
             argv += ["--broken", str(fd)]
         argv += ["--", sys.executable, *RESUME, "--state", str(state_fd)]
         log.debug("idle relay: handing the pod to %s", relay)
@@ -237,34 +155,3 @@ def _exec(runner: "PodRunner", relay: Path, qemu: "QemuHandover", control_fd: in
         runner.pod.update(host_process="kvmpod")
         return False
     raise AssertionError("unreachable: execv returned")
-
-
-async def restore_runner(state: RelayState, unread: bytes, broken: set[int]) -> "PodRunner":
-    """The runner of the pod this process held before it exec'd kvmpod-relay, with its VM, agent
-    session, apps' processes and control socket adopted."""
-    from kvmpod.agent.session import AgentSession
-    from kvmpod.pod.control import ControlServer
-    from kvmpod.pod.run import FdSink, LogSink, PodRunner
-    from kvmpod.vm.qemu import QemuVM
-
-    vm = await QemuVM.adopt(state.qemu, socket.socket(fileno=state.qemu.qmp_fd))
-    runner = PodRunner(state.pod, vm, state.apps, state.options, state.timings, volumes=state.volumes,
-                       network=state.network, hostname=state.hostname, claim_fds=state.claim_fds)
-    runner.handovers = state.handovers
-    runner.relay = find_relay()
-    runner.broken_output = state.broken | broken
-    session = await AgentSession.adopt(socket.socket(fileno=state.agent_fd), unread, state.hello,
-                                       state.next_stream, state.finished, runner.agent_log)
-    runner.session = session
-    sinks: dict[int, FdSink] = {}
-    for app, proc in zip(state.apps, state.processes):
-        out, err = (sinks.setdefault(fd, (LogSink if proc.log else FdSink)(fd)) for fd in (proc.stdout_fd, proc.stderr_fd))
-        for sink in (out, err):
-            sink.broken = sink.fd in runner.broken_output
-        runner.sinks[app.name] = (out, err)
-        runner.processes.append(session.adopt_process(proc.stream, proc.pid, out, err, proc.status))
-    runner.log_sinks = [s for s in sinks.values() if isinstance(s, LogSink)]
-    session.dispatch()
-    runner.control = ControlServer(state.pod.file("control.sock"), runner)
-    await runner.control.start(socket.socket(fileno=state.control_fd))
-    return runner

@@ -1,8 +1,12 @@
-"""`kvmpod run`, second half (the first plans the pod: kvmpod/pod/launch.py): boot the VM, run the
-apps, relay their I/O, tear down.
+"""`kvmpod run`, second half (the first plans the pod: launch.py): the pod's manifest, metadata and
+network, QEMU (unless planning spawned it from a boot snapshot), a PodRunner (runner.py) for its
+life, and the release of what the pod held. Also the way back from the idle relay: a runner rebuilt
+from the hand-over record (handover.py).
 
 Teardown is unconditional: whatever happens (app exit, guest death, Ctrl-C, a bug), QEMU is gone
-and the pod directory is removed (unless --keep) before run_pod returns.
+and the pod directory is removed (unless --keep) before these return.
+
+Imports point one way: run → runner → control, relay, handover → options, state.
 """
 
 from __future__ import annotations
@@ -13,68 +17,36 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
-from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, Hello, OutputSink, ProcessSpec
-from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
+from kvmpod.agent.session import AgentSession
+from kvmpod.boot.snapshot import find_or_make
+from kvmpod.boot.snapshot import unfit as snapshot_unfit
+from kvmpod.errors import KvmpodError
 from kvmpod.fsutil import write_atomically
+from kvmpod.net.attach import AppPorts, PodNetwork, needs_netlink, release
+from kvmpod.net.attach import setup as setup_network
 from kvmpod.pod import audit
 from kvmpod.pod.control import ControlServer
-from kvmpod.pod.launch import PodPlan, RunOptions, SnapshotClaim, notice, plan_pod
+from kvmpod.pod.handover import RelayState
+from kvmpod.pod.launch import PodPlan, SnapshotClaim, plan_pod
 from kvmpod.pod.metadata import PodMetadata
+from kvmpod.pod.options import RunOptions, notice
 from kvmpod.pod.poddir import PodDir
-from kvmpod.pod.spec import AppOverrides, ResolvedApp, pod_manifest
-from kvmpod.pod.volumes import PodVolumes
+from kvmpod.pod.relay import find_relay
+from kvmpod.pod.relay import unfit as relay_unfit
+from kvmpod.pod.runner import FdSink, LogSink, PodRunner
+from kvmpod.pod.spec import AppOverrides, pod_manifest
 from kvmpod.store.locks import SharedLocks
-from kvmpod.vm.backend import VMBackend, VMExit
-
-if TYPE_CHECKING:
-    from kvmpod.net.attach import PodNetwork
-    from kvmpod.pod.relay import RelayState
-    from kvmpod.vm.config import VMConfig
+from kvmpod.vm.config import NinePShare, VMConfig
+from kvmpod.vm.qemu import QemuVM
+from kvmpod.vm.spawn import qemu_binary
+from kvmpod.vm.virtiofsd import Virtiofsd
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-SHUTDOWN_GRACE = 10.0   # seconds the guest gets to power off after SHUTDOWN
-KILL_WAIT = 5.0         # seconds the agent gets to report the apps' ends after SIGKILL before power-off
-STDIN_CHUNK = 65536
-POD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # what a pod's process answers (docs/cli.md)
-
-
-class GuestDied(VMError):
-    """The VM ended while kvmpod still expected something of it."""
-
-
-class FdSink:
-    """Writes app output to one of kvmpod's own fds, byte-exact; a closed reader silences it."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.broken = False
-
-    def __call__(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and not self.broken:
-            try:
-                view = view[os.write(self.fd, view):]
-            except BrokenPipeError:
-                self.broken = True
-
-
-class LogSink(FdSink):
-    """Appends app output to its log file (--detach); a full disk silences it instead of ending the pod."""
-
-    def __call__(self, data: bytes) -> None:
-        try:
-            super().__call__(data)
-        except OSError as e:
-            log.debug("app log: %s", e)
-            self.broken = True
 
 
 async def run_pod(apps: list[AppOverrides], options: RunOptions) -> int:
@@ -88,11 +60,6 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
                       claims: SharedLocks | None = None) -> int:
     """The second half of `kvmpod run` (the first: kvmpod/pod/launch.py): the pod's manifest, metadata
     and network, QEMU (unless planning spawned it from a boot snapshot), the apps, and teardown."""
-    from kvmpod.vm.config import NinePShare
-    from kvmpod.vm.virtiofs import Virtiofsd
-    from kvmpod.vm.qemu import QemuVM
-    from kvmpod.net.attach import AppPorts, needs_netlink, setup as setup_network
-
     pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
     network = None
     try:
@@ -145,24 +112,22 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
                            claim_fds=claims.fds if claims else (), relay=relay)
         return await runner.run()
     except KvmpodError as e:
-        raise _failed(pod, options, e) from None
+        raise _failed(pod, options, e)
     finally:
         plan.abandon()  # what no runner took: a spawned QEMU, the snapshot claim
         await _release(network, pod, options, timings)
 
 
-async def run_after_relay(state: "RelayState", unread: bytes, broken: set[int], signo: int | None) -> int:
+async def run_after_relay(state: RelayState, unread: bytes, broken: set[int], signo: int | None) -> int:
     """The pod's kvmpod process back from kvmpod-relay (kvmpod/pod/resume.py): the runner rebuilt,
     and the rest of its life as if it had never left."""
-    from kvmpod.pod.relay import restore_runner
-
     with SharedLocks.adopt(list(state.claim_fds)):  # still the pod's claims on its images
         runner = None
         try:
             runner = await restore_runner(state, unread, broken)
             return await runner.run(resumed_by=signo or 0)
         except KvmpodError as e:
-            raise _failed(state.pod, state.options, e) from None
+            raise _failed(state.pod, state.options, e)
         finally:
             if runner is None:  # QEMU is this process's child: it must not outlive a failed comeback
                 with contextlib.suppress(ProcessLookupError):
@@ -172,9 +137,7 @@ async def run_after_relay(state: "RelayState", unread: bytes, broken: set[int], 
 
 def relay_for(options: RunOptions, virtiofs: bool, agent_transport: str) -> Path | None:
     """kvmpod-relay for this pod, or None (kvmpod/pod/relay.py says which pods stay in Python)."""
-    from kvmpod.pod.relay import find_relay, unfit
-
-    if why := unfit(options, virtiofs, agent_transport):
+    if why := relay_unfit(options, virtiofs, agent_transport):
         log.debug("idle relay: not for this pod: %s", why)
         return None
     return find_relay()
@@ -189,10 +152,8 @@ def _failed(pod: PodDir, options: RunOptions, error: KvmpodError) -> KvmpodError
     return error
 
 
-async def _release(network: "PodNetwork | None", pod: PodDir, options: RunOptions, timings: dict[str, float]) -> None:
+async def _release(network: PodNetwork | None, pod: PodDir, options: RunOptions, timings: dict[str, float]) -> None:
     """The pod is over: its network goes, and its directory unless it is to stay."""
-    from kvmpod.net.attach import needs_netlink
-
     released = (await asyncio.to_thread(release_network, network, pod) if needs_netlink(options.network)
                 else release_network(network, pod))
     # a detached pod's directory outlives it (status, logs) once its UUID was given out; one whose
@@ -201,13 +162,10 @@ async def _release(network: "PodNetwork | None", pod: PodDir, options: RunOption
         pod.remove()
 
 
-async def use_snapshot(config: "VMConfig", timeout: float) -> "SnapshotClaim | None":
+async def use_snapshot(config: VMConfig, timeout: float) -> SnapshotClaim | None:
     """A claim on the boot snapshot for `config` (made now if needed), or None with a notice when it
     cannot be made (the pod then boots cold)."""
-    from kvmpod.boot.snapshot import find_or_make, unfit
-    from kvmpod.vm.spawn import qemu_binary
-
-    if why := unfit(config):
+    if why := snapshot_unfit(config):
         log.debug("boot: cold, %s", why)
         return None
     try:
@@ -221,11 +179,9 @@ async def use_snapshot(config: "VMConfig", timeout: float) -> "SnapshotClaim | N
     return SnapshotClaim(use.snapshot, use, config.cmdline)
 
 
-def release_network(network: "PodNetwork | None", pod: PodDir) -> bool:
+def release_network(network: PodNetwork | None, pod: PodDir) -> bool:
     """The pod's taps, leases, port forwards and CNI namespaces, once the VM is gone. A failure is
     reported (it must not hide the apps' exit status) and leaves net.json for `kvmpod gc`."""
-    from kvmpod.net.attach import release
-
     try:
         if network is not None:
             network.close_fds()
@@ -238,484 +194,29 @@ def release_network(network: "PodNetwork | None", pod: PodDir) -> bool:
         return False
 
 
-class PodRunner:
-    """One pod's life from QEMU start to power-off."""
-
-    def __init__(self, pod: PodDir, vm: VMBackend, apps: list[ResolvedApp], options: RunOptions,
-                 timings: dict[str, float], metadata: PodMetadata | None = None,
-                 fs_daemons: list | None = None, volumes: PodVolumes | None = None,
-                 network: "PodNetwork | None" = None, restore: SnapshotClaim | None = None,
-                 cold_vm: Callable[[], VMBackend] | None = None, hostname: str = "",
-                 claim_fds: tuple[int, ...] = (), relay: Path | None = None):
-        self.pod = pod
-        self.relay = relay   # kvmpod-relay, to hand the pod to once it is quiet (kvmpod/pod/relay.py)
-        self.claim_fds = claim_fds   # the store locks: kept open across an exec into kvmpod-relay
-        self.restore = restore    # `vm` starts from this boot snapshot; cold_vm() is the fallback
-        self.cold_vm = cold_vm
-        self.hostname = hostname
-        self.network = network
-        self.fs_daemons = fs_daemons or []   # virtiofsd per host volume (kvmpod/vm/virtiofs.py)
-        self.volumes = volumes or PodVolumes()
-        self.metadata = metadata
-        self.vm = vm
-        self.apps = apps
-        self.options = options
-        self.timings = timings
-        self.session: AgentSession | None = None
-        self.processes: list[GuestProcess] = []
-        self.signals_seen = 0
-        self.killed_by_user: int | None = None
-        self.control: ControlServer | None = None
-        self.stop_task: asyncio.Task | None = None
-        self.stop_reason: tuple[str, int] | None = None   # why kvmpod ended the VM itself, and the exit status
-        self.log_sinks: list[LogSink] = []
-        self.sinks: dict[str, tuple[FdSink, FdSink]] = {}   # per app: where its stdout and stderr go
-        self.broken_output: set[int] = set()   # output fds kvmpod-relay found broken
-        self.handovers = 0   # times this pod went to kvmpod-relay and came back
-        self.start_requested = asyncio.Event()   # the `start` control request (RunOptions.hold_apps)
-        self.first_failure: int | None = None    # RunOptions.stop_on_failure: the app that failed first
-
-    async def run(self, resumed_by: int | None = None) -> int:
-        """The pod's life; `resumed_by` when the runner was rebuilt after kvmpod-relay (relay.py): 0,
-        or the signal the relay took."""
-        try:
-            return await (self._run() if resumed_by is None else self._continue(resumed_by))
-        except VMError as e:  # GuestDied, or QEMU killed while it was starting
-            if self.killed_by_user is not None:
-                raise Interrupted(f"pod killed after a second signal {self.killed_by_user}",
-                                  EXIT_SIGNAL_BASE + self.killed_by_user) from None
-            if self.stop_reason is not None and self.apps_started:
-                return self._record_exit(self._statuses_after_kill())  # `stop --force`, or SIGKILL went unanswered
-            if self.stop_reason is not None:
-                raise Interrupted(f"pod {self.stop_reason[0]}", self.stop_reason[1]) from None
-            if isinstance(e, GuestDied):
-                raise VMError(self._explain_death(e.args[0])) from None
-            raise
-        finally:
-            await self._teardown()
-
-    async def _run(self) -> int:
-        self.control = ControlServer(self.pod.file("control.sock"), self)
-        await self.control.start()
-        self.sinks = sinks = self._sinks()
-        for daemon in self.fs_daemons:  # QEMU connects to their sockets: they come first
-            await daemon.start()
-            self.pod.update(virtiofsd_pids=[d.pid for d in self.fs_daemons if d.pid])
-        hello = await self._boot()
-        self.timings["agent_ready"] = time.time()
-        log.debug("agent %s speaks protocol %d (guest boot to agent: %.3f s guest clock)",
-                  hello.agent_version, hello.version, hello.boot_ns / 1e9)
-        if self.network and (frame := self.network.guest.frame()):  # interfaces, DNS, hosts entries
-            await self._until(self.session.send(frame))
-        if self.metadata:  # served by the agent from before the first app starts (docs/metadata.md)
-            for frame in self.metadata.frames():
-                await self._until(self.session.send(frame))
-        self._install_signal_handlers()
-        if self.options.hold_apps:  # OCI create: ready, and the apps wait for `start`
-            self.pod.update(state="created")
-            if self.options.on_created:
-                self.options.on_created(self.pod)
-            await self._until(self.start_requested.wait())
-        tty = self._local_tty()
-        for i, app in enumerate(self.apps):
-            spec = ProcessSpec(app.name, app.disk_serial, app.argv, app.env, app.working_dir, app.user,
-                               app.group, app.supplementary_gids, stdin=self.options.interactive and i == 0,
-                               readonly_rootfs=app.readonly_rootfs,
-                               pre_start=app.event_handlers.get("pre-start", []),
-                               post_stop=app.event_handlers.get("post-stop", []), isolators=app.isolators,
-                               tty=tty if i == 0 else None,
-                               volume_mounts=[m.field(self.volumes.tag(m.volume), self.volumes.transport)
-                                              for m in app.mounts],
-                               root_tag=app.disk_serial if app.root_share else "",
-                               keep_etc=app.extras.keep_etc, rlimits=app.extras.rlimits,
-                               oom_score_adj=app.extras.oom_score_adj, exec_path=app.extras.exec_path_lookup)
-            self.processes.append(await self._until(self.session.start(spec, *sinks[app.name])))
-        self.timings["apps_started"] = time.time()
-        self.pod.update(state="running", apps=[{"name": a.name, "image": a.image.id} for a in self.apps])
-        if self.options.on_started:
-            self.options.on_started(self.pod)
-        stdin_task = None
-        if self.options.interactive:
-            stdin_task = asyncio.get_running_loop().create_task(self._pump_stdin(self.processes[0]))
-        try:
-            with self._terminal(self.processes[0] if tty else None):
-                statuses = await self._wait_apps()
-        finally:
-            if stdin_task:
-                stdin_task.cancel()
-        return self._record_exit(statuses)
-
-    async def _continue(self, signo: int) -> int:
-        """The rest of _run() for a runner rebuilt after kvmpod-relay: the signals it blocked are
-        handled again (one it took is handled first), then the apps are waited for as before."""
-        self.pod.update(host_process="kvmpod")
-        self._install_signal_handlers()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, POD_SIGNALS)
-        if signo:
-            self._on_signal(signo)
-        return self._record_exit(await self._wait_apps())
-
-    async def _wait_apps(self) -> list[ExitStatus]:
-        """Every app's exit status. A pod that stays quiet meanwhile is handed to kvmpod-relay
-        (kvmpod/pod/relay.py): this process is replaced then, and a new one carries on."""
-        from kvmpod.pod.relay import QUIET_FOR, hand_off, quiet
-
-        async def statuses() -> list[ExitStatus]:
-            return [await self._until(p.wait()) for p in self.processes]
-
-        if self.options.stop_on_failure:
-            for index, proc in enumerate(self.processes):
-                proc.exited.add_done_callback(lambda fut, i=index: self._app_ended(i, fut))
-        waiting = asyncio.ensure_future(statuses())
-        relay = self.relay
-        while relay is not None and not waiting.done():
-            await asyncio.wait({waiting}, timeout=QUIET_FOR)
-            if not waiting.done() and quiet(self) and not hand_off(self, relay):
-                relay = None
-        return await waiting
-
-    def _app_ended(self, index: int, fut: asyncio.Future) -> None:
-        """RunOptions.stop_on_failure: the first app to fail stops the pod, as a signal would."""
-        if fut.cancelled() or fut.exception() is not None or not fut.result().shell_code:
-            return
-        if self.first_failure is None:
-            self.first_failure = index
-            if self.stop_task is None and self.stop_reason is None:
-                log.debug("app %s failed: stopping the pod", self.apps[index].name)
-                self.stop_task = asyncio.get_running_loop().create_task(
-                    self._stop_apps(signal.SIGTERM, self.options.stop_timeout))
-
-    def agent_log(self, line: str) -> None:
-        log.debug("agent: %s", line)
-
-    async def _boot(self) -> Hello:
-        """Start QEMU and shake hands with the agent. A VM restored from a boot snapshot gets THAW first;
-        one that fails to restore costs its snapshot (removed, to be made anew) and the pod boots cold."""
-        try:
-            return await self._start_vm()
-        except (VMError, AgentError) as e:
-            if self.restore is None or self.cold_vm is None or self.stop_reason is not None:
-                raise
-            failed, self.restore = self.restore, None
-            failed.use.discard()
-            if self.session:
-                await self.session.close()
-                self.session = None
-            if self.vm.pid is not None:
-                with contextlib.suppress(KvmpodError):
-                    await self.vm.stop(grace=0)
-            notice(f"boot snapshot {failed.snapshot.key} did not restore ({e}): booting cold")
-            self.vm = self.cold_vm()
-            return await self._start_vm()
-
-    async def _start_vm(self) -> Hello:
-        try:
-            channel = await self.vm.start()
-        finally:
-            if self.restore:  # QEMU has mapped the snapshot (or failed to): eviction may take it now
-                self.restore.use.release()
-        if self.network:
-            self.network.close_fds()  # QEMU holds the taps now: they end with it
-        if self.stop_reason is not None:  # stopped while QEMU was being spawned
-            await self.vm.stop(grace=0)
-            raise GuestDied(await self.vm.wait())
-        self.pod.update(state="booting", qemu_pid=self.vm.pid, boot="snapshot" if self.restore else "cold",
-                        **({"snapshot": self.restore.snapshot.key} if self.restore else {}),
-                        **getattr(self.vm, "transport_info", {}))
-        self.session = AgentSession(*channel, on_log=self.agent_log)
-        if self.restore:
-            await self._until(self.session.thaw(self.hostname))
-        return await self._until(self.session.handshake(), self.options.boot_timeout,
-                                 "the guest agent did not answer")
-
-    def _record_exit(self, statuses: list[ExitStatus]) -> int:
-        """state.json's final word on the apps; returns kvmpod run's exit status."""
-        self.timings["apps_exited"] = time.time()
-        self.pod.update(state="exited", apps=[{"name": a.name, "image": a.image.id, "exit": s.describe(),
-                                               "exit_code": s.shell_code} for a, s in zip(self.apps, statuses)])
-        for app, status in zip(self.apps, statuses):
-            log.debug("app %s %s", app.name, status.describe())
-        if self.options.on_exited:
-            self.options.on_exited([(a.name, s) for a, s in zip(self.apps, statuses)])
-        if self.first_failure is not None:  # stop_on_failure: the others' ends were its consequence
-            return statuses[self.first_failure].shell_code
-        failing = [s.shell_code for s in statuses if s.shell_code]
-        return failing[0] if failing else 0
-
-    def _statuses_after_kill(self) -> list[ExitStatus]:
-        """The apps' statuses once kvmpod has killed the VM: those the agent reported, SIGKILL for the rest."""
-        statuses = []
-        for proc in self.processes:
-            fut = proc.exited
-            done = fut.done() and not fut.cancelled() and fut.exception() is None
-            statuses.append(fut.result() if done else ExitStatus(signal=signal.SIGKILL))
-        return statuses
-
-    # -- what the control socket asks for (kvmpod/pod/control.py) ------------------------------
-
-    @property
-    def apps_started(self) -> bool:
-        return "apps_started" in self.timings
-
-    @property
-    def accepts_enter(self) -> bool:
-        return (self.apps_started and self.stop_task is None and self.stop_reason is None
-                and self.session is not None and not self.session.failed.done())
-
-    async def start_process(self, spec: ProcessSpec, on_stdout: OutputSink, on_stderr: OutputSink) -> GuestProcess:
-        """Start one more process in the pod (kvmpod enter); raises if the VM or the session ends first."""
-        if self.session is None:
-            raise AgentError("the pod's agent is not up yet")
-        return await self._until(self.session.start(spec, on_stdout, on_stderr))
-
-    def request_start(self) -> None:
-        """`start` (OCI): the apps of a pod created with hold_apps may start now."""
-        if not self.options.hold_apps:
-            raise KvmpodError(f"pod {self.pod.uuid} was not created to wait for a start request")
-        if self.start_requested.is_set():
-            raise KvmpodError(f"pod {self.pod.uuid} has been started already")
-        self.start_requested.set()
-
-    async def signal_apps(self, signo: int) -> None:
-        """`signal` (OCI kill): `signo` to every app that runs. Before they run, a pod that is told to
-        end (SIGKILL, SIGTERM, SIGINT, SIGHUP) goes at once, as a container that was never started."""
-        if self.pod.state.get("paused") and self.vm.pid is not None and not self.vm.ended.done():
-            await self.set_paused(False)   # a frozen guest could not act on the signal
-        if not self.apps_started:
-            if signo in (signal.SIGKILL, *POD_SIGNALS):
-                self.stop_reason = self.stop_reason or (f"killed by signal {signo} before its apps started",
-                                                        EXIT_SIGNAL_BASE + signo)
-                await self._kill_vm()
-                return
-            raise KvmpodError(f"pod {self.pod.uuid}: its apps have not started, signal {signo} has nowhere to go")
-        for proc in self.processes:
-            if not proc.exited.done():
-                await self._until(proc.signal(signo))
-
-    async def set_paused(self, paused: bool) -> None:
-        """`pause`/`resume` (OCI): the VM's vCPUs stopped or let go; state.json says which."""
-        if self.vm.pid is None or self.vm.ended.done():
-            raise KvmpodError(f"pod {self.pod.uuid} has no running VM to {'pause' if paused else 'resume'}")
-        await (self.vm.pause() if paused else self.vm.resume())
-        self.pod.update(paused=paused)
-
-    def request_stop(self, timeout: float, force: bool) -> None:
-        """`kvmpod stop`: SIGTERM to the apps, `timeout` seconds, SIGKILL, power-off. `force`: kill QEMU now."""
-        loop = asyncio.get_running_loop()
-        if force:
-            self.stop_reason = self.stop_reason or ("stopped with --force", EXIT_SIGNAL_BASE + signal.SIGKILL)
-            loop.create_task(self._kill_vm())
-        elif self.stop_task is None:
-            self.stop_task = loop.create_task(self._stop_apps(signal.SIGTERM, timeout))
-
-    async def _kill_vm(self) -> None:
-        if self.vm.pid is not None:  # else QEMU is being spawned: _run stops it once it is
-            with contextlib.suppress(KvmpodError):
-                await self.vm.stop(grace=0)
-
-    async def _stop_apps(self, signo: int, timeout: float) -> None:
-        """`signo` to every app, `timeout` seconds, SIGKILL to what still runs, and if the agent does not
-        report their ends either, power-off. Before the apps have all started: the VM goes at once."""
-        if not self.apps_started:
-            self.stop_reason = self.stop_reason or ("stopped before its apps started", EXIT_SIGNAL_BASE + signo)
-            await self._kill_vm()
-            return
-        for sig, wait in ((signo, timeout), (signal.SIGKILL, KILL_WAIT)):
-            running = [p for p in self.processes if not p.exited.done()]
-            with contextlib.suppress(KvmpodError, ConnectionError):
-                for proc in running:
-                    await proc.signal(sig)
-            if await self._all_exited(wait):
-                return
-            log.debug("apps still running %.0f s after signal %d", wait, sig)
-        self.stop_reason = self.stop_reason or ("killed: the guest did not report the apps' ends",
-                                                EXIT_SIGNAL_BASE + signal.SIGKILL)
-        await self._kill_vm()
-
-    async def _all_exited(self, timeout: float) -> bool:
-        waits = [asyncio.shield(p.exited) for p in self.processes if not p.exited.done()]
-        if not waits:
-            return True
-        every = asyncio.gather(*waits, return_exceptions=True)
-        await asyncio.wait({every, self.vm.ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if not every.done():
-            every.cancel()
-            with contextlib.suppress(BaseException):
-                await every
-            return self.vm.ended.done()
-        return True
-
-    # -- the local side: output sinks, the terminal -------------------------------------------
-
-    def _sinks(self) -> dict[str, tuple[OutputSink, OutputSink]]:
-        """Where each app's stdout and stderr go: kvmpod's own, or with --detach one log file per app
-        (<pod dir>/logs/<app>.log, both streams in arrival order)."""
-        if not self.options.detach:
-            out_fd, err_fd = self.options.output_fds or (sys.stdout.fileno(), sys.stderr.fileno())
-            stdout, stderr = FdSink(out_fd), FdSink(err_fd)
-            return {app.name: (stdout, stderr) for app in self.apps}
-        logs = self.pod.file("logs")
-        logs.mkdir(mode=0o700, exist_ok=True)
-        sinks: dict[str, tuple[OutputSink, OutputSink]] = {}
-        for app in self.apps:
-            fd = os.open(logs / f"{app.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            sink = LogSink(fd)
-            self.log_sinks.append(sink)
-            sinks[app.name] = (sink, sink)
-        return sinks
-
-    def _local_tty(self) -> tuple[int, int] | None:
-        """--interactive on a terminal: the app gets a pty of the terminal's size."""
-        from kvmpod.pod.terminal import is_terminal, window_size
-
-        if not self.options.interactive or not is_terminal(sys.stdin.fileno()):
-            return None
-        return window_size(sys.stdin.fileno()) or (24, 80)
-
-    @contextlib.contextmanager
-    def _terminal(self, proc: GuestProcess | None):
-        """Raw mode and window-size changes while the app has the terminal; restored however it ends."""
-        if proc is None:
-            yield
-            return
-        from kvmpod.pod.terminal import RawTerminal, window_size
-
-        loop = asyncio.get_running_loop()
-        fd = sys.stdin.fileno()
-
-        def resized() -> None:
-            if size := window_size(fd):
-                loop.create_task(proc.resize(*size))
-
-        loop.add_signal_handler(signal.SIGWINCH, resized)
-        try:
-            with RawTerminal(fd):
-                yield
-        finally:
-            loop.remove_signal_handler(signal.SIGWINCH)
-
-    async def _until(self, aw: Awaitable[T], timeout: float | None = None, what: str = "") -> T:
-        """Await `aw` unless the VM dies, the agent session fails, or `timeout` passes first."""
-        task = asyncio.ensure_future(aw)
-        waits: set[asyncio.Future] = {task, self.vm.ended}
-        if self.session:
-            waits.add(self.session.failed)
-        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if task in done and not self._failed_with_session(task):
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        if self.vm.ended.done():
-            raise GuestDied(self.vm.ended.result())
-        if self.session and self.session.failed.done():
-            # the channel usually closes because the VM is going down: prefer that explanation
-            with contextlib.suppress(asyncio.TimeoutError):
-                raise GuestDied(await asyncio.wait_for(asyncio.shield(self.vm.ended), 2.0))
-            raise self.session.failed.result()
-        raise AgentError(f"{what} within {timeout:.0f} s (console log: {self.pod.file('console.log')})")
-
-    def _failed_with_session(self, task: asyncio.Future) -> bool:
-        """True when `task` failed only because the whole session did (explained below, not by the task)."""
-        error = task.exception()
-        return (error is not None and not isinstance(error, AppStartError)
-                and self.session is not None and self.session.failed.done())
-
-    def _explain_death(self, vm_exit: VMExit) -> str:
-        from kvmpod.vm.console import explain
-
-        detail = explain(self.pod.file("console.log"))
-        what = vm_exit.failure or detail or vm_exit.describe()
-        return f"the VM ended before the app finished: {what}"
-
-    async def _pump_stdin(self, proc: GuestProcess) -> None:
-        """Relay kvmpod's stdin to the app. A thread reads it: stdin may be a file, a pipe or a tty."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
-        fd = sys.stdin.fileno()
-
-        def reader() -> None:
-            while True:
-                try:
-                    data = os.read(fd, STDIN_CHUNK)
-                except OSError:
-                    data = b""
-                try:
-                    asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
-                except (RuntimeError, asyncio.CancelledError):
-                    return  # the loop is gone: the app has finished
-                if not data:
-                    return
-
-        threading.Thread(target=reader, name="kvmpod-stdin", daemon=True).start()
-        with contextlib.suppress(AgentError):
-            while data := await queue.get():
-                await proc.write_stdin(data)
-            await proc.close_stdin()
-
-    def _install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for signo in POD_SIGNALS:
-            loop.add_signal_handler(signo, self._on_signal, signo)
-
-    def _on_signal(self, signo: int) -> None:
-        """First SIGINT/SIGTERM/SIGHUP: forward it to the apps, SIGKILL after the stop timeout. Second
-        (or one during `kvmpod stop`): kill the VM."""
-        self.signals_seen += 1
-        loop = asyncio.get_running_loop()
-        if self.signals_seen == 1 and self.stop_task is None:
-            self.stop_task = loop.create_task(self._stop_apps(signo, self.options.stop_timeout))
-        else:
-            self.killed_by_user = signo
-            loop.create_task(self.vm.stop(grace=0))
-
-    async def _teardown(self) -> None:
-        loop = asyncio.get_running_loop()
-        for signo in POD_SIGNALS:
-            loop.remove_signal_handler(signo)
-        if self.vm.pid is None:
-            await self._stop_fs_daemons()
-            await self._close_local()
-            return  # QEMU never started: nothing else to stop
-        try:
-            # the guest writes through to the host only on host volumes: without them there is nothing
-            # to sync or unmount, and QEMU can be told to quit at once
-            if self.session and not self.vm.ended.done() and (self.volumes.host or self.fs_daemons):
-                await self.session.shutdown()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self.vm.ended), SHUTDOWN_GRACE)
-            if not self.vm.ended.done():
-                await self.vm.stop(grace=2.0)
-        finally:
-            if self.options.debug:
-                from kvmpod.vm.console import tail
-                for line in tail(self.pod.file("console.log")):
-                    log.debug("console: %s", line)
-            if self.session:
-                await self.session.close()
-            await self._stop_fs_daemons()
-            self.timings["vm_ended"] = time.time()
-            self.pod.update(state="exited" if self.pod.state.get("state") == "exited" else "failed",
-                            timings=self.timings)
-            audit.pod_ended(self.pod.uuid, self.pod.state["state"], self.pod.state.get("apps", []))
-            await self._close_local()
-
-    async def _stop_fs_daemons(self) -> None:
-        """virtiofsd after QEMU: killed and waited for, so none outlives the pod."""
-        for daemon in self.fs_daemons:
-            with contextlib.suppress(Exception):
-                await daemon.stop()
-
-    async def _close_local(self) -> None:
-        """The pod is gone: stop the stop task, close the app logs, and last the control socket, whose
-        connections' EOF tells `kvmpod stop` and `logs --follow` that the pod has ended."""
-        if self.stop_task:
-            self.stop_task.cancel()
-        for sink in self.log_sinks:
-            with contextlib.suppress(OSError):
-                os.close(sink.fd)
-        self.log_sinks.clear()
-        if self.control:
-            await self.control.close()
 
 
+async def restore_runner(state: RelayState, unread: bytes, broken: set[int]) -> PodRunner:
+    """The runner of the pod this process held before it exec'd kvmpod-relay, with its VM, agent
+    session, apps' processes and control socket adopted."""
+    vm = await QemuVM.adopt(state.qemu, socket.socket(fileno=state.qemu.qmp_fd))
+    runner = PodRunner(state.pod, vm, state.apps, state.options, state.timings, volumes=state.volumes,
+                       network=state.network, hostname=state.hostname, claim_fds=state.claim_fds)
+    runner.handovers = state.handovers
+    runner.relay = find_relay()
+    runner.broken_output = state.broken | broken
+    session = await AgentSession.adopt(socket.socket(fileno=state.agent_fd), unread, state.hello,
+                                       state.next_stream, state.finished, runner.agent_log)
+    runner.session = session
+    sinks: dict[int, FdSink] = {}
+    for app, proc in zip(state.apps, state.processes):
+        out, err = (sinks.setdefault(fd, (LogSink if proc.log else FdSink)(fd)) for fd in (proc.stdout_fd, proc.stderr_fd))
+        for sink in (out, err):
+            sink.broken = sink.fd in runner.broken_output
+        runner.sinks[app.name] = (out, err)
+        runner.processes.append(session.adopt_process(proc.stream, proc.pid, out, err, proc.status))
+    runner.log_sinks = [s for s in sinks.values() if isinstance(s, LogSink)]
+    session.dispatch()
+    runner.control = ControlServer(state.pod.file("control.sock"), runner)
+    await runner.control.start(socket.socket(fileno=state.control_fd))
+    return runner

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from kvmpod.agent.isolators import Isolators
 from kvmpod.errors import ImageError, UsageError
-from kvmpod.image.manifest import AC_NAME, AC_VERSION, App, ImageManifest, Isolator, MountPoint
+from kvmpod.image.manifest import AC_VERSION, App, ImageManifest, Isolator, MountPoint
+from kvmpod.image.names import AC_NAME
 from kvmpod.pod.volumes import AppMount, Mount, Volume
 from kvmpod.store import StoredImage
 

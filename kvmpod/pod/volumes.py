@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmpod.errors import UsageError
-from kvmpod.image.manifest import AC_NAME, MountPoint
+from kvmpod.image.manifest import MountPoint
+from kvmpod.image.names import AC_NAME
 
 KINDS = ("empty", "host")
 DEFAULT_EMPTY_MODE = 0o755

@@ -9,12 +9,15 @@ from __future__ import annotations
 import sys
 
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
+from kvmpod.outcome import exit_now
 from kvmpod.stage1.flags import EXIT_STAGE1_FAILURE
 
 ENTRYPOINTS = ("run", "enter", "stop", "gc")
 
 
 def _entrypoint(name: str):
+    # Each entrypoint loads only its own modules: run pulls the pod launcher, enter and stop the
+    # control client (asyncio), which gc does without.
     if name == "run":
         from kvmpod.stage1.run import run
         return run
@@ -46,6 +49,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from kvmpod.outcome import exit_now
-
     exit_now(main(sys.argv[1:]))

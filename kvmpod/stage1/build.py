@@ -25,7 +25,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from kvmpod import __version__
+from kvmpod.version import __version__
 from kvmpod.fsutil import write_atomically
 from kvmpod.image.manifest import AC_VERSION
 

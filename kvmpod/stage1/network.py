@@ -20,6 +20,7 @@ import ipaddress
 from pathlib import Path
 
 from kvmpod.errors import KvmpodError
+from kvmpod.net.cni import network_names
 from kvmpod.net.spec import NetRequest, PortRequest, request
 from kvmpod.stage1.flags import SYSTEM_CONFIG, NetArg, RunArgs, Stage1Error
 from kvmpod.stage1.poddir import STAGE1_ROOTFS
@@ -48,8 +49,6 @@ def _net_mode(nets: list[NetArg], local_config: str) -> str:
         raise Stage1Error(f"run: --net={','.join(names)}: {special!r} cannot be combined with other networks "
                           "in kvmpod's stage1")
     if names == ["all"]:
-        from kvmpod.net.cni import network_names
-
         found = network_names(cni_config_dirs(local_config))
         if not found:
             raise Stage1Error(f"run: --net=all: no CNI network configs in "

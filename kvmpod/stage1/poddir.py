@@ -27,7 +27,8 @@ from typing import Any
 
 from kvmpod.errors import KvmpodError
 from kvmpod.fsutil import write_atomically
-from kvmpod.image.manifest import AC_IDENTIFIER, ImageManifest, check_runnable, parse_manifest
+from kvmpod.image.manifest import ImageManifest, check_runnable, parse_manifest
+from kvmpod.image.names import AC_IDENTIFIER
 from kvmpod.pod.podmanifest import PodApp, PodManifest, parse_pod_manifest
 from kvmpod.stage1.flags import Stage1Error
 

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 from kvmpod import paths
-from kvmpod.pod.registry import PodInfo
+from kvmpod.outcome import configure_logging
+from kvmpod.pod.registry import PodInfo, remove
 from kvmpod.stage1.flags import Stage1Error, parse_enter, parse_gc, parse_stop
 from kvmpod.stage1.poddir import PID_FILE, read_record
 
@@ -34,7 +35,7 @@ def _pod_info(path: Path) -> PodInfo:
 
 def enter(argv: list[str]) -> int:
     """`--pid=PID --appname=NAME -- CMD...`: CMD in the app, a terminal when stdin is one; its exit status."""
-    from kvmpod.pod.client import EnterRequest
+    from kvmpod.pod.client import EnterRequest  # the control client pulls asyncio: not for gc
     from kvmpod.pod.client import enter as enter_pod
 
     args = parse_enter(argv)
@@ -52,7 +53,7 @@ def enter(argv: list[str]) -> int:
 def stop(argv: list[str]) -> int:
     """`[--force] UUID`: SIGTERM to the apps, SIGKILL after 10 s, power-off; --force: the VM at once.
     Returns once the pod's process has exited (so rkt sees the lock free). A pod that ended is fine."""
-    from kvmpod.pod.client import stop as stop_pod
+    from kvmpod.pod.client import stop as stop_pod  # as in enter()
 
     args = parse_stop(argv)
     path = kvmpod_pod_dir(Path.cwd(), args.uuid)
@@ -66,9 +67,6 @@ def gc(argv: list[str]) -> int:
     """`[--debug] [--local-config DIR] UUID`: release what the pod held (a QEMU or virtiofsd that
     outlived a SIGKILLed run, leases, port forwards, CNI namespaces, its sockets and kvmpod directory).
     Idempotent: a pod with nothing left is fine."""
-    from kvmpod.outcome import configure_logging
-    from kvmpod.pod.registry import remove
-
     args = parse_gc(argv)
     configure_logging(args.debug)
     path = kvmpod_pod_dir(Path.cwd(), args.uuid)

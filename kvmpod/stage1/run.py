@@ -87,8 +87,8 @@ def check_supported(args: RunArgs, pod: RktPod) -> None:
 
 def run(argv: list[str]) -> int:
     from kvmpod.outcome import configure_logging
-    from kvmpod.pod.launch import RunOptions
-    from kvmpod.pod.launch import run as run_pod
+    from kvmpod.pod.entry import run as run_pod
+    from kvmpod.pod.options import RunOptions
 
     args = parse_run(argv)
     configure_logging(args.debug)

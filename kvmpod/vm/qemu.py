@@ -14,13 +14,14 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvmpod.agent.protocol import VSOCK_PORT
 from kvmpod.errors import KvmpodError, VMError
 from kvmpod.vm.backend import AgentChannel, VMBackend, VMExit
+from kvmpod.vm.cid import CidLease, allocate_cid
 from kvmpod.vm.config import VMConfig
 from kvmpod.vm.spawn import RESTORE_ANSWERS, SpawnedQemu, spawn_qemu
 
 if TYPE_CHECKING:
-    from kvmpod.vm.cid import CidLease
     from kvmpod.vsock.device import VsockDevice
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,6 @@ class QemuVM(VMBackend):
 
     def _start_vsock(self) -> None:
         """Allocate the guest's CID; for vsock-user, listen for QEMU's vhost-user connection."""
-        from kvmpod.vm.cid import allocate_cid
-
         kernel = self.config.agent_transport == "vhost-vsock"
         self._cid = allocate_cid(self.config.name, probe=kernel)
         self.config = dataclasses.replace(self.config, vsock_cid=self._cid.cid)
@@ -238,8 +237,6 @@ class QemuVM(VMBackend):
 
     async def _connect_vsock(self) -> "AgentChannel":
         """Connect to the agent's vsock port, again after each RST until it listens (the caller bounds it)."""
-        from kvmpod.agent.protocol import VSOCK_PORT
-
         loop = asyncio.get_running_loop()
         while True:
             if self._vsock is not None:

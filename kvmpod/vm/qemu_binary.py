@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmpod import paths
+from kvmpod import config, paths
 from kvmpod.errors import VMError
 
 QEMU_NAME = "qemu-system-x86_64"
@@ -101,9 +101,7 @@ def find_qemu(cache: Path | None = None) -> QemuChoice:
     """The QEMU binary to run (order in the module docstring). Cached: one answer per process."""
     if value := os.environ.get(ENV_VAR):
         return _explicit(value, f"${ENV_VAR}")
-    from kvmpod.config import lookup
-
-    if (found := lookup("qemu")) is not None:
+    if (found := config.lookup("qemu")) is not None:
         if not isinstance(found.value, str) or not found.value:
             raise VMError(f"\"qemu\" in config file {found.source} must be a non-empty path")
         return _explicit(str(found.source.parent / found.value), f"qemu in {found.source}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kvmpod.errors import VMError
 from kvmpod.vm.config import VMConfig, qemu_argv
+from kvmpod.vm.qemu_binary import find_qemu
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -137,8 +138,6 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
 
 def qemu_binary() -> Path:
     """The QEMU binary the VMs run: kvmpod's own build or Debian's (kvmpod/vm/qemu_binary.py)."""
-    from kvmpod.vm.qemu_binary import find_qemu
-
     return find_qemu().path
 
 

@@ -17,12 +17,16 @@ from pathlib import Path
 import pytest
 
 from kvmpod import cli
+from kvmpod.cli import interact
+from kvmpod.cli import run as cli_run
+from kvmpod.cli.parser import parse
 from kvmpod.agent.session import ExitStatus, Isolators
 from kvmpod.errors import Interrupted, KvmpodError, UsageError
 from kvmpod.pod import client, control, registry
 from kvmpod.pod.control import ControlError, FrameParser, Kind
+from kvmpod.pod.options import RunOptions
 from kvmpod.pod.poddir import PodDir
-from kvmpod.pod.run import PodRunner, RunOptions
+from kvmpod.pod.runner import PodRunner
 from kvmpod.pod.spec import ResolvedApp
 from kvmpod.pod.terminal import RawTerminal, window_size
 from tests.unit.test_registry import dead_pid, make_pod
@@ -331,13 +335,13 @@ class FakeVM:
 
 
 def test_stop_escalates_from_sigterm_to_sigkill_to_power_off(tmp_path, monkeypatch):
-    from kvmpod.pod import run as run_module
+    from kvmpod.pod import runner as run_module
 
     monkeypatch.setattr(run_module, "KILL_WAIT", 0.05)
 
     async def scenario(exits_on: list[set[int]]):
         vm = FakeVM()
-        runner = PodRunner(PodDir("u", tmp_path, {}), vm, [], RunOptions(), {"apps_started": 1.0})  # type: ignore[arg-type]
+        runner = PodRunner(PodDir("u", tmp_path, {"state": "running"}), vm, [], RunOptions(), {"apps_started": 1.0})  # type: ignore[arg-type]
         runner.processes = [FakeProcess(e) for e in exits_on]  # type: ignore[list-item]
         runner.request_stop(0.05, force=False)
         await runner.stop_task
@@ -388,16 +392,16 @@ def test_logs_of_a_pod_that_was_not_detached(run_dir):
 
 def test_enter_command_line():
     parser = cli.build_parser()
-    ns = cli._parse(parser, ["enter", "abc", "--app", "web", "--set-env", "A=1", "--", "ls", "--app", "-l"])
-    assert (ns.func, ns.uuid, ns.app, ns.set_env, ns.command) == (cli.cmd_enter, "abc", "web", [("A", "1")],
+    ns = parse(parser, ["enter", "abc", "--app", "web", "--set-env", "A=1", "--", "ls", "--app", "-l"])
+    assert (ns.func, ns.uuid, ns.app, ns.set_env, ns.command) == ("interact:cmd_enter", "abc", "web", [("A", "1")],
                                                                   ["ls", "--app", "-l"])
-    ns = cli._parse(parser, ["enter", "abc"])
-    assert cli.interact.enter_command(ns.command) == ["/bin/sh"]
-    ns = cli._parse(parser, ["stop", "--force", "--timeout", "3", "a", "b"])
+    ns = parse(parser, ["enter", "abc"])
+    assert interact.enter_command(ns.command) == ["/bin/sh"]
+    ns = parse(parser, ["stop", "--force", "--timeout", "3", "a", "b"])
     assert (ns.uuids, ns.force, ns.timeout) == (["a", "b"], True, 3.0)
-    assert cli._parse(parser, ["logs", "-f", "a"]).follow
+    assert parse(parser, ["logs", "-f", "a"]).follow
 
 
 def test_run_detach_and_interactive_exclude_each_other():
     with pytest.raises(UsageError, match="--interactive and --detach"):
-        cli.cmd_run(cli._parse(cli.build_parser(), ["run", "-i", "-d", "img.aci"]))
+        cli_run.cmd_run(parse(cli.build_parser(), ["run", "-i", "-d", "img.aci"]))

@@ -217,7 +217,7 @@ def test_bad_arguments_are_refused(relay_binary):
 # -- which pods, which binary (kvmpod/pod/relay.py) ------------------------------------------------
 
 def test_which_pods_stay_in_kvmpod():
-    from kvmpod.pod.launch import RunOptions
+    from kvmpod.pod.options import RunOptions
     from kvmpod.pod.relay import unfit
 
     assert unfit(RunOptions(), False, "serial") is None

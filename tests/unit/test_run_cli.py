@@ -7,10 +7,11 @@ import pytest
 
 from kvmpod import cli
 from kvmpod.cli import run as cli_run
+from kvmpod.cli.parser import parse
 
 
 def _apps(argv: list[str]) -> list[tuple]:
-    ns = cli._parse(cli.build_parser(), argv)
+    ns = parse(cli.build_parser(), argv)
     return [(a.image, a.exec, a.name, a.args) for a in cli_run._parse_apps(ns.app_words, ns.image, ns.pod_flags)]
 
 
@@ -30,12 +31,12 @@ def test_images_follow_each_other_with_their_app_flags(argv, expected):
 
 
 def test_pod_flag_values_are_not_taken_for_the_image():
-    ns = cli._parse(cli.build_parser(), ["run", "--memory", "512M", "--hostname=web", "-i", "img"])
+    ns = parse(cli.build_parser(), ["run", "--memory", "512M", "--hostname=web", "-i", "img"])
     assert (ns.memory, ns.hostname, ns.interactive, ns.image, ns.app_words) == (512, "web", True, "img", [])
 
 
 def test_global_flags_before_run_are_not_the_command():
-    ns = cli._parse(cli.build_parser(), ["--dir", "run", "run", "img", "--exec", "/bin/true"])
+    ns = parse(cli.build_parser(), ["--dir", "run", "run", "img", "--exec", "/bin/true"])
     assert (ns.dir, ns.image, ns.app_words) == ("run", "img", ["--exec", "/bin/true"])
 
 

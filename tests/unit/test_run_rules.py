@@ -8,6 +8,7 @@ import pytest
 
 from kvmpod import cli
 from kvmpod.cli import run as cli_run
+from kvmpod.cli.parser import parse
 from kvmpod.errors import VMError
 from kvmpod.pod.spec import DEFAULT_PATH, app_environment, default_app_name
 from kvmpod.vm.accel import HostFacts, choose_accelerator
@@ -72,7 +73,7 @@ def test_default_app_name(image, app):
 
 
 def test_rkt_syntax_splits_pod_flags_app_flags_and_args():
-    ns = cli._parse(cli.build_parser(), 
+    ns = parse(cli.build_parser(), 
         ["run", "--memory", "1G", "--set-env", "A=1", "img.aci", "--exec", "/bin/sh", "--set-env", "B=2",
          "--user", "app", "--", "-c", "echo --exec"])
     assert ns.memory == 1024 and dict(ns.set_env) == {"A": "1"}
@@ -82,7 +83,7 @@ def test_rkt_syntax_splits_pod_flags_app_flags_and_args():
 
 
 def test_triple_dash_separates_apps():
-    ns = cli._parse(cli.build_parser(), ["run", "a.aci", "--name", "one", "---", "b.aci", "--", "x"])
+    ns = parse(cli.build_parser(), ["run", "a.aci", "--name", "one", "---", "b.aci", "--", "x"])
     apps = cli_run._parse_apps(ns.app_words, ns.image)
     assert [(a.image, a.name, a.args) for a in apps] == [("a.aci", "one", None), ("b.aci", None, ["x"])]
 
@@ -94,7 +95,7 @@ def test_triple_dash_separates_apps():
     (["run", "a", "---", "b"], [("a", None), ("b", None)]),
 ])
 def test_double_dash_right_after_the_image_is_the_apps(argv, expected):
-    ns = cli._parse(cli.build_parser(), argv)
+    ns = parse(cli.build_parser(), argv)
     apps = cli_run._parse_apps(ns.app_words, ns.image)
     assert [(a.image, a.args) for a in apps] == expected
 

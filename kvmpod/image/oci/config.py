@@ -17,7 +17,8 @@ from typing import Any
 
 from kvmpod.disk.entries import ROOT_PATH, EntryKind, RootfsEntry
 from kvmpod.errors import ImageError
-from kvmpod.image.manifest import AC_IDENTIFIER, AC_VERSION, VALID_OS_ARCH, parse_manifest
+from kvmpod.image.manifest import AC_VERSION, VALID_OS_ARCH, parse_manifest
+from kvmpod.image.names import AC_IDENTIFIER
 from kvmpod.image.oci.layout import SourceImage, split_reference
 
 DOCKER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
