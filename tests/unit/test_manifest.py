@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kvmpod.errors import ManifestError
 from kvmpod.image import manifest as m
+from kvmpod.image import names
 from kvmpod.image.manifest import (
     App, Dependency, EnvVar, ImageManifest, Isolator, MountPoint, Port, build_manifest, check_runnable,
     parse_manifest,
@@ -438,9 +439,9 @@ def test_schema_is_valid_draft_2020_12_and_uses_only_keywords_with_error_wording
 
 def test_python_name_patterns_match_the_schema():
     defs = m._schema()["$defs"]
-    assert m._regex(defs["acIdentifier"]["pattern"]).pattern == m.AC_IDENTIFIER.pattern
-    assert m._regex(defs["acName"]["pattern"]).pattern == m.AC_NAME.pattern
-    assert not m.AC_NAME.match("web\n")
+    assert m._regex(defs["acIdentifier"]["pattern"]).pattern == names.AC_IDENTIFIER.pattern
+    assert m._regex(defs["acName"]["pattern"]).pattern == names.AC_NAME.pattern
+    assert not names.AC_NAME.match("web\n")
 
 
 def test_validate_false_builds_the_same_dataclasses_without_importing_jsonschema():
