@@ -147,6 +147,16 @@ int seccomp_build(char *const *retain, char *const *remove, const char *errno_na
     return emit(nrs, n, block, RET_ALLOW, block, out, f);
 }
 
+int seccomp_allow_only(char *const *names, struct seccomp_filter *out, struct failure *f)
+{
+    static unsigned nrs[ARRAY_LEN(KP_SYSCALLS)];
+    size_t n = 0;
+    *out = (struct seccomp_filter){0};
+    if (set_numbers(names, "the agent's allowlist", true, nrs, &n, f) < 0)
+        return -1;
+    return emit(nrs, n, RET_ALLOW, RET_KILL_PROCESS, RET_KILL_PROCESS, out, f);
+}
+
 void seccomp_filter_free(struct seccomp_filter *filter)
 {
     free(filter->insns);

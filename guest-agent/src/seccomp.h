@@ -31,8 +31,12 @@ int seccomp_build(char *const *retain, char *const *remove, const char *errno_na
                   struct seccomp_filter *out, struct failure *f);
 void seccomp_filter_free(struct seccomp_filter *filter);
 
-/* Installs the filter in the calling process (the child, last thing before exec). It needs
- * no_new_privs or CAP_SYS_ADMIN in the effective set. */
+/* The agent's own filter for a process of its own (the metadata service): exactly the syscalls `names`
+ * (those this architecture lacks are skipped), anything else kills the process with SIGSYS. */
+int seccomp_allow_only(char *const *names, struct seccomp_filter *out, struct failure *f);
+
+/* Installs the filter in the calling process (an app's child, last thing before exec; the metadata
+ * service, once set up). It needs no_new_privs or CAP_SYS_ADMIN in the effective set. */
 int seccomp_install(const struct seccomp_filter *filter, struct failure *f);
 
 #endif
