@@ -32,6 +32,11 @@ void log_set_debug(bool on)
     debug = on;
 }
 
+bool log_is_debug(void)
+{
+    return debug;
+}
+
 static void send_log(const char *line)
 {
     uint8_t buf[LINE_MAX_LEN + 16];

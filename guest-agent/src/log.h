@@ -11,6 +11,7 @@
 void log_open_kmsg(void);
 
 void log_set_debug(bool on);
+bool log_is_debug(void);
 
 /* A LOG frame when debugging. Lines logged before the handshake are kept and sent right after
  * it (nothing may precede HELLO_ACK). Only the agent process may call this, never a child. */

@@ -24,6 +24,7 @@
 #include "net.h"
 #include "log.h"
 #include "metadata.h"
+#include "metadata_service.h"
 #include "process.h"
 #include "protocol.h"
 #include "snapshot.h"
@@ -310,13 +311,16 @@ static noreturn void serve(int sigfd)
             struct signalfd_siginfo si;
             while (read(sigfd, &si, sizeof si) > 0)
                 ;
-            process_reap();
+            process_reap(metadata_reaped);
         }
     }
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    /* The agent's binary is also the metadata service's, which PID 1 starts by exec (metadata.c). */
+    if (getpid() != 1 && argc > 0 && strcmp(argv[0], METADATA_SERVICE_NAME) == 0)
+        metadata_service_main(argc, argv);
     agent_start_ns = boottime_ns();
 
     setup_guest();

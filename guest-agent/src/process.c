@@ -411,7 +411,7 @@ static void reaped(struct stream *s, int wstatus)
     }
 }
 
-void process_reap(void)
+void process_reap(void (*other)(pid_t pid, int wstatus))
 {
     int wstatus;
     pid_t pid;
@@ -419,6 +419,8 @@ void process_reap(void)
         struct stream *s = stream_by_pid(pid);
         if (s)
             reaped(s, wstatus);
+        else
+            other(pid, wstatus);
     }
 }
 

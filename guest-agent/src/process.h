@@ -21,8 +21,8 @@ size_t process_pollfds(struct pollfd *pfd, size_t max);
 void process_handle_events(const struct pollfd *pfd, size_t n);
 
 /* After SIGCHLD: reaps every exited child. A stream's process gets its remaining output and
- * EXIT sent; other children are orphans re-parented to PID 1 and are just reaped. */
-void process_reap(void);
+ * EXIT sent; any other child (the metadata service, orphans re-parented to PID 1) goes to `other`. */
+void process_reap(void (*other)(pid_t pid, int wstatus));
 
 /* Shutdown: SIGKILL every process in the guest and reap them (no EXIT frames are sent). */
 void process_kill_all(void);

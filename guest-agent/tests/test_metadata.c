@@ -1,6 +1,7 @@
 /* C unit tests of the metadata service (make -C guest-agent test): SHA-512 against FIPS 180-4's
- * examples, HMAC-SHA512 against RFC 4231's test cases, and the HTTP side of the service (parsing,
- * routing, forms, sign and verify) without sockets. The e2e test (tests/e2e/test_metadata.py) checks
+ * examples, HMAC-SHA512 against RFC 4231's test cases, the METADATA frames into a store, and the HTTP
+ * side of the service (parsing, routing, forms, sign and verify) without sockets or a service process
+ * (test_http_parse.c takes the request parser alone). The e2e test (tests/e2e/test_metadata.py) checks
  * the same service from inside a real guest. */
 
 #include <stdio.h>
@@ -8,6 +9,8 @@
 #include <string.h>
 
 #include "metadata.h"
+#include "metadata_api.h"
+#include "metadata_msgs.h"
 #include "protocol.h"
 #include "sha512.h"
 #include "tlv.h"
@@ -149,12 +152,13 @@ static void test_hmac(void)
 static uint8_t payload[4096];
 
 static struct failure load_error;
+static struct md_store store; /* what the frames below load, and the requests are answered from */
 
 static int load(uint16_t type, const struct tlv_writer *w)
 {
     struct frame f = {.type = type, .stream = 0, .payload = w->buf, .len = (uint32_t)w->len};
     load_error.msg[0] = '\0';
-    return metadata_load(&f, &load_error);
+    return metadata_msgs_load(&store, &f, &load_error);
 }
 
 /* The frame is refused with a message that says why. */
@@ -236,7 +240,7 @@ static struct answer ask_bytes(const char *req, size_t len, bool eof)
 {
     struct md_reply r;
     struct answer a = {0};
-    a.done = metadata_respond((const uint8_t *)req, len, eof, &r);
+    a.done = metadata_respond(&store, (const uint8_t *)req, len, eof, &r);
     if (!a.done)
         return a;
     a.status = r.status;
