@@ -156,6 +156,21 @@ echo "wget-sign $(wget -q -O - --post-data 'content=hello+world+%26+more' "$url/
 type=$(wget -S -q -O /dev/null "$url/acMetadata/v1/apps/probe/image/id" 2>&1 | grep -i 'content-type' | tr -d '\r')
 echo "wget-type $type"
 echo "wget-404 $(wget -q -O - "$url/acMetadata/v1/pod/nothing" 2>&1)"
+# the service's own process, as an app sees it in /proc: its ids, capabilities, no_new_privs, seccomp
+service_pid() {
+    for s in /proc/[0-9]*/status; do
+        grep -q '^Name:[[:space:]]*kvmpod-metadata$' "$s" 2>/dev/null && { p=${s#/proc/}; echo "${p%/status}"; }
+    done
+}
+pid=$(service_pid)
+echo "service-pid $pid"
+for field in Uid Gid Groups CapInh CapPrm CapEff CapBnd CapAmb NoNewPrivs Seccomp; do
+    echo "service-$field $(sed -n "s/^$field:[[:space:]]*//p" /proc/$pid/status | tr -s ' \t' '  ' | sed 's/ $//')"
+done
+# killed (root in an app can), it is started again; a client meanwhile waits in the listen backlog
+kill -9 "$pid"
+echo "restarted-uuid $(wget -q -O - "$url/acMetadata/v1/pod/uuid")"
+echo "restarted-pid $(service_pid)"
 echo "end"
 """
 
@@ -350,6 +365,25 @@ def test_more_clients_than_connection_slots_all_get_answers(pod):
     _, answers, _, kept, _ = pod
     parallel = [answers[f"parallel-{i}"][1] for i in range(24)]
     assert all(parse(a)[0] == 200 and parse(a)[2] == kept["uuid"].encode() for a in parallel)
+
+
+def test_the_service_runs_in_a_process_of_its_own_without_privileges(pod):
+    _, _, lines, _, _ = pod
+    assert lines["service-pid"].isdigit() and lines["service-pid"] != "1"  # not PID 1, the agent
+    assert lines["service-Uid"] == lines["service-Gid"] == "65533 65533 65533 65533"  # real, effective, saved, fs
+    assert lines["service-Groups"] == ""
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert lines[f"service-{caps}"] == "0000000000000000", caps
+    assert lines["service-NoNewPrivs"] == "1"
+    assert lines["service-Seccomp"] == "2"  # SECCOMP_MODE_FILTER
+
+
+def test_a_killed_service_is_started_again_on_the_same_port(pod):
+    result, _, lines, kept, _ = pod
+    assert lines["restarted-uuid"] == kept["uuid"]
+    assert lines["restarted-pid"].isdigit() and lines["restarted-pid"] != lines["service-pid"]
+    assert re.search(rb"metadata: the service \(pid %s\) was killed by signal 9; restarting it in \d+ ms"
+                     % lines["service-pid"].encode(), result.stderr)
 
 
 def test_an_ordinary_client_works(pod):
