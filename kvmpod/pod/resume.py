@@ -25,7 +25,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from kvmpod.outcome import configure_logging, exit_now, reporting_failures
-    from kvmpod.pod.relay import read_state
+    from kvmpod.pod.handover import read_state
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     state = read_state(args.state)
