@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from kvmpod import errors
+from kvmpod.cli.types import memory_mib
 from kvmpod.errors import AppExitError, KvmpodError, PodTimeout, UsageError
+from kvmpod.net.spec import request as net_request
+from kvmpod.pod.options import STOP_TIMEOUT, RunOptions
+from kvmpod.pod.podmanifest import read_pod_manifest
+from kvmpod.pod.spec import AppOverrides
+from kvmpod.pod.volumes import parse_mount, parse_volume
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -48,9 +54,6 @@ class App:
     mounts: Sequence[str] = ()              # --mount volume=NAME,target=PATH
 
     def overrides(self) -> Any:
-        from kvmpod.pod.spec import AppOverrides
-        from kvmpod.pod.volumes import parse_mount
-
         return AppOverrides(image=str(self.image), exec=self.exec, args=None if self.args is None else list(self.args),
                             env=dict(self.env), user=self.user, group=self.group, working_dir=self.working_dir,
                             name=self.name, readonly_rootfs=self.readonly_rootfs,
@@ -74,7 +77,6 @@ def _memory(value: int | str | None) -> int | None:
         return value
     import argparse
 
-    from kvmpod.cli.types import memory_mib
 
     try:
         return memory_mib(value)
@@ -97,9 +99,6 @@ class Pod:
                  boot_timeout: float = 60.0, stop_timeout: float | None = None, kernel_args: Sequence[str] = (),
                  debug: bool = False, store_dir: str | os.PathLike[str] | None = None,
                  _manifest: Any = None):
-        from kvmpod.net.spec import request as net_request
-        from kvmpod.pod.options import STOP_TIMEOUT, RunOptions
-        from kvmpod.pod.volumes import parse_volume
 
         if isinstance(apps, (App, str)):
             apps = [apps]
@@ -138,7 +137,6 @@ class Pod:
     @classmethod
     def from_manifest(cls, path: str | os.PathLike[str], **options: Any) -> "Pod":
         """`kvmpod run --pod-manifest FILE`: the apps, volumes, ports and annotations of an appc PodManifest."""
-        from kvmpod.pod.podmanifest import read_pod_manifest
 
         return cls([], _manifest=read_pod_manifest(Path(path)), **options)
 
@@ -280,13 +278,13 @@ class PodProcess:
         self._forget_closed_streams()
         try:
             stdout, stderr = self._proc.communicate(input=input, timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as cause:
             stdout, stderr = self._stop_after_timeout()
             try:
                 result = self._finish(stdout, stderr)
             except KvmpodError as e:
                 result = getattr(e, "result", None)
-            raise PodTimeout(f"the pod did not end within {timeout} s: stopped", result) from None
+            raise PodTimeout(f"the pod did not end within {timeout} s: stopped", result) from cause
         return self._finish(stdout, stderr)
 
     def wait(self, timeout: float | None = None) -> PodResult:
@@ -294,14 +292,14 @@ class PodProcess:
         `timeout` seconds, the pod stopped."""
         try:
             self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
             self.stop()
             try:
                 self._proc.wait(self._stop_timeout + KILL_GRACE)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-            raise PodTimeout(f"the pod did not end within {timeout} s: stopped") from None
+            raise PodTimeout(f"the pod did not end within {timeout} s: stopped") from e
         return self._finish(None, None)
 
     def __enter__(self) -> "PodProcess":

@@ -11,17 +11,22 @@ would exec this process away from the status fd. SIGTERM stops the pod as it doe
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import pickle
+import signal
 import sys
+import traceback
+
+from kvmpod import paths
+from kvmpod.errors import EXIT_KVMPOD_FAILURE, Interrupted, KvmpodError
+from kvmpod.outcome import configure_logging, exit_now
+from kvmpod.pod.entry import run
 
 
 def _die_with_parent() -> None:
     """The API's process is the pod's owner: if it dies, SIGTERM stops the pod (PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
-
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
 
@@ -44,17 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     def report(**message: object) -> None:
         status.write(json.dumps(message) + "\n")
 
-    from kvmpod import paths
-    from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
-    from kvmpod.outcome import configure_logging, exit_now
-
     configure_logging(options.debug)
     if store_dir is not None:
         paths.set_store_dir(store_dir)
     options.output_fds = (1, 2)   # the apps' output: fds 1 and 2; sys.stderr is kvmpod's messages
-    import signal
-
-    from kvmpod.errors import Interrupted
 
     def stopped_while_planning(signo: int, _frame: object) -> None:
         # SIGTERM (the API's stop or timeout) before the pod's own handlers are installed: unwind, so that
@@ -64,8 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stopped_while_planning)
     options.on_started = lambda pod: report(started=pod.uuid)
     try:
-        from kvmpod.pod.entry import run
-
         code = run(apps, options)
         report(exit=code)
     except KvmpodError as e:
@@ -75,8 +71,6 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
         report(error="Interrupted", message="interrupted", exit_code=code)
     except Exception as e:  # a bug: the class and message, the traceback among the messages
-        import traceback
-
         traceback.print_exc()
         code = EXIT_KVMPOD_FAILURE
         report(error="internal", message=f"{type(e).__name__}: {e}", exit_code=code)

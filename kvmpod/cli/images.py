@@ -101,7 +101,7 @@ def cmd_image_build(ns: argparse.Namespace) -> int:
     try:
         exec_ = shlex.split(ns.exec)
     except ValueError as e:
-        raise UsageError(f"--exec: {e}") from None
+        raise UsageError(f"--exec: {e}") from e
     manifest = build_manifest(ns.name, exec_=exec_, user=ns.user, group=ns.group,
                               working_directory=ns.working_dir, environment=dict(ns.env),
                               labels=dict(ns.label), annotations=dict(ns.annotation),

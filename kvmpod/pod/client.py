@@ -54,10 +54,10 @@ def connect(pod: PodInfo) -> socket.socket:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             if time.monotonic() > deadline:
-                raise KvmpodError(f"pod {pod.uuid} does not answer on {control_path(pod)}: {e.strerror}") from None
+                raise KvmpodError(f"pod {pod.uuid} does not answer on {control_path(pod)}: {e.strerror}") from e
         except OSError as e:
             sock.close()
-            raise KvmpodError(f"{control_path(pod)}: {e.strerror}") from None
+            raise KvmpodError(f"{control_path(pod)}: {e.strerror}") from e
         time.sleep(0.05)
         pod = pod.reloaded()
 
@@ -68,8 +68,8 @@ def _recv_frames(sock: socket.socket, parser: c.FrameParser, timeout: float | No
     while True:
         try:
             data = sock.recv(READ_CHUNK)
-        except socket.timeout:
-            raise KvmpodError("the pod's kvmpod process did not answer") from None
+        except socket.timeout as e:
+            raise KvmpodError("the pod's kvmpod process did not answer") from e
         if not data:
             if parser.pending:
                 raise c.ControlError("control connection closed in the middle of a frame")
@@ -405,7 +405,7 @@ def enter(pod: PodInfo, req: EnterRequest, tty: bool | None = None) -> int:
     try:
         sock = connect(pod)
     except PodGone as e:
-        raise KvmpodError(str(e)) from None
+        raise KvmpodError(str(e)) from e
     with sock:
         return EnterSession(sock, tty).run(req)
 
@@ -449,8 +449,8 @@ def print_logs(pod: PodInfo, app: str | None, follow: bool) -> None:
                 if readable and not watcher.recv(READ_CHUNK):
                     break  # the pod has ended: its kvmpod has written everything
             _copy_new(f, out)
-    except FileNotFoundError:
-        raise KvmpodError(f"{path}: no such log (the pod has no app by that name)") from None
+    except FileNotFoundError as e:
+        raise KvmpodError(f"{path}: no such log (the pod has no app by that name)") from e
     finally:
         if watcher is not None:
             watcher.close()

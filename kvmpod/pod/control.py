@@ -67,15 +67,15 @@ def decode_header(header: bytes) -> tuple[Kind, int]:
         raise ControlError(f"control frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
     try:
         return Kind(kind), length
-    except ValueError:
-        raise ControlError(f"unknown control frame kind {kind}") from None
+    except ValueError as e:
+        raise ControlError(f"unknown control frame kind {kind}") from e
 
 
 def decode_json(payload: bytes) -> dict[str, Any]:
     try:
         message = json.loads(payload)
-    except ValueError:
-        raise ControlError("control frame is not valid JSON") from None
+    except ValueError as e:
+        raise ControlError("control frame is not valid JSON") from e
     if not isinstance(message, dict):
         raise ControlError("control message is not a JSON object")
     return message
@@ -108,13 +108,13 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Kind, bytes] | None:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as e:
         if e.partial:
-            raise ControlError("control connection closed in the middle of a frame") from None
+            raise ControlError("control connection closed in the middle of a frame") from e
         return None
     kind, length = decode_header(header)
     try:
         return kind, await reader.readexactly(length) if length else b""
-    except asyncio.IncompleteReadError:
-        raise ControlError("control connection closed in the middle of a frame") from None
+    except asyncio.IncompleteReadError as cause:
+        raise ControlError("control connection closed in the middle of a frame") from cause
 
 
 def peer_uid(sock: socket.socket) -> int:

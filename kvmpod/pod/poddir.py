@@ -54,8 +54,8 @@ class PodDir:
         path = pods / pod_uuid
         try:
             path.mkdir(mode=0o700)
-        except FileExistsError:
-            raise KvmpodError(f"{path}: a pod with UUID {pod_uuid} exists already") from None
+        except FileExistsError as e:
+            raise KvmpodError(f"{path}: a pod with UUID {pod_uuid} exists already") from e
         pod = cls(pod_uuid, path, {"uuid": pod_uuid, "state": "preparing", "created": time.time(),
                                    "kvmpod_pid": os.getpid(), "kvmpod_start": process_start_time(os.getpid())})
         pod.save()

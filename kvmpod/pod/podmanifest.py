@@ -69,7 +69,7 @@ def read_pod_manifest(path: Path) -> PodManifest:
         with open(path, "rb") as f:
             data = f.read(MAX_POD_MANIFEST_BYTES + 1)
     except OSError as e:
-        raise UsageError(f"--pod-manifest: {path}: {e.strerror}") from None
+        raise UsageError(f"--pod-manifest: {path}: {e.strerror}") from e
     return parse_pod_manifest(data)
 
 
@@ -103,8 +103,8 @@ def _check_rules(obj: dict[str, Any]) -> None:
         if "hostIP" in port:
             try:
                 ipaddress.IPv4Address(port["hostIP"])
-            except ValueError:
-                raise POD_SCHEMA.fail(f"ports[{i}].hostIP", port["hostIP"], "is not an IPv4 address") from None
+            except ValueError as e:
+                raise POD_SCHEMA.fail(f"ports[{i}].hostIP", port["hostIP"], "is not an IPv4 address") from e
 
 
 def _pairs(items: list[dict[str, str]] | None) -> dict[str, str]:

@@ -40,8 +40,8 @@ def parse_quantity(text: str) -> Decimal:
         raise ValueError(f"{text!r} is not a resource quantity (like 500m, 2, 1G or 512Mi)")
     try:
         return Decimal(m.group(1)) * _SUFFIXES[m.group(2)]
-    except InvalidOperation:
-        raise ValueError(f"{text!r} is not a resource quantity") from None
+    except InvalidOperation as e:
+        raise ValueError(f"{text!r} is not a resource quantity") from e
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _limit(isolators: list[Isolator], kind: str, owner: str) -> Decimal | None:
             try:
                 return parse_quantity(str(isolator.value["limit"]))
             except ValueError as e:
-                raise UsageError(f"{owner}: {kind} limit: {e}") from None
+                raise UsageError(f"{owner}: {kind} limit: {e}") from e
     return None
 
 

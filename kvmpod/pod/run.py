@@ -68,7 +68,7 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
             try:
                 write_atomically(Path(options.uuid_file), pod.uuid.encode())
             except OSError as e:
-                raise KvmpodError(f"--uuid-file-save {options.uuid_file}: {e.strerror}") from None
+                raise KvmpodError(f"--uuid-file-save {options.uuid_file}: {e.strerror}") from e
         manifest = pod_manifest(resolved, options.annotations, options.pod_isolators, volumes.volumes)
         shares_9p = [NinePShare(volumes.tag(v), Path(v.source or ""), v.read_only,
                                 "passthrough" if os.geteuid() == 0 else "none")

@@ -221,10 +221,10 @@ def check_host_source(volume: Volume) -> None:
     where = f"--volume {volume.name}: source {volume.source}"
     try:
         st = os.lstat(volume.source)
-    except FileNotFoundError:
-        raise UsageError(f"{where}: no such directory") from None
+    except FileNotFoundError as cause:
+        raise UsageError(f"{where}: no such directory") from cause
     except OSError as e:
-        raise UsageError(f"{where}: {e.strerror}") from None
+        raise UsageError(f"{where}: {e.strerror}") from e
     if stat.S_ISLNK(st.st_mode):
         raise UsageError(f"{where}: is a symlink (give the real path)")
     if not stat.S_ISDIR(st.st_mode):
