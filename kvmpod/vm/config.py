@@ -1,6 +1,10 @@
 """A VM described as data, and the one place that turns it into a QEMU command line.
 
-No other module pastes QEMU option strings: backends take a VMConfig.
+No other module pastes QEMU option strings: backends take a VMConfig. Every value that is not
+kvmpod's own constant (paths, names, tags, serials) goes through `opt_value`: QEMU's option syntax
+(QemuOpts and keyval alike) splits at commas and writes a literal one as `,,`, so a path such as
+`/srv/a,b` must not become `/srv/a` plus an option `b`. Values of options that are not option lists
+(-kernel, -initrd, -append, -bios) are passed as they are.
 """
 
 from __future__ import annotations
@@ -9,6 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 AGENT_PORT_NAME = "org.kvmpod.agent"
+
+
+def opt_value(value: object) -> str:
+    """`value` as one value inside a QEMU option list (`key=value,...`): commas doubled."""
+    return str(value).replace(",", ",,")
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         machine_options = (*machine_options, "memory-backend=mem")
     argv = [
         binary,
-        "-name", f"{cfg.name},debug-threads=on",
+        "-name", f"guest={opt_value(cfg.name)},debug-threads=on",  # guest= spelled out: a name may hold "="
         "-machine", ",".join((cfg.machine, *machine_options)),
         "-accel", cfg.accel,
         "-m", f"{cfg.memory_mib}M",
@@ -108,7 +117,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         "-initrd", str(cfg.initrd),
         "-append", cfg.cmdline,
         # -nodefaults drops the serial port: add it back, logged to a file.
-        "-chardev", f"file,id=console,path={cfg.console_log}",
+        "-chardev", f"file,id=console,path={opt_value(cfg.console_log)}",
         "-serial", "chardev:console",
         "-device", "pvpanic-pci" if v == "pci" else "pvpanic",
     ]
@@ -117,7 +126,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
     if cfg.restore_monitor_fd is not None:
         argv += ["-chardev", f"socket,id=restore,fd={cfg.restore_monitor_fd}", "-mon", "chardev=restore,mode=control"]
     if cfg.agent_transport == "vsock-user":
-        argv += ["-chardev", f"socket,id=vsock,path={cfg.vhost_user_vsock}",
+        argv += ["-chardev", f"socket,id=vsock,path={opt_value(cfg.vhost_user_vsock)}",
                  "-device", f"vhost-user-vsock-{v},chardev=vsock"]
     elif cfg.agent_transport == "vhost-vsock":
         argv += ["-device", f"vhost-vsock-{v},guest-cid={cfg.vsock_cid}"]
@@ -131,8 +140,8 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         argv += ["-bios", str(cfg.firmware)]
     for i, disk in enumerate(cfg.disks):
         argv += [
-            "-drive", f"file={disk.path},if=none,id=disk{i},format={disk.format},readonly=on",
-            "-device", f"virtio-blk-{v},drive=disk{i},serial={disk.serial}",
+            "-drive", f"file={opt_value(disk.path)},if=none,id=disk{i},format={disk.format},readonly=on",
+            "-device", f"virtio-blk-{v},drive=disk{i},serial={opt_value(disk.serial)}",
         ]
     if shared_memory:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on"]
@@ -140,14 +149,14 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
             argv += ["-global", "virtio-mmio.force-legacy=false"]
     if cfg.memory_file:
         share = "on" if cfg.memory_file_shared else "off"
-        argv += ["-object", f"memory-backend-file,id=mem,size={cfg.memory_mib}M,mem-path={cfg.memory_file},"
+        argv += ["-object", f"memory-backend-file,id=mem,size={cfg.memory_mib}M,mem-path={opt_value(cfg.memory_file)},"
                             f"share={share}"]
     if cfg.incoming:
         argv += ["-incoming", "defer"]
     for i, fs in enumerate(cfg.filesystems):
         argv += [
-            "-chardev", f"socket,id=fs{i},path={fs.socket}",
-            "-device", f"vhost-user-fs-{v},chardev=fs{i},tag={fs.tag}",
+            "-chardev", f"socket,id=fs{i},path={opt_value(fs.socket)}",
+            "-device", f"vhost-user-fs-{v},chardev=fs{i},tag={opt_value(fs.tag)}",
         ]
     for i, nic in enumerate(cfg.nics):
         if nic.tap_fd is not None:
@@ -160,7 +169,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
     for i, share in enumerate(cfg.shares_9p):
         ro = ",readonly=on" if share.read_only else ""
         argv += [
-            "-fsdev", f"local,id=p9{i},path={share.path},security_model={share.security_model}{ro}",
-            "-device", f"virtio-9p-{v},fsdev=p9{i},mount_tag={share.tag}",
+            "-fsdev", f"local,id=p9{i},path={opt_value(share.path)},security_model={share.security_model}{ro}",
+            "-device", f"virtio-9p-{v},fsdev=p9{i},mount_tag={opt_value(share.tag)}",
         ]
     return argv

@@ -33,10 +33,16 @@ class FsShare:
     read_only: bool = False
 
 
+def fuse_opt_value(value: object) -> str:
+    """`value` as one value inside a `-o` list of virtiofsd (libfuse's fuse_opt syntax, which the C
+    virtiofsd carries): the list splits at commas, and a backslash takes the next character literally
+    (`\\,` is a comma, `\\\\` a backslash; an unescaped `\\NNN` would be an octal byte)."""
+    return str(value).replace("\\", "\\\\").replace(",", "\\,")
+
+
 def virtiofsd_argv(binary: Path, share: FsShare) -> list[str]:
-    if "," in str(share.source):  # virtiofsd splits -o at commas: such a path would inject options
-        raise VMError(f"{share.source}: a shared directory's path may not contain a comma")
     # The C virtiofsd has no read-only option: the guest mounts a readOnly volume ro (and binds it ro).
-    return [str(binary), f"--socket-path={share.socket}", "-o", f"source={share.source}",
+    # --socket-path=... is one argument, not an option list: it is passed as it is.
+    return [str(binary), f"--socket-path={share.socket}", "-o", f"source={fuse_opt_value(share.source)}",
             "-o", "cache=auto", "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "log_level=warn",
             "--rlimit-nofile=4096"]

@@ -3,6 +3,7 @@ virtio-fs both ways, read-only volumes, mountinfo, and the errors. Real VMs, few
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -105,3 +106,29 @@ def test_volume_errors_are_one_line(kvmpod, busybox_aci, busybox_rootfs, tmp_pat
     result = kvmpod.run("--volume", "v,kind=empty", str(aci), "--mount", "volume=v,target=/escape/v")
     assert result.returncode == 125
     assert "volume target /escape/v: escape is a symlink in the app's rootfs" in the_error(result)
+
+
+@pytest.mark.parametrize("transport", ["virtiofs", "9p"])
+def test_a_host_volume_whose_path_holds_commas_and_equals_signs(kvmpod_env, busybox_aci, tmp_path, transport):
+    """Only a pod manifest can name such a path (--volume splits at commas, as rkt's does). virtiofsd
+    and QEMU both split their options at commas: the path reaches them escaped, so the pod sees
+    exactly this directory and no option such as sandbox=none is injected (docs/volumes.md)."""
+    from tests.e2e.test_pod_manifest import fetch
+
+    share = tmp_path / "a,sandbox=none,b=c"
+    share.mkdir()
+    (share / "from-host").write_text("hello\n")
+    (tmp_path / "a").mkdir()  # what an unescaped path would have exported instead
+    manifest = tmp_path / "pod.json"
+    manifest.write_text(json.dumps({
+        "acKind": "PodManifest", "acVersion": "0.8.11",
+        "apps": [{"name": "app", "image": {"id": fetch(kvmpod_env, busybox_aci)},
+                  "app": {"exec": ["/bin/sh", "-c", 'echo "read $(cat /h/from-host)"; echo back > /h/from-guest'],
+                          "user": "0", "group": "0"},
+                  "mounts": [{"volume": "h", "path": "/h"}]}],
+        "volumes": [{"name": "h", "kind": "host", "source": str(share)}],
+    }))
+    result = Kvmpod({**kvmpod_env, "KVMPOD_VOLUME_TRANSPORT": transport}).run("--pod-manifest", str(manifest))
+    assert result.returncode == 0, result.stderr
+    assert "read hello" in result.stdout.decode().splitlines()
+    assert (share / "from-guest").read_text() == "back\n" and os.listdir(tmp_path / "a") == []
