@@ -1,11 +1,12 @@
 """setuptools hooks (everything else is in pyproject.toml): a wheel carries the guest agent and kvmpod-relay.
 
-Both are small static C programs (guest-agent/, built with musl-gcc where musl-tools is installed,
-else with gcc's static libc). They are compiled while the wheel is built, into kvmpod/libexec/ of the
-wheel, and the wheel is then tagged for this platform (py3-none-linux_x86_64), not as pure Python. A
-wheel build without a C compiler fails with a one-line error naming the Debian packages: a kvmpod
-without its agent could run no pod. An editable install (`make setup`) compiles nothing: a checkout
-uses guest-agent/build/ (`make agent`). docs/install.md.
+Both are small static C programs (the agent in guest-agent/, the relay in kvmpod/relay/; guest-agent's
+Makefile builds both, with musl-gcc where musl-tools is installed, else with gcc's static libc). They
+are compiled while the wheel is built, into kvmpod/libexec/ of the wheel, and the wheel is then tagged
+for this platform (py3-none-linux_x86_64), not as pure Python. A wheel build without a C compiler fails
+with a one-line error naming the Debian packages: a kvmpod without its agent could run no pod. An
+editable install (`make setup`) compiles nothing: a checkout uses guest-agent/build/ (`make agent`).
+docs/install.md.
 """
 
 from __future__ import annotations

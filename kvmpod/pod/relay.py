@@ -4,7 +4,7 @@ when something needs it (docs/relay.md).
 While a pod's apps run, its `kvmpod run` process mostly waits, yet as a Python process with asyncio
 and QMP loaded it holds ~20 MiB. Once the pod has been quiet for QUIET_FOR seconds (no frame but app
 output, nothing sent, no control connection, no stop under way) this module execs
-guest-agent/host/relay.c in its place: same pid, so QEMU stays its child (and dies with it) and
+kvmpod/relay/relay.c in its place: same pid, so QEMU stays its child (and dies with it) and
 state.json stays true. The relay copies the apps' output; anything else (an app's exit, a control
 connection, a signal, a QMP event, QEMU's end) makes it exec kvmpod again, as
 `python -m kvmpod.pod.resume`, which rebuilds the pod's runner from the state written here and goes on.

@@ -1,4 +1,4 @@
-"""The idle relay end to end (kvmpod/pod/relay.py, guest-agent/host/relay.c): a quiet pod's kvmpod
+"""The idle relay end to end (kvmpod/pod/relay.py, kvmpod/relay/relay.c): a quiet pod's kvmpod
 process becomes kvmpod-relay and comes back as kvmpod for whatever needs it. Real VMs."""
 
 from __future__ import annotations

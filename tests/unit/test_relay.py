@@ -1,4 +1,4 @@
-"""kvmpod-relay (guest-agent/host/relay.c) against fake channels: socketpairs for the agent and QMP, a
+"""kvmpod-relay (kvmpod/relay/relay.c) against fake channels: socketpairs for the agent and QMP, a
 listening control socket, a child process for QEMU. Its way back to kvmpod is replaced by a small
 Python program that records the arguments and the unread bytes it was given."""
 
