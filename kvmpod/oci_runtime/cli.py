@@ -20,8 +20,10 @@ from kvmpod.version import __version__
 from kvmpod.errors import KvmpodError, UsageError
 from kvmpod.oci_runtime import container as ctr
 from kvmpod.oci_runtime import runtime_log
+from kvmpod.oci_runtime.bundle import CAPABILITIES, NAMESPACES
 from kvmpod.oci_runtime.execute import ExecRequest, execute
 from kvmpod.oci_runtime.records import DEFAULT_ROOT, OCI_VERSION, Records
+from kvmpod.outcome import exit_now
 
 PROG = "kvmpod-oci"
 
@@ -124,8 +126,6 @@ def _ps(records: Records, container_id: str, fmt: str) -> int:
 
 
 def _features() -> int:
-    from kvmpod.oci_runtime.bundle import NAMESPACES
-
     print(json.dumps({
         "ociVersionMin": "1.0.0", "ociVersionMax": OCI_VERSION, "hooks": [],
         "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec", "rprivate", "private"],
@@ -143,8 +143,6 @@ def _features() -> int:
 
 
 def _capabilities() -> list[str]:
-    from kvmpod.oci_runtime.bundle import CAPABILITIES
-
     return list(CAPABILITIES)
 
 
@@ -217,6 +215,4 @@ def _record(message: str):
 
 
 def entry() -> None:
-    from kvmpod.outcome import exit_now
-
     exit_now(main())
