@@ -31,9 +31,9 @@ def _load(config_file: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"invalid TOML in config file {config_file}: {e}") from None
+        raise ConfigError(f"invalid TOML in config file {config_file}: {e}") from e
 
 
 def lookup(key: str, section: str | None = None) -> ConfigValue | None:
@@ -84,7 +84,7 @@ def size_setting(key: str, section: str, default: int) -> int:
         try:
             size = parse_size(value)
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(f"{where}: {e}") from e
         if size < 1:
             raise ConfigError(f"{where}: {value!r} must be positive")
         return size

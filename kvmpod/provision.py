@@ -77,8 +77,8 @@ def missing_packages(packages: tuple[str, ...]) -> list[str]:
     try:
         proc = subprocess.run(["dpkg-query", "-W", "-f=${Package}\t${db:Status-Status}\n", *packages],
                               capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
-    except FileNotFoundError:
-        raise KvmpodError("dpkg-query not found: kvmpod setup builds from Debian packages (a Debian host)") from None
+    except FileNotFoundError as e:
+        raise KvmpodError("dpkg-query not found: kvmpod setup builds from Debian packages (a Debian host)") from e
     installed = {name.split(":")[0] for name, _, status in (line.partition("\t") for line in proc.stdout.splitlines())
                  if status == "installed"}
     return [p for p in packages if p not in installed]

@@ -155,14 +155,14 @@ class SchemaFile:
 
         try:
             obj = json.loads(data.decode("utf-8"), parse_constant=reject_constant, parse_float=finite_float)
-        except UnicodeDecodeError:
-            raise ManifestError(f"{label}: not valid UTF-8") from None
+        except UnicodeDecodeError as cause:
+            raise ManifestError(f"{label}: not valid UTF-8") from cause
         except json.JSONDecodeError as e:
-            raise ManifestError(f"{label}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        except ValueError:  # Python refuses integers of more than 4300 digits
-            raise ManifestError(f"{label}: invalid JSON: a number has too many digits") from None
-        except RecursionError:
-            raise ManifestError(f"{label}: nested deeper than {MAX_DEPTH} levels") from None
+            raise ManifestError(f"{label}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        except ValueError as cause:  # Python refuses integers of more than 4300 digits
+            raise ManifestError(f"{label}: invalid JSON: a number has too many digits") from cause
+        except RecursionError as cause:
+            raise ManifestError(f"{label}: nested deeper than {MAX_DEPTH} levels") from cause
         if not isinstance(obj, dict):
             raise ManifestError(f"{label}: top level is not a JSON object")
         return obj

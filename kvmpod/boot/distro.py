@@ -185,7 +185,7 @@ def _fetch_locked(kdir_root: Path, meta: str, names: list[str], force: bool, log
     try:
         package, package_version = resolve_package(meta)
     except KernelError as e:
-        raise _MaybeStaleLists(str(e)) from None
+        raise _MaybeStaleLists(str(e)) from e
     version = package.removeprefix("linux-image-")
     final = kdir_root / dir_name(version)
     with kcache.locked(kdir_root, log):
@@ -198,14 +198,14 @@ def _fetch_locked(kdir_root: Path, meta: str, names: list[str], force: bool, log
         try:
             work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=kdir_root))
         except OSError as e:
-            raise KernelError(f"cannot create a work dir in {kdir_root}: {e.strerror}") from None
+            raise KernelError(f"cannot create a work dir in {kdir_root}: {e.strerror}") from e
         try:
             os.chmod(work, 0o755)  # apt's _apt user must reach work/deb
             log(f"downloading {package} {package_version}")
             try:
                 deb = _download(package, work)
             except KernelError as e:
-                raise _MaybeStaleLists(str(e)) from None
+                raise _MaybeStaleLists(str(e)) from e
             root = work / "root"
             kcache.run_tool(["dpkg", "-x", str(deb), str(root)])
             stage = work / "stage"
@@ -214,7 +214,7 @@ def _fetch_locked(kdir_root: Path, meta: str, names: list[str], force: bool, log
             stage.chmod(0o755)
             kcache.replace_dir(stage, final, work)
         except OSError as e:
-            raise KernelError(f"cannot install the guest kernel in {kdir_root}: {e}") from None
+            raise KernelError(f"cannot install the guest kernel in {kdir_root}: {e}") from e
         finally:
             shutil.rmtree(work, ignore_errors=True)
     size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())

@@ -138,7 +138,7 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise KernelError(f"cannot read {what} {path}: {e.strerror}") from None
+        raise KernelError(f"cannot read {what} {path}: {e.strerror}") from e
 
 
 def initrd_dir() -> Path:
@@ -210,7 +210,7 @@ def build_initrd(
         _clean_stale_temps(directory)
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     except OSError as e:
-        raise KernelError(f"cannot write initrd cache {directory}: {e.strerror}") from None
+        raise KernelError(f"cannot write initrd cache {directory}: {e.strerror}") from e
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -227,7 +227,7 @@ def build_initrd(
                 raise
             os.replace(tmp, target)  # no hard links here: replacing with identical bytes is fine
     except OSError as e:
-        raise KernelError(f"cannot write initrd {target}: {e.strerror}") from None
+        raise KernelError(f"cannot write initrd {target}: {e.strerror}") from e
     finally:
         tmp.unlink(missing_ok=True)
     return target

@@ -50,8 +50,8 @@ def run_tool(cmd: list[str], cwd: Path | None = None, error: type[KvmpodError] =
     exe = cmd[0] if "/" in cmd[0] else shutil.which(cmd[0]) or shutil.which(cmd[0], path=_SBIN) or cmd[0]
     try:
         proc = subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, capture_output=True, text=True, errors="replace")
-    except FileNotFoundError:
-        raise error(f"{cmd[0]} not found: install the Debian package {_TOOLS.get(cmd[0], cmd[0])}") from None
+    except FileNotFoundError as e:
+        raise error(f"{cmd[0]} not found: install the Debian package {_TOOLS.get(cmd[0], cmd[0])}") from e
     if proc.returncode != 0:
         detail = tail(proc.stderr) or tail(proc.stdout) or "no output"
         raise error(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {detail}")
@@ -66,7 +66,7 @@ def locked(directory: Path, log: Callable[[str], None], what: str = "kernel fetc
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise error(f"cannot open lock file {lock_path}: {e.strerror}") from None
+        raise error(f"cannot open lock file {lock_path}: {e.strerror}") from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

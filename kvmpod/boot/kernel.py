@@ -84,7 +84,7 @@ def load_kernel_config(path: Path) -> Mapping[str, str]:
     try:
         return MappingProxyType(parse_kernel_config(path.read_text(errors="replace")))
     except OSError as e:
-        raise KernelError(f"cannot read kernel config {path}: {e.strerror}") from None
+        raise KernelError(f"cannot read kernel config {path}: {e.strerror}") from e
 
 
 # --- kernel images -------------------------------------------------------------------------
@@ -134,10 +134,10 @@ def load_kernel_json(path: Path) -> GuestKernel:
     base = path.parent
     try:
         meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KernelError(f"no kernel.json in {base}") from None
+    except FileNotFoundError as cause:
+        raise KernelError(f"no kernel.json in {base}") from cause
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KernelError(f"unreadable kernel description {path}: {e}") from None
+        raise KernelError(f"unreadable kernel description {path}: {e}") from e
     if not isinstance(meta, dict):
         raise KernelError(f"unreadable kernel description {path}: not a JSON object")
     kind = meta.get("kind", "custom")

@@ -156,9 +156,9 @@ def source_version(package: str = SOURCE_PACKAGE) -> str:
     try:
         proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}\t${Version}", package],
                               capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
-    except FileNotFoundError:
+    except FileNotFoundError as e:
         raise KernelError("dpkg-query not found: the minimal kernel is built from Debian's "
-                          f"{package} package") from None
+                          f"{package} package") from e
     status, _, version = proc.stdout.partition("\t")
     if proc.returncode != 0 or not status.endswith(" installed") or not version:
         raise KernelError(f"the Debian package {package} is not installed: "
@@ -288,8 +288,8 @@ def _make(src: Path, out: Path, targets: list[str], log_path: Path | None = None
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(cmd, cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT)
-        except FileNotFoundError:
-            raise KernelError("make not found: install the Debian package build-essential") from None
+        except FileNotFoundError as e:
+            raise KernelError("make not found: install the Debian package build-essential") from e
     if proc.returncode != 0:
         text = log_path.read_text(errors="replace")
         errors = [line for line in text.splitlines() if "error" in line.lower()]
@@ -352,7 +352,7 @@ def current_digest(fragment_path: Path = FRAGMENT, patch_dir: Path = PATCH_DIR) 
     try:
         fragment = fragment_path.read_bytes()
     except OSError as e:
-        raise KernelError(f"cannot read the kernel config fragment {fragment_path}: {e.strerror}") from None
+        raise KernelError(f"cannot read the kernel config fragment {fragment_path}: {e.strerror}") from e
     return build_hash(fragment, source_version(), [(p.name, p.read_bytes()) for p in find_patches(patch_dir)])
 
 
@@ -363,7 +363,7 @@ def build(cache: Path | None = None, fragment_path: Path = FRAGMENT, patch_dir: 
     try:
         fragment = fragment_path.read_bytes()
     except OSError as e:
-        raise KernelError(f"cannot read the kernel config fragment {fragment_path}: {e.strerror}") from None
+        raise KernelError(f"cannot read the kernel config fragment {fragment_path}: {e.strerror}") from e
     wanted = parse_fragment(fragment.decode("utf-8", "replace"), str(fragment_path))
     patches = find_patches(patch_dir)
     patch_data = [(p.name, p.read_bytes()) for p in patches]
@@ -439,7 +439,7 @@ def build(cache: Path | None = None, fragment_path: Path = FRAGMENT, patch_dir: 
             if not keep_source:
                 shutil.rmtree(src, ignore_errors=True)
         except OSError as e:
-            raise KernelError(f"cannot build the minimal kernel in {work}: {e}") from None
+            raise KernelError(f"cannot build the minimal kernel in {work}: {e}") from e
     size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
     log(f"minimal kernel {release} installed in {final} ({size / 1e6:.1f} MB)")
     return final

@@ -34,10 +34,10 @@ def read_modules_dep(modules_dir: Path) -> dict[str, tuple[str, list[str]]]:
     dep_file = Path(modules_dir) / "modules.dep"
     try:
         text = dep_file.read_text()
-    except FileNotFoundError:
-        raise KernelError(f"no modules.dep in {modules_dir} (run depmod for this kernel)") from None
+    except FileNotFoundError as cause:
+        raise KernelError(f"no modules.dep in {modules_dir} (run depmod for this kernel)") from cause
     except OSError as e:
-        raise KernelError(f"cannot read {dep_file}: {e.strerror}") from None
+        raise KernelError(f"cannot read {dep_file}: {e.strerror}") from e
     table: dict[str, tuple[str, list[str]]] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
@@ -57,7 +57,7 @@ def read_modules_builtin(modules_dir: Path) -> set[str]:
     except FileNotFoundError:
         return set()
     except OSError as e:
-        raise KernelError(f"cannot read {Path(modules_dir) / 'modules.builtin'}: {e.strerror}") from None
+        raise KernelError(f"cannot read {Path(modules_dir) / 'modules.builtin'}: {e.strerror}") from e
     return {module_name(line.strip()) for line in text.splitlines() if line.strip()}
 
 
@@ -126,4 +126,4 @@ def guest_module_names(list_file: Path | None = None) -> list[str]:
     try:
         return parse_module_list(path.read_text())
     except OSError as e:
-        raise KernelError(f"cannot read guest module list {path}: {e.strerror}") from None
+        raise KernelError(f"cannot read guest module list {path}: {e.strerror}") from e

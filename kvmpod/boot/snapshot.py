@@ -241,10 +241,10 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
             await asyncio.wait_for(session.handshake(), timeout)
             await asyncio.wait_for(session.prepare_snapshot([d.serial for d in config.disks]), timeout)
             await asyncio.wait_for(vm.save_snapshot(stage / "state"), timeout)
-        except asyncio.TimeoutError:
-            raise VMError(f"making a boot snapshot took longer than {timeout:.0f} s") from None
+        except asyncio.TimeoutError as cause:
+            raise VMError(f"making a boot snapshot took longer than {timeout:.0f} s") from cause
         except KvmpodError as e:
-            raise VMError(f"making a boot snapshot failed: {e}{_console_hint(work)}") from None
+            raise VMError(f"making a boot snapshot failed: {e}{_console_hint(work)}") from e
         await vm.stop(grace=0)
         (stage / "shape.json").write_text(json.dumps(dataclasses.asdict(shape), indent=1) + "\n")
         for name in ("memory", "state", "shape.json"):

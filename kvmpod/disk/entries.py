@@ -298,7 +298,7 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         except (tarfile.TarError, EOFError, OSError, ValueError, OverflowError) as e:
             # ValueError/OverflowError: tarfile's parsing of malformed PAX and GNU sparse headers
             where = os.fsdecode(tar.name) if tar.name else "image"
-            raise ImageError(f"{where}: corrupt or truncated tar archive: {printable(str(e))}") from None
+            raise ImageError(f"{where}: corrupt or truncated tar archive: {printable(str(e))}") from e
         # tarfile keeps every header it reads in tar.members; nothing here looks a member up again
         # (regular files are read by offset), so drop them: a million-entry archive stays small.
         tar.members.clear()
@@ -328,7 +328,7 @@ def entries_from_dir(root: Path) -> Iterator[RootfsEntry]:
     try:
         st = os.lstat(root)
     except OSError as e:
-        raise DiskError(f"{root}: cannot read rootfs directory: {e.strerror}") from None
+        raise DiskError(f"{root}: cannot read rootfs directory: {e.strerror}") from e
     if not stat.S_ISDIR(st.st_mode):
         raise DiskError(f"{root}: the rootfs must be a directory")
     yield RootfsEntry(ROOT_PATH, EntryKind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime)
@@ -342,7 +342,7 @@ def entries_from_dir(root: Path) -> Iterator[RootfsEntry]:
             with os.scandir(dir_abs) as it:
                 names = sorted((e.name for e in it), key=os.fsencode)
         except OSError as e:
-            raise DiskError(f"{dir_abs}: cannot read directory: {e.strerror}") from None
+            raise DiskError(f"{dir_abs}: cannot read directory: {e.strerror}") from e
         subdirs: list[str] = []
         for name in names:
             path = f"{dir_path}/{name}" if dir_path else name
@@ -350,7 +350,7 @@ def entries_from_dir(root: Path) -> Iterator[RootfsEntry]:
             try:
                 st = os.lstat(abs_path)
             except OSError as e:
-                raise DiskError(f"{abs_path}: cannot stat: {e.strerror}") from None
+                raise DiskError(f"{abs_path}: cannot stat: {e.strerror}") from e
             fmt = stat.S_IFMT(st.st_mode)
             mode = stat.S_IMODE(st.st_mode)
             if fmt == stat.S_IFDIR:
@@ -371,7 +371,7 @@ def entries_from_dir(root: Path) -> Iterator[RootfsEntry]:
                 try:
                     target = os.readlink(abs_path)
                 except OSError as e:
-                    raise DiskError(f"{abs_path}: cannot read symlink: {e.strerror}") from None
+                    raise DiskError(f"{abs_path}: cannot read symlink: {e.strerror}") from e
                 yield RootfsEntry(path, EntryKind.SYMLINK, mode, st.st_uid, st.st_gid, st.st_mtime,
                                   link_target=target)
             elif fmt in (stat.S_IFCHR, stat.S_IFBLK):

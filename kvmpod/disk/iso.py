@@ -138,9 +138,9 @@ class _LazyData:
         except KvmpodError:
             raise
         except tarfile.TarError as e:
-            raise ImageError(f"/{self._path}: cannot read the file data from the image: {e}") from None
+            raise ImageError(f"/{self._path}: cannot read the file data from the image: {e}") from e
         except OSError as e:
-            raise DiskError(f"/{self._path}: cannot read the file data: {e.strerror or e}") from None
+            raise DiskError(f"/{self._path}: cannot read the file data: {e.strerror or e}") from e
         if len(data) != want:
             raise DiskError(f"/{self._path}: file data ended after {self._pos + len(data)} of {self._size} bytes")
         self._pos += want
@@ -189,7 +189,7 @@ def _write_atomically(builder: _Builder, out: Path) -> int:
     try:
         fd, tmp_path = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     except OSError as e:
-        raise DiskError(f"{out}: cannot create the rootfs disk: {e.strerror}") from None
+        raise DiskError(f"{out}: cannot create the rootfs disk: {e.strerror}") from e
     renamed = False
     try:
         with os.fdopen(fd, "w+b") as f:
@@ -208,7 +208,7 @@ def _write_atomically(builder: _Builder, out: Path) -> int:
         except FileNotFoundError:
             pass
         if isinstance(e, OSError):
-            raise DiskError(f"{out}: cannot write the rootfs disk: {e.strerror or e}") from None
+            raise DiskError(f"{out}: cannot write the rootfs disk: {e.strerror or e}") from e
         raise
     return size
 
@@ -231,9 +231,9 @@ def _pycdlib_call(path: str, fn: Callable[..., Any], **kwargs: Any) -> None:
     try:
         fn(**kwargs)
     except pycdlib.pycdlibexception.PyCdlibException as e:
-        raise DiskError(f"/{path}: cannot be added to the rootfs disk: {e}") from None
-    except UnicodeError:
-        raise DiskError(f"/{path}: names that are not valid UTF-8 are not supported by this pycdlib version") from None
+        raise DiskError(f"/{path}: cannot be added to the rootfs disk: {e}") from e
+    except UnicodeError as cause:
+        raise DiskError(f"/{path}: names that are not valid UTF-8 are not supported by this pycdlib version") from cause
 
 
 class _Builder:
@@ -363,8 +363,8 @@ class _Builder:
             raise ImageError(f"/{path}: symlink target contains a NUL byte")
         try:
             target_len = len(encode_name(target))
-        except UnicodeError:
-            raise ImageError(f"/{path}: symlink target is not representable as bytes") from None
+        except UnicodeError as cause:
+            raise ImageError(f"/{path}: symlink target is not representable as bytes") from cause
         if target_len > MAX_SYMLINK_TARGET_BYTES:
             raise DiskError(f"/{path}: symlink targets longer than {MAX_SYMLINK_TARGET_BYTES} bytes are not supported")
         iso_path, ident = self._new_iso_path(parent, is_file=True)
@@ -427,7 +427,7 @@ class _Builder:
         try:
             self.iso.write_fp(f)
         except pycdlib.pycdlibexception.PyCdlibException as e:
-            raise DiskError(f"cannot write the rootfs disk: {e}") from None
+            raise DiskError(f"cannot write the rootfs disk: {e}") from e
         # pycdlib stamps the volume modification date with the clock while writing: overwrite it.
         date = _vd_date(self.volume_mtime).record()
         sector = _VD_FIRST_SECTOR
@@ -464,8 +464,8 @@ def _check_path(path: str) -> None:
             raise ImageError(f"/{path}: NUL bytes are not allowed in names")
         try:
             size = len(encode_name(part))
-        except UnicodeError:
-            raise ImageError(f"/{path}: name is not representable as bytes") from None
+        except UnicodeError as e:
+            raise ImageError(f"/{path}: name is not representable as bytes") from e
         if size > MAX_NAME_BYTES:
             raise DiskError(
                 f"/{path}: names longer than {MAX_NAME_BYTES} bytes are not supported by the guest's "

@@ -52,11 +52,11 @@ def check_aci(tar_path: Path, shown_as: str | Path, limits: ImportLimits) -> byt
             data = f.read(member.size)
         _check_end_marker(tar_path, end)
     except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:
-        raise ImageError(f"{shown_as}: not a valid tar archive: {printable(str(e))}") from None
+        raise ImageError(f"{shown_as}: not a valid tar archive: {printable(str(e))}") from e
     except ManifestError as e:
-        raise ManifestError(f"{shown_as}: {e}") from None
+        raise ManifestError(f"{shown_as}: {e}") from e
     except (ImageError, DiskError) as e:  # at import, whatever makes an image unusable is an image error
-        raise ImageError(f"{shown_as}: {e}") from None
+        raise ImageError(f"{shown_as}: {e}") from e
     return data
 
 

@@ -36,7 +36,7 @@ def detect_compression(path: Path) -> str:
         with path.open("rb") as f:
             head = f.read(6)
     except OSError as e:
-        raise ImageError(f"{path}: cannot read image: {e.strerror}") from None
+        raise ImageError(f"{path}: cannot read image: {e.strerror}") from e
     return compression_of(head)
 
 
@@ -140,8 +140,8 @@ def decompressing_reader(kind: str, raw: BinaryIO, shown: str) -> BinaryIO:
     if kind == "zstd":
         try:
             import zstandard  # optional: the spec's compressions are gzip, bzip2 and xz
-        except ImportError:
-            raise ImageError(f"{shown}: zstd-compressed data needs the Python 'zstandard' package") from None
+        except ImportError as e:
+            raise ImageError(f"{shown}: zstd-compressed data needs the Python 'zstandard' package") from e
         return io.BufferedReader(_ZstdReader(raw, zstandard), COPY_CHUNK)  # type: ignore[return-value]
     return raw
 
@@ -179,5 +179,5 @@ def decompress_to(path: Path, dest: BinaryIO, limits: ImportLimits | None = None
                 digest.update(chunk)
                 dest.write(chunk)
     except decompression_errors() as e:
-        raise ImageError(f"{path}: corrupt or truncated compressed stream: {e}") from None
+        raise ImageError(f"{path}: corrupt or truncated compressed stream: {e}") from e
     return "sha512-" + digest.hexdigest()

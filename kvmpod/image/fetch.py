@@ -45,9 +45,9 @@ def download(url: str, dest: Path, limits: ImportLimits, missing_ok: bool = Fals
     except urllib.error.HTTPError as e:
         if missing_ok and e.code == 404:
             return False
-        raise ImageError(f"{url}: HTTP {e.code} {e.reason}") from None
+        raise ImageError(f"{url}: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise ImageError(f"{url}: cannot download: {e.reason}") from None
+        raise ImageError(f"{url}: cannot download: {e.reason}") from e
     except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
-        raise ImageError(f"{url}: cannot download: {e}") from None
+        raise ImageError(f"{url}: cannot download: {e}") from e
 

@@ -227,7 +227,7 @@ def merge_layers(layers: Iterable[Iterable[RootfsEntry]], *, whiteouts: bool = F
         try:
             entries = list(layer)  # the whole layer is validated before any of it is merged
         except (ImageError, DiskError) as e:
-            raise type(e)(f"{name}: {e}") from None
+            raise type(e)(f"{name}: {e}") from e
         if whiteouts:
             entries = [e for e in entries if not tree.whiteout(name, e)]
         for e in entries:
@@ -296,7 +296,7 @@ def _add_entry(tar: tarfile.TarFile, e: RootfsEntry) -> None:
     except KvmpodError:
         raise
     except tarfile.TarError as err:
-        raise ImageError(f"/{e.path}: cannot read the file data from the image: {err}") from None
+        raise ImageError(f"/{e.path}: cannot read the file data from the image: {err}") from err
 
 
 class _Exact:
@@ -310,7 +310,7 @@ class _Exact:
         try:
             chunk = self._fp.read(want) if want else b""
         except OSError as err:
-            raise DiskError(f"/{self._path}: cannot read the file data: {err.strerror or err}") from None
+            raise DiskError(f"/{self._path}: cannot read the file data: {err.strerror or err}") from err
         if len(chunk) != want:
             raise ImageError(f"/{self._path}: file data ended {self._left - len(chunk)} bytes early")
         self._left -= want

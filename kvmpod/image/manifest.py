@@ -243,8 +243,8 @@ def parse_manifest(data: bytes, validate: bool = True) -> ImageManifest:
         return _build(obj)
     try:
         return _build(obj)
-    except (KeyError, TypeError, AttributeError):  # a stored manifest changed behind the store's back
-        raise ManifestError("manifest: the stored manifest is malformed; re-import the image") from None
+    except (KeyError, TypeError, AttributeError) as e:  # a stored manifest changed behind the store's back
+        raise ManifestError("manifest: the stored manifest is malformed; re-import the image") from e
 
 
 def check_runnable(manifest: ImageManifest) -> None:

@@ -64,8 +64,8 @@ def check_signature(image: Path, signature: Path | None, shown: str) -> Signatur
     try:
         done = subprocess.run([gpgv, "--status-fd", "1", "--keyring", str(keyring), str(signature), str(image)],
                               capture_output=True, text=True, timeout=_GPGV_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise ImageError(f"{shown}: gpgv did not finish checking the signature in {_GPGV_TIMEOUT} s") from None
+    except subprocess.TimeoutExpired as e:
+        raise ImageError(f"{shown}: gpgv did not finish checking the signature in {_GPGV_TIMEOUT} s") from e
     status = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("[GNUPG:] ")]
     valid = next((words for words in status if words and words[0] == "VALIDSIG"), None)
     if done.returncode == 0 and valid is not None and len(valid) > 1:

@@ -66,7 +66,7 @@ def check_host_ports_free(forwards: Sequence[PortForward]) -> None:
                 except OSError as e:
                     raise NetworkError(f"--port {fwd.name}: host port {fwd.protocol}/{port}"
                                        f"{' on ' + fwd.host_ip if fwd.host_ip else ''} is not available: "
-                                       f"{e.strerror}") from None
+                                       f"{e.strerror}") from e
 
 
 def host_dns() -> DnsConfig:
@@ -126,7 +126,7 @@ def hosts_entries(request: NetRequest) -> list[str]:
     try:
         lines = HOST_HOSTS.read_text().splitlines()
     except OSError as e:
-        raise NetworkError(f"--hosts-entry host: {HOST_HOSTS}: {e.strerror}") from None
+        raise NetworkError(f"--hosts-entry host: {HOST_HOSTS}: {e.strerror}") from e
     for line in lines:
         words = line.split("#", 1)[0].split()
         if len(words) >= 2:
@@ -241,7 +241,7 @@ def release(pod_path: Path) -> None:
     except FileNotFoundError:
         return
     except (OSError, ValueError) as e:
-        raise NetworkError(f"{pod_path / RECORD}: unreadable ({e}): its networks cannot be released") from None
+        raise NetworkError(f"{pod_path / RECORD}: unreadable ({e}): its networks cannot be released") from e
     first: BaseException | None = None
     for record in reversed(records if isinstance(records, list) else []):
         try:

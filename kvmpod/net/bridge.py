@@ -43,9 +43,9 @@ class DefaultNetwork:
             subnet = ipaddress.IPv4Network(text)
             if not isinstance(text, str) or subnet.prefixlen > 29 or not subnet.is_private:
                 raise ValueError
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as e:
             where = found.describe("[net] default-subnet") if found else "default subnet"
-            raise ConfigError(f"{where}: {text!r} is not a private IPv4 subnet of /29 or larger") from None
+            raise ConfigError(f"{where}: {text!r} is not a private IPv4 subnet of /29 or larger") from e
         return cls(subnet, next(subnet.hosts()))
 
     @property
@@ -61,7 +61,7 @@ def _write_sysctl(path: str, value: str) -> None:
         with open(path, "w") as f:
             f.write(value)
     except OSError as e:
-        raise NetworkError(f"{path}: {e.strerror}") from None
+        raise NetworkError(f"{path}: {e.strerror}") from e
 
 
 def ensure_bridge(net: DefaultNetwork) -> None:
@@ -82,7 +82,7 @@ def ensure_bridge(net: DefaultNetwork) -> None:
                 ipr.addr("add", index=index, address=str(net.gateway), prefixlen=net.subnet.prefixlen)
             ipr.link("set", index=index, state="up")
     except NetlinkError as e:
-        raise NetworkError(f"bridge {BRIDGE}: {os.strerror(e.code) if e.code else e}") from None
+        raise NetworkError(f"bridge {BRIDGE}: {os.strerror(e.code) if e.code else e}") from e
     _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")   # routing for the pods: NAT needs it
     # --port forwards reached at 127.0.0.1 are DNATed out of loopback onto the bridge
     _write_sysctl(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet", "1")
@@ -119,7 +119,7 @@ def attach(pod_uuid: str, mac: str, ifname: str, forwards: list[PortForward],
                 index = ipr.link_lookup(ifname=tap)[0]
                 ipr.link("set", index=index, master=bridge, mtu=MTU, state="up")
         except (NetlinkError, IndexError) as e:
-            raise NetworkError(f"attach {tap} to {BRIDGE}: {e}") from None
+            raise NetworkError(f"attach {tap} to {BRIDGE}: {e}") from e
         record["tap"] = tap
         nft.add_forwards(forwards, str(address))
         record["forwards"] = [dataclasses.asdict(f) for f in forwards]

@@ -174,7 +174,7 @@ def _config_files(directory: Path) -> list[Path]:
     except FileNotFoundError:
         return []
     except OSError as e:
-        raise NetworkError(f"CNI config directory {directory}: {e.strerror}") from None
+        raise NetworkError(f"CNI config directory {directory}: {e.strerror}") from e
     return ([p for p in entries if p.suffix == ".conflist"]
             + [p for p in entries if p.suffix in (".conf", ".json")])
 
@@ -183,13 +183,13 @@ def _read_config(path: Path) -> NetworkConfig:
     try:
         text = path.read_text()
     except OSError as e:
-        raise NetworkError(f"{path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise NetworkError(f"{path}: not UTF-8 text") from None
+        raise NetworkError(f"{path}: {e.strerror}") from e
+    except UnicodeDecodeError as cause:
+        raise NetworkError(f"{path}: not UTF-8 text") from cause
     try:
         data = json.loads(text)
     except ValueError as e:
-        raise NetworkError(f"{path}: invalid JSON: {e}") from None
+        raise NetworkError(f"{path}: invalid JSON: {e}") from e
     return _parse_config(path, data)
 
 
@@ -239,7 +239,7 @@ def check_plugins(conf: NetworkConfig, path: list[Path]) -> None:
             try:
                 find_plugin(kind, path)
             except NetworkError as e:
-                raise NetworkError(f"network {conf.name} ({conf.source}): {field_name}: {e}") from None
+                raise NetworkError(f"network {conf.name} ({conf.source}): {field_name}: {e}") from e
 
 
 # --- running plugins -----------------------------------------------------------------------------
@@ -278,19 +278,19 @@ def run_plugin(conf: NetworkConfig, index: int, command: str, ifname: str, call:
     try:
         binary = find_plugin(kind, list(call.path))
     except NetworkError as e:   # gone since ADD, or at gc with another plugin path
-        raise _plugin_error(conf, kind, command, str(e)) from None
+        raise _plugin_error(conf, kind, command, str(e)) from e
     try:
         proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=call.env(command, ifname), cwd="/",
                                 start_new_session=True, close_fds=True)
     except OSError as e:
-        raise _plugin_error(conf, kind, command, f"cannot run {binary}: {e.strerror}") from None
+        raise _plugin_error(conf, kind, command, f"cannot run {binary}: {e.strerror}") from e
     try:
         out, err = proc.communicate(conf.stdin(index, prev_result), timeout=call.timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as cause:
         _kill_group(proc)
         raise _plugin_error(conf, kind, command, f"no answer within {call.timeout:g} s "
-                                                 "([net] cni-plugin-timeout)") from None
+                                                 "([net] cni-plugin-timeout)") from cause
     except BaseException:
         _kill_group(proc)
         raise
@@ -304,7 +304,7 @@ def run_plugin(conf: NetworkConfig, index: int, command: str, ifname: str, call:
             raise ValueError("not a JSON object")
     except ValueError as e:
         said = _one_line(out.decode(errors="replace"))
-        raise _plugin_error(conf, kind, command, f"its result is not JSON ({e}): {said}") from None
+        raise _plugin_error(conf, kind, command, f"its result is not JSON ({e}): {said}") from e
     return result
 
 
@@ -409,8 +409,8 @@ def interface_from_result(network: str, result: dict[str, Any], ifname: str, mac
         try:
             address = ipaddress.ip_interface(str(ip.get("address")))
             gateway = ipaddress.ip_address(ip["gateway"]) if ip.get("gateway") else None
-        except ValueError:
-            raise _bad_result(network, f"has ips[{i}] with a bad address or gateway: {ip!r}") from None
+        except ValueError as e:
+            raise _bad_result(network, f"has ips[{i}] with a bad address or gateway: {ip!r}") from e
         addresses.append(str(address))
         if gateway is not None:
             gateways.setdefault(address.version, str(gateway))
@@ -421,8 +421,8 @@ def interface_from_result(network: str, result: dict[str, Any], ifname: str, mac
                 raise ValueError
             dst = ipaddress.ip_network(str(route.get("dst")), strict=False)
             gw = ipaddress.ip_address(route["gw"]) if route.get("gw") else None
-        except ValueError:
-            raise _bad_result(network, f"has routes[{i}] with a bad dst or gw: {route!r}") from None
+        except ValueError as e:
+            raise _bad_result(network, f"has routes[{i}] with a bad dst or gw: {route!r}") from e
         gateway = str(gw) if gw is not None else gateways.get(dst.version)
         routes.append(Route(str(dst), gateway))
     return GuestInterface(mac, ifname, mtu, tuple(addresses), tuple(dict.fromkeys(routes)))
@@ -473,8 +473,8 @@ def dns_from_result(network: str, result: dict[str, Any]) -> DnsConfig | None:
     for server in dns.get("nameservers") or []:
         try:
             servers.append(str(ipaddress.ip_address(server)))
-        except ValueError:
-            raise _bad_result(network, f"has a dns nameserver that is not an address: {server!r}") from None
+        except ValueError as e:
+            raise _bad_result(network, f"has a dns nameserver that is not an address: {server!r}") from e
     search = [_clean_word(network, s, "search domain") for s in dns.get("search") or []]
     if not search and dns.get("domain"):
         search = [_clean_word(network, dns["domain"], "domain")]
@@ -535,10 +535,10 @@ def join_tap(netns: Path, ifname: str, tap: str, mtu: int) -> None:
                 ipr.link("set", index=veth, state="up")
                 _redirect(ipr, veth, tap_index)
                 _redirect(ipr, tap_index, veth)
-            except IndexError:
-                raise NetworkError(f"{ifname} or {tap} vanished from {netns}") from None
+            except IndexError as cause:
+                raise NetworkError(f"{ifname} or {tap} vanished from {netns}") from cause
             except NetlinkError as e:
-                raise NetworkError(f"tc redirect {ifname} <-> {tap}: {os.strerror(e.code) if e.code else e}") from None
+                raise NetworkError(f"tc redirect {ifname} <-> {tap}: {os.strerror(e.code) if e.code else e}") from e
     in_netns(netns, join)
 
 
@@ -598,7 +598,7 @@ def attach(names: list[str], pod_uuid: str, pod_path: Path, remember: Callable[[
             except NetworkError as e:
                 kinds = ", ".join(p["type"] for p in conf.plugins)
                 raise NetworkError(f"network {conf.name}: after CNI ADD, {e} in {netns}: its plugins ({kinds}) "
-                                   "made no interface for the pod") from None
+                                   "made no interface for the pod") from e
             interfaces.append(interface_from_result(conf.name, result, ifname, mac, mtu))
             gateways.append(gateways_of(result, ifname))
             dns.append(dns_from_result(conf.name, result))
@@ -606,7 +606,7 @@ def attach(names: list[str], pod_uuid: str, pod_path: Path, remember: Callable[[
             try:
                 join_tap(netns, ifname, tap, mtu)
             except NetworkError as e:
-                raise NetworkError(f"network {conf.name}: {e}") from None
+                raise NetworkError(f"network {conf.name}: {e}") from e
             log.debug("network %s: %s %s mtu %d %s", conf.name, ifname, mac, mtu, interfaces[-1].addresses)
     except BaseException:
         for fd in fds:

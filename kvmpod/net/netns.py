@@ -97,7 +97,7 @@ def create_netns(path: Path) -> None:
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
     except OSError as e:
-        raise NetworkError(f"create network namespace {path}: {e.strerror}") from None
+        raise NetworkError(f"create network namespace {path}: {e.strerror}") from e
 
     def unshare_and_mount() -> None:
         if libc.unshare(_CLONE_NEWNET) != 0:
@@ -123,4 +123,4 @@ def remove_netns(path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise NetworkError(f"remove network namespace {path}: {e.strerror}") from None
+        raise NetworkError(f"remove network namespace {path}: {e.strerror}") from e

@@ -55,8 +55,8 @@ def _nft(script: str, what: str) -> None:
     binary = shutil.which("nft") or "/usr/sbin/nft"
     try:
         out = subprocess.run([binary, "-f", "-"], input=script.encode(), capture_output=True, timeout=30)
-    except FileNotFoundError:
-        raise NetworkError("nft: not found (apt-get install nftables)") from None
+    except FileNotFoundError as e:
+        raise NetworkError("nft: not found (apt-get install nftables)") from e
     if out.returncode:
         detail = out.stderr.decode(errors="replace").strip().splitlines()
         raise NetworkError(f"{what}: nft: {detail[0] if detail else f'exit status {out.returncode}'}")
@@ -99,7 +99,7 @@ def add_forwards(forwards: list[PortForward], pod_ip: str) -> None:
     except NetworkError as e:
         if "File exists" in str(e):
             raise NetworkError("--port: a host port of " + ", ".join(f.describe() for f in forwards)
-                               + " is forwarded to another pod already") from None
+                               + " is forwarded to another pod already") from e
         raise
 
 

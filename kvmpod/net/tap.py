@@ -38,10 +38,10 @@ def _make_tap(name: str) -> int:
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        raise NetworkError(f"/dev/net/tun: {e.strerror} (taps need root or CAP_NET_ADMIN; --net user needs neither)") from None
+        raise NetworkError(f"/dev/net/tun: {e.strerror} (taps need root or CAP_NET_ADMIN; --net user needs neither)") from e
     try:
         fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
     except OSError as e:
         os.close(fd)
-        raise NetworkError(f"create tap {name}: {e.strerror}") from None
+        raise NetworkError(f"create tap {name}: {e.strerror}") from e
     return fd

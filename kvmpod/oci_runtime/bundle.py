@@ -145,8 +145,8 @@ def read_json_object(path: Path, what: str, missing: str = "no such file") -> di
     """The JSON object in `path`; BundleError prefixed by `what` if it is unreadable or not one."""
     try:
         value = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise BundleError(f"{what}: {missing}") from None
+    except FileNotFoundError as cause:
+        raise BundleError(f"{what}: {missing}") from cause
     except OSError as e:
         raise BundleError(f"{what}: {e.strerror}") from e
     except ValueError as e:
@@ -319,8 +319,8 @@ def _mounts(config: dict[str, Any]) -> tuple[list[BindMount], list[TmpfsMount]]:
             mode = next((o.split("=", 1)[1] for o in options if o.startswith("mode=")), "1777")
             try:
                 tmpfs.append(TmpfsMount(destination, int(mode, 8)))
-            except ValueError:
-                raise _fail(f"{where}.options", f"mode={mode} is not an octal mode") from None
+            except ValueError as cause:
+                raise _fail(f"{where}.options", f"mode={mode} is not an octal mode") from cause
         else:
             raise _fail(f"{where}.type", f"{kind!r} mounts are not supported (bind and tmpfs are; proc, "
                                          "sysfs, devpts, mqueue and cgroup come from the guest)")

@@ -132,8 +132,8 @@ class Records:
         directory = self.directory(container_id)
         try:
             directory.mkdir(mode=0o700)
-        except FileExistsError:
-            raise ContainerStateError(f"container {container_id} exists already") from None
+        except FileExistsError as e:
+            raise ContainerStateError(f"container {container_id} exists already") from e
         container = Container(container_id, directory, {**record, "creating": True})
         container.save()
         return container
@@ -142,8 +142,8 @@ class Records:
         directory = self.directory(container_id)
         try:
             record = json.loads((directory / RECORD).read_text())
-        except FileNotFoundError:
-            raise ContainerNotFound(f"container {container_id} does not exist") from None
+        except FileNotFoundError as cause:
+            raise ContainerNotFound(f"container {container_id} does not exist") from cause
         except (OSError, ValueError) as e:
             raise KvmpodError(f"{directory / RECORD}: unreadable: {e}") from e
         return Container(container_id, directory, record if isinstance(record, dict) else {})
@@ -163,8 +163,8 @@ class Records:
         directory = self.directory(container_id)
         try:
             fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            raise ContainerNotFound(f"container {container_id} does not exist") from None
+        except FileNotFoundError as e:
+            raise ContainerNotFound(f"container {container_id} does not exist") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -30,12 +30,12 @@ def hold_pod_lock(pod_root: Path, environ: dict[str, str] | None = None) -> int:
     fd = int(value)
     try:
         held = os.fstat(fd)
-    except OSError:
-        raise Stage1Error(f"{ENV_LOCK_FD}={fd} is not an open file descriptor") from None
+    except OSError as cause:
+        raise Stage1Error(f"{ENV_LOCK_FD}={fd} is not an open file descriptor") from cause
     try:
         pod = os.stat(pod_root)
     except OSError as e:
-        raise Stage1Error(f"{pod_root}: {e.strerror}") from None
+        raise Stage1Error(f"{pod_root}: {e.strerror}") from e
     if not stat.S_ISDIR(held.st_mode) or (held.st_dev, held.st_ino) != (pod.st_dev, pod.st_ino):
         raise Stage1Error(f"{ENV_LOCK_FD}={fd} is not the pod directory {pod_root} (the working directory)")
     if not locked_by_someone(pod_root):

@@ -65,7 +65,7 @@ def _read_conf(root: Path, relative: Path, mode: str) -> list[list[str]]:
         with open(path, "rb") as f:
             data = f.read(MAX_CONF_BYTES + 1)
     except OSError as e:
-        raise Stage1Error(f"run: --dns-conf-mode {mode}=stage0: {path}: {e.strerror} (stage0 writes it)") from None
+        raise Stage1Error(f"run: --dns-conf-mode {mode}=stage0: {path}: {e.strerror} (stage0 writes it)") from e
     if len(data) > MAX_CONF_BYTES:
         raise Stage1Error(f"run: {path}: larger than {MAX_CONF_BYTES} bytes")
     return [line.split("#", 1)[0].split() for line in data.decode(errors="replace").splitlines()]
@@ -99,8 +99,8 @@ def _stage0_hosts(root: Path) -> list[str]:
             continue
         try:
             ipaddress.ip_address(words[0])
-        except ValueError:
-            raise Stage1Error(f"run: {root / RKT_HOSTS}: {words[0]!r} is not an IP address") from None
+        except ValueError as e:
+            raise Stage1Error(f"run: {root / RKT_HOSTS}: {words[0]!r} is not an IP address") from e
         entries += [f"{words[0]}={name}" for name in words[1:]]
     return entries
 
@@ -124,7 +124,7 @@ def net_request(args: RunArgs, root: Path, ports: list[PortRequest]) -> NetReque
     try:
         req = request(mode, port_flags, dns, search, options, hosts)
     except KvmpodError as e:
-        raise Stage1Error(f"run: {e}") from None
+        raise Stage1Error(f"run: {e}") from e
     if req.mode == "cni":
         req = dataclasses.replace(req, cni_config_dirs=tuple(str(d) for d in cni_config_dirs(args.local_config)))
     return req

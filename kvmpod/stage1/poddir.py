@@ -106,7 +106,7 @@ def read_record(root: Path) -> Path | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise Stage1Error(f"{root / RECORD}: unreadable: {e}") from None
+        raise Stage1Error(f"{root / RECORD}: unreadable: {e}") from e
     if not isinstance(data, dict) or not isinstance(data.get("pod_dir"), str):
         raise Stage1Error(f"{root / RECORD}: no pod_dir in it")
     return Path(data["pod_dir"])
@@ -119,7 +119,7 @@ def _read_bounded(path: Path, what: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
-        raise Stage1Error(f"{path}: {e.strerror} (stage0 writes the {what} there)") from None
+        raise Stage1Error(f"{path}: {e.strerror} (stage0 writes the {what} there)") from e
     if len(data) > MAX_MANIFEST_BYTES:
         raise Stage1Error(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes")
     return data
@@ -191,10 +191,10 @@ def _app_rootfs(root: Path, name: str) -> Path:
     rootfs = root / STAGE2 / name / "rootfs"
     try:
         st = os.lstat(rootfs)
-    except FileNotFoundError:
-        raise Stage1Error(f"app {name}: {rootfs}: no such directory (stage0 renders each app's rootfs there)") from None
+    except FileNotFoundError as cause:
+        raise Stage1Error(f"app {name}: {rootfs}: no such directory (stage0 renders each app's rootfs there)") from cause
     except OSError as e:
-        raise Stage1Error(f"app {name}: {rootfs}: {e.strerror}") from None
+        raise Stage1Error(f"app {name}: {rootfs}: {e.strerror}") from e
     if not stat.S_ISDIR(st.st_mode):  # lstat: a symlink is refused too, it could lead anywhere on the host
         raise Stage1Error(f"app {name}: {rootfs}: not a directory")
     return rootfs
@@ -207,12 +207,12 @@ def read_pod(root: Path, uuid: str) -> RktPod:
     try:
         raw = json.loads(data)
     except ValueError as e:
-        raise Stage1Error(f"{path}: not a pod manifest: invalid JSON: {e}") from None
+        raise Stage1Error(f"{path}: not a pod manifest: invalid JSON: {e}") from e
     try:
         obj, pod_annotations, app_annotations = _normalize(raw)
         manifest = parse_pod_manifest(json.dumps(obj).encode())
     except KvmpodError as e:
-        raise Stage1Error(f"{path}: {e}") from None
+        raise Stage1Error(f"{path}: {e}") from e
     apps = []
     for pod_app, annotations in zip(manifest.apps, app_annotations):
         manifest_path = root / STAGE2 / pod_app.name / "manifest"
@@ -222,7 +222,7 @@ def read_pod(root: Path, uuid: str) -> RktPod:
         except Stage1Error:
             raise
         except KvmpodError as e:
-            raise Stage1Error(f"{manifest_path}: {e}") from None
+            raise Stage1Error(f"{manifest_path}: {e}") from e
         apps.append(RktApp(pod_app, image, _app_rootfs(root, pod_app.name), annotations))
     return RktPod(root, uuid, manifest, apps, pod_annotations)
 

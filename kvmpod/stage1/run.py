@@ -48,7 +48,7 @@ def pod_hostname(args: RunArgs) -> str:
     try:
         return hostname(args.hostname or f"rkt-{args.uuid}")
     except argparse.ArgumentTypeError as e:
-        raise Stage1Error(f"run: --hostname: {e}") from None
+        raise Stage1Error(f"run: --hostname: {e}") from e
 
 
 def app_object(app: RktApp, args: RunArgs) -> App | None:

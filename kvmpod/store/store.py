@@ -185,7 +185,7 @@ class Store:
         try:
             manifest = parse_manifest(raw_manifest)
         except ManifestError as e:
-            raise ManifestError(f"{shown_as}: {e}") from None
+            raise ManifestError(f"{shown_as}: {e}") from e
         blob = self.blobs / hex_id
         with locks.exclusive(self.lock_file(hex_id)):
             if not blob.is_file():
@@ -342,9 +342,9 @@ class Store:
                 shutil.copyfileobj(src, dest, 1 << 20)
             os.chmod(tmp, 0o644)
             os.replace(tmp, out)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             os.unlink(tmp)
-            raise ImageError(f"{record.id}: removed from the store while exporting") from None
+            raise ImageError(f"{record.id}: removed from the store while exporting") from e
         except BaseException:
             os.unlink(tmp)
             raise

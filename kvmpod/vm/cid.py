@@ -85,13 +85,13 @@ def allocate_cid(owner: str, probe: bool) -> CidLease:
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
-        raise VMError(f"{directory}: cannot create the CID lock directory: {e.strerror}") from None
+        raise VMError(f"{directory}: cannot create the CID lock directory: {e.strerror}") from e
     for cid in range(FIRST_CID, FIRST_CID + MAX_TRIES):
         path = directory / str(cid)
         try:
             fd = _try_lock(path)
         except OSError as e:
-            raise VMError(f"{path}: cannot lock: {e.strerror}") from None
+            raise VMError(f"{path}: cannot lock: {e.strerror}") from e
         if fd is None:
             continue
         if probe and cid_in_use(cid):

@@ -242,9 +242,9 @@ class QemuVM(VMBackend):
             if self._vsock is not None:
                 try:
                     sock = await self._vsock.connect(VSOCK_PORT)
-                except ConnectionRefusedError:
+                except ConnectionRefusedError as e:
                     if self._vsock.failure is not None:
-                        raise self._vsock.failure from None
+                        raise self._vsock.failure from e
                     await asyncio.sleep(VSOCK_RETRY)
                     continue
             else:
@@ -272,8 +272,8 @@ class QemuVM(VMBackend):
             except Exception as e:  # the connection broke: usually because QEMU is exiting, so say why
                 with contextlib.suppress(asyncio.TimeoutError):
                     vm_exit = await asyncio.wait_for(asyncio.shield(self.ended), 5)
-                    raise VMError(f"QEMU failed to start: {vm_exit.describe()}") from None
-                raise VMError(f"{what}: {e}") from None
+                    raise VMError(f"QEMU failed to start: {vm_exit.describe()}") from e
+                raise VMError(f"{what}: {e}") from e
         task.cancel()
         with contextlib.suppress(BaseException):
             await task

@@ -109,8 +109,8 @@ def source_version(package: str = BINARY_PACKAGE) -> str:
     try:
         proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}\t${source:Version}", package],
                               capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
-    except FileNotFoundError:
-        raise QemuBuildError("dpkg-query not found: kvmpod's QEMU is built from Debian's qemu source package") from None
+    except FileNotFoundError as e:
+        raise QemuBuildError("dpkg-query not found: kvmpod's QEMU is built from Debian's qemu source package") from e
     status, _, version = proc.stdout.partition("\t")
     if proc.returncode != 0 or not status.endswith(" installed") or not version:
         raise QemuBuildError(f"the Debian package {package} is not installed: apt-get install {package}")
@@ -307,7 +307,7 @@ def build(cache: Path | None = None, force: bool = False, jobs: int | None = Non
             if not keep_source:
                 shutil.rmtree(work, ignore_errors=True)
         except OSError as e:
-            raise QemuBuildError(f"cannot build QEMU in {work}: {e}") from None
+            raise QemuBuildError(f"cannot build QEMU in {work}: {e}") from e
     size = (final / QEMU_NAME).stat().st_size
     log(f"kvmpod's QEMU ({version}) installed in {final} ({size / 1e6:.1f} MB)")
     return final

@@ -124,8 +124,8 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
                     preexec_fn=qemu_preexec,
                     pass_fds=[*theirs, *(n.tap_fd for n in config.nics if n.tap_fd is not None)],
                     start_new_session=True)  # Ctrl-C reaches kvmpod, which decides what the apps get
-            except FileNotFoundError:
-                raise VMError(f"{argv[0]}: not found (apt-get install qemu-system-x86)") from None
+            except FileNotFoundError as e:
+                raise VMError(f"{argv[0]}: not found (apt-get install qemu-system-x86)") from e
     except BaseException:
         for sock in ours.values():
             sock.close()

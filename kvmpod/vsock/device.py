@@ -137,7 +137,7 @@ class VsockDevice:
             sock.listen(16)
         except OSError as e:
             sock.close()
-            raise VMError(f"{path}: cannot listen: {e.strerror}") from None
+            raise VMError(f"{path}: cannot listen: {e.strerror}") from e
         sock.setblocking(False)
         self._listeners.append(sock)
         self._loop.add_reader(sock.fileno(), self._on_listener, sock, on_accept)

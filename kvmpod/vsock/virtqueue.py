@@ -52,7 +52,7 @@ class GuestMemory:
             try:
                 mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset)
             except (OSError, ValueError, OverflowError) as e:
-                raise VMError(f"vhost-user: cannot map guest memory region at 0x{guest_addr:x}: {e}") from None
+                raise VMError(f"vhost-user: cannot map guest memory region at 0x{guest_addr:x}: {e}") from e
         finally:
             os.close(fd)
         self.regions.append(Region(guest_addr, size, user_addr, mapped, memoryview(mapped)))

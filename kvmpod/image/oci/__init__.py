@@ -107,7 +107,7 @@ def _layer_entries(data: BinaryIO, size: int, name: str, stack: ExitStack) -> It
     try:
         tar = stack.enter_context(tarfile.open(fileobj=data, mode="r:"))
     except tarfile.TarError as e:
-        raise ImageError(f"{name}: not a tar archive: {e}") from None
+        raise ImageError(f"{name}: not a tar archive: {e}") from e
     return entries_from_tar(tar, prefix="", implied_dirs=False, lower_links=True)
 
 

@@ -121,7 +121,7 @@ class Archive:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise ImageError(f"{path}: cannot open: {e.strerror}") from None
+            raise ImageError(f"{path}: cannot open: {e.strerror}") from e
         stack.callback(os.close, fd)
         if detect_compression(path) != "none":  # `docker save | gzip`: decompress once, then read in place
             tmp = stack.enter_context(tempfile.TemporaryFile(dir=tmp_dir))
@@ -157,7 +157,7 @@ class Archive:
                     else:
                         self._bad[name] = "not a regular file"
         except tarfile.TarError as e:
-            raise ImageError(f"{self.shown}: not a valid tar archive: {e}") from None
+            raise ImageError(f"{self.shown}: not a valid tar archive: {e}") from e
 
     def find(self, name: str) -> Span | None:
         """The bytes of `name` (a normalised name), None if there is no such file."""
@@ -187,7 +187,7 @@ class Archive:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise ImageError(f"{self.shown}: {name}: cannot open: {e.strerror}") from None
+            raise ImageError(f"{self.shown}: {name}: cannot open: {e.strerror}") from e
         self._stack.callback(os.close, fd)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -211,9 +211,9 @@ class Archive:
         try:
             return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ImageError(f"{self.shown}: {name}: not valid JSON: {e}") from None
-        except RecursionError:
-            raise ImageError(f"{self.shown}: {name}: JSON nested too deeply") from None
+            raise ImageError(f"{self.shown}: {name}: not valid JSON: {e}") from e
+        except RecursionError as cause:
+            raise ImageError(f"{self.shown}: {name}: JSON nested too deeply") from cause
 
     def digest_of(self, name: str) -> str:
         """The sha256 digest of a file, for naming one that no descriptor names."""
@@ -291,7 +291,7 @@ def open_layer(archive: Archive, layer: LayerBlob, *, tmp_dir: Path, stack: Exit
                 uncompressed.update(chunk)
                 tmp.write(chunk)
     except decompression_errors() as e:
-        raise ImageError(f"{archive.shown}: {layer.name}: corrupt or truncated {kind} stream: {e}") from None
+        raise ImageError(f"{archive.shown}: {layer.name}: corrupt or truncated {kind} stream: {e}") from e
     _check_diff_id(archive.shown, layer, uncompressed)
     tmp.seek(0)
     return tmp, size  # type: ignore[return-value]

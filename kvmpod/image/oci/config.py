@@ -82,7 +82,7 @@ def image_manifest(image: SourceImage, rootfs: RootfsView, shown: str) -> dict[s
     try:
         parse_manifest(json.dumps(manifest).encode())
     except ImageError as e:
-        raise ImageError(f"{shown}: the converted {e}") from None
+        raise ImageError(f"{shown}: the converted {e}") from e
     return manifest
 
 
@@ -279,4 +279,4 @@ class RootfsView:
             with entry.opener() as f:
                 return f.read(entry.size).decode("utf-8", "replace")
         except (OSError, tarfile.TarError) as e:
-            raise ImageError(f"{path}: cannot read it from the image: {e}") from None
+            raise ImageError(f"{path}: cannot read it from the image: {e}") from e
