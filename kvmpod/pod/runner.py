@@ -32,7 +32,7 @@ from kvmpod.pod.options import POD_SIGNALS, RunOptions, notice
 from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.relay import QUIET_FOR, hand_off
 from kvmpod.pod.spec import ResolvedApp
-from kvmpod.pod.state import Lifecycle, PodState
+from kvmpod.pod.state import Lifecycle, PodState, require
 from kvmpod.pod.terminal import RawTerminal, is_terminal, window_size
 from kvmpod.pod.volumes import PodVolumes
 from kvmpod.vm.backend import VMBackend, VMExit
@@ -349,6 +349,7 @@ class PodRunner:
         return (self.apps_started and self.stop_task is None and self.stop_reason is None
                 and self.session is not None and not self.session.failed.done())
 
+    @require(PodState.RUNNING, doing="start a process in it")
     async def start_process(self, spec: ProcessSpec, on_stdout: OutputSink, on_stderr: OutputSink) -> GuestProcess:
         """Start one more process in the pod (kvmpod enter); raises if the VM or the session ends first."""
         if self.session is None:
@@ -379,6 +380,7 @@ class PodRunner:
             if not proc.exited.done():
                 await self._until(proc.signal(signo))
 
+    @require(PodState.BOOTING, PodState.CREATED, PodState.RUNNING, doing="pause or resume it")
     async def set_paused(self, paused: bool) -> None:
         """`pause`/`resume` (OCI): the VM's vCPUs stopped or let go; state.json says which."""
         if self.vm.pid is None or self.vm.ended.done():
