@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "caps.h"
+#include "cleanup.h"
 #include "metadata_msgs.h"
 #include "metadata_server.h"
 #include "seccomp.h"
@@ -76,18 +77,16 @@ static int enter_empty_root(struct failure *f)
     struct stat st;
     if (mkdir(METADATA_SERVICE_ROOT, 0555) < 0 && errno != EEXIST)
         return failf(f, "rootfs", errno, "mkdir %s: %s", METADATA_SERVICE_ROOT, strerror(errno));
-    int fd = open(METADATA_SERVICE_ROOT, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    _cleanup_close_ int fd = open(METADATA_SERVICE_ROOT, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
         return failf(f, "rootfs", errno, "%s: %s", METADATA_SERVICE_ROOT, strerror(errno));
-    int rc = 0;
     if (fstat(fd, &st) < 0)
-        rc = failf(f, "rootfs", errno, "fstat %s: %s", METADATA_SERVICE_ROOT, strerror(errno));
-    else if (st.st_uid != 0 || (st.st_mode & 0022))
-        rc = failf(f, "rootfs", EPERM, "%s is writable by others than root", METADATA_SERVICE_ROOT);
-    else if (fchdir(fd) < 0 || chroot(".") < 0)
-        rc = failf(f, "rootfs", errno, "chroot %s: %s", METADATA_SERVICE_ROOT, strerror(errno));
-    close(fd);
-    return rc;
+        return failf(f, "rootfs", errno, "fstat %s: %s", METADATA_SERVICE_ROOT, strerror(errno));
+    if (st.st_uid != 0 || (st.st_mode & 0022))
+        return failf(f, "rootfs", EPERM, "%s is writable by others than root", METADATA_SERVICE_ROOT);
+    if (fchdir(fd) < 0 || chroot(".") < 0)
+        return failf(f, "rootfs", errno, "chroot %s: %s", METADATA_SERVICE_ROOT, strerror(errno));
+    return 0;
 }
 
 /* Root to METADATA_SERVICE_UID with no capability in any set (the bounding set first: dropping from it
@@ -121,18 +120,16 @@ static int confine(struct failure *f)
     return rc;
 }
 
-/* Reads fd to its end into a malloc'ed buffer. */
+/* Reads fd to its end into a malloc'ed buffer (the caller's to free). */
 static int read_all(int fd, uint8_t **out, size_t *out_len, struct failure *f)
 {
     size_t len = 0, cap = 0;
-    uint8_t *buf = NULL;
+    _cleanup_free_ uint8_t *buf = NULL;
     for (;;) {
         if (len == cap) {
             uint8_t *grown = realloc(buf, cap = cap ? 2 * cap : 65536);
-            if (!grown) {
-                free(buf);
+            if (!grown)
                 return failf(f, "metadata", ENOMEM, "out of memory for the metadata documents");
-            }
             buf = grown;
         }
         ssize_t n = read(fd, buf + len, cap - len);
@@ -140,38 +137,34 @@ static int read_all(int fd, uint8_t **out, size_t *out_len, struct failure *f)
             len += (size_t)n;
         else if (n == 0)
             break;
-        else if (errno != EINTR) {
-            free(buf);
+        else if (errno != EINTR)
             return failf(f, "metadata", errno, "reading the documents: %s", strerror(errno));
-        }
     }
     *out = buf;
     *out_len = len;
+    buf = NULL; /* the caller's now */
     return 0;
 }
 
 /* The transcript's frames into the store, through the same decoder PID 1 checked them with. */
 static int load_transcript(struct md_store *s, struct failure *f)
 {
-    uint8_t *buf = NULL;
+    _cleanup_free_ uint8_t *buf = NULL;
     size_t len = 0, pos = 0;
     if (read_all(MD_FD_TRANSCRIPT, &buf, &len, f) < 0)
         return -1;
-    int rc = 0;
-    while (rc == 0 && pos < len) {
-        if (len - pos < MD_RECORD_HEAD || le_get(buf + pos + 2, 4) > len - pos - MD_RECORD_HEAD) {
-            rc = failf(f, "metadata", EINVAL, "the documents are cut short");
-            break;
-        }
+    while (pos < len) {
+        if (len - pos < MD_RECORD_HEAD || le_get(buf + pos + 2, 4) > len - pos - MD_RECORD_HEAD)
+            return failf(f, "metadata", EINVAL, "the documents are cut short");
         struct frame fr = {.type = (uint16_t)le_get(buf + pos, 2), .len = le_get(buf + pos + 2, 4),
                            .payload = buf + pos + MD_RECORD_HEAD};
         pos += MD_RECORD_HEAD + fr.len;
-        rc = metadata_msgs_load(s, &fr, f);
+        if (metadata_msgs_load(s, &fr, f) < 0)
+            return -1;
     }
-    free(buf);
-    if (rc == 0 && !s->started)
-        rc = failf(f, "metadata", EINVAL, "the documents end before METADATA_START");
-    return rc;
+    if (!s->started)
+        return failf(f, "metadata", EINVAL, "the documents end before METADATA_START");
+    return 0;
 }
 
 noreturn void metadata_service_main(int argc, char **argv)
