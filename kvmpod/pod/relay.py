@@ -11,7 +11,8 @@ connection, a signal, a QMP event, QEMU's end) makes it exec kvmpod again, as
 
 What crosses the two execs: the channels as inherited fds (agent, QMP, the control socket's listener,
 the store locks, the app log files), the agent bytes read but not yet dispatched, and the runner's
-state, pickled into a memfd this process writes and only a later image of this same process reads.
+state as the hand-over record (handover.py): versioned JSON in a memfd, checked when it is read back,
+since the code that reads it may have changed while the pod sat in the relay.
 SIGINT, SIGTERM and SIGHUP stay blocked across both execs, so none is lost in between.
 
 Not handed over (the pod stays in Python): --interactive pods (stdin, terminal), pods with virtiofsd
@@ -31,7 +32,7 @@ from typing import Protocol
 from kvmpod import resources
 from kvmpod.config import lookup
 from kvmpod.errors import ConfigError
-from kvmpod.pod.handover import RelayState, encode_state, memfd
+from kvmpod.pod.handover import RelayState, encode_record, memfd
 from kvmpod.pod.options import POD_SIGNALS, RunOptions
 from kvmpod.pod.poddir import PodDir
 from kvmpod.vm.qemu import QemuHandover
@@ -113,7 +114,7 @@ def hand_off(runner: Relayable, relay: Path) -> bool:
 def _exec(runner: Relayable, relay: Path, state: RelayState, unread: bytes) -> bool:
     qemu, agent_fd, control_fd, processes = state.qemu, state.agent_fd, state.control_fd, state.processes
     try:
-        payload = encode_state(state)
+        payload = encode_record(state)
     except Exception as e:  # something of this pod cannot cross an exec: it stays here
         log.debug("idle relay: the pod's state cannot be carried over (%s): it stays in this process", e)
         return False
@@ -132,7 +133,8 @@ def _exec(runner: Relayable, relay: Path, state: RelayState, unread: bytes) -> b
                 argv += ["--stream", f"{p.stream}:{p.stdout_fd}:{p.stderr_fd}"]
         for fd in sorted(state.broken):
             argv += ["--broken", str(fd)]
-        argv += ["--", sys.executable, *RESUME, "--state", str(state_fd)]
+        # --pod: where the pod is, should even the record's envelope not read (resume.py ends the pod then)
+        argv += ["--", sys.executable, *RESUME, "--state", str(state_fd), "--pod", str(runner.pod.path)]
         log.debug("idle relay: handing the pod to %s", relay)
         runner.pod.update(host_process="kvmpod-relay", relay_handovers=state.handovers)
         for stream in (sys.stdout, sys.stderr):
