@@ -33,7 +33,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from kvmpod.agent.session import ExitStatus, Hello
 from kvmpod.errors import KvmpodError
@@ -177,18 +177,17 @@ def decode_record(data: bytes) -> RelayState:
         raise HandoverError(f"the pod's hand-over record is version {envelope.version}, this kvmpod reads "
                             f"version {HANDOVER_VERSION} (kvmpod was changed while the pod was idle)", envelope)
     try:
-        import cattrs
-
         converter = _converter()
     except ImportError as e:  # kvmpod was changed under the pod, and its dependencies not installed
         raise HandoverError(f"the pod's hand-over record cannot be read: {e}", envelope) from e
     try:
         state = converter.structure(record.get("body"), RelayState)
-    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise HandoverError(f"the pod's hand-over record does not fit this kvmpod: {_cause(e)}", envelope) from e
-    # every field is written, defaults too: a record that leaves one out was not written by this code
-    if (difference := _difference(converter.unstructure(state, RelayState), record.get("body"), "body")) is not None:
-        raise HandoverError(f"the pod's hand-over record does not fit this kvmpod: {difference}", envelope)
+    except Exception as fast:  # whatever the cause, the body does not fit: the detailed converter says where
+        try:
+            _converter(detailed=True).structure(record.get("body"), RelayState)
+        except Exception as e:
+            raise HandoverError(f"the pod's hand-over record does not fit this kvmpod: {_cause(e)}", envelope) from e
+        raise HandoverError(f"the pod's hand-over record does not fit this kvmpod: {_cause(fast)}", envelope) from fast
     if Envelope.of(state) != envelope:
         raise HandoverError("the pod's hand-over record contradicts itself (envelope and body differ)", envelope)
     return state
@@ -220,25 +219,6 @@ def _cause(error: BaseException) -> str:
         return f"{type(error).__name__}: {error}"
     more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
     return " ".join(messages[0].split()) + more
-
-
-def _difference(expected: Any, got: Any, path: str) -> str | None:
-    """Where the body read differs from what this code writes for the state it made of it, or None."""
-    if isinstance(expected, dict) and isinstance(got, dict):
-        for key in expected:
-            if key not in got:
-                return f"required field missing @ {path}.{key}"
-            if (found := _difference(expected[key], got[key], f"{path}.{key}")) is not None:
-                return found
-        return None
-    if isinstance(expected, (list, tuple)) and isinstance(got, list) and len(expected) == len(got):
-        for i, (e, g) in enumerate(zip(expected, got)):
-            if (found := _difference(e, g, f"{path}[{i}]")) is not None:
-                return found
-        return None
-    if expected != got or type(expected) is not type(got):
-        return f"a value this kvmpod would not write @ {path}"
-    return None
 
 
 # -- the body's schema: the dataclasses it holds, their fields and types ---------------------------
@@ -332,11 +312,13 @@ def _is_set(t: Any) -> bool:
 
 
 @functools.cache
-def _converter() -> "JsonConverter":
-    """cattrs' JSON converter, made strict (no unknown keys) and told what the body's types need."""
+def _converter(detailed: bool = False) -> "JsonConverter":
+    """cattrs' JSON converter, made strict (no unknown keys) and told what the body's types need.
+    `detailed`: its errors say which field failed (cattrs' detailed validation, which costs a third
+    more on the way back): only used once a record has failed to read."""
     from cattrs.preconf.json import make_converter
 
-    converter = make_converter(forbid_extra_keys=True)
+    converter = make_converter(forbid_extra_keys=True, detailed_validation=detailed)
     for cls in record_classes():  # their annotations resolved here: cattrs resolves none of a TYPE_CHECKING name
         for f, t in zip(dataclasses.fields(cls), field_types(cls).values()):
             f.type = t
@@ -359,4 +341,42 @@ def _converter() -> "JsonConverter":
         return None
 
     converter.register_structure_hook_factory(_is_callable, lambda _: structure_callback)
+    for kind in (str, int, float, bool):  # as JSON has them: cattrs' own hooks would make "false" True
+        converter.register_structure_hook(kind, _exactly(kind))
+    converter.register_structure_hook_factory(_is_record_class, lambda cls: _every_field(converter, cls))
     return converter
+
+
+def _is_record_class(t: Any) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _exactly(kind: type) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _: Any) -> Any:
+        given = type(value)
+        if given is not kind and not (kind is float and given is int):
+            raise TypeError(f"{kind.__name__} expected, not {given.__name__}")
+        return float(value) if kind is float else value
+    return structure
+
+
+def _every_field(converter: "JsonConverter", cls: type) -> Callable[[Any, Any], Any]:
+    """cattrs' structure function for the dataclass `cls`, but a field with a default is no less
+    required: this code writes every field, so a record that leaves one out was not written by it."""
+    from cattrs.errors import AttributeValidationNote, ClassValidationError
+    from cattrs.gen import make_dict_structure_fn
+
+    generated: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, converter)
+    fields = [(f.name, f.type) for f in dataclasses.fields(cls)]
+
+    def structure(value: Any, _: Any) -> Any:
+        if isinstance(value, dict) and (missing := [(n, t) for n, t in fields if n not in value]):
+            errors = []
+            for name, t in missing:
+                error = KeyError(name)
+                error.add_note(AttributeValidationNote(f"Structuring class {cls.__qualname__} @ attribute {name}",
+                                                       name, t))
+                errors.append(error)
+            raise ClassValidationError(f"While structuring {cls.__qualname__}", errors, cls)
+        return generated(value, cls)
+    return structure

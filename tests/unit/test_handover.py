@@ -181,6 +181,9 @@ def test_a_body_with_a_wrong_type_or_an_unknown_field(tmp_path):
     record["body"]["processes"][0]["pid"] = "eleven"
     expect_error(json.dumps(record).encode(), r"does not fit this kvmpod: .*@ body.processes\[0\].pid")
     record = record_of(tmp_path)
+    record["body"]["options"]["debug"] = "false"  # cattrs alone would make it True
+    expect_error(json.dumps(record).encode(), r"does not fit this kvmpod: invalid value for type, expected bool @ body.options.debug")
+    record = record_of(tmp_path)
     record["body"]["hello"]["new_field"] = 1
     expect_error(json.dumps(record).encode(), "does not fit this kvmpod: .*new_field")
 
