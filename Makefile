@@ -10,7 +10,7 @@ BUILD      := build
 DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod gcc make python3-venv buildah gnupg gpgv \
                 linux-source-6.1 build-essential flex bison bc libelf-dev xz-utils patch \
                 dpkg-dev meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libslirp-dev libfdt-dev \
-                libcap-ng-dev libattr1-dev \
+                libcap-ng-dev libattr1-dev libseccomp-dev \
                 python3-build help2man zsh \
                 podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux
 PYTEST_ARGS ?=

@@ -55,7 +55,7 @@ BUILD_LOG = "build.log"   # make's output, kept in the installed build's directo
 # the libraries FEATURES link against.
 BUILD_PACKAGES = ("dpkg-dev", "build-essential", "python3", "meson", "ninja-build", "pkg-config", "binutils",
                   "libglib2.0-dev", "libpixman-1-dev", "libslirp-dev", "libfdt-dev", "libcap-ng-dev",
-                  "libattr1-dev", "xz-utils")
+                  "libattr1-dev", "libseccomp-dev", "xz-utils")
 
 # configure options besides the target and the device list. Everything not named here is off.
 FEATURES = (
@@ -65,6 +65,7 @@ FEATURES = (
     "--enable-vhost-net", "--enable-vhost-kernel",   # tap networks with in-kernel virtio-net
     "--enable-vhost-user",           # virtiofsd, vhost-user-vsock
     "--enable-virtfs", "--enable-attr", "--enable-cap-ng",  # 9p shares (unprivileged volumes)
+    "--enable-seccomp",              # -sandbox: every pod's QEMU runs under its syscall filter (docs/security.md)
     "--disable-docs", "--disable-user", "--audio-drv-list=",
 )
 
