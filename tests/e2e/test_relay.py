@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmpod.errors import EXIT_KVMPOD_FAILURE
+from kvmpod.pod.handover import HANDOVER_FORMAT, HANDOVER_VERSION
+from tests.conftest import kvmpod_cmd
 from tests.e2e.conftest import VM_TIMEOUT, Kvmpod, qemu_pids_of
 from tests.e2e.test_interact import SERVICE, pods  # noqa: F401 (fixture)
 
@@ -117,6 +120,74 @@ def test_qemu_killed_under_the_relay_is_explained(kvmpod, busybox_aci, kvmpod_en
     _, err = proc.communicate(timeout=VM_TIMEOUT)
     assert proc.returncode == 125
     assert "kvmpod: error: the VM ended before the app finished: QEMU was killed by signal 9" in err.decode()
+
+
+def state_memfd(relay_pid: int) -> Path:
+    """The hand-over record's memfd: `--state N` of the way back, after `--` on the relay's command line."""
+    argv = Path(f"/proc/{relay_pid}/cmdline").read_bytes().split(b"\0")
+    way_back = argv[argv.index(b"--") + 1:]
+    return Path(f"/proc/{relay_pid}/fd/{int(way_back[way_back.index(b'--state') + 1])}")
+
+
+@pytest.mark.parametrize("change, keep", [("version", False), ("version", True), ("garbage", False)])
+def test_a_record_this_kvmpod_cannot_read_ends_the_pod_cleanly(kvmpod, busybox_aci, kvmpod_env, change, keep):
+    # kvmpod changed while the pod sat in the relay: its record is of a version this kvmpod does not
+    # read ("version"), or not even of a format it knows ("garbage": no envelope to go by)
+    proc = kvmpod.popen(*(["--keep"] if keep else []), str(busybox_aci), *SERVICE)
+    state_file = running_pod(kvmpod_env, proc)
+    state = wait_for_host(state_file, "kvmpod-relay")
+    assert state["kvmpod_pid"] == proc.pid and exe_name(proc.pid) == "kvmpod-relay"
+    (qemu,) = qemu_pids_of(kvmpod_env["KVMPOD_RUN_DIR"])
+    with state_memfd(proc.pid).open("r+b") as f:  # a memfd opened anew: the relay's own offset stays at 0
+        record = json.loads(f.read())
+        assert (record["format"], record["version"]) == (HANDOVER_FORMAT, HANDOVER_VERSION)
+        record["version"] = 999
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(record).encode() if change == "version" else b"\x80\x04\x95 an old pickle")
+    proc.send_signal(signal.SIGTERM)  # brings kvmpod back, to read the record
+    out, err = proc.communicate(timeout=VM_TIMEOUT)
+    text = err.decode()
+    assert proc.returncode == EXIT_KVMPOD_FAILURE == 125, text
+    errors = [line for line in text.splitlines() if line.startswith("kvmpod: error:")]
+    # without an envelope no one can tell whether the directory was to stay: it does, failed, for gc
+    kept = keep or change == "garbage"
+    reason = (f"the pod's hand-over record is version 999, this kvmpod reads version {HANDOVER_VERSION} (kvmpod was "
+              f"changed while the pod was idle)" if change == "version"
+              else "the pod's hand-over record is not a kvmpod hand-over record (not JSON)")
+    assert errors == [f"kvmpod: error: {reason}: the pod was stopped"
+                      + (f" (pod directory kept: {state_file.parent})" if kept else "")], text
+    assert "Traceback" not in text and out == b"up\n"
+    assert qemu_pids_of(kvmpod_env["KVMPOD_RUN_DIR"]) == [] and not Path(f"/proc/{qemu}").exists()
+    audit = [json.loads(line) for line in Path(kvmpod_env["KVMPOD_AUDIT_LOG"]).read_text().splitlines()]
+    assert [(r["event"], r.get("state")) for r in audit if r["uuid"] == state["uuid"]] == [("start", None),
+                                                                                          ("end", "failed")]
+    if kept:  # failed, with the reason, and its process gone: `kvmpod rm` (or gc) removes it
+        final = json.loads(state_file.read_text())
+        assert (final["state"], final["host_process"]) == ("failed", "kvmpod")
+        assert final["error"].startswith(reason)
+        removed = subprocess.run(kvmpod_cmd("rm", state["uuid"]), capture_output=True, env=kvmpod.env, timeout=60)
+        assert removed.returncode == 0, removed.stderr
+    assert not state_file.parent.exists()
+
+
+def test_debug_shows_why_a_record_did_not_read(kvmpod, busybox_aci, kvmpod_env):
+    proc = kvmpod.popen("--debug", str(busybox_aci), *SERVICE)
+    wait_for_host(running_pod(kvmpod_env, proc), "kvmpod-relay")
+    with state_memfd(proc.pid).open("r+b") as f:
+        record = json.loads(f.read())
+        del record["body"]["hello"]["agent_version"]
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(record).encode())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=VM_TIMEOUT)
+    text = err.decode()
+    assert proc.returncode == 125, text
+    errors = [line for line in text.splitlines() if line.startswith("kvmpod: error:")]
+    assert errors == ["kvmpod: error: the pod's hand-over record does not fit this kvmpod: required field missing "
+                      "@ body.hello.agent_version: the pod was stopped"], text
+    assert "kvmpod: caused by: HandoverError" in text and "ClassValidationError" in text  # the chain, with --debug
 
 
 def test_the_relay_can_be_turned_off(kvmpod, busybox_aci, kvmpod_env):
