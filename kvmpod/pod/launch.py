@@ -32,6 +32,7 @@ from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, resolve
 from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, host_transport, pod_volumes, unique_volumes
 from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
+from kvmpod.vm import sandbox
 from kvmpod.vm.accel import choose_accelerator
 from kvmpod.vm.config import Disk, FsDevice, VMConfig
 from kvmpod.vm.machine import plan_boot
@@ -198,6 +199,11 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         if why:
             notice(why)
         volumes = dataclasses.replace(volumes, transport=transport)
+    confinement, confinement_notices = sandbox.confinement(
+        qemu.path, is_root=os.geteuid() == 0, shares_9p=volumes.transport == "9p" and bool(volumes.host))
+    for line in confinement_notices:
+        notice(line)
+    log.debug("QEMU confinement: %s", sandbox.describe(confinement))
 
     pod = PodDir.create(uuid=options.pod_uuid)
     planned = None
@@ -218,7 +224,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             vhost_user_vsock=pod.file("vhost-vsock.sock") if agent_transport.kind == "vsock-user" else None,
             machine=plan.machine,
             machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
-            memory_mib=size.memory_mib, cpus=size.cpus, disks=disks,
+            memory_mib=size.memory_mib, cpus=size.cpus, disks=disks, confinement=confinement,
             filesystems=[FsDevice(s.tag, s.socket) for s in shares])
         vsock_front = pod.file("vsock.sock") if agent_transport.kind == "vsock-user" else None
         for sock in (config.vhost_user_vsock, vsock_front, *(s.socket for s in shares)):

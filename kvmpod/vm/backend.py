@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import signal
 from dataclasses import dataclass
 
 
@@ -30,6 +31,8 @@ class VMExit:
             return self.failure
         if self.panicked:
             return "the guest kernel panicked"
+        if self.returncode == -signal.SIGSYS:  # QEMU's -sandbox kills the process on a denied call
+            return "QEMU was killed by its seccomp sandbox (SIGSYS): it made a system call the sandbox denies"
         if self.returncode is not None and self.returncode < 0:
             return f"QEMU was killed by signal {-self.returncode}"
         if self.shutdown_reason == "guest-reset":
