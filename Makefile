@@ -77,6 +77,7 @@ stage1: venv
 	$(VPY) -m kvmpod.stage1.build -o $(BUILD)/kvmpod-stage1.aci
 
 test: setup stage1
+	$(VPY) -m mypy
 	$(VPY) -m pytest $(PYTEST_ARGS) tests
 
 unit: venv
