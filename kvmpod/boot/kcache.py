@@ -94,7 +94,7 @@ def add_build_arguments(parser: "argparse.ArgumentParser", what: str, installed_
     parser.add_argument("--keep-source", action="store_true", help=f"keep the source tree ({source_size})")
 
 
-def run_command_line(action: Callable[[], None]) -> int:
+def run_command_line(action: Callable[[], object]) -> int:
     """Run a `python -m kvmpod.boot.*` (or kvmpod.vm.qemu_build) command: a KvmpodError becomes one line
     and exit status 1."""
     import sys

@@ -301,7 +301,7 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             raise ImageError(f"{where}: corrupt or truncated tar archive: {printable(str(e))}") from e
         # tarfile keeps every header it reads in tar.members; nothing here looks a member up again
         # (regular files are read by offset), so drop them: a million-entry archive stays small.
-        tar.members.clear()
+        tar.members.clear()  # type: ignore[attr-defined]  # TarFile.members is real, typeshed omits it
         yield member
 
 

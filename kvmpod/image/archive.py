@@ -57,8 +57,8 @@ class _CountingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
-        n = self.raw.readinto(buffer)  # type: ignore[attr-defined]
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)  # type: ignore[attr-defined]  # typing.BinaryIO omits readinto; files have it
         self.advance(n or 0)
         return n
 
@@ -77,7 +77,7 @@ class _ZstdReader(io.RawIOBase):
 
     FEED = 2048
 
-    def __init__(self, raw: BinaryIO, zstandard):  # type: ignore[no-untyped-def]
+    def __init__(self, raw: BinaryIO, zstandard):
         self.raw, self.zstandard = raw, zstandard
         self.dobj = zstandard.ZstdDecompressor().decompressobj()
         self.pending = memoryview(b"")
@@ -86,7 +86,7 @@ class _ZstdReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+    def readinto(self, buffer) -> int:
         while not self.pending:
             piece = self.raw.read(self.FEED)
             if not piece:
@@ -118,8 +118,8 @@ class _OwningReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
-        return self.reader.readinto(buffer)  # type: ignore[attr-defined]
+    def readinto(self, buffer) -> int:
+        return self.reader.readinto(buffer)  # type: ignore[attr-defined]  # as in _CountingReader
 
     def close(self) -> None:
         try:
@@ -131,6 +131,8 @@ class _OwningReader(io.RawIOBase):
 
 def decompressing_reader(kind: str, raw: BinaryIO, shown: str) -> BinaryIO:
     """A reader of `raw` decompressed as `kind` (a compression_of() result); `shown` names it in errors."""
+    # The decompressing files are binary streams, which typeshed does not derive from typing.BinaryIO:
+    # hence the ignores (here and for _OwningReader below).
     if kind == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if kind == "bzip2":
@@ -142,7 +144,7 @@ def decompressing_reader(kind: str, raw: BinaryIO, shown: str) -> BinaryIO:
             import zstandard  # optional: the spec's compressions are gzip, bzip2 and xz
         except ImportError as e:
             raise ImageError(f"{shown}: zstd-compressed data needs the Python 'zstandard' package") from e
-        return io.BufferedReader(_ZstdReader(raw, zstandard), COPY_CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_ZstdReader(raw, zstandard), COPY_CHUNK)
     return raw
 
 
@@ -151,7 +153,7 @@ def open_decompressed(path: Path, advance: Advance | None = None) -> BinaryIO:
     kind = detect_compression(path)
     raw: BinaryIO = path.open("rb")
     if advance is not None:
-        raw = io.BufferedReader(_CountingReader(raw, advance), COPY_CHUNK)  # type: ignore[assignment]
+        raw = io.BufferedReader(_CountingReader(raw, advance), COPY_CHUNK)
     try:
         reader = decompressing_reader(kind, raw, str(path))
     except BaseException:

@@ -28,8 +28,11 @@ COMPRESSIONS = ("gzip", "none", "bzip2", "xz")
 
 
 def _compressor(kind: str, raw: BinaryIO) -> BinaryIO:
+    # The compressed files are binary streams, which typeshed does not derive from typing.BinaryIO:
+    # hence the ignores.
     if kind == "gzip":
-        return gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)  # no name, no time in the header
+        # no name, no time in the header
+        return gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)  # type: ignore[return-value]
     if kind == "bzip2":
         return bz2.BZ2File(raw, "wb")  # type: ignore[return-value]
     if kind == "xz":

@@ -229,9 +229,9 @@ def merge_layers(layers: Iterable[Iterable[RootfsEntry]], *, whiteouts: bool = F
         except (ImageError, DiskError) as e:
             raise type(e)(f"{name}: {e}") from e
         if whiteouts:
-            entries = [e for e in entries if not tree.whiteout(name, e)]
-        for e in entries:
-            tree.add(name, e)
+            entries = [entry for entry in entries if not tree.whiteout(name, entry)]
+        for entry in entries:
+            tree.add(name, entry)
     return tree.entries(tree.kept_paths(path_whitelist) if path_whitelist else None)
 
 
@@ -247,7 +247,7 @@ def write_aci(entries: Iterable[RootfsEntry], manifest: dict, out: BinaryIO) -> 
     data = json.dumps(manifest, indent=2).encode() + b"\n"
     parse_manifest(data)  # an ACI kvmpod writes is always valid
     # The tar is streamed to `out` ("w|"), which may be a pipe or a hashing writer.
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("manifest")
         info.size, info.mode = len(data), 0o644
         tar.addfile(info, io.BytesIO(data))

@@ -102,7 +102,8 @@ class NetworkConfig:
         conf["cniVersion"] = self.cni_version
         conf.pop("prevResult", None)
         conf.pop("runtimeConfig", None)
-        capabilities = conf.get("capabilities") if isinstance(conf.get("capabilities"), dict) else {}
+        found = conf.get("capabilities")
+        capabilities: dict[str, Any] = found if isinstance(found, dict) else {}
         wanted = {k: v for k, v in self.runtime.items() if capabilities.get(k) is True}
         if wanted:
             conf["runtimeConfig"] = wanted
@@ -125,7 +126,8 @@ class NetworkConfig:
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> "NetworkConfig":
-        runtime = data.get("runtime") if isinstance(data.get("runtime"), dict) else {}
+        found = data.get("runtime")
+        runtime: dict[str, Any] = found if isinstance(found, dict) else {}
         return cls(str(data["name"]), str(data["cniVersion"]), tuple(data["plugins"]), Path(str(data["source"])),
                    runtime)
 
@@ -369,7 +371,8 @@ def normalize_result(result: dict[str, Any]) -> dict[str, Any]:
     are converted as libcni does."""
     if "ip4" not in result and "ip6" not in result:
         return result
-    ips, routes = [], []
+    ips: list[dict[str, Any]] = []
+    routes: list[dict[str, Any]] = []
     for key in ("ip4", "ip6"):
         block = result.get(key)
         if not isinstance(block, dict):
@@ -423,8 +426,8 @@ def interface_from_result(network: str, result: dict[str, Any], ifname: str, mac
             gw = ipaddress.ip_address(route["gw"]) if route.get("gw") else None
         except ValueError as e:
             raise _bad_result(network, f"has routes[{i}] with a bad dst or gw: {route!r}") from e
-        gateway = str(gw) if gw is not None else gateways.get(dst.version)
-        routes.append(Route(str(dst), gateway))
+        via = str(gw) if gw is not None else gateways.get(dst.version)
+        routes.append(Route(str(dst), via))
     return GuestInterface(mac, ifname, mtu, tuple(addresses), tuple(dict.fromkeys(routes)))
 
 

@@ -77,7 +77,7 @@ class LeasePool:
 
     def release(self, owner: str) -> list[str]:
         """Free every lease `owner` holds; returns the addresses freed."""
-        freed = []
+        freed: list[str] = []
         if not self.directory.is_dir():
             return freed
         with self.locked():

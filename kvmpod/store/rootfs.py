@@ -15,13 +15,17 @@ version of a dependency yields a new disk instead of silently reusing the old on
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmpod.errors import ImageError
 from kvmpod.store.refs import IdRef, NameRef
 from kvmpod.store.stored import StoredImage
+
+if TYPE_CHECKING:
+    from kvmpod.disk.entries import RootfsEntry
 
 MAX_DEPTH = 16
 
@@ -85,6 +89,7 @@ def build_rootfs_disk(image: StoredImage, chain: list[StoredImage], disk: Path) 
 
     with ExitStack() as stack:
         tars = [stack.enter_context(tarfile.open(layer.blob, "r:")) for layer in chain]
+        entries: Iterable[RootfsEntry]
         if len(chain) == 1 and not image.manifest.path_whitelist:
             entries = entries_from_tar(tars[0])
         else:

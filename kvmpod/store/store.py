@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from kvmpod import paths
 from kvmpod.errors import ImageError, ManifestError
@@ -161,7 +162,8 @@ class Store:
             try:
                 digest = hashlib.sha512()
                 with tmp.open("wb") as raw:
-                    out = _HashingWriter(raw, digest, self.limits.max_size, text)
+                    # the tar writer needs only write() and flush(), which _HashingWriter has
+                    out = cast(BinaryIO, _HashingWriter(raw, digest, self.limits.max_size, text))
                     with progress(f"converting {source_path.name}", None) as advance:
                         convert(ref, out, tmp_dir=work_file, progress=advance, limits=self.limits)
                 image = self._store_tar(tmp, "sha512-" + digest.hexdigest(), Path(text), source,
@@ -385,7 +387,7 @@ class Store:
 class _HashingWriter:
     """The output of a conversion: hashed as written (the image ID), capped like any import."""
 
-    def __init__(self, raw, digest, max_size: int, shown: str):  # type: ignore[no-untyped-def]
+    def __init__(self, raw: BinaryIO, digest: "hashlib._Hash", max_size: int, shown: str):
         self.raw, self.digest, self.max_size, self.shown, self.size = raw, digest, max_size, shown, 0
 
     def write(self, data: bytes) -> int:

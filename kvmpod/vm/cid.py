@@ -105,7 +105,7 @@ def allocate_cid(owner: str, probe: bool) -> CidLease:
 
 def remove_stale() -> list[int]:
     """`kvmpod gc`: remove lock files no process holds; returns their CIDs."""
-    removed = []
+    removed: list[int] = []
     directory = cid_dir()
     if not directory.is_dir():
         return removed

@@ -83,7 +83,8 @@ def plan_boot(kernel: GuestKernel, cpus: int, debug: bool, accel: str = "tcg",
     ]
     if cpus == 1:
         args.append("noreplace-smp")  # skip SMP alternatives patching (~80 ms under TCG)
-    machine, options = "pc", ()
+    machine = "pc"
+    options: tuple[str, ...] = ()
     tsc_khz = host_tsc_khz() if accel == "tcg" else None
     if microvm_capable(kernel) and (accel != "tcg" or tsc_khz):
         machine, options = "microvm", MICROVM_OPTIONS

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from kvmpod.agent.protocol import VSOCK_PORT
@@ -22,6 +23,8 @@ from kvmpod.vm.config import VMConfig
 from kvmpod.vm.spawn import RESTORE_ANSWERS, SpawnedQemu, spawn_qemu
 
 if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
+
     from kvmpod.vsock.device import VsockDevice
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ class QemuVM(VMBackend):
         self._popen: "subprocess.Popen | AdoptedProcess | None" = spawned.process if spawned else None
         if spawned:
             self.config = spawned.config
-        self._qmp = None
+        self._qmp: QMPClient | None = None
         self._qmp_sock: socket.socket | None = None
         self._events_task: asyncio.Task | None = None
         self._panicked = False
@@ -93,11 +96,12 @@ class QemuVM(VMBackend):
         self._watch()
         self._qmp = QMPClient(self.config.name)
         self._qmp_sock = spawned.take("qmp")
+        assert self._qmp_sock is not None  # spawn_qemu always makes the QMP pair
         try:
             await self._race(self._qmp.connect(self._qmp_sock), "QEMU did not answer on QMP")
             self._events_task = loop.create_task(self._watch_events())
-            if spawned.restore_monitor is not None:
-                await self._race(self._restore_answers(spawned.take("restore_monitor")),
+            if (restore_monitor := spawned.take("restore_monitor")) is not None:
+                await self._race(self._restore_answers(restore_monitor),
                                  "QEMU did not take the boot snapshot")
             if spawned.agent is not None:
                 channel = await asyncio.open_connection(sock=spawned.take("agent"), limit=1 << 20)
@@ -188,12 +192,12 @@ class QemuVM(VMBackend):
         with self._qmp.listen(listener):
             await self._qmp.execute(command, {"uri": "fd:snapshot"})
             async for event in listener:
-                status = event.get("data", {}).get("status")
+                status = _field(event, "data", "status")
                 if status == "completed":
                     return
                 if status in ("failed", "cancelled"):
-                    info = await self._qmp.execute("query-migrate")
-                    raise VMError(f"{what} failed: {info.get('error-desc', status)}")
+                    desc = _field(await self._qmp.execute("query-migrate"), "error-desc")
+                    raise VMError(f"{what} failed: {status if desc is None else desc}")
 
     async def save_snapshot(self, state: Path) -> None:
         """Write the guest's device state to `state`; the guest is stopped after. Guest RAM is not
@@ -289,7 +293,8 @@ class QemuVM(VMBackend):
                 if name == "GUEST_PANICKED":
                     self._panicked = True
                 elif name == "SHUTDOWN":
-                    self._shutdown_reason = event.get("data", {}).get("reason")
+                    reason = _field(event, "data", "reason")
+                    self._shutdown_reason = reason if isinstance(reason, str) else None
 
     async def _watch_process(self) -> None:
         assert self._popen is not None and self._ended is not None
@@ -344,6 +349,7 @@ class QemuVM(VMBackend):
     async def _vcpus(self, command: str) -> None:
         from qemu.qmp import QMPError
 
+        assert self._qmp is not None
         try:
             await self._qmp.execute(command)
         except QMPError as e:
@@ -399,6 +405,15 @@ class AdoptedProcess:
             os.kill(self.pid, signal.SIGKILL)
 
 
+def _field(message: object, *keys: str) -> object:
+    """message[key][key]... of a QMP reply or event (JSON objects); None where one is missing."""
+    for key in keys:
+        if not isinstance(message, Mapping):
+            return None
+        message = message.get(key)
+    return message
+
+
 async def _exited(proc: "subprocess.Popen | AdoptedProcess") -> int:
     """Wait for `proc` to end without a thread or SIGCHLD handler (it was spawned before the loop
     existed): its pidfd becomes readable when it exits."""
@@ -406,7 +421,11 @@ async def _exited(proc: "subprocess.Popen | AdoptedProcess") -> int:
     pidfd = os.pidfd_open(proc.pid)
     try:
         exited = loop.create_future()
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, readable)
         try:
             await exited
         finally:

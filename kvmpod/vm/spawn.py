@@ -114,7 +114,9 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
         if restore_from is not None:
             theirs.append(os.open(restore_from, os.O_RDONLY | os.O_CLOEXEC))
             ours["restore_monitor"].sendall(restore_commands(theirs[-1]))
-        config = dataclasses.replace(config, **fds)
+        config = dataclasses.replace(config, qmp_fd=fds.get("qmp_fd", config.qmp_fd),
+                                     agent_fd=fds.get("agent_fd", config.agent_fd),
+                                     restore_monitor_fd=fds.get("restore_monitor_fd", config.restore_monitor_fd))
         argv = qemu_argv(config, str(binary or qemu_binary()))
         log.debug("qemu argv: %s", argv)
         with open(stderr_log, "wb") as err:

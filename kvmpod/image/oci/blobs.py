@@ -24,7 +24,7 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from kvmpod.errors import ImageError
 from kvmpod.image.archive import (compression_of, decompress_to, decompressing_reader, decompression_errors,
@@ -67,8 +67,8 @@ class Span:
     offset: int
     size: int
 
-    def open(self) -> BinaryIO:
-        return io.BufferedReader(_Window(self), _BUFFER)  # type: ignore[return-value]
+    def open(self) -> io.BufferedReader:
+        return io.BufferedReader(_Window(self), _BUFFER)
 
 
 class _Window(io.RawIOBase):
@@ -284,7 +284,7 @@ def open_layer(archive: Archive, layer: LayerBlob, *, tmp_dir: Path, stack: Exit
     uncompressed = _Digests(layer.diff_id)
     size = 0
     try:
-        with span.open() as raw, _decompressor(kind, _Counting(raw, advance), archive.shown, layer.name) as stream:
+        with span.open() as raw, _decompressor(kind, cast(BinaryIO, _Counting(raw, advance)), archive.shown, layer.name) as stream:
             while chunk := stream.read(_CHUNK):
                 budget.spend(len(chunk))
                 size += len(chunk)
@@ -294,7 +294,7 @@ def open_layer(archive: Archive, layer: LayerBlob, *, tmp_dir: Path, stack: Exit
         raise ImageError(f"{archive.shown}: {layer.name}: corrupt or truncated {kind} stream: {e}") from e
     _check_diff_id(archive.shown, layer, uncompressed)
     tmp.seek(0)
-    return tmp, size  # type: ignore[return-value]
+    return tmp, size
 
 
 def _check_diff_id(shown: str, layer: LayerBlob, digests: _Digests) -> None:
