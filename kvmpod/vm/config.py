@@ -59,6 +59,46 @@ class Nic:
 
 
 @dataclass(frozen=True)
+class Confinement:
+    """What QEMU does to itself once it has opened everything (kvmpod/vm/sandbox.py decides it, from
+    the QEMU version and kvmpod.toml's [security]; docs/security.md): its seccomp filter, the user it
+    switches to and the empty directory it chroots into."""
+
+    seccomp: bool = False
+    # deny: set*uid/gid kill QEMU. A QEMU that switches user itself (-runas) calls setgid/setuid after
+    # the filter is in place, so it needs allow (once it is that user, with no capabilities and
+    # no_new_privs, set*uid can only give up more)
+    elevate_privileges: str = "deny"
+    user: str | None = None           # the user QEMU becomes (by name), after opening everything
+    chroot: Path | None = None        # the empty directory it chroots into, just before
+    version: tuple[int, int] = (7, 2)  # QEMU's: how the options are spelled (-runas/-chroot or -run-with)
+
+
+def confinement_argv(c: Confinement) -> list[str]:
+    """QEMU's options for `c`: -sandbox, and the user and chroot spelled for its version (-runas and
+    -chroot up to 8.2; 9.0's -run-with chroot=; 9.1's -run-with user=, where -runas is deprecated, and
+    10.0, where -runas and -chroot are gone)."""
+    argv: list[str] = []
+    if c.seccomp:
+        argv += ["-sandbox", f"on,obsolete=deny,elevateprivileges={c.elevate_privileges},spawn=deny,"
+                             "resourcecontrol=deny"]
+    run_with: list[str] = []
+    if c.chroot is not None:
+        if c.version >= (9, 0):
+            run_with.append(f"chroot={opt_value(c.chroot)}")
+        else:
+            argv += ["-chroot", str(c.chroot)]
+    if c.user is not None:
+        if c.version >= (9, 1):
+            run_with.append(f"user={opt_value(c.user)}")
+        else:
+            argv += ["-runas", c.user]
+    if run_with:
+        argv += ["-run-with", ",".join(run_with)]
+    return argv
+
+
+@dataclass(frozen=True)
 class VMConfig:
     name: str
     kernel: Path
@@ -88,6 +128,7 @@ class VMConfig:
     memory_file: Path | None = None
     memory_file_shared: bool = False
     incoming: bool = False    # wait for a snapshot's device state (-incoming defer; the restore monitor loads it)
+    confinement: Confinement = Confinement()  # QEMU's seccomp filter, user and chroot (docs/security.md)
 
     @property
     def virtio_suffix(self) -> str:
@@ -120,6 +161,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         "-chardev", f"file,id=console,path={opt_value(cfg.console_log)}",
         "-serial", "chardev:console",
         "-device", "pvpanic-pci" if v == "pci" else "pvpanic",
+        *confinement_argv(cfg.confinement),
     ]
     if cfg.qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={cfg.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
