@@ -110,8 +110,8 @@ def parse_port(text: str) -> PortRequest:
         try:
             if ipaddress.ip_address(host_ip).version != 4:
                 raise ValueError
-        except ValueError:
-            raise UsageError(f"--port {text}: {host_ip!r} is not an IPv4 address") from None
+        except ValueError as e:
+            raise UsageError(f"--port {text}: {host_ip!r} is not an IPv4 address") from e
     return PortRequest(name, int(port), host_ip)
 
 
@@ -122,8 +122,8 @@ def parse_hosts_entry(text: str) -> str:
     address, sep, name = text.partition("=")
     try:
         ipaddress.ip_address(address)
-    except ValueError:
-        raise UsageError(f"--hosts-entry {text}: {address!r} is not an IP address (expected IP=HOSTNAME)") from None
+    except ValueError as e:
+        raise UsageError(f"--hosts-entry {text}: {address!r} is not an IP address (expected IP=HOSTNAME)") from e
     if not sep or not _HOSTNAME.match(name):
         raise UsageError(f"--hosts-entry {text}: {name!r} is not a host name (expected IP=HOSTNAME)")
     return f"{address} {name}"
@@ -139,8 +139,8 @@ def parse_dns(values: list[str]) -> tuple[str, ...]:
     for value in values:
         try:
             ipaddress.ip_address(value)
-        except ValueError:
-            raise UsageError(f"--dns {value}: not an IP address (or host, none)") from None
+        except ValueError as e:
+            raise UsageError(f"--dns {value}: not an IP address (or host, none)") from e
     return tuple(values)
 
 
