@@ -172,7 +172,7 @@ def _pod_process(app: AppOverrides, options: RunOptions, slave: int | None, repo
     terminal), kvmpod's own messages in the runtime log. Never returns."""
     import asyncio  # the pod process only: the other commands start without it
 
-    from kvmpod.pod.run import run_pod
+    from kvmpod.pod.run import run_pod  # asyncio and the agent session: as above
 
     code = EXIT_KVMPOD_FAILURE
     reported = False

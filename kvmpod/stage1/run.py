@@ -18,6 +18,9 @@ from pathlib import Path
 
 from kvmpod import paths
 from kvmpod.image.manifest import App, Isolator
+from kvmpod.outcome import configure_logging
+from kvmpod.pod.entry import run as run_pod
+from kvmpod.pod.options import RunOptions
 from kvmpod.pod.spec import AppOverrides
 from kvmpod.stage1.flags import RunArgs, Stage1Error, parse_run
 from kvmpod.stage1.lock import hold_pod_lock
@@ -43,7 +46,7 @@ ALL_CAPABILITIES = (
 
 def pod_hostname(args: RunArgs) -> str:
     """--hostname, else rkt's default rkt-<UUID> (the guide, interface version 2)."""
-    from kvmpod.cli.types import hostname
+    from kvmpod.cli.types import hostname  # importing kvmpod.cli loads its whole parser: only here
 
     try:
         return hostname(args.hostname or f"rkt-{args.uuid}")
@@ -86,10 +89,6 @@ def check_supported(args: RunArgs, pod: RktPod) -> None:
 
 
 def run(argv: list[str]) -> int:
-    from kvmpod.outcome import configure_logging
-    from kvmpod.pod.entry import run as run_pod
-    from kvmpod.pod.options import RunOptions
-
     args = parse_run(argv)
     configure_logging(args.debug)
     root = Path.cwd()
