@@ -487,6 +487,10 @@ class PodRunner:
             waits.add(self.session.failed)
         done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if task in done and not self._failed_with_session(task):
+            error = task.exception()
+            if type(error) is AgentError:  # the channel closed or broke: usually the VM is going down
+                with contextlib.suppress(asyncio.TimeoutError):
+                    raise GuestDied(await asyncio.wait_for(asyncio.shield(self.vm.ended), 2.0)) from error
             return task.result()
         task.cancel()
         with contextlib.suppress(BaseException):

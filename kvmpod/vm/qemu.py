@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # Until the agent listens on its vsock port the guest answers kvmpod's connection with RST; kvmpod
 # asks again after this long (nothing in the guest announces the listener). Bounded by the boot timeout.
 VSOCK_RETRY = 0.01
+TEST_QMP_ENV = "KVMPOD_TEST_QMP"   # test-only: a QMP command to send once QEMU runs the guest
 
 
 class QemuVM(VMBackend):
@@ -110,7 +112,21 @@ class QemuVM(VMBackend):
         except BaseException:
             await self.stop(grace=0)
             raise
+        if command := os.environ.get(TEST_QMP_ENV):
+            await self._test_command(command)
         return channel
+
+    async def _test_command(self, text: str) -> None:
+        """Test-only ($KVMPOD_TEST_QMP, docs/security.md): one QMP command, sent once QEMU runs the guest, to
+        try what a compromised QEMU would do (tests/e2e/test_sandbox.py: exec a helper). Its answer is
+        printed; a QEMU that dies of it ends the pod the usual way."""
+        assert self._qmp is not None
+        message = json.loads(text)
+        try:
+            answer = await asyncio.wait_for(self._qmp.execute(message["execute"], message.get("arguments")), 10)
+        except Exception as e:  # noqa: BLE001 - whatever it is, it is the test's answer
+            answer = f"{type(e).__name__}: {e}"
+        print(f"kvmpod: test QMP {message['execute']}: {answer}", file=sys.stderr, flush=True)
 
     # -- across an exec into kvmpod-relay and back (kvmpod/pod/relay.py) -------------------------
 
