@@ -25,7 +25,7 @@ from kvmpod import paths, resources
 from kvmpod.boot import distro, kcache, minimal
 from kvmpod.boot.modules import guest_module_names
 from kvmpod.errors import KernelError, KvmpodError, QemuBuildError
-from kvmpod.vm import qemu_binary, qemu_build
+from kvmpod.vm import qemu_binary, qemu_build, sandbox
 
 SYSTEM_CACHE = Path("/var/cache/kvmpod")
 LOG_DIR = "logs"     # <cache>/logs/setup-<step>.log: each step's messages
@@ -234,6 +234,17 @@ def run_steps(names: list[str], force: bool = False, jobs: int | None = None,
               file=out, flush=True)
         results.append(StepResult(step.name, path, built, seconds, log_path))
     return results
+
+
+def qemu_user() -> str | None:
+    """As root: the system user pods' QEMU switches to (kvmpod/vm/sandbox.py), made now if it is not
+    there, so that no pod has to make it; None for other users (their QEMU is theirs) or when
+    kvmpod.toml's [security] qemu-user = false."""
+    name, _ = sandbox.user_setting()
+    if os.geteuid() != 0 or name is None:
+        return None
+    entry = sandbox.ensure_user(name)
+    return f"{name} (uid {entry.pw_uid}, gid {entry.pw_gid})"
 
 
 def check_programs() -> list[tuple[str, Path]]:

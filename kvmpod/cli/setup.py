@@ -25,6 +25,8 @@ def cmd_setup(ns: argparse.Namespace) -> int:
         return 0
     for name, path in provision.check_programs():
         print(f"{name}: {path}")
+    if "qemu" in names and (user := provision.qemu_user()):
+        print(f"QEMU's user: {user}")
     reuse = provision.reusable_caches()
     print(f"cache: {provision.own_cache()}" + (f" (builds in {', '.join(map(str, reuse))} count too)" if reuse else ""))
     results = provision.run_steps(names, force=ns.force, jobs=ns.jobs)

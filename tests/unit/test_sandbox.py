@@ -230,3 +230,18 @@ def test_the_chroot_is_an_empty_root_directory_nobody_else_writes(tmp_path, monk
 def test_a_qemu_killed_by_its_filter_is_reported_as_that():
     assert VMExit(-31).describe() == ("QEMU was killed by its seccomp sandbox (SIGSYS): it made a system call the "
                                      "sandbox denies")
+
+
+def test_setup_makes_the_user_as_root_only_and_not_when_switched_off(tmp_path, settings, monkeypatch):
+    from kvmpod import provision
+
+    made = []
+    monkeypatch.setattr(sandbox, "ensure_user", lambda name: made.append(name) or pwd.struct_passwd(
+        (name, "x", 999, 995, "", "/nonexistent", "/usr/sbin/nologin")))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert provision.qemu_user() == "kvmpod-qemu (uid 999, gid 995)" and made == ["kvmpod-qemu"]
+    settings('[security]\nqemu-user = false\n')
+    assert provision.qemu_user() is None
+    settings('')
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert provision.qemu_user() is None and made == ["kvmpod-qemu"]
