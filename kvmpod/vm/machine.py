@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpod import paths
-from kvmpod.boot import minimal
+from kvmpod.boot import tsc
 from kvmpod.boot.kernel import GuestKernel
 
 # rtc stays on: without a CMOS clock this kernel polls for it for a whole second.
@@ -59,7 +59,7 @@ def host_tsc_khz() -> int | None:
             return int(khz_text)
     except (OSError, ValueError):
         pass
-    khz = minimal.host_tsc_khz()  # spawns dmesg: once per host boot
+    khz = tsc.host_tsc_khz()  # spawns dmesg: once per host boot
     if khz and boot_id:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

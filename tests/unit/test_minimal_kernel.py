@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmpod.boot import minimal
+from kvmpod.boot import minimal, tsc
 from kvmpod.boot.kernel import load_kernel_json
-from kvmpod.boot.minimal import (build_hash, dropped_options, has_pvh_note, installed_kernel, parse_fragment,
-                                 parse_tsc_khz, verify_config)
+from kvmpod.boot.minimal import build_hash, dropped_options, has_pvh_note, installed_kernel, parse_fragment, verify_config
+from kvmpod.boot.tsc import parse_tsc_khz
 from kvmpod.errors import KernelError
 
 FRAGMENT_TEXT = minimal.FRAGMENT.read_text()
@@ -270,5 +270,5 @@ def test_tsc_from_cpuinfo_needs_constant_tsc():
 
 
 def test_host_tsc_khz_is_plausible():
-    khz = minimal.host_tsc_khz()
+    khz = tsc.host_tsc_khz()
     assert khz is None or 100_000 < khz < 10_000_000
