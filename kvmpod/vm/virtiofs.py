@@ -43,6 +43,10 @@ def fuse_opt_value(value: object) -> str:
 def virtiofsd_argv(binary: Path, share: FsShare) -> list[str]:
     # The C virtiofsd has no read-only option: the guest mounts a readOnly volume ro (and binds it ro).
     # --socket-path=... is one argument, not an option list: it is passed as it is.
+    # Its sandbox (docs/security.md): sandbox=namespace (new mount, pid and net namespaces, pivot_root
+    # into the share) and, always, its seccomp allowlist and a reduced capability set, from which
+    # modcaps takes CAP_MKNOD (a guest could otherwise make device nodes on the host's filesystem) and
+    # CAP_SETFCAP (file capabilities: xattrs are off anyway).
     return [str(binary), f"--socket-path={share.socket}", "-o", f"source={fuse_opt_value(share.source)}",
             "-o", "cache=auto", "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "log_level=warn",
-            "--rlimit-nofile=4096"]
+            "-o", "modcaps=-mknod:-setfcap", "--rlimit-nofile=4096"]

@@ -40,6 +40,12 @@ def qemu_pids_of(run_dir: str) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def qemu_user_pids_of(run_dir: str) -> list[int]:
+    """Processes of QEMU's user (kvmpod-qemu, docs/security.md) started for this test session's pods."""
+    out = subprocess.run(["pgrep", "-u", "kvmpod-qemu", "-f", run_dir], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
 def virtiofsd_pids_of(run_dir: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"virtiofsd.*{run_dir}"], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
@@ -55,14 +61,15 @@ def machine_network_touched() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(kvmpod_env):
-    """After every VM test: no QEMU or virtiofsd of ours, no pod directory (tests with --keep clean up
-    themselves)."""
+    """After every VM test: no QEMU or virtiofsd of ours, no process of QEMU's user for our pods, no pod
+    directory (tests with --keep clean up themselves)."""
     yield
     run_dir = kvmpod_env["KVMPOD_RUN_DIR"]
     deadline = time.time() + 5
-    while (qemu_pids_of(run_dir) or virtiofsd_pids_of(run_dir)) and time.time() < deadline:
+    while (qemu_pids_of(run_dir) or virtiofsd_pids_of(run_dir) or qemu_user_pids_of(run_dir)) and time.time() < deadline:
         time.sleep(0.1)
     assert qemu_pids_of(run_dir) == [], "a QEMU process outlived kvmpod"
+    assert qemu_user_pids_of(run_dir) == [], "a process of QEMU's user kvmpod-qemu outlived its pod"
     assert virtiofsd_pids_of(run_dir) == [], "a virtiofsd process outlived kvmpod"
     pods = Path(run_dir, "pods")
     assert not pods.exists() or list(pods.iterdir()) == [], f"pod directories left: {list(pods.iterdir())}"

@@ -1,0 +1,161 @@
+"""Least privilege around the VMM (docs/security.md), on real pods started as root: QEMU under its seccomp
+filter, as the kvmpod-qemu user, chrooted into an empty directory; virtiofsd under its own sandbox; a
+call the filter denies (QEMU made to exec a helper) kills QEMU before the helper runs, and the pod says
+so; kvmpod.toml's [security] switches turn both off."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import kvmpod_cmd
+from tests.e2e.conftest import VM_TIMEOUT, Kvmpod, the_error
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the user switch and the chroot are root's")
+
+SLEEP = ("--exec", "/bin/sh", "--", "-c", "sleep 60")
+
+
+def status_of(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def running(kvmpod: Kvmpod, *args: str) -> tuple[subprocess.Popen, dict]:
+    proc = kvmpod.popen(*args)
+    return proc, kvmpod.wait_for_running_pod(proc)
+
+
+def stop(proc: subprocess.Popen) -> bytes:
+    """SIGTERM to the pod (its app gets it); its stderr."""
+    proc.terminate()
+    return proc.communicate(timeout=60)[1]
+
+
+def run_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(kvmpod_cmd("run", *args), capture_output=True, env=env, timeout=VM_TIMEOUT)
+
+
+@pytest.mark.parametrize("boot", ["cold", "snapshot"])
+def test_a_root_pods_qemu_is_filtered_unprivileged_and_chrooted(kvmpod, kvmpod_env, busybox_aci, boot):
+    user = pwd.getpwnam("kvmpod-qemu") if boot == "snapshot" else None   # the cold run may make it
+    proc, state = running(kvmpod, f"--boot={boot}", str(busybox_aci), *SLEEP)
+    try:
+        user = user or pwd.getpwnam("kvmpod-qemu")
+        status = status_of(state["qemu_pid"])
+        assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
+        assert status["Uid"].split() == [str(user.pw_uid)] * 4 and status["Gid"].split() == [str(user.pw_gid)] * 4
+        assert user.pw_uid != 0 and user.pw_gid != 0
+        assert status["Groups"] == str(user.pw_gid)
+        assert status["CapEff"] == status["CapPrm"] == "0000000000000000"
+        root = Path(kvmpod_env["KVMPOD_RUN_DIR"]) / "qemu-root"
+        assert os.readlink(f"/proc/{state['qemu_pid']}/root") == str(root)
+        assert list(root.iterdir()) == [] and root.stat().st_uid == 0 and root.stat().st_mode & 0o777 == 0o555
+    finally:
+        stop(proc)
+    assert proc.returncode == 128 + 15, proc.stderr   # the app got the SIGTERM: the pod ran to its end
+
+
+def test_debug_shows_the_sandbox_user_and_chroot_of_qemu(kvmpod, kvmpod_env, busybox_aci):
+    result = kvmpod.run("--debug", "--boot=cold", str(busybox_aci))
+    assert result.returncode == 0, result.stderr
+    argv_line = next(line for line in result.stderr.decode().splitlines() if "qemu argv:" in line)
+    root = Path(kvmpod_env["KVMPOD_RUN_DIR"]) / "qemu-root"
+    assert "'-sandbox', 'on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny'" in argv_line
+    assert f"'-chroot', '{root}', '-runas', 'kvmpod-qemu'" in argv_line
+    assert (f"QEMU confinement: seccomp on (elevateprivileges=allow), user kvmpod-qemu, chroot {root}"
+            in result.stderr.decode())
+
+
+def test_virtiofsd_of_a_host_volume_pod_is_sandboxed_and_qemu_still_unprivileged(kvmpod, busybox_aci, tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "in").write_text("from the host\n")
+    proc, state = running(kvmpod, "--volume", f"h,kind=host,source={share}", str(busybox_aci),
+                          "--mount", "volume=h,target=/h", "--exec", "/bin/sh", "--", "-c",
+                          "cat /h/in > /h/part && mv /h/part /h/out; sleep 60")
+    try:
+        assert state["virtiofsd_pids"]
+        for pid in state["virtiofsd_pids"]:
+            # the C virtiofsd: the process kvmpod started only waits (no capabilities left at all); its
+            # child serves, in new mount, pid and net namespaces, under seccomp, with fewer capabilities
+            waiter = status_of(pid)
+            assert waiter["CapEff"] == waiter["CapBnd"] == "0000000000000000"
+            [worker] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            status = status_of(int(worker))
+            assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
+            assert status["CapBnd"] == "0000000000000000"
+            caps = int(status["CapEff"], 16)
+            assert caps and not caps & (1 << 27) and not caps & (1 << 31)   # no CAP_MKNOD, no CAP_SETFCAP
+            assert not caps & (1 << 21)   # nor CAP_SYS_ADMIN
+            assert len(status["NSpid"].split()) == 2   # pid 1 of a pid namespace of its own
+            for ns in ("mnt", "net", "pid"):
+                assert os.readlink(f"/proc/{worker}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+        assert status_of(state["qemu_pid"])["Uid"].split()[0] == str(pwd.getpwnam("kvmpod-qemu").pw_uid)
+        for _ in range(300):
+            if (share / "out").exists():
+                break
+            subprocess.run(["sleep", "0.1"])
+        assert (share / "out").read_text() == "from the host\n"
+        assert (share / "out").stat().st_uid == 0   # virtiofsd (root) keeps owners; QEMU never touches files
+    finally:
+        stop(proc)
+
+
+def test_9p_host_volumes_keep_a_root_qemu_with_one_notice(kvmpod, kvmpod_env, busybox_aci, tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    env = dict(kvmpod_env, KVMPOD_VOLUME_TRANSPORT="9p")
+    result = run_with(env, "--volume", f"h,kind=host,source={share}", str(busybox_aci), "--mount", "volume=h,target=/h",
+                      "--exec", "/bin/sh", "--", "-c", "echo x > /h/f")
+    assert result.returncode == 0, result.stderr
+    notices = [line for line in result.stderr.decode().splitlines() if "QEMU runs as root" in line]
+    assert len(notices) == 1 and "virtio-9p" in notices[0]
+    assert (share / "f").stat().st_uid == 0
+
+
+def test_qemu_made_to_exec_a_helper_is_killed_by_its_filter_before_the_helper_runs(kvmpod, kvmpod_env, busybox_aci,
+                                                                                   tmp_path):
+    marker = tmp_path / "helper-ran"
+    helper = tmp_path / "helper"
+    helper.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    helper.chmod(0o755)
+    # -netdev bridge forks and execs its helper (QEMU's qemu-bridge-helper): the spawn=deny part of the filter
+    command = json.dumps({"execute": "netdev_add", "arguments": {"type": "bridge", "id": "h", "br": "kvmpod-none",
+                                                                  "helper": str(helper)}})
+    env = dict(kvmpod_env, KVMPOD_TEST_QMP=command)
+    sandboxed = run_with(env, "--boot=cold", str(busybox_aci), "--exec", "/bin/sh", "--", "-c", "sleep 3")
+    assert sandboxed.returncode == 125
+    assert the_error(sandboxed) == ("kvmpod: error: the VM ended before the app finished: QEMU was killed by its "
+                                    "seccomp sandbox (SIGSYS): it made a system call the sandbox denies")
+    assert not marker.exists()
+    # the same command with both switches off: the helper runs (and QEMU, given no fd back, refuses the
+    # netdev), and the pod goes on — so it is the filter that stopped it above
+    off = tmp_path / "off.toml"
+    off.write_text("[security]\nsandbox = false\nqemu-user = false\n")
+    unconfined = run_with(dict(env, KVMPOD_CONFIG=str(off)), "--boot=cold", str(busybox_aci), "--exec", "/bin/sh",
+                          "--", "-c", "echo went on")
+    assert unconfined.returncode == 0, unconfined.stderr
+    assert unconfined.stdout == b"went on\n"
+    assert marker.exists()
+
+
+def test_the_security_switches_turn_the_filter_and_the_user_off(kvmpod_env, busybox_aci, tmp_path):
+    off = tmp_path / "off.toml"
+    off.write_text("[security]\nsandbox = false\nqemu-user = false\n")
+    switched_off = Kvmpod(dict(kvmpod_env, KVMPOD_CONFIG=str(off)))
+    proc, state = running(switched_off, "--boot=cold", str(busybox_aci), *SLEEP)
+    try:
+        status = status_of(state["qemu_pid"])
+        assert status["Seccomp"] == "0" and status["Uid"].split()[0] == "0"
+        assert os.readlink(f"/proc/{state['qemu_pid']}/root") == "/"
+    finally:
+        stderr = stop(proc)
+    assert [line for line in stderr.decode().splitlines() if "(for measuring only)" in line] == [
+        f"kvmpod: notice: QEMU runs without its seccomp sandbox: [security] sandbox = false in {off} (for measuring only)",
+        f"kvmpod: notice: QEMU runs as root: [security] qemu-user = false in {off} (for measuring only)"]
