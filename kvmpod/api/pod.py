@@ -279,9 +279,10 @@ class PodProcess:
         try:
             stdout, stderr = self._proc.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired as cause:
-            stdout, stderr = self._stop_after_timeout()
+            late_out, late_err = self._stop_after_timeout()
+            result: PodResult | None
             try:
-                result = self._finish(stdout, stderr)
+                result = self._finish(late_out, late_err)
             except KvmpodError as e:
                 result = getattr(e, "result", None)
             raise PodTimeout(f"the pod did not end within {timeout} s: stopped", result) from cause

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import NoReturn
 
 from kvmpod.errors import UsageError
 from kvmpod.image.names import AC_NAME
@@ -14,7 +15,7 @@ class KvmpodParser(argparse.ArgumentParser):
 
     run_parser: argparse.ArgumentParser  # the top-level parser's `run` subcommand
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}")
 
 

@@ -215,7 +215,8 @@ class EnterSession:
     def start(self, req: EnterRequest) -> deque[tuple[c.Kind, bytes]]:
         size = (window_size(self.stdin_fd) or (24, 80)) if self.tty else None
         reply, early = request(self.sock, req.message(size), self.parser, timeout=None)
-        self.pid = reply.get("pid") if isinstance(reply.get("pid"), int) else 0
+        pid = reply.get("pid")
+        self.pid = pid if isinstance(pid, int) else 0
         return deque(early)
 
     def run(self, req: EnterRequest, on_started: Callable[[int], None] | None = None) -> int:

@@ -161,7 +161,7 @@ def tty_size(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
     rows, cols = (value.get("rows"), value.get("cols")) if isinstance(value, dict) else (None, None)
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (rows, cols)):
+    if not (isinstance(rows, int) and isinstance(cols, int)) or isinstance(rows, bool) or isinstance(cols, bool):
         raise ControlError("a terminal size needs integer rows and cols")
     return max(1, min(rows, 0xFFFF)), max(1, min(cols, 0xFFFF))
 
@@ -326,7 +326,7 @@ class ControlServer:
                 return
             await self._serve(reader, writer)
         finally:
-            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._tasks.discard(asyncio.current_task())
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._closing is not None

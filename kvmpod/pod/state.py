@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import Any, Awaitable, Callable, Protocol, TypeVar
+from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, Protocol, TypeVar
 
 from kvmpod.errors import KvmpodError
 from kvmpod.pod.poddir import PodDir
@@ -82,18 +82,21 @@ class HasLifecycle(Protocol):
     lifecycle: Lifecycle
 
 
+S = TypeVar("S", bound=HasLifecycle)
+P = ParamSpec("P")
 T = TypeVar("T")
-Method = Callable[..., Awaitable[T]]
 
 
-def require(*states: PodState, doing: str) -> Callable[[Method[T]], Method[T]]:
+def require(*states: PodState, doing: str) -> Callable[[Callable[Concatenate[S, P], Coroutine[Any, Any, T]]],
+                                                       Callable[Concatenate[S, P], Coroutine[Any, Any, T]]]:
     """Guard a coroutine method of an object with a `lifecycle`, as qemu.qmp's @require guards its
     protocol's methods by Runstate: called in any other state it raises StateError at once."""
     allowed = frozenset(states)
 
-    def decorate(method: Method[T]) -> Method[T]:
+    def decorate(method: Callable[Concatenate[S, P], Coroutine[Any, Any, T]]
+                 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
         @functools.wraps(method)
-        async def guarded(self: HasLifecycle, *args: Any, **kwargs: Any) -> T:
+        async def guarded(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
             self.lifecycle.require(allowed, doing)
             return await method(self, *args, **kwargs)
         return guarded
