@@ -48,7 +48,7 @@ def prepare_apps(store: Store, apps: list[AppOverrides], pod_env: dict[str, str]
                  claims: SharedLocks, metadata_url: str = "") -> list[ResolvedApp]:
     """Find or import every image, claim it against `image rm`, and build (or reuse) its rootfs disk."""
     serials: dict[str, str] = {}
-    resolved = []
+    resolved: list[ResolvedApp] = []
     for overrides in apps:
         if overrides.rootfs_dir is not None:  # no store image: the directory is the root (virtio-fs)
             serial = f"root{sum(a.root_share for a in resolved)}"

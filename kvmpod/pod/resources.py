@@ -28,7 +28,7 @@ DEFAULT_APP_MEMORY_MIB = 128
 GUEST_OVERHEAD_MIB = 64
 MIN_MEMORY_MIB = 64
 
-_SUFFIXES = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+_SUFFIXES: dict[str, Decimal | int] = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
              "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([a-zA-Z]{0,2})$")
 
@@ -78,8 +78,8 @@ def size_vm(apps: list[AppResources], pod: AppResources | None = None, *, memory
     """The VM size for `apps` (see the module docstring); explicit `memory_mib`/`cpus` win."""
     host_cpus = host_cpus or os.cpu_count() or 1
     notices: list[str] = []
-    limited = [a for a in apps if a.memory_bytes is not None]
-    wanted_bytes = sum((a.memory_bytes for a in limited), Decimal(0))
+    limited = [a.memory_bytes for a in apps if a.memory_bytes is not None]
+    wanted_bytes = sum(limited, Decimal(0))
     if pod and pod.memory_bytes is not None and wanted_bytes > pod.memory_bytes:
         raise UsageError(f"the apps' resource/memory limits ({_mib(wanted_bytes)} MiB) exceed the pod's "
                          f"({_mib(pod.memory_bytes)} MiB)")
@@ -96,8 +96,8 @@ def size_vm(apps: list[AppResources], pod: AppResources | None = None, *, memory
         derived_mem, mem_reason = DEFAULT_POD_MEMORY_MIB, "default"
     derived_mem = max(derived_mem, MIN_MEMORY_MIB)
 
-    cpu_limited = [a for a in apps if a.cpus is not None]
-    wanted_cpus = sum((a.cpus for a in cpu_limited), Decimal(0))
+    cpu_limited = [a.cpus for a in apps if a.cpus is not None]
+    wanted_cpus = sum(cpu_limited, Decimal(0))
     if pod and pod.cpus is not None and wanted_cpus > pod.cpus:
         raise UsageError(f"the apps' resource/cpu limits ({wanted_cpus} CPUs) exceed the pod's ({pod.cpus})")
     if cpu_limited:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, Hello, OutputSink, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
@@ -145,14 +146,16 @@ class PodRunner:
             await daemon.start()
             self.pod.update(virtiofsd_pids=[d.pid for d in self.fs_daemons if d.pid])
         hello = await self._boot()
+        session = self.session
+        assert session is not None, "a booted pod has its agent session"
         self.timings["agent_ready"] = time.time()
         log.debug("agent %s speaks protocol %d (guest boot to agent: %.3f s guest clock)",
                   hello.agent_version, hello.version, hello.boot_ns / 1e9)
         if self.network and (frame := self.network.guest.frame()):  # interfaces, DNS, hosts entries
-            await self._until(self.session.send(frame))
+            await self._until(session.send(frame))
         if self.metadata:  # served by the agent from before the first app starts (docs/metadata.md)
             for frame in self.metadata.frames():
-                await self._until(self.session.send(frame))
+                await self._until(session.send(frame))
         self._install_signal_handlers()
         if self.options.hold_apps:  # OCI create: ready, and the apps wait for `start`
             self.lifecycle.advance(PodState.CREATED)
@@ -172,7 +175,7 @@ class PodRunner:
                                root_tag=app.disk_serial if app.root_share else "",
                                keep_etc=app.extras.keep_etc, rlimits=app.extras.rlimits,
                                oom_score_adj=app.extras.oom_score_adj, exec_path=app.extras.exec_path_lookup)
-            self.processes.append(await self._until(self.session.start(spec, *sinks[app.name])))
+            self.processes.append(await self._until(session.start(spec, *sinks[app.name])))
         self.timings["apps_started"] = time.time()
         self.lifecycle.advance(PodState.RUNNING, apps=[{"name": a.name, "image": a.image.id} for a in self.apps])
         if self.options.on_started:
@@ -206,7 +209,7 @@ class PodRunner:
 
         if self.options.stop_on_failure:
             for index, proc in enumerate(self.processes):
-                proc.exited.add_done_callback(lambda fut, i=index: self._app_ended(i, fut))
+                proc.exited.add_done_callback(functools.partial(self._app_ended, index))
         waiting = asyncio.ensure_future(statuses())
         while self.relay is not None and not waiting.done():
             await asyncio.wait({waiting}, timeout=QUIET_FOR)
@@ -426,7 +429,8 @@ class PodRunner:
         if not waits:
             return True
         every = asyncio.gather(*waits, return_exceptions=True)
-        await asyncio.wait({every, self.vm.ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {every, self.vm.ended}
+        await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not every.done():
             every.cancel()
             with contextlib.suppress(BaseException):
@@ -436,7 +440,7 @@ class PodRunner:
 
     # -- the local side: output sinks, the terminal -------------------------------------------
 
-    def _sinks(self) -> dict[str, tuple[OutputSink, OutputSink]]:
+    def _sinks(self) -> dict[str, tuple[FdSink, FdSink]]:
         """Where each app's stdout and stderr go: kvmpod's own, or with --detach one log file per app
         (<pod dir>/logs/<app>.log, both streams in arrival order)."""
         if not self.options.detach:
@@ -445,7 +449,7 @@ class PodRunner:
             return {app.name: (stdout, stderr) for app in self.apps}
         logs = self.pod.file("logs")
         logs.mkdir(mode=0o700, exist_ok=True)
-        sinks: dict[str, tuple[OutputSink, OutputSink]] = {}
+        sinks: dict[str, tuple[FdSink, FdSink]] = {}
         for app in self.apps:
             fd = os.open(logs / f"{app.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             sink = LogSink(fd)
