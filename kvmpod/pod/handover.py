@@ -215,10 +215,9 @@ def _cause(error: BaseException) -> str:
     import cattrs
 
     messages = cattrs.transform_error(error, path="body") if isinstance(error, cattrs.BaseValidationError) else []
-    if not messages:
-        return f"{type(error).__name__}: {error}"
+    first = messages[0] if messages else f"{type(error).__name__}: {error}"
     more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
-    return " ".join(messages[0].split()) + more
+    return " ".join(first.split()) + more
 
 
 # -- the body's schema: the dataclasses it holds, their fields and types ---------------------------

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
 from kvmpod.image.manifest import App, EnvVar, ImageManifest, Isolator, MountPoint, Port
 from kvmpod.net.attach import PodNetwork
 from kvmpod.net.spec import Attachment, DnsConfig, GuestInterface, GuestNetwork, NetRequest, PortRequest, Route
-from kvmpod.pod import handover
+from kvmpod.pod import handover, resume
 from kvmpod.pod.handover import (HANDOVER_FORMAT, HANDOVER_VERSION, AppProcess, Envelope, HandoverError, RelayState,
                                  decode_record, encode_record, read_record, write_record)
 from kvmpod.pod.options import RunOptions
@@ -217,3 +218,70 @@ def test_the_schema_covers_every_dataclass_of_the_body():
     assert {"RelayState", "PodDir", "ResolvedApp", "StoredImage", "ImageManifest", "App", "RunOptions", "NetRequest",
             "Volume", "Isolator", "PodVolumes", "PodNetwork", "Attachment", "QemuHandover", "VMConfig", "Nic", "Hello",
             "ExitStatus", "AppProcess", "Isolators", "ProcessExtras"} <= names
+
+
+# -- the way back with a record it cannot read (kvmpod/pod/resume.py), without a VM ----------------
+
+@pytest.fixture
+def relayed_pod(tmp_path, monkeypatch):
+    """A pod directory this process owns, `running`, and a child standing in for its QEMU."""
+    monkeypatch.setenv("KVMPOD_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("KVMPOD_AUDIT_LOG", str(tmp_path / "audit.log"))
+    pod = PodDir.create(tmp_path / "run")
+    pod.update(state="running", apps=[{"name": "web"}], host_process="kvmpod-relay")
+    qemu = subprocess.Popen(["sleep", "60"])
+    yield pod, qemu
+    if qemu.poll() is None:
+        qemu.kill()
+        qemu.wait()
+
+
+def audit_ends(tmp_path: Path) -> list[str]:
+    return [r["state"] for r in map(json.loads, (tmp_path / "audit.log").read_text().splitlines()) if r["event"] == "end"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_pod_of_an_unknown_version_ends_as_a_failed_pod(relayed_pod, tmp_path, keep):
+    pod, qemu = relayed_pod
+    envelope = Envelope(2, pod.uuid, pod.path, qemu.pid, keep, False, True, False, "none")
+    reported = resume.end_unread_pod(HandoverError("the record is version 2", envelope), None)
+    assert not Path(f"/proc/{qemu.pid}").exists()  # killed and reaped
+    assert audit_ends(tmp_path) == ["failed"]
+    if keep:
+        assert str(reported) == f"the record is version 2: the pod was stopped (pod directory kept: {pod.path})"
+        state = json.loads((pod.path / "state.json").read_text())
+        assert (state["state"], state["host_process"], state["error"]) == (
+            "failed", "kvmpod", "the record is version 2: the pod was stopped")
+    else:
+        assert str(reported) == "the record is version 2: the pod was stopped"
+        assert not pod.path.exists()
+
+
+def test_without_an_envelope_the_pod_is_found_by_its_owner_and_kept(relayed_pod, tmp_path, monkeypatch):
+    pod, qemu = relayed_pod
+    other = PodDir.create(tmp_path / "run")   # another process's pod: untouched
+    other.update(kvmpod_pid=1, kvmpod_start=1)
+    monkeypatch.setattr(resume, "_children", lambda: {qemu.pid})  # not every child of the test runner
+    reported = resume.end_unread_pod(HandoverError("not a record"), None)
+    assert not Path(f"/proc/{qemu.pid}").exists()
+    assert str(reported) == f"not a record: the pod was stopped (pod directory kept: {pod.path})"
+    assert json.loads((pod.path / "state.json").read_text())["state"] == "failed"
+    assert json.loads((other.path / "state.json").read_text())["state"] == "preparing"
+
+
+def test_resume_reports_one_line_and_exits_125(relayed_pod, tmp_path, monkeypatch, capsys):
+    pod, qemu = relayed_pod
+    record = json.loads(encode_record(realistic_state(tmp_path)))
+    record.update(version=999, pod={"uuid": pod.uuid, "path": str(pod.path)}, qemu_pid=qemu.pid, detach=False)
+    state_fd = handover.memfd("state", json.dumps(record).encode())
+    unread_fd = handover.memfd("unread", b"")
+    exits: list[int] = []
+    monkeypatch.setattr(resume, "exit_now", exits.append)
+    resume.main(["--state", str(state_fd), "--unread", str(unread_fd), "--why", "signal", "--signal", "15",
+                 "--pod", str(pod.path)])
+    os.close(unread_fd)
+    assert exits == [EXIT_KVMPOD_FAILURE]
+    err = capsys.readouterr().err
+    assert err == (f"kvmpod: error: the pod's hand-over record is version 999, this kvmpod reads version "
+                   f"{HANDOVER_VERSION} (kvmpod was changed while the pod was idle): the pod was stopped\n")
+    assert not pod.path.exists() and not Path(f"/proc/{qemu.pid}").exists()
