@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from cattrs.preconf.json import JsonConverter
 
 HANDOVER_FORMAT = "kvmpod-handover"
-HANDOVER_VERSION = 1     # the body's version: bump it with any change to a dataclass the body holds
+# the body's version: bump it with any change to a dataclass the body holds (docs/relay.md lists them)
+HANDOVER_VERSION = 2
 T = TypeVar("T")
 MAX_RECORD = 64 << 20    # bytes: far above any real pod's record (a few KiB per app)
 

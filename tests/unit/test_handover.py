@@ -34,6 +34,7 @@ from kvmpod.vm.qemu import QemuHandover
 # holds and this fails: bump HANDOVER_VERSION, then record the new fingerprint here.
 SCHEMA_FINGERPRINTS = {
     1: "80b48538ee565110a1b577c616a311d7ee9e16feeb9d61af31dabffa7cf9bde1",
+    2: "ad484a60dc258da8d69b4bcf74d8e86f310ec435d7eae7ba1af99fee71524e1a",   # VMConfig.confinement
 }
 
 
@@ -140,7 +141,7 @@ def test_an_unknown_version_names_both_and_keeps_the_envelope(tmp_path):
     record["version"] = 999
     record["body"] = {"something": "else entirely"}
     error = expect_error(json.dumps(record).encode(), "version 999")
-    assert str(error) == ("the pod's hand-over record is version 999, this kvmpod reads version 1 "
+    assert str(error) == (f"the pod's hand-over record is version 999, this kvmpod reads version {HANDOVER_VERSION} "
                           "(kvmpod was changed while the pod was idle)")
     assert error.envelope == Envelope(999, record["pod"]["uuid"], Path(record["pod"]["path"]), 4243, False, True,
                                       True, False, "user")
