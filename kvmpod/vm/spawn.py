@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kvmpod.errors import VMError
 from kvmpod.vm.config import VMConfig, qemu_argv
+from kvmpod.vm.hangup import DeathLine
 from kvmpod.vm.qemu_binary import find_qemu
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
         if restore_from is not None:
             theirs.append(os.open(restore_from, os.O_RDONLY | os.O_CLOEXEC))
             ours["restore_monitor"].sendall(restore_commands(theirs[-1]))
+        death = DeathLine()   # QEMU dies with this process, whatever user it has become (hangup.py)
+        theirs.append(death.qemu_fd)
         config = dataclasses.replace(config, qmp_fd=fds.get("qmp_fd", config.qmp_fd),
                                      agent_fd=fds.get("agent_fd", config.agent_fd),
                                      restore_monitor_fd=fds.get("restore_monitor_fd", config.restore_monitor_fd))
@@ -128,6 +131,7 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
                     start_new_session=True)  # Ctrl-C reaches kvmpod, which decides what the apps get
             except FileNotFoundError as e:
                 raise VMError(f"{argv[0]}: not found (apt-get install qemu-system-x86)") from e
+        death.arm(process.pid)
     except BaseException:
         for sock in ours.values():
             sock.close()
