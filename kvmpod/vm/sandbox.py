@@ -21,6 +21,7 @@ and remembered in <cache>/qemu-caps.json: the probe is `QEMU -sandbox … -versi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -173,23 +174,50 @@ def ensure_user(name: str) -> pwd.struct_passwd:
     return entry
 
 
-def chroot_dir() -> Path:
-    """The empty directory QEMU chroots into: <runtime dir>/qemu-root, root's, mode 0555, created once."""
+def chroot_dir(resolv_conf: Path = Path("/etc/resolv.conf")) -> Path:
+    """The directory QEMU chroots into: <runtime dir>/qemu-root, root's, mode 0555, made once. It is
+    empty but for etc/resolv.conf, a copy of the host's (mode 0444, refreshed at each pod's start):
+    --net user's DNS proxy (libslirp, inside QEMU) reads /etc/resolv.conf when the guest asks."""
     path = paths.runtime_dir() / CHROOT_NAME
+    etc = path / "etc"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.mkdir(mode=0o555)
-        except FileExistsError:
-            pass
-        st = path.lstat()
-        empty = not any(path.iterdir()) if stat.S_ISDIR(st.st_mode) else False
+        for directory in (path, etc):
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir(mode=0o555)
+        entries = {p.relative_to(path) for p in path.rglob("*")}
+        dirs = [os.lstat(d) for d in (path, etc)]
+        _refresh_copy(resolv_conf, etc / "resolv.conf")
     except OSError as e:
-        raise VMError(f"{path}: cannot make QEMU's chroot directory: {e.strerror}") from e
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022 or not empty:
-        raise VMError(f"{path}: QEMU's chroot must be an empty directory of root's that nobody else can write "
-                      f"(remove it: kvmpod makes it again)")
+        raise VMError(f"{path}: cannot make QEMU's chroot directory: {e.strerror or e}") from e
+    if (not all(stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o222 for st in dirs)
+            or not entries <= {Path("etc"), Path("etc/resolv.conf")}):
+        raise VMError(f"{path}: QEMU's chroot must be a directory of root's that nobody can write, holding nothing "
+                      "but etc/resolv.conf (remove it: kvmpod makes it again)")
     return path
+
+
+def _refresh_copy(source: Path, copy: Path) -> None:
+    """`copy` holds what `source` holds now (nothing if there is none), written only when it changed."""
+    try:
+        text = source.read_bytes()
+    except FileNotFoundError:
+        text = b""
+    try:
+        if copy.read_bytes() == text and not os.lstat(copy).st_mode & 0o222:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):  # a leftover of a killed kvmpod
+        tmp.chmod(0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text)
+        os.fchmod(fd, 0o444)
+    finally:
+        os.close(fd)
+    os.rename(tmp, copy)   # in a 0555 directory: root writes it (DAC_OVERRIDE), QEMU's user cannot
 
 
 # --- the decision -------------------------------------------------------------------------------------

@@ -217,14 +217,24 @@ def test_a_qemu_user_that_is_root_is_refused():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the chroot directory is root's")
-def test_the_chroot_is_an_empty_root_directory_nobody_else_writes(tmp_path, monkeypatch):
+def test_the_chroot_is_root_owned_unwritable_and_holds_only_a_copy_of_resolv_conf(tmp_path, monkeypatch):
     monkeypatch.setenv("KVMPOD_RUN_DIR", str(tmp_path / "run"))
-    root = sandbox.chroot_dir()
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.1\n")
+    root = sandbox.chroot_dir(resolv)
     assert root == tmp_path / "run" / "qemu-root" and oct(root.stat().st_mode & 0o777) == "0o555"
-    assert sandbox.chroot_dir() == root   # again: it is there
-    root.chmod(0o777)
-    with pytest.raises(VMError, match=r"qemu-root: QEMU's chroot must be an empty directory of root's"):
-        sandbox.chroot_dir()
+    copy = root / "etc" / "resolv.conf"
+    assert copy.read_text() == "nameserver 192.0.2.1\n" and oct(copy.stat().st_mode & 0o777) == "0o444"
+    assert sorted(p.name for p in root.rglob("*")) == ["etc", "resolv.conf"]
+    resolv.write_text("nameserver 192.0.2.2\n")       # the host's changed: the next pod's QEMU sees it
+    assert sandbox.chroot_dir(resolv) == root and copy.read_text() == "nameserver 192.0.2.2\n"
+    resolv.unlink()                                    # none on the host: an empty one
+    assert sandbox.chroot_dir(resolv) == root and copy.read_text() == ""
+    (root / "etc").chmod(0o755)
+    (root / "etc" / "x").write_text("")
+    with pytest.raises(VMError, match=r"qemu-root: QEMU's chroot must be a directory of root's that nobody can "
+                                      r"write, holding nothing but etc/resolv.conf"):
+        sandbox.chroot_dir(resolv)
 
 
 def test_a_qemu_killed_by_its_filter_is_reported_as_that():
