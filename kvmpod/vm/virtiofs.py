@@ -41,12 +41,22 @@ def fuse_opt_value(value: object) -> str:
 
 
 def virtiofsd_argv(binary: Path, share: FsShare) -> list[str]:
-    # The C virtiofsd has no read-only option: the guest mounts a readOnly volume ro (and binds it ro).
+    # The guest mounts a readOnly volume ro (and binds it ro); the host side is below.
     # --socket-path=... is one argument, not an option list: it is passed as it is.
     # Its sandbox (docs/security.md): sandbox=namespace (new mount, pid and net namespaces, pivot_root
     # into the share) and, always, its seccomp allowlist and a reduced capability set, from which
     # modcaps takes CAP_MKNOD (a guest could otherwise make device nodes on the host's filesystem) and
     # CAP_SETFCAP (file capabilities: xattrs are off anyway).
-    return [str(binary), f"--socket-path={share.socket}", "-o", f"source={fuse_opt_value(share.source)}",
+    argv = [str(binary), f"--socket-path={share.socket}", "-o", f"source={fuse_opt_value(share.source)}",
             "-o", "cache=auto", "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "log_level=warn",
             "-o", "modcaps=-mknod:-setfcap", "--rlimit-nofile=4096"]
+    if share.read_only:
+        # The C virtiofsd has no read-only mode, and a guest that remounts the volume read-write (root
+        # with CAP_SYS_ADMIN in the guest) would write the host's files. So it serves a read-only bind
+        # of the source, made in a mount namespace of its own (unshare execs sh, sh execs virtiofsd:
+        # the same pid), which its sandbox's own bind and pivot_root keep: the host refuses the
+        # writes (EROFS). The source is an argument of sh, never part of its script.
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount --bind -o ro -- "$1" "$1" && shift && exec "$@"', "kvmpod-ro-volume", str(share.source),
+                *argv]
+    return argv

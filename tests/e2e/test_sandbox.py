@@ -160,3 +160,33 @@ def test_the_security_switches_turn_the_filter_and_the_user_off(kvmpod_env, busy
     assert [line for line in stderr.decode().splitlines() if "(for measuring only)" in line] == [
         f"kvmpod: notice: QEMU runs without its seccomp sandbox: [security] sandbox = false in {off} (for measuring only)",
         f"kvmpod: notice: QEMU runs as root: [security] qemu-user = false in {off} (for measuring only)"]
+
+
+def test_a_guest_that_remounts_a_read_only_host_volume_still_cannot_write_it(kvmpod, busybox_rootfs, tmp_path):
+    """virtiofsd has no read-only mode: it serves a read-only bind of the source, so the host refuses
+    what a guest with CAP_SYS_ADMIN writes after `mount -o remount,rw`."""
+    import io
+    import tarfile
+
+    manifest = {"acKind": "ImageManifest", "acVersion": "0.8.11", "name": "example.com/admin",
+                "labels": [{"name": "os", "value": "linux"}, {"name": "arch", "value": "amd64"}],
+                "app": {"exec": ["/bin/true"], "user": "0", "group": "0", "isolators": [
+                    {"name": "os/linux/capabilities-retain-set", "value": {"set": ["CAP_SYS_ADMIN"]}}]}}
+    image = tmp_path / "admin.aci"
+    with tarfile.open(image, "w") as tar:
+        data = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        tar.add(busybox_rootfs, arcname="rootfs")
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    (frozen / "f").write_text("kept\n")
+    result = kvmpod.run("--volume", f"ro,kind=host,source={frozen},readOnly=true", str(image),
+                        "--mount", "volume=ro,target=/ro", "--exec", "/bin/sh", "--", "-c",
+                        "mount -o remount,rw /ro && grep -q ' /ro virtiofs rw,' /proc/mounts && echo remounted; "
+                        "echo changed > /ro/f; echo new > /ro/g; mkdir /ro/d; true")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"remounted\n"
+    assert result.stderr.decode().count("Read-only file system") == 3, result.stderr
+    assert (frozen / "f").read_text() == "kept\n" and sorted(p.name for p in frozen.iterdir()) == ["f"]

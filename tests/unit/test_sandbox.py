@@ -255,3 +255,14 @@ def test_setup_makes_the_user_as_root_only_and_not_when_switched_off(tmp_path, s
     settings('')
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert provision.qemu_user() is None and made == ["kvmpod-qemu"]
+
+
+def test_a_read_only_volumes_virtiofsd_serves_a_read_only_bind_of_it():
+    from kvmpod.vm.virtiofs import FsShare, virtiofsd_argv
+
+    share = FsShare("v", Path("/srv/a b;$(x)"), Path("/p/s.sock"), read_only=True)
+    argv = virtiofsd_argv(Path("/usr/lib/qemu/virtiofsd"), share)
+    assert argv[:10] == ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                         'mount --bind -o ro -- "$1" "$1" && shift && exec "$@"', "kvmpod-ro-volume", "/srv/a b;$(x)"]
+    assert argv[10:] == virtiofsd_argv(Path("/usr/lib/qemu/virtiofsd"), FsShare("v", share.source, share.socket))
+    assert "modcaps=-mknod:-setfcap" in argv
