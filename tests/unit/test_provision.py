@@ -95,9 +95,10 @@ def test_sample_config_shows_every_default():
     from kvmpod.net.bridge import DEFAULT_SUBNET
     from kvmpod.net.cni import DEFAULT_CONFIG_DIRS, DEFAULT_PLUGIN_PATH, DEFAULT_TIMEOUT
     from kvmpod.config import parse_size
+    from kvmpod.vm.sandbox import QEMU_USER
 
     text = (REPO / "packaging" / "kvmpod.toml").read_text()
-    assert tomllib.loads(text) == {"run": {}, "net": {}, "image": {}}   # as shipped: changes nothing
+    assert tomllib.loads(text) == {"run": {}, "net": {}, "image": {}, "security": {}}   # as shipped: changes nothing
     settings = tomllib.loads("\n".join(line[1:] if line.startswith("#") and "=" in line else line
                                        for line in text.splitlines()))
     assert settings["run"] == {"boot": "snapshot", "snapshots-kept": DEFAULT_KEEP, "idle-relay": True}
@@ -108,6 +109,8 @@ def test_sample_config_shows_every_default():
     assert settings["image"]["trusted-keys"] == str(DEFAULT_KEYRING)
     assert parse_size(settings["image"]["max-size"]) == DEFAULT_MAX_SIZE
     assert settings["image"]["max-entries"] == DEFAULT_MAX_ENTRIES
+    assert settings["security"]["sandbox"] is True
+    assert settings["security"]["qemu-user"] == QEMU_USER
 
 
 def test_qemu_step_builds_once_and_keeps_makes_log(tmp_path, monkeypatch, capsys):
