@@ -13,6 +13,8 @@
               (bench/stage1.py; needs root)
 9. oci        podman run --rm IMAGE /bin/true with kvmpod-oci vs runc and crun, and vs kvmpod run of the
               same rootfs (bench/oci.py; needs root and podman)
+10. least privilege  start time and idle QEMU memory with QEMU confined (seccomp, kvmpod-qemu user and
+              chroot, the pod's cgroup) vs the same with [security] switched off (bench/privilege.py)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -42,6 +44,7 @@ from agent import measure as measure_agent, print_agent  # noqa: E402
 from image import Unavailable, measure_image, print_image  # noqa: E402
 from stage1 import Unavailable as Stage1Unavailable, measure_stage1, print_stage1  # noqa: E402
 from oci import Unavailable as OciUnavailable, measure_oci, print_oci  # noqa: E402
+from privilege import measure_privilege, print_privilege  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -285,6 +288,9 @@ def main() -> int:
                                      Stage1Unavailable)
         header("9. oci (podman run --rm IMAGE /bin/true)")
         results["oci"] = optional(lambda: measure_oci(work, aci, args.oci_runs), print_oci, OciUnavailable)
+        header("10. least privilege (confined QEMU vs [security] off)")
+        results["least_privilege"] = measure_privilege(work, aci, args.runs)
+        print_privilege(results["least_privilege"])
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, Unavailable)
     results["total_s"] = time.perf_counter() - began
