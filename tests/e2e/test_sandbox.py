@@ -190,3 +190,23 @@ def test_a_guest_that_remounts_a_read_only_host_volume_still_cannot_write_it(kvm
     assert result.stdout == b"remounted\n"
     assert result.stderr.decode().count("Read-only file system") == 3, result.stderr
     assert (frozen / "f").read_text() == "kept\n" and sorted(p.name for p in frozen.iterdir()) == ["f"]
+
+
+@pytest.mark.parametrize("boot", ["cold", "snapshot"])
+def test_qemu_dies_with_a_killed_kvmpod_after_its_user_switch(kvmpod, kvmpod_env, busybox_aci, boot):
+    """PR_SET_PDEATHSIG does not survive QEMU's -runas: its death line (kvmpod/vm/hangup.py) does."""
+    import signal
+    import time
+
+    from tests.e2e.conftest import proc_alive
+
+    proc, state = running(kvmpod, f"--boot={boot}", str(busybox_aci), *SLEEP)
+    qemu = state["qemu_pid"]
+    assert status_of(qemu)["Uid"].split()[0] != "0"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.time() + 10
+    while proc_alive(qemu) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not proc_alive(qemu), "QEMU outlived its kvmpod"
+    assert subprocess.run(kvmpod_cmd("gc"), env=kvmpod_env, capture_output=True, timeout=60).returncode == 0
