@@ -30,13 +30,14 @@ class DeathLine:
     before the spawner closes its copy of `qemu_fd` (the owner is set on the open file they share)."""
 
     def __init__(self) -> None:
-        kvmpod_end, qemu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.kvmpod_end, qemu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.qemu_fd = qemu_end.detach()
-        kvmpod_end.set_inheritable(True)
-        _held.append(kvmpod_end)
+        self.kvmpod_end.set_inheritable(True)
 
     def arm(self, pid: int) -> None:
-        """From now on, kvmpod's end closing SIGKILLs process `pid`."""
+        """From now on, kvmpod's end closing SIGKILLs process `pid`; the end is kept open until this
+        process ends. (Until arm(), closing `kvmpod_end` is the spawner's, should the spawn fail.)"""
+        _held.append(self.kvmpod_end)
         fcntl.fcntl(self.qemu_fd, fcntl.F_SETOWN, pid)
         fcntl.fcntl(self.qemu_fd, F_SETSIG, signal.SIGKILL)
         fcntl.fcntl(self.qemu_fd, fcntl.F_SETFL, fcntl.fcntl(self.qemu_fd, fcntl.F_GETFL) | os.O_ASYNC)

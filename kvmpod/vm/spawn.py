@@ -116,6 +116,7 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
             theirs.append(os.open(restore_from, os.O_RDONLY | os.O_CLOEXEC))
             ours["restore_monitor"].sendall(restore_commands(theirs[-1]))
         death = DeathLine()   # QEMU dies with this process, whatever user it has become (hangup.py)
+        ours["death_line"] = death.kvmpod_end   # closed below if QEMU does not start
         theirs.append(death.qemu_fd)
         config = dataclasses.replace(config, qmp_fd=fds.get("qmp_fd", config.qmp_fd),
                                      agent_fd=fds.get("agent_fd", config.agent_fd),
