@@ -214,7 +214,10 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             shares = [FsShare(volumes.tag(v), Path(v.source or ""), pod.file(f"{volumes.tag(v)}.sock"),
                               v.read_only) for v in volumes.host]
         if root_shares:
-            shares += [FsShare(a.disk_serial, a.disk, pod.file(f"{a.disk_serial}.sock"), a.readonly_rootfs)
+            # not read_only even for a read-only rootfs (the guest mounts it so): the agent makes the
+            # app's mount points in it (/etc/hostname, /etc/hosts, volume targets), so it stays writable
+            # on the host, unlike a readOnly volume (docs/security.md)
+            shares += [FsShare(a.disk_serial, a.disk, pod.file(f"{a.disk_serial}.sock"), read_only=False)
                        for a in root_shares]
         snapshot_cmdline = f"{plan.cmdline} {agent_transport.kernel_arg()}"
         config = VMConfig(
