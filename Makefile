@@ -15,7 +15,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv bytecode agent kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean
+.PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean
 
 # The per-machine builds are `kvmpod setup`'s (kvmpod/provision.py): the same path as for an installed kvmpod.
 setup: deps venv bytecode agent
@@ -46,6 +46,12 @@ $(STAMPS)/venv: pyproject.toml
 
 agent:
 	$(MAKE) -C guest-agent PYTHON=$(PYTHON)
+
+# The agent protocol's checked-in generated files, from kvmpod/agent/protocol.toml: the host's messages
+# (kvmpod/agent/messages.py) and the tables of docs/agent-protocol.md (the agent's build makes its own C
+# files). tests/unit/test_protocol.py fails when they are stale.
+generate:
+	$(PYTHON) kvmpod/agent/gen_protocol.py kvmpod/agent/messages.py docs/agent-protocol.md
 
 # kvmpod's own minimal kernel (the default; built from Debian's linux-source, ~6 min the first
 # time, nothing when unchanged) and the Debian cloud kernel (the fallback). docs/kernel.md.

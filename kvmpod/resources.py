@@ -1,7 +1,8 @@
 """What the installed package carries, and where: its data files and its two C programs.
 
 A wheel holds everything kvmpod needs at run time that is not built per machine: the data files under
-kvmpod/*/data, schema/ and agent/protocol.toml (plain files in the package), and the static guest agent
+kvmpod/*/data, schema/ and agent/protocol.toml (plain files in the package; the toml is the protocol's
+definition, which agent/messages.py and the agent's build are generated from), and the static guest agent
 and kvmpod-relay, compiled while the wheel is built (setup.py) into kvmpod/libexec/. Guest kernels and
 kvmpod's QEMU are per machine: `kvmpod setup` builds them into the cache (kvmpod/provision.py).
 

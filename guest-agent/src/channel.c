@@ -133,7 +133,7 @@ void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t le
     le_put(wbuf + 4, type, 2);
     le_put(wbuf + 6, 0, 2);
     le_put(wbuf + 8, stream, 4);
-    if (len)
+    if (len && payload != wbuf + KP_HEADER_SIZE) /* channel_send_message encodes in place */
         memcpy(wbuf + KP_HEADER_SIZE, payload, len);
     /* The port is non-blocking (the event loop polls it); a frame is still written whole and in
      * order, so wait for room rather than dropping or interleaving bytes. */
@@ -154,23 +154,18 @@ void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t le
     }
 }
 
-void channel_send_u32(uint16_t type, uint32_t stream, uint16_t tag, uint32_t value)
+void channel_send_message(const struct kp_msg_desc *d, uint32_t stream, const void *msg)
 {
-    uint8_t buf[16];
-    struct tlv_writer w = TLV_WRITER(buf);
-    tlv_put_u32(&w, tag, value);
-    channel_send(type, stream, buf, w.len);
+    uint8_t *payload = wbuf + KP_HEADER_SIZE;
+    channel_send(d->type, stream, payload, kp_encode(d, msg, payload, KP_MAX_PAYLOAD));
 }
 
 void channel_send_error(uint32_t stream, const struct failure *f)
 {
-    uint8_t buf[sizeof f->msg + 64];
-    struct tlv_writer w = TLV_WRITER(buf);
-    tlv_put_str(&w, KP_F_STAGE, f->stage);
-    if (f->err)
-        tlv_put_u32(&w, KP_F_ERRNO, (uint32_t)f->err);
-    tlv_put_str(&w, KP_F_MESSAGE, f->msg);
-    channel_send(KP_MSG_ERROR, stream, buf, w.len);
+    /* The message's strings are only read: the casts drop a const the struct cannot carry. */
+    struct kp_error e = {.stage = (char *)f->stage, .has_errno_ = f->err != 0, .errno_ = (uint32_t)f->err,
+                         .message = (char *)f->msg};
+    channel_send_msg(stream, &e);
 }
 
 bool channel_fill(void)

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "messages.h"
 #include "util.h"
 
 struct frame {
@@ -33,8 +34,11 @@ void channel_wait_for_host(void);
  * len must not exceed KP_MAX_PAYLOAD. */
 void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t len);
 
-/* A message with one u32 field (STARTED, WINDOW, EXIT with TERM_SIGNAL ...). */
-void channel_send_u32(uint16_t type, uint32_t stream, uint16_t tag, uint32_t value);
+/* Encodes and sends a message struct of messages.h: channel_send_msg(stream, &(struct kp_started){...}).
+ * KP_DESC checks at compile time that it is one and picks its table. (Variadic: a compound literal's
+ * commas.) */
+#define channel_send_msg(stream, ...) channel_send_message(KP_DESC(__VA_ARGS__), (stream), (__VA_ARGS__))
+void channel_send_message(const struct kp_msg_desc *d, uint32_t stream, const void *msg);
 
 /* ERROR(STAGE, ERRNO if any, MESSAGE): a failed START on a process stream, the end on stream 0. */
 void channel_send_error(uint32_t stream, const struct failure *f);

@@ -39,10 +39,7 @@ bool log_is_debug(void)
 
 static void send_log(const char *line)
 {
-    uint8_t buf[LINE_MAX_LEN + 16];
-    struct tlv_writer w = TLV_WRITER(buf);
-    tlv_put_str(&w, KP_F_MESSAGE, line);
-    channel_send(KP_MSG_LOG, 0, buf, w.len);
+    channel_send_msg(0, &(struct kp_log){.message = (char *)line}); /* only read */
 }
 
 void log_debug(const char *fmt, ...)

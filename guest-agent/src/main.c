@@ -179,35 +179,20 @@ static noreturn void crash(void)
 
 static void handshake(const struct options *o, uint64_t boot_ns)
 {
-    uint8_t buf[256];
-    struct tlv_writer w = TLV_WRITER(buf);
-    tlv_put_u32(&w, KP_F_PROTO_MIN, KP_MIN_VERSION);
-    tlv_put_u32(&w, KP_F_PROTO_MAX, KP_VERSION);
-    tlv_put_str(&w, KP_F_AGENT_VERSION, AGENT_VERSION);
-    tlv_put_u64(&w, KP_F_BOOT_NS, boot_ns);
+    struct kp_hello hello = {.proto_min = KP_MIN_VERSION, .proto_max = KP_VERSION, .agent_version = AGENT_VERSION,
+                             .has_boot_ns = true, .boot_ns = boot_ns};
     channel_wait_for_host();
-    channel_send(KP_MSG_HELLO, 0, buf, w.len);
+    channel_send_msg(0, &hello);
 
     struct frame f;
     next_frame(&f);
     if (f.type != KP_MSG_HELLO_ACK)
         fatal("protocol", 0, "expected HELLO_ACK, got %s", message_name(f.type));
-    struct tlv_reader rd;
-    struct tlv_field field;
+    struct kp_hello_ack ack;
     struct failure err;
-    bool have_version = false;
-    uint32_t version = 0;
-    int more;
-    tlv_reader_init(&rd, f.payload, f.len);
-    while ((more = tlv_next(&rd, &field, &err)) > 0)
-        if (field.tag == KP_F_PROTO_VERSION && !have_version) {
-            version = tlv_u32(&field);
-            have_version = true;
-        }
-    if (more < 0)
+    if (kp_hello_ack_decode(&ack, f.payload, f.len, &err) < 0)
         fatal_failure(&err);
-    if (!have_version)
-        fatal("protocol", 0, "HELLO_ACK lacks PROTO_VERSION");
+    uint32_t version = ack.proto_version;
     if (version < KP_MIN_VERSION || version > KP_VERSION)
         fatal("protocol", 0, "host chose protocol version %u, the agent speaks %u..%u", version, KP_MIN_VERSION,
               KP_VERSION);

@@ -10,13 +10,14 @@
 #include <sys/types.h>
 
 #include "channel.h"
+#include "protocol.h"
 
 #define METADATA_MAX_CONNS 16       /* connections served at once; more wait in the listen backlog */
 #define METADATA_MAX_POLLFDS 2      /* PID 1's: the service's socketpair, the restart timer */
 #define METADATA_REQUEST_MAX 65536  /* a request's head and body together */
 #define METADATA_HEAD_MAX 8192      /* its request line and header fields */
 #define METADATA_FIELDS_MAX 64      /* its header fields */
-#define METADATA_DOC_MAX 4194304    /* = protocol.toml's metadata_doc_max (tests/unit/test_metadata.py) */
+#define METADATA_DOC_MAX KP_METADATA_DOC_MAX /* protocol.toml's metadata_doc_max (build/protocol.h) */
 #define METADATA_RESTART_MS 1000u   /* a service that died after it was ready is started again this much later */
 
 /* METADATA (a piece of a document) and METADATA_START (listen, then start the service). A frame that breaks

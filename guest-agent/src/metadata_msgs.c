@@ -1,91 +1,59 @@
 #include "metadata_msgs.h"
 
+#include <string.h>
+
+#include "messages.h"
 #include "protocol.h"
-#include "tlv.h"
 
-static int pod_doc_index(uint16_t tag)
-{
-    return tag == KP_F_POD_MANIFEST ? MD_POD_MANIFEST : tag == KP_F_POD_ANNOTATIONS ? MD_POD_ANNOTATIONS : -1;
-}
-
-static int app_doc_index(uint16_t tag)
-{
-    switch (tag) {
-    case KP_F_IMAGE_ID:
-        return MD_APP_IMAGE_ID;
-    case KP_F_IMAGE_MANIFEST:
-        return MD_APP_IMAGE_MANIFEST;
-    case KP_F_APP_ANNOTATIONS:
-        return MD_APP_ANNOTATIONS;
-    default:
-        return -1;
-    }
-}
-
-/* METADATA: pod documents first, then (optionally) APP_NAME and that app's documents. */
+/* METADATA: the pod's documents, or (with APP_NAME) one app's; the pieces append to what came before. */
 static int load_documents(struct md_store *s, const struct frame *f, struct failure *err)
 {
-    struct tlv_reader rd;
-    struct tlv_field fl;
+    struct kp_metadata m;
+    if (kp_metadata_decode(&m, f->payload, f->len, err) < 0) /* APP_NAME at most once */
+        return -1;
+    const struct kp_strs *pod[MD_POD_DOCS] = {[MD_POD_MANIFEST] = &m.pod_manifest,
+                                              [MD_POD_ANNOTATIONS] = &m.pod_annotations};
+    const struct kp_strs *docs[MD_APP_DOCS] = {[MD_APP_IMAGE_ID] = &m.image_id,
+                                               [MD_APP_IMAGE_MANIFEST] = &m.image_manifest,
+                                               [MD_APP_ANNOTATIONS] = &m.app_annotations};
     struct md_app *app = NULL;
-    int more, i;
-    tlv_reader_init(&rd, f->payload, f->len);
-    while ((more = tlv_next(&rd, &fl, err)) > 0) {
-        if (fl.tag == KP_F_APP_NAME) {
-            if (app)
-                return failf(err, "protocol", 0, "METADATA names two apps");
-            if (!(app = md_app_named(s, fl.value, fl.len, err)))
-                return -1;
-        } else if ((i = pod_doc_index(fl.tag)) >= 0) {
-            if (app)
-                return failf(err, "protocol", 0, "METADATA: %s after APP_NAME", MD_POD_DOC_NAMES[i]);
-            if (md_doc_append(&s->pod[i], fl.value, fl.len, err) < 0)
-                return -1;
-        } else if ((i = app_doc_index(fl.tag)) >= 0) {
-            if (!app)
-                return failf(err, "protocol", 0, "METADATA: %s without APP_NAME", MD_APP_DOC_NAMES[i]);
-            if (md_doc_append(&app->docs[i], fl.value, fl.len, err) < 0)
-                return -1;
-        }
+    int rc = 0;
+    if (m.app_name && !(app = md_app_named(s, (const uint8_t *)m.app_name, strlen(m.app_name), err)))
+        rc = -1;
+    for (int i = 0; rc == 0 && i < MD_POD_DOCS; i++) {
+        if (app && pod[i]->n)
+            rc = failf(err, "protocol", 0, "METADATA: %s with APP_NAME", MD_POD_DOC_NAMES[i]);
+        for (size_t j = 0; rc == 0 && j < pod[i]->n; j++)
+            rc = md_doc_append(&s->pod[i], (const uint8_t *)pod[i]->v[j], strlen(pod[i]->v[j]), err);
     }
-    return more;
+    for (int i = 0; rc == 0 && i < MD_APP_DOCS; i++) {
+        if (!app && docs[i]->n)
+            rc = failf(err, "protocol", 0, "METADATA: %s without APP_NAME", MD_APP_DOC_NAMES[i]);
+        for (size_t j = 0; rc == 0 && j < docs[i]->n; j++)
+            rc = md_doc_append(&app->docs[i], (const uint8_t *)docs[i]->v[j], strlen(docs[i]->v[j]), err);
+    }
+    kp_metadata_free(&m);
+    return rc;
 }
 
-/* METADATA_START: the pod's identity, the secrets and the port; every field is required. */
+/* METADATA_START: the pod's identity, the secrets and the port; every field is required (protocol.toml). */
 static int load_start(struct md_store *s, const struct frame *f, struct failure *err)
 {
-    static const char *const NEEDED[] = {"POD_UUID", "METADATA_TOKEN", "HMAC_KEY", "METADATA_PORT"};
-    struct tlv_reader rd;
-    struct tlv_field fl;
-    unsigned have = 0;
-    int more = 0, rc = 0;
-    tlv_reader_init(&rd, f->payload, f->len);
-    while (rc == 0 && (more = tlv_next(&rd, &fl, err)) > 0) {
-        switch (fl.tag) {
-        case KP_F_POD_UUID:
-            rc = md_set_uuid(s, fl.value, fl.len, err);
-            have |= 1;
-            break;
-        case KP_F_METADATA_TOKEN:
-            rc = md_set_token(s, fl.value, fl.len, err);
-            have |= 2;
-            break;
-        case KP_F_HMAC_KEY:
-            rc = md_set_key_hex(s, fl.value, fl.len, err);
-            have |= 4;
-            break;
-        case KP_F_METADATA_PORT:
-            rc = md_set_port(s, tlv_u32(&fl), err);
-            have |= 8;
-            break;
-        }
-    }
-    if (rc < 0 || more < 0)
+    struct kp_metadata_start m;
+    if (kp_metadata_start_decode(&m, f->payload, f->len, err) < 0)
         return -1;
-    for (unsigned i = 0; i < ARRAY_LEN(NEEDED); i++)
-        if (!(have & 1u << i))
-            return failf(err, "protocol", 0, "METADATA_START lacks %s", NEEDED[i]);
-    return md_start(s, err);
+    size_t token_len = strlen(m.metadata_token), key_len = strlen(m.hmac_key);
+    int rc = md_set_uuid(s, (const uint8_t *)m.pod_uuid, strlen(m.pod_uuid), err);
+    if (rc == 0)
+        rc = md_set_token(s, (const uint8_t *)m.metadata_token, token_len, err);
+    if (rc == 0)
+        rc = md_set_key_hex(s, (const uint8_t *)m.hmac_key, key_len, err);
+    if (rc == 0)
+        rc = md_set_port(s, m.metadata_port, err);
+    explicit_bzero(m.metadata_token, token_len); /* the decoder's copies of the secrets */
+    explicit_bzero(m.hmac_key, key_len);
+    kp_metadata_start_free(&m);
+    return rc < 0 ? -1 : md_start(s, err);
 }
 
 int metadata_msgs_load(struct md_store *s, const struct frame *f, struct failure *err)

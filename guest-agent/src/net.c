@@ -15,7 +15,7 @@
 
 #include "log.h"
 #include "protocol.h"
-#include "tlv.h"
+#include "messages.h"
 
 /* rtnetlink's ABI (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h): musl carries no linux/
  * headers, and these structures and numbers are fixed for good. */
@@ -338,84 +338,77 @@ static bool clean_text(const char *s)
     return true;
 }
 
+static void add_interface(int sock, const char *text)
+{
+    char name[IF_NAMESIZE], tail;
+    unsigned mtu;
+    char mac[18];
+    if (n_ifaces == MAX_IFACES)
+        fatal("protocol", E2BIG, "NETWORK: more than %d interfaces", MAX_IFACES);
+    if (sscanf(text, "%17s %15s %u%c", mac, name, &mtu, &tail) != 3 || !net_parse_mac(mac, ifaces[n_ifaces].mac) ||
+        mtu < 68 || mtu > 65535)
+        fatal("protocol", EINVAL, "NET_INTERFACE: %.64s is not MAC NAME MTU", text);
+    struct iface *new = &ifaces[n_ifaces];
+    if (!find_iface(new))
+        fatal("network", ENODEV, "no network device with MAC %s after %u s", mac, IFACE_TIMEOUT_MS / 1000);
+    link_setup(sock, new, name, mtu);
+    memcpy(new->name, name, sizeof name);
+    n_ifaces++;
+    log_debug("interface %s (%s), MTU %u", name, mac, mtu);
+}
+
+/* The interface a NET_ADDRESS or NET_ROUTE names by its MAC; *rest: what follows the MAC. */
+static struct iface *named_iface(const char *field, char *text, char **rest)
+{
+    struct iface *i = iface_of(text, rest);
+    if (!i)
+        fatal("protocol", EINVAL, "%s: %.64s does not start with a known interface's MAC", field, text);
+    return i;
+}
+
 void net_handle_frame(const struct frame *f)
 {
     if (configured)
         fatal("protocol", EINVAL, "a second NETWORK frame");
     configured = true;
-    struct tlv_reader rd;
-    struct tlv_field field;
+    struct kp_network m;
     struct failure err;
-    int more;
     size_t resolv_len = 0, search_len = 0, options_len = 0;
-    char search[512] = "", options[512] = "";
+    char search[512] = "", options[512] = "", *rest;
+    if (kp_network_decode(&m, f->payload, f->len, &err) < 0)
+        fatal_failure(&err);
+    const struct kp_strs *lists[] = {&m.net_interface, &m.net_address, &m.net_route, &m.dns_nameserver,
+                                     &m.dns_search, &m.dns_option, &m.hosts_entry};
+    for (size_t l = 0; l < ARRAY_LEN(lists); l++)
+        for (size_t i = 0; i < lists[l]->n; i++)
+            if (!clean_text(lists[l]->v[i]))
+                fatal("protocol", EINVAL, "NETWORK: a field holds a control character");
     int sock = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE_KP);
     if (sock < 0)
         fatal("network", errno, "netlink socket: %s", strerror(errno));
 
-    /* Fields come in the order NET_INTERFACE*, NET_ADDRESS*, NET_ROUTE*, then the rest; each line is
-     * acted on as it comes, so an address is on its interface before a route needs it. */
-    tlv_reader_init(&rd, f->payload, f->len);
-    while ((more = tlv_next(&rd, &field, &err)) > 0) {
-        if (field.tag < KP_F_NET_INTERFACE || field.tag > KP_F_HOSTS_ENTRY)
-            continue;
-        char *text = tlv_strdup(&field, &err);
-        if (!text)
-            fatal_failure(&err);
-        if (!clean_text(text))
-            fatal("protocol", EINVAL, "NETWORK: a field holds a control character");
-        char *rest;
-        struct iface *i;
-        switch (field.tag) {
-        case KP_F_NET_INTERFACE: {
-            char name[IF_NAMESIZE], tail;
-            unsigned mtu;
-            char mac[18];
-            if (n_ifaces == MAX_IFACES)
-                fatal("protocol", E2BIG, "NETWORK: more than %d interfaces", MAX_IFACES);
-            if (sscanf(text, "%17s %15s %u%c", mac, name, &mtu, &tail) != 3 ||
-                !net_parse_mac(mac, ifaces[n_ifaces].mac) || mtu < 68 || mtu > 65535)
-                fatal("protocol", EINVAL, "NET_INTERFACE: %.64s is not MAC NAME MTU", text);
-            struct iface *new = &ifaces[n_ifaces];
-            if (!find_iface(new))
-                fatal("network", ENODEV, "no network device with MAC %s after %u s", mac, IFACE_TIMEOUT_MS / 1000);
-            link_setup(sock, new, name, mtu);
-            memcpy(new->name, name, sizeof name);
-            n_ifaces++;
-            log_debug("interface %s (%s), MTU %u", name, mac, mtu);
-            break;
-        }
-        case KP_F_NET_ADDRESS:
-            if (!(i = iface_of(text, &rest)))
-                fatal("protocol", EINVAL, "NET_ADDRESS: %.64s does not start with a known interface's MAC", text);
-            address_add(sock, i, rest);
-            break;
-        case KP_F_NET_ROUTE:
-            if (!(i = iface_of(text, &rest)))
-                fatal("protocol", EINVAL, "NET_ROUTE: %.64s does not start with a known interface's MAC", text);
-            route_add(sock, i, rest);
-            break;
-        case KP_F_DNS_NAMESERVER:
-            append(resolv, sizeof resolv, &resolv_len, "nameserver ", text, "\n");
-            have_resolv = true;
-            break;
-        case KP_F_DNS_SEARCH:
-            append(search, sizeof search, &search_len, search_len ? " " : "search ", text, "");
-            have_resolv = true;
-            break;
-        case KP_F_DNS_OPTION:
-            append(options, sizeof options, &options_len, options_len ? " " : "options ", text, "");
-            have_resolv = true;
-            break;
-        case KP_F_HOSTS_ENTRY:
-            append(hosts, sizeof hosts, &hosts_len, text, "\n", "");
-            break;
-        }
-        free(text);
+    /* Interfaces, then addresses, then routes: an address is on its interface before a route needs it. */
+    for (size_t i = 0; i < m.net_interface.n; i++)
+        add_interface(sock, m.net_interface.v[i]);
+    for (size_t i = 0; i < m.net_address.n; i++) {
+        const struct iface *iface = named_iface("NET_ADDRESS", m.net_address.v[i], &rest);
+        address_add(sock, iface, rest);
     }
-    if (more < 0)
-        fatal_failure(&err);
+    for (size_t i = 0; i < m.net_route.n; i++) {
+        const struct iface *iface = named_iface("NET_ROUTE", m.net_route.v[i], &rest);
+        route_add(sock, iface, rest);
+    }
     close(sock);
+    for (size_t i = 0; i < m.dns_nameserver.n; i++)
+        append(resolv, sizeof resolv, &resolv_len, "nameserver ", m.dns_nameserver.v[i], "\n");
+    for (size_t i = 0; i < m.dns_search.n; i++)
+        append(search, sizeof search, &search_len, search_len ? " " : "search ", m.dns_search.v[i], "");
+    for (size_t i = 0; i < m.dns_option.n; i++)
+        append(options, sizeof options, &options_len, options_len ? " " : "options ", m.dns_option.v[i], "");
+    for (size_t i = 0; i < m.hosts_entry.n; i++)
+        append(hosts, sizeof hosts, &hosts_len, m.hosts_entry.v[i], "\n", "");
+    have_resolv = m.dns_nameserver.n || m.dns_search.n || m.dns_option.n;
+    kp_network_free(&m);
     if (search_len)
         append(resolv, sizeof resolv, &resolv_len, search, "\n", "");
     if (options_len)

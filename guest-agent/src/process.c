@@ -14,7 +14,7 @@
 #include "log.h"
 #include "pty.h"
 #include "spawn.h"
-#include "tlv.h"
+#include "messages.h"
 
 #define KILL_WAIT_MS 2000u
 
@@ -148,7 +148,7 @@ static int fork_child(struct stream *s, char *const *argv, int stdin_fd, bool la
 
 static int start_main(struct stream *s, struct failure *f)
 {
-    if (fork_child(s, s->req.argv.v, s->child_in, s->req.post_stop.n == 0, f) < 0)
+    if (fork_child(s, s->req.msg.arg.v, s->child_in, s->req.msg.post_stop.n == 0, f) < 0)
         return -1;
     close_fd(&s->child_in);
     s->state = STARTING;
@@ -159,7 +159,7 @@ static int start_main(struct stream *s, struct failure *f)
 /* Event handlers read /dev/null and write to the app's stdout and stderr. */
 static int start_handler(struct stream *s, enum stream_state state, struct failure *f)
 {
-    const struct strv *argv = state == PRE_START ? &s->req.pre_start : &s->req.post_stop;
+    const struct kp_strs *argv = state == PRE_START ? &s->req.msg.pre_start : &s->req.msg.post_stop;
     if (fork_child(s, argv->v, -1, state == POST_STOP, f) < 0)
         return -1;
     s->state = state;
@@ -171,21 +171,23 @@ static int start_handler(struct stream *s, enum stream_state state, struct failu
 /* START_FLAG_ENTER: the app's existing root; otherwise the app's root, made by its first START. */
 static const char *stream_root(const struct start_req *r, struct failure *f)
 {
-    if (r->flags & KP_START_FLAG_ENTER)
-        return app_existing_root(r->app, r->serial, f);
-    struct app_root_req req = {.name = r->app, .serial = r->serial, .share_tag = r->root_tag,
-                               .readonly = r->flags & KP_START_FLAG_READONLY_ROOTFS,
-                               .keep_etc = r->flags & KP_START_FLAG_KEEP_ETC,
-                               .mounts = r->mounts.v, .nmounts = r->mounts.n};
+    const struct kp_start *m = &r->msg;
+    if (m->start_flags & KP_START_FLAG_ENTER)
+        return app_existing_root(m->app_name, m->disk_serial, f);
+    struct app_root_req req = {.name = m->app_name, .serial = m->disk_serial, .share_tag = m->root_tag,
+                               .readonly = m->start_flags & KP_START_FLAG_READONLY_ROOTFS,
+                               .keep_etc = m->start_flags & KP_START_FLAG_KEEP_ETC,
+                               .mounts = m->volume_mount.v, .nmounts = m->volume_mount.n};
     return app_prepare(&req, f);
 }
 
 /* The stream's stdio: a pty (START_FLAG_TTY), else pipes. */
 static int stream_stdio(struct stream *s, struct stream_pipes *pipes, struct failure *f)
 {
-    if (s->req.flags & KP_START_FLAG_TTY)
-        return pty_open(s->root, s->req.tty_rows, s->req.tty_cols, pipes, &s->tty_fd, f);
-    return spawn_pipes(s->req.flags & KP_START_FLAG_STDIN, pipes, f);
+    const struct kp_start *m = &s->req.msg;
+    if (m->start_flags & KP_START_FLAG_TTY)
+        return pty_open(s->root, m->tty_rows, m->tty_cols, pipes, &s->tty_fd, f);
+    return spawn_pipes(m->start_flags & KP_START_FLAG_STDIN, pipes, f);
 }
 
 static void on_start(const struct frame *fr)
@@ -199,7 +201,7 @@ static void on_start(const struct frame *fr)
 
     if (start_req_parse(&r, fr->payload, fr->len, &f) < 0)
         goto failed;
-    log_debug("stream %u: START %s app %s disk %s", fr->stream, r.argv.v[0], r.app, r.serial);
+    log_debug("stream %u: START %s app %s disk %s", fr->stream, r.msg.arg.v[0], r.msg.app_name, r.msg.disk_serial);
     if (!(s = stream_alloc(fr->stream))) {
         failf(&f, "request", EAGAIN, "too many processes: the agent serves %u at once", KP_MAX_STREAMS);
         goto failed;
@@ -214,7 +216,7 @@ static void on_start(const struct frame *fr)
     s->child_in = pipes.child_in;
     s->child_out[OUT_STDOUT] = pipes.child_out;
     s->child_out[OUT_STDERR] = pipes.child_err;
-    if ((s->req.pre_start.n ? start_handler(s, PRE_START, &f) : start_main(s, &f)) < 0)
+    if ((s->req.msg.pre_start.n ? start_handler(s, PRE_START, &f) : start_main(s, &f)) < 0)
         goto failed;
     return;
 
@@ -237,7 +239,7 @@ static void resolve_start(struct stream *s, bool child_gone)
     close_fd(&s->report_fd);
     if (rc > 0) {
         s->state = RUNNING;
-        channel_send_u32(KP_MSG_STARTED, s->id, KP_F_PID, (uint32_t)s->pid);
+        channel_send_msg(s->id, &(struct kp_started){.pid = (uint32_t)s->pid});
         log_debug("stream %u: pid %d started", s->id, (int)s->pid);
         return;
     }
@@ -282,7 +284,7 @@ static void stdin_flush(struct stream *s)
     if (s->in_eof && s->in_len == 0)
         close_stdin(s);
     if (written)
-        channel_send_u32(KP_MSG_WINDOW, s->id, KP_F_BYTES, (uint32_t)written);
+        channel_send_msg(s->id, &(struct kp_window){.bytes = (uint32_t)written});
 }
 
 static void on_stdin(struct stream *s, const struct frame *fr)
@@ -290,7 +292,7 @@ static void on_stdin(struct stream *s, const struct frame *fr)
     if (fr->len == 0)
         return;
     if (s->stdin_fd < 0 || s->in_eof) { /* nobody reads it: drop it, but return the credit */
-        channel_send_u32(KP_MSG_WINDOW, s->id, KP_F_BYTES, fr->len);
+        channel_send_msg(s->id, &(struct kp_window){.bytes = fr->len});
         return;
     }
     if (fr->len > KP_STDIN_WINDOW - s->in_len)
@@ -326,7 +328,7 @@ static bool handler_failed(struct stream *s, int wstatus, const char *name, cons
         if (strcmp(f->stage, "exec") == 0) {
             char msg[sizeof f->msg];
             memcpy(msg, f->msg, sizeof msg);
-            failf(f, name, f->err, "app %s: %s handler: %s", s->req.app, name, msg);
+            failf(f, name, f->err, "app %s: %s handler: %s", s->req.msg.app_name, name, msg);
         }
         return true;
     }
@@ -334,7 +336,7 @@ static bool handler_failed(struct stream *s, int wstatus, const char *name, cons
         return false;
     char status[64];
     describe_status(wstatus, status, sizeof status);
-    failf(f, name, 0, "app %s: %s handler %s %s", s->req.app, name, path, status);
+    failf(f, name, 0, "app %s: %s handler %s %s", s->req.msg.app_name, name, path, status);
     return true;
 }
 
@@ -343,13 +345,10 @@ static void finish(struct stream *s, int wstatus)
 {
     drain_output(s);
     if (WIFSIGNALED(wstatus)) {
-        channel_send_u32(KP_MSG_EXIT, s->id, KP_F_TERM_SIGNAL, (uint32_t)WTERMSIG(wstatus));
+        channel_send_msg(s->id, &(struct kp_exit){.has_term_signal = true, .term_signal = (uint32_t)WTERMSIG(wstatus)});
         log_debug("stream %u: killed by signal %d", s->id, WTERMSIG(wstatus));
     } else {
-        uint8_t buf[16];
-        struct tlv_writer w = TLV_WRITER(buf);
-        tlv_put_i32(&w, KP_F_EXIT_CODE, WEXITSTATUS(wstatus));
-        channel_send(KP_MSG_EXIT, s->id, buf, w.len);
+        channel_send_msg(s->id, &(struct kp_exit){.has_exit_code = true, .exit_code = WEXITSTATUS(wstatus)});
         log_debug("stream %u: exited with %d", s->id, WEXITSTATUS(wstatus));
     }
     stream_free(s);
@@ -359,7 +358,7 @@ static void finish(struct stream *s, int wstatus)
 static void pre_start_done(struct stream *s, int wstatus)
 {
     struct failure f;
-    if (!handler_failed(s, wstatus, "pre-start", s->req.pre_start.v[0], &f) && start_main(s, &f) == 0)
+    if (!handler_failed(s, wstatus, "pre-start", s->req.msg.pre_start.v[0], &f) && start_main(s, &f) == 0)
         return;
     drain_output(s); /* the handler's own words come before the error */
     log_debug("stream %u: %s: %s", s->id, f.stage, f.msg);
@@ -371,11 +370,11 @@ static void pre_start_done(struct stream *s, int wstatus)
 static void main_done(struct stream *s, int wstatus)
 {
     struct failure f;
-    if (s->req.post_stop.n) {
+    if (s->req.msg.post_stop.n) {
         s->main_status = wstatus;
         if (start_handler(s, POST_STOP, &f) == 0)
             return;
-        log_info("app %s: post-stop handler not run: %s", s->req.app, f.msg);
+        log_info("app %s: post-stop handler not run: %s", s->req.msg.app_name, f.msg);
     }
     finish(s, wstatus);
 }
@@ -384,7 +383,7 @@ static void main_done(struct stream *s, int wstatus)
 static void post_stop_done(struct stream *s, int wstatus)
 {
     struct failure f;
-    if (handler_failed(s, wstatus, "post-stop", s->req.post_stop.v[0], &f))
+    if (handler_failed(s, wstatus, "post-stop", s->req.msg.post_stop.v[0], &f))
         log_info("%s (the app's exit status stands)", f.msg);
     finish(s, s->main_status);
 }
@@ -444,45 +443,25 @@ void process_kill_all(void)
 
 static void on_signal(struct stream *s, const struct frame *fr)
 {
-    struct tlv_reader rd;
-    struct tlv_field field;
+    struct kp_signal m;
     struct failure f;
-    int more;
-    tlv_reader_init(&rd, fr->payload, fr->len);
-    while ((more = tlv_next(&rd, &field, &f)) > 0) {
-        if (field.tag == KP_F_SIGNO) {
-            uint32_t signo = tlv_u32(&field);
-            log_debug("stream %u: signal %u to pid %d", s->id, signo, (int)s->pid);
-            if (signo > 0 && signo < _NSIG && s->pid > 0)
-                kill(s->pid, (int)signo); /* the process running now; ESRCH: it is exiting */
-            return;
-        }
-    }
-    if (more < 0)
+    if (kp_signal_decode(&m, fr->payload, fr->len, &f) < 0) /* SIGNO is required */
         fatal_failure(&f);
-    fatal("protocol", 0, "stream %u: SIGNAL without SIGNO", s->id);
+    log_debug("stream %u: signal %u to pid %d", s->id, m.signo, (int)s->pid);
+    if (m.signo > 0 && m.signo < _NSIG && s->pid > 0)
+        kill(s->pid, (int)m.signo); /* the process running now; ESRCH: it is exiting */
 }
 
 static void on_resize(struct stream *s, const struct frame *fr)
 {
-    struct tlv_reader rd;
-    struct tlv_field field;
+    struct kp_resize m;
     struct failure f;
-    uint32_t rows = 0, cols = 0;
-    int more;
-    tlv_reader_init(&rd, fr->payload, fr->len);
-    while ((more = tlv_next(&rd, &field, &f)) > 0) {
-        if (field.tag == KP_F_TTY_ROWS)
-            rows = tlv_u32(&field);
-        else if (field.tag == KP_F_TTY_COLS)
-            cols = tlv_u32(&field);
-    }
-    if (more < 0)
+    if (kp_resize_decode(&m, fr->payload, fr->len, &f) < 0)
         fatal_failure(&f);
     if (s->tty_fd < 0)
         return; /* not a terminal: nothing to resize */
-    log_debug("stream %u: terminal %ux%u", s->id, rows, cols);
-    if (pty_resize(s->tty_fd, rows, cols) < 0)
+    log_debug("stream %u: terminal %ux%u", s->id, m.tty_rows, m.tty_cols);
+    if (pty_resize(s->tty_fd, m.tty_rows, m.tty_cols) < 0)
         log_debug("stream %u: TIOCSWINSZ: %s", s->id, strerror(errno));
 }
 

@@ -13,8 +13,8 @@
 #include "log.h"
 #include "metadata.h"
 #include "protocol.h"
+#include "messages.h"
 #include "snapshot.h"
-#include "tlv.h"
 
 #define ENTROPY_WORDS_MAX 64
 
@@ -29,28 +29,21 @@ struct rand_pool_info {
 
 void snapshot_prepare(const struct frame *f)
 {
-    struct tlv_reader rd;
-    struct tlv_field field;
+    struct kp_prepare m;
     struct failure err;
-    int more;
-    unsigned disks = 0;
-    tlv_reader_init(&rd, f->payload, f->len);
-    while ((more = tlv_next(&rd, &field, &err)) > 0) {
-        if (field.tag != KP_F_DISK_SERIAL)
-            continue;
-        char *serial = tlv_strdup(&field, &err);
-        if (!serial || !image_mount(serial, &err))
+    if (kp_prepare_decode(&m, f->payload, f->len, &err) < 0)
+        fatal_failure(&err);
+    for (size_t i = 0; i < m.disk_serial.n; i++) {
+        const char *serial = m.disk_serial.v[i];
+        if (!image_mount(serial, &err))
             fatal_failure(&err);
         if (app_prebuild(serial, &err) < 0) /* only a saving: the START builds the root instead */
             log_debug("snapshot: no spare root on disk %s: %s", serial, err.msg);
-        free(serial);
-        disks++;
     }
-    if (more < 0)
-        fatal_failure(&err);
     metadata_loopback_up(); /* every pod has the metadata service: set up what does not vary */
-    log_debug("snapshot: %u image disks mounted, spare app roots built; waiting for THAW", disks);
-    channel_send(KP_MSG_PREPARED, 0, NULL, 0);
+    log_debug("snapshot: %zu image disks mounted, spare app roots built; waiting for THAW", m.disk_serial.n);
+    kp_prepare_free(&m);
+    channel_send_msg(0, &(struct kp_prepared){0});
 }
 
 /* Mixes the host's words into the input pool, then has the generator reseed from it at once:
@@ -75,37 +68,25 @@ static void reseed(const uint64_t *words, unsigned n)
 
 void snapshot_thaw(const struct frame *f)
 {
-    struct tlv_reader rd;
-    struct tlv_field field;
+    struct kp_thaw m;
     struct failure err;
-    uint64_t words[ENTROPY_WORDS_MAX];
-    unsigned nwords = 0;
-    uint64_t realtime_ns = 0;
-    char *hostname = NULL;
-    int more;
-    tlv_reader_init(&rd, f->payload, f->len);
-    while ((more = tlv_next(&rd, &field, &err)) > 0) {
-        if (field.tag == KP_F_ENTROPY && nwords < ENTROPY_WORDS_MAX)
-            words[nwords++] = tlv_u64(&field);
-        else if (field.tag == KP_F_REALTIME_NS)
-            realtime_ns = tlv_u64(&field);
-        else if (field.tag == KP_F_HOSTNAME && !hostname && !(hostname = tlv_strdup(&field, &err)))
-            fatal_failure(&err);
-    }
-    if (more < 0)
+    if (kp_thaw_decode(&m, f->payload, f->len, &err) < 0) /* HOSTNAME and REALTIME_NS are required */
         fatal_failure(&err);
+    uint64_t realtime_ns = m.realtime_ns;
+    char *hostname = m.hostname;
     /* every clone would share the snapshot's random state: refuse to go on without fresh entropy */
+    unsigned nwords = m.entropy.n < ENTROPY_WORDS_MAX ? (unsigned)m.entropy.n : ENTROPY_WORDS_MAX;
     if (nwords < 4)
         fatal("thaw", EINVAL, "THAW carries %u ENTROPY words, at least 4 are needed", nwords);
-    if (!hostname || !realtime_ns)
-        fatal("thaw", EINVAL, "THAW lacks %s", hostname ? "REALTIME_NS" : "HOSTNAME");
-    reseed(words, nwords);
-    explicit_bzero(words, sizeof words);
+    if (!realtime_ns)
+        fatal("thaw", EINVAL, "THAW's REALTIME_NS is 0");
+    reseed(m.entropy.v, nwords);
+    explicit_bzero(m.entropy.v, m.entropy.n * sizeof *m.entropy.v);
     struct timespec now = {.tv_sec = (time_t)(realtime_ns / 1000000000u), .tv_nsec = (long)(realtime_ns % 1000000000u)};
     if (clock_settime(CLOCK_REALTIME, &now) < 0)
         fatal("thaw", errno, "setting the clock: %s", strerror(errno));
     if (sethostname(hostname, strlen(hostname)) < 0)
         fatal("thaw", errno, "sethostname %s: %s", hostname, strerror(errno));
     log_debug("thawed: hostname %s, %u entropy words", hostname, nwords);
-    free(hostname);
+    kp_thaw_free(&m);
 }

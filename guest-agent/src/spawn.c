@@ -18,7 +18,6 @@
 #include "caps.h"
 #include "log.h"
 #include "protocol.h"
-#include "tlv.h"
 #include "users.h"
 
 static void out_of_memory(void)
@@ -28,92 +27,14 @@ static void out_of_memory(void)
 
 /* --- START requests --- */
 
-static int strv_push(struct strv *s, char *str)
-{
-    if (s->n + 2 > s->cap) {
-        size_t cap = s->cap ? 2 * s->cap : 8;
-        char **grown = realloc(s->v, cap * sizeof *grown);
-        if (!grown)
-            return -1;
-        s->v = grown;
-        s->cap = cap;
-    }
-    s->v[s->n++] = str;
-    s->v[s->n] = NULL;
-    return 0;
-}
-
-static void strv_free(struct strv *s)
-{
-    for (size_t i = 0; i < s->n; i++)
-        free(s->v[i]);
-    free(s->v);
-}
-
 void start_req_free(struct start_req *r)
 {
-    free(r->app);
-    free(r->serial);
-    free(r->workdir);
-    free(r->user);
-    free(r->group);
-    free(r->seccomp_errno);
-    free(r->root_tag);
+    kp_start_free(&r->msg);
     free(r->rlimits);
-    struct strv *lists[] = {&r->argv,           &r->envp,           &r->pre_start,      &r->post_stop,
-                            &r->caps_retain,    &r->caps_remove,    &r->seccomp_retain, &r->seccomp_remove,
-                            &r->mounts,         &r->rlimit_specs};
-    for (size_t i = 0; i < ARRAY_LEN(lists); i++)
-        strv_free(lists[i]);
-    free(r->gids);
     seccomp_filter_free(&r->filter);
 }
 
-/* A str field as a C string. A malformed field is a protocol error: fatal. */
-static char *field_str(const struct tlv_field *field)
-{
-    struct failure f;
-    char *s = tlv_strdup(field, &f);
-    if (!s)
-        fatal_failure(&f);
-    return s;
-}
-
-/* Single-valued fields: the first one counts (as on the host side). */
-static void set_once(char **dst, const struct tlv_field *field)
-{
-    if (!*dst)
-        *dst = field_str(field);
-}
-
-/* The list a repeated str field goes to. */
-static struct strv *list_of(struct start_req *r, uint16_t tag)
-{
-    switch (tag) {
-    case KP_F_ARG:
-        return &r->argv;
-    case KP_F_ENV:
-        return &r->envp;
-    case KP_F_PRE_START:
-        return &r->pre_start;
-    case KP_F_POST_STOP:
-        return &r->post_stop;
-    case KP_F_CAPS_RETAIN:
-        return &r->caps_retain;
-    case KP_F_CAPS_REMOVE:
-        return &r->caps_remove;
-    case KP_F_SECCOMP_RETAIN:
-        return &r->seccomp_retain;
-    case KP_F_VOLUME_MOUNT:
-        return &r->mounts;
-    case KP_F_RLIMIT:
-        return &r->rlimit_specs;
-    default:
-        return &r->seccomp_remove;
-    }
-}
-
-static int check_handler(const struct strv *argv, const char *name, struct failure *f)
+static int check_handler(const struct kp_strs *argv, const char *name, struct failure *f)
 {
     if (argv->n > 0 && argv->v[0][0] != '/')
         return failf(f, "request", EINVAL, "the %s handler needs an absolute path as its first argument", name);
@@ -123,27 +44,28 @@ static int check_handler(const struct strv *argv, const char *name, struct failu
 /* The isolators, turned into what the children apply: a bounding set and a seccomp program. */
 static int prepare_isolators(struct start_req *r, struct failure *f)
 {
-    if (r->caps_retain.n && r->caps_remove.n)
+    const struct kp_start *m = &r->msg;
+    if (m->caps_retain.n && m->caps_remove.n)
         return failf(f, "capabilities", EINVAL,
                      "os/linux/capabilities-retain-set and -remove-set cannot be used together");
-    if (caps_bounding_set(r->caps_retain.n ? r->caps_retain.v : NULL, r->caps_remove.n ? r->caps_remove.v : NULL,
-                          &r->cap_bounding, f) < 0)
+    /* An empty list's v is NULL: the isolator is absent. */
+    if (caps_bounding_set(m->caps_retain.v, m->caps_remove.v, &r->cap_bounding, f) < 0)
         return -1;
-    return seccomp_build(r->seccomp_retain.n ? r->seccomp_retain.v : NULL,
-                         r->seccomp_remove.n ? r->seccomp_remove.v : NULL, r->seccomp_errno,
-                         r->flags & KP_START_FLAG_SECCOMP_SKIP_UNKNOWN, &r->filter, f);
+    return seccomp_build(m->seccomp_retain.v, m->seccomp_remove.v, m->seccomp_errno,
+                         m->start_flags & KP_START_FLAG_SECCOMP_SKIP_UNKNOWN, &r->filter, f);
 }
 
 /* RLIMIT values ("RESOURCE SOFT HARD", decimal) into what the child applies; checked here, so that a
  * bad one fails the START rather than the child. */
 static int parse_rlimits(struct start_req *r, struct failure *f)
 {
-    if (r->rlimit_specs.n == 0)
+    const struct kp_strs *specs = &r->msg.rlimit;
+    if (specs->n == 0)
         return 0;
-    if (!(r->rlimits = calloc(r->rlimit_specs.n, sizeof *r->rlimits)))
+    if (!(r->rlimits = calloc(specs->n, sizeof *r->rlimits)))
         out_of_memory();
-    for (size_t i = 0; i < r->rlimit_specs.n; i++) {
-        const char *spec = r->rlimit_specs.v[i];
+    for (size_t i = 0; i < specs->n; i++) {
+        const char *spec = specs->v[i];
         unsigned resource;
         unsigned long long soft, hard;
         int used = 0;
@@ -152,100 +74,35 @@ static int parse_rlimits(struct start_req *r, struct failure *f)
             return failf(f, "request", EINVAL, "bad RLIMIT %s", spec);
         r->rlimits[i] = (struct rlimit_set){.resource = (int)resource, .soft = soft, .hard = hard};
     }
-    r->nrlimits = r->rlimit_specs.n;
+    r->nrlimits = specs->n;
     return 0;
 }
 
 int start_req_parse(struct start_req *r, const uint8_t *payload, size_t len, struct failure *f)
 {
-    struct tlv_reader rd;
-    struct tlv_field field;
-    int more;
-    tlv_reader_init(&rd, payload, len);
-    while ((more = tlv_next(&rd, &field, f)) > 0) {
-        switch (field.tag) {
-        case KP_F_APP_NAME:
-            set_once(&r->app, &field);
-            break;
-        case KP_F_DISK_SERIAL:
-            set_once(&r->serial, &field);
-            break;
-        case KP_F_WORKDIR:
-            set_once(&r->workdir, &field);
-            break;
-        case KP_F_USER:
-            set_once(&r->user, &field);
-            break;
-        case KP_F_GROUP:
-            set_once(&r->group, &field);
-            break;
-        case KP_F_SECCOMP_ERRNO:
-            set_once(&r->seccomp_errno, &field);
-            break;
-        case KP_F_ROOT_TAG:
-            set_once(&r->root_tag, &field);
-            break;
-        case KP_F_OOM_SCORE_ADJ:
-            r->has_oom_score_adj = true;
-            r->oom_score_adj = (int32_t)tlv_u32(&field);
-            break;
-        case KP_F_ARG:
-        case KP_F_ENV:
-        case KP_F_PRE_START:
-        case KP_F_POST_STOP:
-        case KP_F_CAPS_RETAIN:
-        case KP_F_CAPS_REMOVE:
-        case KP_F_SECCOMP_RETAIN:
-        case KP_F_SECCOMP_REMOVE:
-        case KP_F_VOLUME_MOUNT:
-        case KP_F_RLIMIT:
-            if (strv_push(list_of(r, field.tag), field_str(&field)) < 0)
-                out_of_memory();
-            break;
-        case KP_F_SUPP_GID: {
-            gid_t *grown = realloc(r->gids, (r->ngids + 1) * sizeof *grown);
-            if (!grown)
-                out_of_memory();
-            r->gids = grown;
-            r->gids[r->ngids++] = (gid_t)tlv_u32(&field);
-            break;
-        }
-        case KP_F_START_FLAGS:
-            r->flags = tlv_u32(&field);
-            break;
-        case KP_F_TTY_ROWS:
-            r->tty_rows = tlv_u32(&field);
-            break;
-        case KP_F_TTY_COLS:
-            r->tty_cols = tlv_u32(&field);
-            break;
-        default: /* a field this agent does not know: skipped, as the protocol says */
-            break;
-        }
+    static char *no_env[] = {NULL}; /* execve wants an array, even empty */
+    if (kp_start_decode(&r->msg, payload, len, f) < 0) {
+        if (f->err == ENOMEM)
+            out_of_memory();
+        fatal_failure(f); /* it breaks protocol.toml's START (a field's size, a missing APP_NAME...) */
     }
-    if (more < 0)
-        fatal_failure(f);
-
-    if (!r->app || !r->serial)
-        return failf(f, "request", EINVAL, "START lacks APP_NAME or DISK_SERIAL");
+    const struct kp_start *m = &r->msg;
+    r->envp = m->env.n ? m->env.v : no_env;
     /* An entered command (or an OCI process: runc looks it up too) may be a bare name, looked up in
      * its PATH (exec_in_path). */
-    bool lookup = r->flags & (KP_START_FLAG_ENTER | KP_START_FLAG_EXEC_PATH);
-    if (r->argv.n == 0 || !r->argv.v[0][0] ||
-        (r->argv.v[0][0] != '/' && !(lookup && !strchr(r->argv.v[0], '/'))))
+    bool lookup = m->start_flags & (KP_START_FLAG_ENTER | KP_START_FLAG_EXEC_PATH);
+    if (m->arg.n == 0 || !m->arg.v[0][0] || (m->arg.v[0][0] != '/' && !(lookup && !strchr(m->arg.v[0], '/'))))
         return failf(f, "request", EINVAL, "START needs an absolute path as its first ARG");
-    if (r->workdir && r->workdir[0] != '/')
-        return failf(f, "request", EINVAL, "working directory %s is not absolute", r->workdir);
-    if (check_handler(&r->pre_start, "pre-start", f) < 0 || check_handler(&r->post_stop, "post-stop", f) < 0)
+    if (m->workdir && m->workdir[0] != '/')
+        return failf(f, "request", EINVAL, "working directory %s is not absolute", m->workdir);
+    if (check_handler(&m->pre_start, "pre-start", f) < 0 || check_handler(&m->post_stop, "post-stop", f) < 0)
         return -1;
-    if ((r->flags & KP_START_FLAG_ENTER) && (r->pre_start.n || r->post_stop.n))
-        return failf(f, "request", EINVAL, "a process entering app %s has no event handlers", r->app);
-    if (r->envp.n == 0 && strv_push(&r->envp, NULL) < 0) /* execve wants an array, even empty */
-        out_of_memory();
-    if (r->root_tag && strcmp(r->root_tag, r->serial) != 0)
-        return failf(f, "request", EINVAL, "ROOT_TAG %s and DISK_SERIAL %s differ", r->root_tag, r->serial);
-    if (r->has_oom_score_adj && (r->oom_score_adj < -1000 || r->oom_score_adj > 1000))
-        return failf(f, "request", EINVAL, "OOM_SCORE_ADJ %d is outside -1000..1000", (int)r->oom_score_adj);
+    if ((m->start_flags & KP_START_FLAG_ENTER) && (m->pre_start.n || m->post_stop.n))
+        return failf(f, "request", EINVAL, "a process entering app %s has no event handlers", m->app_name);
+    if (m->root_tag && strcmp(m->root_tag, m->disk_serial) != 0)
+        return failf(f, "request", EINVAL, "ROOT_TAG %s and DISK_SERIAL %s differ", m->root_tag, m->disk_serial);
+    if (m->has_oom_score_adj && (m->oom_score_adj < -1000 || m->oom_score_adj > 1000))
+        return failf(f, "request", EINVAL, "OOM_SCORE_ADJ %d is outside -1000..1000", (int)m->oom_score_adj);
     if (parse_rlimits(r, f) < 0)
         return -1;
     return prepare_isolators(r, f);
@@ -302,7 +159,7 @@ static void become_app_user(const struct start_req *r, uid_t uid, gid_t gid, int
     bool filter = r->filter.insns != NULL;
     if (caps_prepare(r->cap_bounding, uid, filter, &f) < 0)
         child_fail(report_fd, &f);
-    if (setgroups(r->ngids, r->gids) < 0)
+    if (setgroups(r->msg.supp_gid.n, r->msg.supp_gid.v) < 0)
         child_failf(report_fd, "group", errno, "setgroups: %s", strerror(errno));
     if (setgid(gid) < 0)
         child_failf(report_fd, "group", errno, "setgid %u: %s", (unsigned)gid, strerror(errno));
@@ -346,7 +203,7 @@ static noreturn void child_exec(const struct start_req *r, char *const *argv, co
                                 int report_fd)
 {
     struct failure f;
-    const char *workdir = r->workdir ? r->workdir : "/";
+    const char *workdir = r->msg.workdir ? r->msg.workdir : "/";
     uid_t uid;
     gid_t gid;
 
@@ -356,7 +213,7 @@ static noreturn void child_exec(const struct start_req *r, char *const *argv, co
             child_failf(report_fd, "exec", errno, "dup2: %s", strerror(errno));
     /* A terminal's stdout is the pty (an event handler's stdin is /dev/null): it becomes the
      * session's controlling terminal, so ^C, job control and SIGWINCH work as on a console. */
-    if ((r->flags & KP_START_FLAG_TTY) && ioctl(STDOUT_FILENO, TIOCSCTTY, 0) < 0)
+    if ((r->msg.start_flags & KP_START_FLAG_TTY) && ioctl(STDOUT_FILENO, TIOCSCTTY, 0) < 0)
         child_failf(report_fd, "tty", errno, "cannot make the pty the controlling terminal: %s", strerror(errno));
     if (chroot(root) < 0)
         child_failf(report_fd, "rootfs", errno, "chroot %s: %s", root, strerror(errno));
@@ -373,22 +230,22 @@ static noreturn void child_exec(const struct start_req *r, char *const *argv, co
         if (setrlimit(r->rlimits[i].resource, &lim) < 0)
             child_failf(report_fd, "exec", errno, "setrlimit %d: %s", r->rlimits[i].resource, strerror(errno));
     }
-    if (r->has_oom_score_adj) {
+    if (r->msg.has_oom_score_adj) {
         char value[16];
         int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-        int n = snprintf(value, sizeof value, "%d", (int)r->oom_score_adj);
+        int n = snprintf(value, sizeof value, "%d", (int)r->msg.oom_score_adj);
         if (fd < 0 || write(fd, value, (size_t)n) != n)
-            child_failf(report_fd, "exec", errno, "oom_score_adj %d: %s", (int)r->oom_score_adj, strerror(errno));
+            child_failf(report_fd, "exec", errno, "oom_score_adj %d: %s", (int)r->msg.oom_score_adj, strerror(errno));
         close(fd);
     }
     /* Names are looked up now, inside the app's root, in the app's own files. */
-    if (resolve_user(r->user ? r->user : "0", &uid, &f) < 0 || resolve_group(r->group ? r->group : "0", &gid, &f) < 0)
+    if (resolve_user(r->msg.user ? r->msg.user : "0", &uid, &f) < 0 || resolve_group(r->msg.group ? r->msg.group : "0", &gid, &f) < 0)
         child_fail(report_fd, &f);
     /* The terminal belongs to its user, as login(1) does it, so reopening it by name works too. */
-    if (r->flags & KP_START_FLAG_TTY)
+    if (r->msg.start_flags & KP_START_FLAG_TTY)
         (void)!fchown(STDOUT_FILENO, uid, (gid_t)-1);
     become_app_user(r, uid, gid, report_fd);
-    if ((r->flags & KP_START_FLAG_NO_NEW_PRIVS) && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+    if ((r->msg.start_flags & KP_START_FLAG_NO_NEW_PRIVS) && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         child_failf(report_fd, "exec", errno, "PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
     reset_signals();
     umask(022); /* the agent itself runs with 0 */
@@ -396,9 +253,9 @@ static noreturn void child_exec(const struct start_req *r, char *const *argv, co
     if (seccomp_install(&r->filter, &f) < 0)
         child_fail(report_fd, &f);
     if (strchr(argv[0], '/'))
-        execve(argv[0], argv, r->envp.v);
+        execve(argv[0], argv, r->envp);
     else
-        exec_in_path(argv, r->envp.v);
+        exec_in_path(argv, r->envp);
     child_failf(report_fd, "exec", errno, "exec %s: %s", argv[0], strerror(errno));
 }
 

@@ -8,30 +8,16 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "messages.h"
 #include "seccomp.h"
 #include "util.h"
 
-struct strv {
-    char **v; /* NULL-terminated once non-empty */
-    size_t n, cap;
-};
-
 struct start_req {
-    char *app, *serial, *workdir, *user, *group; /* NULL: not given (defaults "/", "0", "0") */
-    char *root_tag;                              /* ROOT_TAG: the root is this virtio-fs share; NULL: a disk */
-    struct strv argv, envp;
-    struct strv pre_start, post_stop;            /* event handlers' argv; n == 0: none */
-    struct strv caps_retain, caps_remove;        /* capability isolators' names */
-    struct strv seccomp_retain, seccomp_remove;  /* seccomp isolators' names */
-    char *seccomp_errno;                         /* NULL or "": SIGSYS */
-    struct strv mounts;                          /* VOLUME_MOUNT values (docs/volumes.md) */
-    struct strv rlimit_specs;                    /* RLIMIT values: "RESOURCE SOFT HARD" */
-    bool has_oom_score_adj;
-    int32_t oom_score_adj;
-    gid_t *gids;
-    size_t ngids;
-    uint32_t flags;
-    uint32_t tty_rows, tty_cols;                 /* START_FLAG_TTY: initial size; 0: not given */
+    /* The START as decoded (messages.h): absent WORKDIR, USER, GROUP are NULL (defaults "/", "0",
+     * "0"), START_FLAGS 0; PRE_START, POST_STOP n == 0: no handler; ROOT_TAG NULL: the root is a
+     * disk; SECCOMP_ERRNO NULL or "": SIGSYS; TTY_ROWS/COLS 0: not given. */
+    struct kp_start msg;
+    char **envp; /* msg.env, or an empty list: execve wants one */
     /* Made from the above by start_req_parse(): */
     uint64_t cap_bounding;
     struct rlimit_set {

@@ -1,6 +1,6 @@
 """The host end of the agent channel: handshake, processes multiplexed by stream, flow control.
 
-The guest is untrusted. Every frame is checked (protocol.decode_header, Fields.decode), a frame
+The guest is untrusted. Every frame is checked (protocol.decode_header, the messages' decode), a frame
 that breaks the protocol fails the whole session with ProtocolError, and every waiter wakes up
 with that error: nothing hangs and no traceback escapes.
 """
@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from kvmpod.agent import protocol as p
 from kvmpod.agent.isolators import Isolators
@@ -48,32 +48,34 @@ class ProcessSpec:
     oom_score_adj: int | None = None
     exec_path: bool = False   # a bare argv[0] is looked up in the PATH in the guest (OCI processes)
 
-    def fields(self) -> list[tuple[p.Field, p.FieldValue | str]]:
+    def message(self) -> p.Start:
+        """The START that runs this process (protocol.toml says its fields and their order)."""
+        iso = self.isolators
         flags = ((p.StartFlag.STDIN if self.stdin else 0) | (p.StartFlag.READONLY_ROOTFS if self.readonly_rootfs else 0)
-                 | (p.StartFlag.NO_NEW_PRIVS if self.isolators.no_new_privileges else 0)
+                 | (p.StartFlag.NO_NEW_PRIVS if iso.no_new_privileges else 0)
                  | (p.StartFlag.TTY if self.tty else 0) | (p.StartFlag.ENTER if self.enter else 0)
                  | (p.StartFlag.KEEP_ETC if self.keep_etc else 0)
                  | (p.StartFlag.EXEC_PATH if self.exec_path else 0)
-                 | (p.StartFlag.SECCOMP_SKIP_UNKNOWN if self.isolators.seccomp_skip_unknown else 0))
-        out: list[tuple[p.Field, p.FieldValue | str]] = [
-            (p.Field.APP_NAME, self.app_name), (p.Field.DISK_SERIAL, self.disk_serial)]
-        out += [(p.Field.ARG, a) for a in self.argv]
-        out += [(p.Field.ENV, e) for e in self.env]
-        out += [(p.Field.WORKDIR, self.workdir), (p.Field.USER, self.user), (p.Field.GROUP, self.group)]
-        out += [(p.Field.SUPP_GID, g) for g in self.supplementary_gids]
-        out.append((p.Field.START_FLAGS, int(flags)))
-        out += [(p.Field.PRE_START, a) for a in self.pre_start]
-        out += [(p.Field.POST_STOP, a) for a in self.post_stop]
-        out += self.isolators.fields()
-        if self.tty:
-            out += [(p.Field.TTY_ROWS, self.tty[0]), (p.Field.TTY_COLS, self.tty[1])]
-        out += [(p.Field.VOLUME_MOUNT, m) for m in self.volume_mounts]
-        if self.root_tag:
-            out.append((p.Field.ROOT_TAG, self.root_tag))
-        out += [(p.Field.RLIMIT, f"{resource} {soft} {hard}") for resource, soft, hard in self.rlimits]
-        if self.oom_score_adj is not None:
-            out.append((p.Field.OOM_SCORE_ADJ, self.oom_score_adj))
-        return out
+                 | (p.StartFlag.SECCOMP_SKIP_UNKNOWN if iso.seccomp_skip_unknown else 0))
+        return p.Start(
+            app_name=self.app_name.encode(), disk_serial=self.disk_serial.encode(),
+            arg=_encoded(self.argv), env=_encoded(self.env),
+            workdir=self.workdir.encode(), user=self.user.encode(), group=self.group.encode(),
+            supp_gid=list(self.supplementary_gids), start_flags=int(flags),
+            pre_start=_encoded(self.pre_start), post_stop=_encoded(self.post_stop),
+            caps_retain=_encoded(iso.caps_retain), caps_remove=_encoded(iso.caps_remove),
+            seccomp_retain=_encoded(iso.seccomp_retain), seccomp_remove=_encoded(iso.seccomp_remove),
+            seccomp_errno=iso.seccomp_errno.encode() if iso.seccomp_errno else None,
+            tty_rows=self.tty[0] if self.tty else None, tty_cols=self.tty[1] if self.tty else None,
+            volume_mount=_encoded(self.volume_mounts),
+            root_tag=self.root_tag.encode() if self.root_tag else None,
+            rlimit=[f"{resource} {soft} {hard}".encode() for resource, soft, hard in self.rlimits],
+            oom_score_adj=self.oom_score_adj)
+
+
+def _encoded(values: Iterable[str] | None) -> list[bytes]:
+    """A repeated str field's values (a None isolator set: none)."""
+    return [v.encode() for v in values or ()]
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ class Hello:
     version: int
     agent_version: str
     boot_ns: int
+
+
+def _text(value: bytes | None) -> str:
+    """A str field the guest sent, for a message (not necessarily UTF-8)."""
+    return value.decode("utf-8", "replace") if value is not None else ""
 
 
 def _start_error(stage: str, err: int | None, message: str) -> AppStartError:
@@ -145,13 +152,12 @@ class GuestProcess:
 
     async def signal(self, signo: int) -> None:
         if not self.exited.done():
-            await self.session.send(p.message(p.MessageType.SIGNAL, self.stream, (p.Field.SIGNO, signo)))
+            await self.session.send(p.frame(p.Signal(signo=signo), self.stream))
 
     async def resize(self, rows: int, cols: int) -> None:
         """A new terminal size for a process started with a TTY (the agent ignores it otherwise)."""
         if not self.exited.done():
-            await self.session.send(p.message(p.MessageType.RESIZE, self.stream, (p.Field.TTY_ROWS, rows),
-                                              (p.Field.TTY_COLS, cols)))
+            await self.session.send(p.frame(p.Resize(tty_rows=rows, tty_cols=cols), self.stream))
 
     async def wait(self) -> ExitStatus:
         return await self.exited
@@ -253,17 +259,14 @@ class AgentSession:
             mtype, stream, payload = await self._read_frame()
         if mtype is not p.MessageType.HELLO:
             raise ProtocolError(f"agent sent {mtype.name} before HELLO")
-        f = p.Fields.decode(payload)
-        lo, hi = f.get(p.Field.PROTO_MIN), f.get(p.Field.PROTO_MAX)
-        if not isinstance(lo, int) or not isinstance(hi, int):
-            raise ProtocolError("HELLO lacks PROTO_MIN/PROTO_MAX")
+        h = p.Hello.decode(payload)
+        lo, hi = h.proto_min, h.proto_max
         version = min(hi, p.VERSION)
         if version < max(lo, p.MIN_VERSION):
             raise AgentError(f"guest agent speaks protocol {lo}..{hi}, kvmpod speaks {p.MIN_VERSION}..{p.VERSION}: "
                              "rebuild the initrd (make agent)")
-        await self.send(p.message(p.MessageType.HELLO_ACK, 0, (p.Field.PROTO_VERSION, version)))
-        boot_ns = f.get(p.Field.BOOT_NS, 0)
-        hello = Hello(version, f.text(p.Field.AGENT_VERSION), boot_ns if isinstance(boot_ns, int) else 0)
+        await self.send(p.frame(p.HelloAck(proto_version=version)))
+        hello = Hello(version, _text(h.agent_version), h.boot_ns or 0)
         self.hello.set_result(hello)
         self.dispatch()
         return hello
@@ -272,14 +275,14 @@ class AgentSession:
         """The first frame to a VM restored from a boot snapshot (docs/snapshot.md): the pod's hostname,
         fresh entropy for the guest kernel, the time. The agent then says HELLO again: call handshake()."""
         words = os.urandom(8 * THAW_ENTROPY_WORDS)
-        await self.send(p.message(
-            p.MessageType.THAW, 0, (p.Field.HOSTNAME, hostname),
-            *((p.Field.ENTROPY, int.from_bytes(words[i:i + 8], "little")) for i in range(0, len(words), 8)),
-            (p.Field.REALTIME_NS, time.time_ns())))
+        await self.send(p.frame(p.Thaw(
+            hostname=hostname.encode(),
+            entropy=[int.from_bytes(words[i:i + 8], "little") for i in range(0, len(words), 8)],
+            realtime_ns=time.time_ns())))
 
     async def prepare_snapshot(self, disk_serials: list[str]) -> None:
         """Have the agent mount the image disks and go idle, so the VM can be saved (after handshake())."""
-        await self.send(p.message(p.MessageType.PREPARE, 0, *((p.Field.DISK_SERIAL, s) for s in disk_serials)))
+        await self.send(p.frame(p.Prepare(disk_serial=[s.encode() for s in disk_serials])))
         await self._first(self._prepared)
 
     async def start(self, spec: ProcessSpec, on_stdout: OutputSink, on_stderr: OutputSink) -> GuestProcess:
@@ -291,7 +294,7 @@ class AgentSession:
         self._next_stream += 1
         proc = GuestProcess(self, stream, on_stdout, on_stderr, early_output=bool(spec.pre_start))
         self._processes[stream] = proc
-        await self.send(p.message(p.MessageType.START, stream, *spec.fields()))
+        await self.send(p.frame(spec.message(), stream))
         await self._first(proc.started)
         return proc
 
@@ -343,7 +346,7 @@ class AgentSession:
             raise AgentError("agent channel closed" + (" in the middle of a frame" if e.partial else "")) from None
         except (ConnectionError, OSError) as e:
             raise AgentError(f"agent channel broke: {e}") from None
-        if p.MESSAGE_SPECS[mtype]["from"] != "guest":
+        if p.MESSAGE_SPECS[mtype].sender != "guest":
             raise ProtocolError(f"guest sent {mtype.name}, a host-to-guest message")
         return mtype, stream, payload
 
@@ -363,7 +366,7 @@ class AgentSession:
             self.quiet_since = time.monotonic()
         if mtype is T.LOG:
             if self._on_log:
-                self._on_log(p.Fields.decode(payload).text(p.Field.MESSAGE))
+                self._on_log(_text(p.Log.decode(payload).message))
             return
         if mtype is T.HELLO:
             raise ProtocolError("agent sent HELLO twice")
@@ -373,22 +376,21 @@ class AgentSession:
             self._prepared.set_result(None)
             return
         if mtype is T.ERROR and stream == 0:
-            f = p.Fields.decode(payload)
-            raise AgentError(f"guest agent failed: {f.text(p.Field.STAGE)}: {f.text(p.Field.MESSAGE)}")
+            e = p.Error.decode(payload)
+            raise AgentError(f"guest agent failed: {_text(e.stage)}: {_text(e.message)}")
         proc = self._processes.get(stream)
         if proc is None:
             state = "has ended" if stream in self._finished else "was never started"
             raise ProtocolError(f"{mtype.name} for stream {stream}, which {state}")
         if mtype is T.STARTED:
-            pid = p.Fields.decode(payload).get(p.Field.PID)
-            if not isinstance(pid, int) or proc.started.done():
-                raise ProtocolError(f"stream {stream}: unexpected or malformed STARTED")
+            pid = p.Started.decode(payload).pid
+            if proc.started.done():
+                raise ProtocolError(f"stream {stream}: unexpected STARTED")
             proc.pid = pid
             proc.started.set_result(pid)
         elif mtype is T.ERROR:
-            f = p.Fields.decode(payload)
-            err = f.get(p.Field.ERRNO)
-            error = _start_error(f.text(p.Field.STAGE), err if isinstance(err, int) else None, f.text(p.Field.MESSAGE))
+            e = p.Error.decode(payload)
+            error = _start_error(_text(e.stage), e.errno, _text(e.message))
             if proc.started.done():
                 raise ProtocolError(f"stream {stream}: ERROR after the process started")
             proc.started.set_exception(error)
@@ -400,17 +402,12 @@ class AgentSession:
         elif mtype is T.STDERR:
             proc.on_stderr(payload)
         elif mtype is T.WINDOW:
-            nbytes = p.Fields.decode(payload).get(p.Field.BYTES)
-            if not isinstance(nbytes, int):
-                raise ProtocolError(f"stream {stream}: WINDOW without BYTES")
-            proc._grant(nbytes)
+            proc._grant(p.Window.decode(payload).bytes)
         elif mtype is T.EXIT:
-            f = p.Fields.decode(payload)
-            code, sig = f.get(p.Field.EXIT_CODE), f.get(p.Field.TERM_SIGNAL)
-            if (code is None) == (sig is None):
+            x = p.Exit.decode(payload)
+            if (x.exit_code is None) == (x.term_signal is None):
                 raise ProtocolError(f"stream {stream}: EXIT needs exactly one of EXIT_CODE and TERM_SIGNAL")
-            proc.exited.set_result(ExitStatus(code=code if isinstance(code, int) else None,
-                                              signal=sig if isinstance(sig, int) else None))
+            proc.exited.set_result(ExitStatus(code=x.exit_code, signal=x.term_signal))
             self._finish(stream)
         else:  # every guest-sent type is handled above
             raise ProtocolError(f"unexpected {mtype.name}")

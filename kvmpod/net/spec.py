@@ -213,18 +213,16 @@ class GuestNetwork:
         """The NETWORK frame (kvmpod/agent/protocol.toml), or None when there is nothing to say."""
         from kvmpod.agent import protocol as p
 
-        F = p.Field
-        fields: list[tuple[p.Field, str]] = []
-        fields += [(F.NET_INTERFACE, f"{i.mac} {i.name} {i.mtu}") for i in self.interfaces]
-        fields += [(F.NET_ADDRESS, f"{i.mac} {a}") for i in self.interfaces for a in i.addresses]
-        fields += [(F.NET_ROUTE, f"{i.mac} {r.destination}" + (f" {r.gateway}" if r.gateway else ""))
-                   for i in self.interfaces for r in i.routes]
-        if self.dns:
-            fields += [(F.DNS_NAMESERVER, s) for s in self.dns.nameservers]
-            fields += [(F.DNS_SEARCH, s) for s in self.dns.search]
-            fields += [(F.DNS_OPTION, o) for o in self.dns.options]
-        fields += [(F.HOSTS_ENTRY, e) for e in self.hosts_entries]
-        return p.message(p.MessageType.NETWORK, 0, *fields) if fields else None
+        dns = self.dns or DnsConfig()
+        message = p.Network(
+            net_interface=[f"{i.mac} {i.name} {i.mtu}".encode() for i in self.interfaces],
+            net_address=[f"{i.mac} {a}".encode() for i in self.interfaces for a in i.addresses],
+            net_route=[(f"{i.mac} {r.destination}" + (f" {r.gateway}" if r.gateway else "")).encode()
+                       for i in self.interfaces for r in i.routes],
+            dns_nameserver=[s.encode() for s in dns.nameservers], dns_search=[s.encode() for s in dns.search],
+            dns_option=[o.encode() for o in dns.options], hosts_entry=[e.encode() for e in self.hosts_entries])
+        payload = message.encode()
+        return p.Frame(p.MessageType.NETWORK, 0, payload) if payload else None
 
 
 @dataclass

@@ -16,7 +16,7 @@ import hmac
 import json
 import uuid as uuidlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from kvmpod.agent import protocol as p
 from kvmpod.errors import KvmpodError
@@ -25,7 +25,7 @@ from kvmpod.pod.metadata_secrets import METADATA_PORT, MetadataSecrets
 if TYPE_CHECKING:
     from kvmpod.pod.spec import ResolvedApp
 
-DOC_MAX: int = p.DEFINITION["metadata_doc_max"]
+DOC_MAX: int = p.METADATA_DOC_MAX
 
 Annotations = list[dict[str, str]]   # appc's [{"name": ..., "value": ...}], in order
 
@@ -97,34 +97,24 @@ class PodMetadata:
                 raise KvmpodError(f"metadata service: {what} is {len(doc)} bytes, more than the "
                                   f"{DOC_MAX} bytes the guest agent serves")
 
-    def frames(self) -> list[p.Frame]:
-        """METADATA frames with every document, then METADATA_START (docs/agent-protocol.md)."""
-        F = p.Field
-        pod_docs = [(F.POD_MANIFEST, self.pod_manifest), (F.POD_ANNOTATIONS, self.pod_annotations)]
-        out = list(_document_frames([], pod_docs))
-        for a in self.apps:
-            out += _document_frames([(F.APP_NAME, a.name)], [(F.IMAGE_ID, a.image_id),
-                                                             (F.IMAGE_MANIFEST, a.image_manifest),
-                                                             (F.APP_ANNOTATIONS, a.annotations)])
-        out.append(p.message(p.MessageType.METADATA_START, 0, (F.POD_UUID, self.uuid),
-                             (F.METADATA_TOKEN, self.secrets.token), (F.HMAC_KEY, self.secrets.hmac_key.hex()),
-                             (F.METADATA_PORT, METADATA_PORT)))
+    def messages(self) -> list[p.Metadata | p.MetadataStart]:
+        """METADATA messages with every document, then METADATA_START (docs/agent-protocol.md): the
+        pod's documents, then each app's under its APP_NAME, in pieces of at most DATA_CHUNK bytes,
+        as many per message as a frame holds (Message.split)."""
+        docs = [p.Metadata(pod_manifest=_pieces(self.pod_manifest), pod_annotations=_pieces(self.pod_annotations))]
+        docs += [p.Metadata(app_name=a.name.encode(), image_id=_pieces(a.image_id),
+                            image_manifest=_pieces(a.image_manifest), app_annotations=_pieces(a.annotations))
+                 for a in self.apps]
+        out: list[p.Metadata | p.MetadataStart] = [part for d in docs for part in d.split(p.MAX_PAYLOAD)]
+        out.append(p.MetadataStart(pod_uuid=self.uuid.encode(), metadata_token=self.secrets.token.encode(),
+                                   hmac_key=self.secrets.hmac_key.hex().encode(), metadata_port=METADATA_PORT))
         return out
 
+    def frames(self) -> list[p.Frame]:
+        return [p.frame(m) for m in self.messages()]
 
-def _document_frames(prefix: list[tuple[p.Field, str]], docs: Iterable[tuple[p.Field, bytes]]) -> Iterator[p.Frame]:
-    """The documents as repeated fields of at most DATA_CHUNK bytes, packed into frames of at most
-    MAX_PAYLOAD bytes, each starting with `prefix` (the APP_NAME of app documents). Every document
-    gets at least one field, so an empty one is still there."""
-    head = p.encode_fields(prefix)
-    payload = bytearray(head)
-    for tag, doc in docs:
-        pieces = [doc[i:i + p.DATA_CHUNK] for i in range(0, len(doc), p.DATA_CHUNK)] or [b""]
-        for piece in pieces:
-            field = p.encode_fields([(tag, piece)])
-            if len(payload) + len(field) > p.MAX_PAYLOAD:
-                yield p.Frame(p.MessageType.METADATA, 0, bytes(payload))
-                payload = bytearray(head)
-            payload += field
-    if len(payload) > len(head):
-        yield p.Frame(p.MessageType.METADATA, 0, bytes(payload))
+
+def _pieces(doc: bytes) -> list[bytes]:
+    """A document as a repeated field's values: pieces of at most DATA_CHUNK bytes, at least one, so
+    that an empty document is still there."""
+    return [doc[i:i + p.DATA_CHUNK] for i in range(0, len(doc), p.DATA_CHUNK)] or [b""]

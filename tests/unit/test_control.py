@@ -89,9 +89,8 @@ def test_enter_runs_in_the_apps_root_as_the_app_with_its_environment():
     assert (spec.workdir, spec.user, spec.group, spec.supplementary_gids) == ("/srv", "app", "staff", [7])
     assert spec.enter and spec.stdin and spec.tty is None
     assert spec.isolators == Isolators() and not spec.pre_start and not spec.post_stop  # like rkt enter
-    fields = dict(spec.fields())
     from kvmpod.agent import protocol as p
-    assert fields[p.Field.START_FLAGS] == p.StartFlag.ENTER | p.StartFlag.STDIN
+    assert spec.message().start_flags == p.StartFlag.ENTER | p.StartFlag.STDIN
 
 
 def test_enter_overrides_and_terminal_size():
@@ -99,9 +98,9 @@ def test_enter_overrides_and_terminal_size():
                                              "tty": {"rows": 0, "cols": 100000}})
     assert (spec.user, spec.group, spec.workdir, spec.tty) == ("0", "0", "/tmp", (1, 65535))
     from kvmpod.agent import protocol as p
-    fields = spec.fields()
-    assert (p.Field.TTY_ROWS, 1) in fields and (p.Field.TTY_COLS, 65535) in fields
-    assert dict(fields)[p.Field.START_FLAGS] & p.StartFlag.TTY
+    start = spec.message()
+    assert (start.tty_rows, start.tty_cols) == (1, 65535)
+    assert start.start_flags is not None and start.start_flags & p.StartFlag.TTY
 
 
 @pytest.mark.parametrize("apps, name, problem", [

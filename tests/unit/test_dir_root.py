@@ -45,14 +45,16 @@ def test_root_tag_limits_and_keep_etc_reach_start(tmp_path):
     assert app.root_share and app.extras == extras
     spec = ProcessSpec(app.name, app.disk_serial, app.argv, app.env, root_tag="root0", keep_etc=True,
                        rlimits=extras.rlimits, oom_score_adj=extras.oom_score_adj)
-    fields = p.Fields.decode(p.encode_fields(spec.fields()))
-    assert fields.get(F.ROOT_TAG) == b"root0" and fields.get(F.DISK_SERIAL) == b"root0"
-    assert fields.all(F.RLIMIT) == [b"7 1024 2048"]
-    assert fields.get(F.OOM_SCORE_ADJ) == -500
-    assert fields.get(F.START_FLAGS) & p.StartFlag.KEEP_ETC
+    start = p.Start.decode(spec.message().encode())
+    assert start.root_tag == b"root0" and start.disk_serial == b"root0"
+    assert start.rlimit == [b"7 1024 2048"]
+    assert start.oom_score_adj == -500
+    assert start.start_flags is not None and start.start_flags & p.StartFlag.KEEP_ETC
 
 
 def test_an_image_app_sends_none_of_them():
-    fields = dict(ProcessSpec("a", "img0", ["/bin/app"], []).fields())
-    assert F.ROOT_TAG not in fields and F.RLIMIT not in fields and F.OOM_SCORE_ADJ not in fields
-    assert not fields[F.START_FLAGS] & p.StartFlag.KEEP_ETC
+    start = ProcessSpec("a", "img0", ["/bin/app"], []).message()
+    assert start.root_tag is None and start.rlimit == [] and start.oom_score_adj is None
+    tags = {tag for tag, _ in p.iter_tlv(start.encode())}
+    assert not tags & {F.ROOT_TAG, F.RLIMIT, F.OOM_SCORE_ADJ}
+    assert start.start_flags == 0

@@ -45,16 +45,16 @@ def test_event_handlers_come_from_the_manifest_and_go_into_start():
     assert app.event_handlers == {"pre-start": ["/bin/up"], "post-stop": ["/bin/down", "-v"]}
     spec = ProcessSpec("a", "img0", ["/bin/app"], [], pre_start=app.event_handlers["pre-start"],
                        post_stop=app.event_handlers["post-stop"])
-    f = p.Fields.decode(p.encode_fields(spec.fields()))
-    assert f.all(F.PRE_START) == [b"/bin/up"] and f.all(F.POST_STOP) == [b"/bin/down", b"-v"]
+    start = p.Start.decode(spec.message().encode())
+    assert start.pre_start == [b"/bin/up"] and start.post_stop == [b"/bin/down", b"-v"]
 
 
 def test_an_app_without_handlers_sends_no_handler_fields():
     app = _resolve(_image())
     assert app.event_handlers == {}
-    fields = ProcessSpec("a", "img0", ["/bin/app"], []).fields()
-    assert not [t for t, _ in fields if t in (F.PRE_START, F.POST_STOP, F.CAPS_RETAIN, F.CAPS_REMOVE,
-                                              F.SECCOMP_RETAIN, F.SECCOMP_REMOVE, F.SECCOMP_ERRNO)]
+    tags = {tag for tag, _ in p.iter_tlv(ProcessSpec("a", "img0", ["/bin/app"], []).message().encode())}
+    assert not tags & {F.PRE_START, F.POST_STOP, F.CAPS_RETAIN, F.CAPS_REMOVE, F.SECCOMP_RETAIN, F.SECCOMP_REMOVE,
+                       F.SECCOMP_ERRNO}
 
 
 def test_handlers_and_isolators_are_in_the_pod_manifest():
@@ -70,16 +70,24 @@ def _isolators(*raw: dict) -> list[Isolator]:
     return [Isolator(i["name"], i["value"]) for i in raw]
 
 
+def _start(isolators: Isolators) -> p.Start:
+    """The START an app with these isolators gets."""
+    return ProcessSpec("a", "img0", ["/bin/app"], [], isolators=isolators).message()
+
+
 def test_no_isolators_means_the_agent_defaults():
     enforced, unenforced = enforced_isolators("a", [])
     assert enforced == Isolators() and unenforced == []
-    assert enforced.fields() == []
+    start = _start(enforced)
+    assert (start.caps_retain, start.caps_remove, start.seccomp_retain, start.seccomp_remove) == ([], [], [], [])
+    assert start.seccomp_errno is None
 
 
 def test_capabilities_retain_set_is_sent_name_by_name():
     enforced, _ = enforced_isolators("a", _isolators(CAPS_RETAIN))
     assert enforced.caps_retain == ("CAP_NET_ADMIN", "CAP_CHOWN") and enforced.caps_remove is None
-    assert enforced.fields() == [(F.CAPS_RETAIN, "CAP_NET_ADMIN"), (F.CAPS_RETAIN, "CAP_CHOWN")]
+    assert _start(enforced).caps_retain == [b"CAP_NET_ADMIN", b"CAP_CHOWN"]
+    assert [tag for tag, _ in p.iter_tlv(_start(enforced).encode())].count(F.CAPS_RETAIN) == 2
 
 
 def test_capabilities_remove_set_no_new_privileges_and_seccomp_remove_set():
@@ -87,23 +95,21 @@ def test_capabilities_remove_set_no_new_privileges_and_seccomp_remove_set():
     assert unenforced == []
     assert enforced == Isolators(caps_remove=("CAP_MKNOD",), seccomp_remove=("mkdir", "reboot"),
                                  seccomp_errno="ENOTSUP", no_new_privileges=True)
-    flags = ProcessSpec("a", "img0", ["/bin/app"], [], isolators=enforced).fields()
-    assert (F.START_FLAGS, int(p.StartFlag.NO_NEW_PRIVS)) in flags
-    assert [(t, v) for t, v in flags if t in (F.CAPS_REMOVE, F.SECCOMP_REMOVE, F.SECCOMP_ERRNO)] == [
-        (F.CAPS_REMOVE, "CAP_MKNOD"), (F.SECCOMP_REMOVE, "mkdir"), (F.SECCOMP_REMOVE, "reboot"),
-        (F.SECCOMP_ERRNO, "ENOTSUP")]
+    start = _start(enforced)
+    assert start.start_flags == p.StartFlag.NO_NEW_PRIVS
+    assert (start.caps_remove, start.seccomp_remove, start.seccomp_errno) == (
+        [b"CAP_MKNOD"], [b"mkdir", b"reboot"], b"ENOTSUP")
 
 
 def test_seccomp_retain_set_without_errno_kills():
     enforced, _ = enforced_isolators("a", _isolators(SEC_RETAIN))
     assert enforced.seccomp_retain == ("read", "write") and enforced.seccomp_errno == ""
-    assert (F.SECCOMP_ERRNO, "") not in enforced.fields()
+    assert _start(enforced).seccomp_errno is None  # absent, not empty
 
 
 def test_no_new_privileges_false_sets_no_flag():
     enforced, _ = enforced_isolators("a", _isolators({"name": "os/linux/no-new-privileges", "value": False}))
-    flags = dict(ProcessSpec("a", "img0", ["/bin/app"], [], isolators=enforced).fields())[F.START_FLAGS]
-    assert flags == 0
+    assert _start(enforced).start_flags == 0
 
 
 @pytest.mark.parametrize("name, value", [
@@ -163,15 +169,15 @@ def _early_output(spec: ProcessSpec):
         await asyncio.gather(host.handshake(), guest.hello())
         out = bytearray()
         start = asyncio.ensure_future(host.start(spec, out.extend, out.extend))
-        mtype, stream, fields = await guest.recv()
+        mtype, stream, _ = await guest.recv()
         assert mtype is T.START
         guest.send(p.Frame(T.STDOUT, stream, b"from pre-start\n"))
-        guest.send(p.message(T.STARTED, stream, (F.PID, 42)))
+        guest.send(p.frame(p.Started(pid=42), stream))
         try:
             proc = await start
         except ProtocolError as e:
             return e
-        guest.send(p.message(T.EXIT, stream, (F.EXIT_CODE, 0)))
+        guest.send(p.frame(p.Exit(exit_code=0), stream))
         await proc.wait()
         await host.close()
         return bytes(out)

@@ -235,7 +235,7 @@ def test_the_network_frame_lists_interfaces_then_files():
     frame = GuestNetwork([eth0], DnsConfig(("192.0.2.1",), ("example.org",), ("ndots:2",)),
                          ["192.0.2.7 db"]).frame()
     assert frame.type == p.MessageType.NETWORK and frame.stream == 0
-    fields = [(tag.name, value.decode()) for tag, value in p.iter_fields(frame.payload)]
+    fields = [(p.Field(tag).name, value.decode()) for tag, value in p.iter_tlv(frame.payload)]
     assert fields == [
         ("NET_INTERFACE", "02:aa:bb:cc:dd:00 eth0 1450"),
         ("NET_ADDRESS", "02:aa:bb:cc:dd:00 172.16.28.2/24"), ("NET_ADDRESS", "02:aa:bb:cc:dd:00 fd00::2/64"),

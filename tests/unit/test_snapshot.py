@@ -103,16 +103,16 @@ def test_thaw_carries_hostname_fresh_entropy_and_the_time():
         host, guest = await _pair()
         before = time.time_ns()
         await host.thaw("pod-a")
-        mtype, stream, fields = await guest.recv()
+        mtype, stream, thaw = await guest.recv()
         assert (mtype, stream) == (T.THAW, 0)
-        assert fields.text(F.HOSTNAME) == "pod-a"
-        assert len(fields.all(F.ENTROPY)) == 8 and len(set(fields.all(F.ENTROPY))) == 8
-        assert before <= fields.get(F.REALTIME_NS) <= time.time_ns()
+        assert thaw.hostname == b"pod-a"
+        assert len(thaw.entropy) == 8 and len(set(thaw.entropy)) == 8
+        assert before <= thaw.realtime_ns <= time.time_ns()
         await host.thaw("pod-b")
         _, _, again = await guest.recv()
-        assert set(again.all(F.ENTROPY)).isdisjoint(fields.all(F.ENTROPY))
+        assert set(again.entropy).isdisjoint(thaw.entropy)
         # the agent may log (kvmpod.debug=1) before it says HELLO again
-        guest.send(p.message(T.LOG, 0, (F.MESSAGE, "thawed")))
+        guest.send(p.frame(p.Log(message=b"thawed")))
         await asyncio.gather(host.handshake(), guest.hello())
         await host.close()
     run(scenario())
@@ -123,13 +123,13 @@ def test_prepare_waits_for_prepared():
         host, guest = await _pair()
         await asyncio.gather(host.handshake(), guest.hello())
         prepare = asyncio.ensure_future(host.prepare_snapshot(["img0", "img1"]))
-        mtype, _, fields = await guest.recv()
-        assert mtype is T.PREPARE and fields.all(F.DISK_SERIAL) == [b"img0", b"img1"]
+        mtype, _, prepare_message = await guest.recv()
+        assert mtype is T.PREPARE and prepare_message.disk_serial == [b"img0", b"img1"]
         await asyncio.sleep(0.01)
         assert not prepare.done()
-        guest.send(p.message(T.PREPARED, 0))
+        guest.send(p.frame(p.Prepared()))
         await prepare
-        guest.send(p.message(T.PREPARED, 0))  # twice breaks the protocol
+        guest.send(p.frame(p.Prepared()))  # twice breaks the protocol
         await asyncio.wait_for(host.failed, 5)
         await host.close()
     run(scenario())
