@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, cast
 
 from kvmpod.agent import protocol as p
 from kvmpod.agent.isolators import Isolators
@@ -241,13 +241,19 @@ class AgentSession:
         if self._mid_frame or self.failed.done() or self._reader_task is None \
                 or self._writer.transport.get_write_buffer_size():
             return None
-        self._writer.transport.pause_reading()
+        self._transport().pause_reading()
         # StreamReader offers no public look at what it has buffered
-        return self._writer.get_extra_info("socket").fileno(), bytes(self._reader._buffer)
+        unread = bytes(self._reader._buffer)  # type: ignore[attr-defined]
+        return self._writer.get_extra_info("socket").fileno(), unread
 
     def take_back(self) -> None:
         """The exec after hand_over() failed: go on reading."""
-        self._writer.transport.resume_reading()
+        self._transport().resume_reading()
+
+    def _transport(self) -> asyncio.Transport:
+        """The channel's transport: a socket's, which reads as well as writes (the writer types it as a
+        WriteTransport only)."""
+        return cast(asyncio.Transport, self._writer.transport)
 
     # -- lifecycle -------------------------------------------------------------------------
 
