@@ -213,9 +213,22 @@ class PodRunner:
         waiting = asyncio.ensure_future(statuses())
         while self.relay is not None and not waiting.done():
             await asyncio.wait({waiting}, timeout=QUIET_FOR)
-            if not waiting.done() and self.quiet() and not hand_off(self, self.relay):
+            if not waiting.done() and self.quiet() and not await self._hand_off(self.relay):
                 self.relay = None
         return await waiting
+
+    async def _hand_off(self, relay: Path) -> bool:
+        """hand_off() with the pod's signals blocked first. A signal the kernel delivered just before
+        the block has only reached asyncio's self-pipe, and would be lost with it at the exec: a few
+        turns of the loop run its handler (_on_signal), after which the pod is no longer quiet. One
+        that comes after the block stays pending across the exec, for kvmpod-relay."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, POD_SIGNALS)
+        try:
+            for _ in range(3):   # the self-pipe's reader, then the handler it schedules
+                await asyncio.sleep(0)
+            return not self.quiet() or hand_off(self, relay)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, POD_SIGNALS)   # only reached when there was no exec
 
     def _app_ended(self, index: int, fut: asyncio.Future) -> None:
         """RunOptions.stop_on_failure: the first app to fail stops the pod, as a signal would."""
