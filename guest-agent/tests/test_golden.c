@@ -13,18 +13,7 @@
 #include "protocol.h"
 #include "util.h"
 
-static int failures, checks;
-
-#define CHECK(cond, ...)                                                                                      \
-    do {                                                                                                      \
-        checks++;                                                                                             \
-        if (!(cond)) {                                                                                        \
-            failures++;                                                                                       \
-            fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond);                                 \
-            fprintf(stderr, __VA_ARGS__);                                                                     \
-            fputc('\n', stderr);                                                                              \
-        }                                                                                                     \
-    } while (0)
+#include "check.h"
 
 static const void *at(const void *msg, size_t offset)
 {

@@ -11,18 +11,7 @@
 
 #include "http_parse.h"
 
-static int failures, checks;
-
-#define CHECK(cond, ...)                                                                                      \
-    do {                                                                                                      \
-        checks++;                                                                                             \
-        if (!(cond)) {                                                                                        \
-            failures++;                                                                                       \
-            fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond);                                 \
-            fprintf(stderr, __VA_ARGS__);                                                                     \
-            fputc('\n', stderr);                                                                              \
-        }                                                                                                     \
-    } while (0)
+#include "check.h"
 
 static const struct http_limits LIMITS = {.head_max = 8192, .request_max = 65536, .fields_max = 64};
 

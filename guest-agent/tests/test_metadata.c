@@ -15,18 +15,7 @@
 #include "sha512.h"
 #include "tlv.h"
 
-static int failures, checks;
-
-#define CHECK(cond, ...)                                                                                      \
-    do {                                                                                                      \
-        checks++;                                                                                             \
-        if (!(cond)) {                                                                                        \
-            failures++;                                                                                       \
-            fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond);                                 \
-            fprintf(stderr, __VA_ARGS__);                                                                     \
-            fputc('\n', stderr);                                                                              \
-        }                                                                                                     \
-    } while (0)
+#include "check.h"
 
 static void hex(const uint8_t *p, size_t len, char *out)
 {
