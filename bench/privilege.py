@@ -2,7 +2,8 @@
 """What least privilege costs (docs/security.md): `kvmpod run /bin/true` (from its boot snapshot and
 cold) and an idle pod's memory with QEMU confined — seccomp, the kvmpod-qemu user and chroot, the
 pod's cgroup — against the same pods with all of it off ([security] sandbox/qemu-user/cgroup = false,
-the switches for measuring only), interleaved in the same run so host noise hits both alike.
+the switches for measuring only), and with the cgroup alone off (what the cgroup costs by itself),
+interleaved in the same run so host noise hits all of them alike.
 
 Usage: bench/privilege.py [--runs N]   (run_all.py runs it as its "least privilege" section)
 """
@@ -25,13 +26,27 @@ from common import KVMPOD, bench_env, build_busybox_aci, stats, timed  # noqa: E
 
 # every [security] switch off; a key this kvmpod does not know yet is not read
 OFF = "[security]\nsandbox = false\nqemu-user = false\ncgroup = false\n"
+NO_CGROUP = "[security]\ncgroup = false\n"   # seccomp and the user switch on: the cgroup's own cost
 
 
 def _envs(work: Path) -> dict[str, dict[str, str]]:
-    off = work / "security-off.toml"
+    off, no_cgroup = work / "security-off.toml", work / "cgroup-off.toml"
     off.write_text(OFF)
+    no_cgroup.write_text(NO_CGROUP)
     on = bench_env(work)
-    return {"confined": on, "unconfined": {**on, "KVMPOD_CONFIG": str(off)}}
+    return {"confined": on, "no_cgroup": {**on, "KVMPOD_CONFIG": str(no_cgroup)},
+            "unconfined": {**on, "KVMPOD_CONFIG": str(off)}}
+
+
+def _cgroup_memory(state: dict) -> tuple[int, int] | None:
+    """The idle pod's memory as its cgroup counts it (bytes) and its limit, or None without a cgroup."""
+    where = state.get("cgroup", {}).get("controllers", {}).get("memory")
+    if where is None:
+        return None
+    d = Path(where["path"])
+    usage, limit = (("memory.current", "memory.max") if where["version"] == 2
+                    else ("memory.usage_in_bytes", "memory.limit_in_bytes"))
+    return int((d / usage).read_text()), int((d / limit).read_text())
 
 
 def _pss_kib(pid: int) -> int:
@@ -39,8 +54,9 @@ def _pss_kib(pid: int) -> int:
         return sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
 
 
-def _idle_qemu(env: dict[str, str], aci: Path) -> tuple[int, dict[str, str]]:
-    """QEMU's PSS (KiB) in an idle `sleep 30` pod, and the /proc status lines that show its confinement."""
+def _idle_qemu(env: dict[str, str], aci: Path) -> tuple[int, dict[str, str], tuple[int, int] | None]:
+    """QEMU's PSS (KiB) in an idle `sleep 30` pod, the /proc status lines that show its confinement, and
+    its cgroup's memory usage and limit (bytes; None without a cgroup)."""
     pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
     before = set(pods.glob("*")) if pods.exists() else set()
     proc = subprocess.Popen([*KVMPOD, "run", str(aci), "--exec", "/bin/sleep", "--", "30"], env=env,
@@ -60,7 +76,8 @@ def _idle_qemu(env: dict[str, str], aci: Path) -> tuple[int, dict[str, str]]:
         time.sleep(2.0)  # quiet: the relay has taken over, QEMU has settled
         pid = state["qemu_pid"]
         status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-        return _pss_kib(pid), {k: status[k].split()[0] for k in ("Uid", "Seccomp", "NoNewPrivs")}
+        return (_pss_kib(pid), {k: status[k].split()[0] for k in ("Uid", "Seccomp", "NoNewPrivs")},
+                _cgroup_memory(state))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -81,10 +98,13 @@ def measure_privilege(work: Path, aci: Path, runs: int, memory_runs: int = 3) ->
             times[name]["cold"].append(timed(cold, env=env))
     pss: dict[str, list[int]] = {k: [] for k in envs}
     seen: dict[str, dict[str, str]] = {}
+    charged: list[tuple[int, int]] = []
     for _ in range(memory_runs):
         for name, env in envs.items():
-            kib, seen[name] = _idle_qemu(env, aci)
+            kib, seen[name], in_cgroup = _idle_qemu(env, aci)
             pss[name].append(kib)
+            if name == "confined" and in_cgroup:
+                charged.append(in_cgroup)
     result: dict = {"runs": runs, "memory_runs": memory_runs, "switched_off": OFF.splitlines()[1:]}
     for name in envs:
         result[name] = {"start_snapshot": stats(times[name]["snapshot"]), "start_cold": stats(times[name]["cold"]),
@@ -95,22 +115,31 @@ def measure_privilege(work: Path, aci: Path, runs: int, memory_runs: int = 3) ->
     result["ratio"] = {"start_snapshot": c["start_snapshot"]["median"] / u["start_snapshot"]["median"],
                        "start_cold": c["start_cold"]["median"] / u["start_cold"]["median"],
                        "qemu_pss": c["qemu_pss_kib"] / u["qemu_pss_kib"]}
+    n = result["no_cgroup"]   # the cgroup alone: confined against confined without it
+    result["ratio_cgroup"] = {"start_snapshot": c["start_snapshot"]["median"] / n["start_snapshot"]["median"],
+                              "start_cold": c["start_cold"]["median"] / n["start_cold"]["median"],
+                              "qemu_pss": c["qemu_pss_kib"] / n["qemu_pss_kib"]}
+    result["cgroup_memory"] = ({"usage_bytes": statistics.median(u for u, _ in charged), "limit_bytes": charged[0][1]}
+                               if charged else None)
     return result
 
 
 def print_privilege(result: dict) -> None:
-    c, u, r = result["confined"], result["unconfined"], result["ratio"]
+    c, n, u, r, rc = (result["confined"], result["no_cgroup"], result["unconfined"], result["ratio"],
+                      result["ratio_cgroup"])
     print(f"{result['runs']} start runs and {result['memory_runs']} idle pods each, interleaved; off = "
-          + ", ".join(result["switched_off"]))
-    print(f"{'':34}{'confined':>10}{'off':>10}{'ratio':>8}")
-    print(f"{'kvmpod run /bin/true (snapshot) s':34}{c['start_snapshot']['median']:10.3f}"
-          f"{u['start_snapshot']['median']:10.3f}{r['start_snapshot']:8.3f}")
-    print(f"{'kvmpod run --boot cold, s':34}{c['start_cold']['median']:10.3f}"
-          f"{u['start_cold']['median']:10.3f}{r['start_cold']:8.3f}")
-    print(f"{'idle QEMU PSS MiB':34}{c['qemu_pss_kib'] / 1024:10.1f}{u['qemu_pss_kib'] / 1024:10.1f}"
-          f"{r['qemu_pss']:8.3f}")
+          + ", ".join(result["switched_off"]) + "; no cgroup = only cgroup = false")
+    print(f"{'':34}{'confined':>10}{'no cgroup':>10}{'off':>10}{'ratio':>8}{'cgroup':>8}")
+    for label, key in (("kvmpod run /bin/true (snapshot) s", "start_snapshot"), ("kvmpod run --boot cold, s", "start_cold")):
+        print(f"{label:34}{c[key]['median']:10.3f}{n[key]['median']:10.3f}{u[key]['median']:10.3f}"
+              f"{r[key]:8.3f}{rc[key]:8.3f}")
+    print(f"{'idle QEMU PSS MiB':34}{c['qemu_pss_kib'] / 1024:10.1f}{n['qemu_pss_kib'] / 1024:10.1f}"
+          f"{u['qemu_pss_kib'] / 1024:10.1f}{r['qemu_pss']:8.3f}{rc['qemu_pss']:8.3f}")
     print(f"{'QEMU uid / Seccomp / NoNewPrivs':34}{'/'.join(c['qemu_status'].values()):>10}"
-          f"{'/'.join(u['qemu_status'].values()):>10}")
+          f"{'/'.join(n['qemu_status'].values()):>10}{'/'.join(u['qemu_status'].values()):>10}")
+    if m := result["cgroup_memory"]:
+        print(f"{'idle pod in its cgroup MiB':34}{m['usage_bytes'] / 2**20:10.1f}   of its limit "
+              f"{m['limit_bytes'] / 2**20:.0f} MiB (ratio: confined/off; cgroup: confined/no cgroup)")
 
 
 def main() -> int:

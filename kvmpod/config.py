@@ -98,3 +98,13 @@ def int_setting(key: str, section: str, default: int) -> int:
     if not isinstance(found.value, int) or isinstance(found.value, bool) or found.value < 1:
         raise ConfigError(f"{found.describe(f'[{section}] {key}')}: {found.value!r} is not a positive integer")
     return found.value
+
+
+def bool_setting(key: str, section: str, default: bool) -> bool:
+    """A true/false setting (e.g. `[security] cgroup = false`), else `default`."""
+    found = lookup(key, section)
+    if found is None:
+        return default
+    if not isinstance(found.value, bool):
+        raise ConfigError(f"{found.describe(f'[{section}] {key}')}: {found.value!r} is not true or false")
+    return found.value

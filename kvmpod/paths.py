@@ -23,6 +23,11 @@ def runtime_dir() -> Path:
     """Pod directories live here (tmpfs: they do not survive a host reboot, nor should pods)."""
     if env := os.environ.get("KVMPOD_RUN_DIR"):
         return Path(env)
+    return default_runtime_dir()
+
+
+def default_runtime_dir() -> Path:
+    """The runtime dir without KVMPOD_RUN_DIR."""
     if _is_root():
         return Path("/run/kvmpod")
     xdg = os.environ.get("XDG_RUNTIME_DIR")

@@ -222,6 +222,7 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
     import asyncio
 
     from kvmpod.agent.session import AgentSession
+    from kvmpod.vm import cgroup
     from kvmpod.vm.qemu import QemuVM
 
     stage = final.with_name(f"{final.name}.new-{os.getpid()}")
@@ -230,11 +231,20 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
     paths.runtime_dir().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="snapshot-", dir=paths.runtime_dir()))
     vm = None
+    own = None
     try:
+        # its own cgroup, with a pod's limits for its size: its guest mounts the images' disks, no more
+        # trusted than a pod's; and not the pod's, which would be charged the memory file's pages for good.
+        # Not KVMPOD_CGROUP_MEMORY_MAX's: that is for a pod's QEMU (a maker below its RAM would crawl,
+        # its RAM being a file's page cache that is written back rather than OOM-killed)
+        limits = cgroup.limits_for(config.memory_mib, config.cpus, tcg=config.accel == "tcg")
+        own, why = cgroup.for_vm(cgroup.snapshot_leaf(final.name), limits)
+        if why:   # the pod has said so for its own cgroup
+            log.debug("boot snapshot: %s", why)
         vm_config = dataclasses.replace(
             config, name=f"kvmpod-snapshot-{final.name[:12]}", console_log=work / "console.log",
             memory_file=stage / "memory", memory_file_shared=True, incoming=False)
-        vm = QemuVM(vm_config, work / "qemu.log", connect_timeout=timeout)
+        vm = QemuVM(vm_config, work / "qemu.log", connect_timeout=timeout, cgroup=own)
         try:
             channel = await vm.start()
             session = AgentSession(*channel)
@@ -257,6 +267,8 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
         if vm is not None and vm.pid is not None:
             with contextlib.suppress(KvmpodError):
                 await vm.stop(grace=0)
+        if own is not None:
+            own.remove()
         shutil.rmtree(stage, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 

@@ -42,9 +42,25 @@ def cmd_status(ns: argparse.Namespace) -> int:
     for net in summary.get("networks", []):
         print(f"network {net.get('network')}: {net.get('interface')} {', '.join(net.get('ips', []))} "
               f"(MAC {net.get('mac')})")
+    if cgroup := summary.get("cgroup"):
+        print(f"cgroup:  {cgroup.get('name')} ({_limits(cgroup.get('limits'), cgroup.get('controllers'))})")
     for app in summary["apps"]:
         print(f"app {app.get('name')}: {app.get('exit', 'running')} (image {app.get('image', '?')[:19]}…)")
     return 0
+
+
+def _limits(limits: object, controllers: object) -> str:
+    """A cgroup's limits as state.json records them (kvmpod/vm/cgroup.py), in one line."""
+    if not isinstance(limits, dict) or not isinstance(controllers, dict):
+        return "?"
+    parts = []
+    if "memory" in controllers:
+        parts.append(f"memory {int(limits.get('memory_bytes', 0)) >> 20} MiB, swap {int(limits.get('swap_bytes', 0)) >> 20} MiB")
+    if "pids" in controllers:
+        parts.append(f"pids {limits.get('pids')}")
+    if "cpu" in controllers and limits.get("cpu_quota_us"):
+        parts.append(f"cpu {int(limits['cpu_quota_us']) / int(limits.get('cpu_period_us') or 100000):g} CPUs")
+    return ", ".join(parts) or "no limits"
 
 
 def _when(stamp: object) -> str:

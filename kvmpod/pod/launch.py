@@ -27,13 +27,14 @@ from kvmpod.image.manifest import check_runnable
 from kvmpod.pod.metadata_secrets import MetadataSecrets
 from kvmpod.pod.options import RunOptions, notice
 from kvmpod.pod.poddir import PodDir
-from kvmpod.pod.resources import app_resources, size_vm
+from kvmpod.pod.resources import VMSize, app_resources, size_vm
 from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, resolve_app
 from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, host_transport, pod_volumes, unique_volumes
 from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
-from kvmpod.vm import sandbox
+from kvmpod.vm import cgroup, sandbox
 from kvmpod.vm.accel import choose_accelerator
+from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.config import Disk, FsDevice, VMConfig
 from kvmpod.vm.machine import plan_boot
 from kvmpod.vm.qemu_binary import find_qemu
@@ -140,14 +141,19 @@ class PodPlan:
     snapshot_possible: bool     # nothing rules a boot snapshot out before the network is known
     restore: SnapshotClaim | None = None   # the boot snapshot found while planning…
     spawned: SpawnedQemu | None = None    # …and the QEMU already started from it
+    cgroup: Cgroup | None = None          # QEMU's and virtiofsd's, with the pod's limits (kvmpod/vm/cgroup.py)
 
     def abandon(self) -> None:
-        """The pod fails before a runner took the VM: QEMU goes, and so does the snapshot claim."""
+        """The pod fails before a runner took the VM: QEMU goes, and so does the snapshot claim. Also
+        the pod's end in this process (run.py): the cgroup goes once QEMU and virtiofsd have."""
         if self.spawned is not None:
             self.spawned.kill()
             self.spawned = None
         if self.restore is not None:
             self.restore.use.release()
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
 
 
 def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
@@ -239,6 +245,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         log.debug("agent transport %s (%s)", agent_transport.kind, agent_transport.reason)
         planned = PodPlan(pod, resolved, volumes, config, snapshot_cmdline, hostname, metadata_secrets, shares,
                           vsock_front, snapshot_possible)
+        planned.cgroup = pod_cgroup(pod, size, len(shares), accel.name)   # before any QEMU is spawned
         if snapshot_possible:
             _spawn_from_snapshot(planned, timings)
         return planned
@@ -250,6 +257,20 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from e
         pod.remove()
         raise
+
+
+def pod_cgroup(pod: PodDir, size: VMSize, virtiofsd: int, accel: str) -> Cgroup | None:
+    """The pod's cgroup, made with the limits its size gives (kvmpod/vm/cgroup.py) and recorded in
+    state.json; None, with a notice, when the host allows none (or `[security] cgroup = false`)."""
+    limits = cgroup.limits_for(size.memory_mib, size.cpus, size.cpu_limit, virtiofsd, cgroup.memory_override(),
+                               tcg=accel == "tcg")
+    made, why = cgroup.for_vm(pod.uuid, limits)
+    if why:
+        notice(why)
+    if made is not None:
+        pod.update(cgroup=made.record())
+        log.debug("%s", made.describe())
+    return made
 
 
 def _spawn_from_snapshot(plan: PodPlan, timings: dict[str, float]) -> None:
@@ -267,4 +288,5 @@ def _spawn_from_snapshot(plan: PodPlan, timings: dict[str, float]) -> None:
     plan.restore = SnapshotClaim(use.snapshot, use, plan.snapshot_cmdline)
     log.debug("boot: from snapshot %s", use.snapshot.key)
     timings["qemu_spawn"] = time.time()
-    plan.spawned = spawn_qemu(use.snapshot.restore_config(config), plan.pod.file("qemu.log"), use.snapshot.state)
+    plan.spawned = spawn_qemu(use.snapshot.restore_config(config), plan.pod.file("qemu.log"), use.snapshot.state,
+                              cgroup=plan.cgroup)

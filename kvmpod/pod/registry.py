@@ -89,6 +89,8 @@ class PodInfo:
                    "apps": self.state.get("apps", []), "qemu_pid": self.qemu_pid, "path": str(self.path)}
         if self.state.get("networks"):
             summary["networks"] = self.state["networks"]
+        if isinstance(self.state.get("cgroup"), dict):   # QEMU's cgroup and its limits (docs/layout.md)
+            summary["cgroup"] = self.state["cgroup"]
         if self.state.get("error"):
             summary["error"] = self.state["error"]
         return summary
@@ -141,6 +143,7 @@ def gc(grace_period: float = 0.0) -> list[str]:
     from kvmpod.vm.cid import remove_stale  # vsock CID lock files no live pod holds (docs/vsock.md)
 
     remove_stale()
+    sweep_cgroups()
     if os.geteuid() == 0:   # port forwards a killed kvmpod made but had not recorded yet
         from kvmpod.net import bridge
 
@@ -149,6 +152,21 @@ def gc(grace_period: float = 0.0) -> list[str]:
         except KvmpodError as e:
             print(f"kvmpod: error: {e}", file=sys.stderr, flush=True)
     return removed
+
+
+def sweep_cgroups() -> list[str]:
+    """The empty cgroups of pods whose directory is gone (a kvmpod killed before it could remove them),
+    and of boot snapshot makers that are over (kvmpod/vm/cgroup.py); those of other runtime dirs once
+    they are an hour old."""
+    from kvmpod.vm import cgroup
+
+    pods = paths.pods_dir()
+
+    def in_use(leaf: str) -> bool:
+        maker = cgroup.snapshot_maker_alive(leaf)
+        return maker if maker is not None else (pods / leaf).exists()
+
+    return cgroup.sweep(in_use) + cgroup.sweep_other_parents()
 
 
 def kill_stray_qemu(pod: PodInfo) -> None:
@@ -168,4 +186,8 @@ def remove(pod: PodInfo) -> None:
     from kvmpod.net.attach import release
 
     release(pod.path)   # its leases, port forwards, CNI namespaces (its taps died with QEMU); raises if stuck
+    from kvmpod.vm.cgroup import Cgroup
+
+    if (cgroup := Cgroup.from_record(pod.state.get("cgroup"))) is not None:
+        cgroup.remove()   # empty once the strays killed above have exited; else the next gc's sweep
     PodDir(pod.uuid, pod.path).remove()

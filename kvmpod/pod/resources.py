@@ -8,6 +8,8 @@ A VM is the pod's resource envelope, so the limits of its apps decide its size (
   vCPU's worth only if no app has a limit), at least 1, at most the host's CPUs.
 * Pod-level isolators (PodManifest `isolators`) bound the sum: apps asking for more are an error.
 * `--memory` / `--cpus` given on the command line win; a notice says when they undercut the limits.
+* The CPU time the pod may use (`cpu_limit`, the cgroup's cpu.max: kvmpod/vm/cgroup.py limits_for) is
+  the apps' `resource/cpu` limits as they are (500m: half a CPU), else the pod's, else --cpus.
 Quantities use the Kubernetes notation the spec refers to: 500m, 2, 1G (10^9), 512Mi (2^20).
 """
 
@@ -71,6 +73,8 @@ class VMSize:
     cpus: int
     reason: str             # how it was decided, for --debug and the docs
     notices: tuple[str, ...] = ()
+    cpu_limit: Decimal | None = None   # the CPU time the pod may use, in CPUs: the apps' resource/cpu
+                                       # limits (bounded by the pod's), or --cpus; None: no limit asked for
 
 
 def size_vm(apps: list[AppResources], pod: AppResources | None = None, *, memory_mib: int | None = None,
@@ -100,10 +104,13 @@ def size_vm(apps: list[AppResources], pod: AppResources | None = None, *, memory
     wanted_cpus = sum(cpu_limited, Decimal(0))
     if pod and pod.cpus is not None and wanted_cpus > pod.cpus:
         raise UsageError(f"the apps' resource/cpu limits ({wanted_cpus} CPUs) exceed the pod's ({pod.cpus})")
+    cpu_limit: Decimal | None = None
     if cpu_limited:
         derived_cpus, cpu_reason = math.ceil(wanted_cpus), f"app cpu limits {wanted_cpus}"
+        cpu_limit = wanted_cpus
     elif pod and pod.cpus is not None:
         derived_cpus, cpu_reason = math.ceil(pod.cpus), "pod cpu limit"
+        cpu_limit = pod.cpus
     else:
         derived_cpus, cpu_reason = 1, "default"
     if derived_cpus > host_cpus:
@@ -116,8 +123,11 @@ def size_vm(apps: list[AppResources], pod: AppResources | None = None, *, memory
             notices.append(f"--memory {memory_mib}M is below the {derived_mem} MiB the apps' memory limits need")
         derived_mem, mem_reason = memory_mib, "--memory"
     if cpus is not None:
-        derived_cpus, cpu_reason = cpus, "--cpus"
-    return VMSize(derived_mem, derived_cpus, f"memory: {mem_reason}; cpus: {cpu_reason}", tuple(notices))
+        derived_cpus, cpu_reason, cpu_limit = cpus, "--cpus", Decimal(cpus)
+    if cpu_limit is not None:   # more CPU time than vCPUs is no limit: the vCPUs bound it already
+        cpu_limit = min(cpu_limit, Decimal(derived_cpus))
+    return VMSize(derived_mem, derived_cpus, f"memory: {mem_reason}; cpus: {cpu_reason}", tuple(notices),
+                  cpu_limit)
 
 
 def _mib(n: Decimal) -> int:

@@ -41,6 +41,7 @@ from kvmpod.pod.relay import unfit as relay_unfit
 from kvmpod.pod.runner import FdSink, LogSink, PodRunner
 from kvmpod.pod.spec import AppOverrides, pod_manifest
 from kvmpod.store.locks import SharedLocks
+from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.config import NinePShare, VMConfig
 from kvmpod.vm.qemu import QemuVM
 from kvmpod.vm.spawn import qemu_binary
@@ -93,21 +94,21 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
 
         def cold_vm() -> QemuVM:
             return QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout,
-                          vsock_front=plan.vsock_front)
+                          vsock_front=plan.vsock_front, cgroup=plan.cgroup)
 
         if restore is None:
             vm = cold_vm()
         else:
             vm = QemuVM(restore.snapshot.restore_config(dataclasses.replace(config, cmdline=restore.cmdline)),
                         pod.file("qemu.log"), connect_timeout=options.boot_timeout,
-                        restore_from=restore.snapshot.state, spawned=plan.spawned)
+                        restore_from=restore.snapshot.state, spawned=plan.spawned, cgroup=plan.cgroup)
             plan.spawned = None  # the VM's now: the runner's teardown ends it
         audit.pod_started(pod.uuid, [{"name": a.name, "image": a.image.id, "image_name": a.image.manifest.name,
                                       "labels": a.image.manifest.labels, "signature": a.image.signature}
                                      for a in resolved])
         timings.setdefault("qemu_spawn", time.time())
         runner = PodRunner(pod, vm, resolved, options, timings, metadata,
-                           [Virtiofsd(s, pod.file(f"{s.tag}.log")) for s in plan.shares], volumes, network,
+                           [Virtiofsd(s, pod.file(f"{s.tag}.log"), plan.cgroup) for s in plan.shares], volumes, network,
                            restore=restore, cold_vm=cold_vm, hostname=plan.hostname,
                            claim_fds=claims.fds if claims else (), relay=relay)
         return await runner.run()
@@ -153,7 +154,10 @@ def _failed(pod: PodDir, options: RunOptions, error: KvmpodError) -> KvmpodError
 
 
 async def _release(network: PodNetwork | None, pod: PodDir, options: RunOptions, timings: dict[str, float]) -> None:
-    """The pod is over: its network goes, and its directory unless it is to stay."""
+    """The pod is over: its cgroup goes (QEMU and virtiofsd are gone: it is empty), its network, and its
+    directory unless it is to stay."""
+    if (cgroup := Cgroup.from_record(pod.state.get("cgroup"))) is not None:  # state.json's: after the relay too
+        cgroup.remove()
     released = (await asyncio.to_thread(release_network, network, pod) if needs_netlink(options.network)
                 else release_network(network, pod))
     # a detached pod's directory outlives it (status, logs) once its UUID was given out; one whose
@@ -199,7 +203,8 @@ def release_network(network: PodNetwork | None, pod: PodDir) -> bool:
 async def restore_runner(state: RelayState, unread: bytes, broken: set[int]) -> PodRunner:
     """The runner of the pod this process held before it exec'd kvmpod-relay, with its VM, agent
     session, apps' processes and control socket adopted."""
-    vm = await QemuVM.adopt(state.qemu, socket.socket(fileno=state.qemu.qmp_fd))
+    vm = await QemuVM.adopt(state.qemu, socket.socket(fileno=state.qemu.qmp_fd),
+                            cgroup=Cgroup.from_record(state.pod.state.get("cgroup")))
     runner = PodRunner(state.pod, vm, state.apps, state.options, state.timings, volumes=state.volumes,
                        network=state.network, hostname=state.hostname, claim_fds=state.claim_fds)
     runner.handovers = state.handovers

@@ -297,8 +297,9 @@ class PodRunner:
         try:
             return await self._start_vm()
         except (VMError, AgentError) as e:
-            if self.restore is None or self.cold_vm is None or self.stop_reason is not None:
-                raise
+            over_limit = self.vm.pid is not None and self.vm.ended.done() and self.vm.ended.result().over_limit
+            if self.restore is None or self.cold_vm is None or self.stop_reason is not None or over_limit:
+                raise  # (a VM OOM-killed in its cgroup would be again: the snapshot is not to blame)
             failed, self.restore = self.restore, None
             failed.use.discard()
             if self.session:

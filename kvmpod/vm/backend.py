@@ -20,7 +20,9 @@ class VMExit:
     panicked: bool = False           # GUEST_PANICKED seen (pvpanic)
     shutdown_reason: str | None = None   # from the QMP SHUTDOWN event: guest-shutdown, guest-reset, host-qmp-quit...
     stderr_tail: str = ""
-    failure: str = ""                # kvmpod ended the VM itself because the guest broke a device it emulates
+    failure: str = ""                # kvmpod ended the VM itself because the guest broke a device it emulates,
+                                     # or the kernel did for its cgroup's memory limit (over_limit)
+    over_limit: bool = False         # QEMU was OOM-killed in its cgroup (kvmpod/vm/cgroup.py)
 
     @property
     def clean(self) -> bool:

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 AGENT_PORT_NAME = "org.kvmpod.agent"
+# TCG's translation cache, MiB (-accel tcg,tb-size=): QEMU's default reserves 1 GiB and fills it before it
+# flushes, so a busy guest would grow QEMU by up to that; bounded, it bounds QEMU's memory beyond guest
+# RAM (the pod's cgroup limit counts it: kvmpod/vm/cgroup.py). Boot fills ~30 MiB (docs/kernel.md).
+TCG_CACHE_MIB = 64
 
 
 def opt_value(value: object) -> str:
@@ -148,7 +152,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         binary,
         "-name", f"guest={opt_value(cfg.name)},debug-threads=on",  # guest= spelled out: a name may hold "="
         "-machine", ",".join((cfg.machine, *machine_options)),
-        "-accel", cfg.accel,
+        "-accel", f"tcg,tb-size={TCG_CACHE_MIB}" if cfg.accel == "tcg" else cfg.accel,
         "-m", f"{cfg.memory_mib}M",
         "-smp", str(cfg.cpus),
         "-nodefaults", "-no-user-config", "-nographic",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from kvmpod.agent.protocol import VSOCK_PORT
 from kvmpod.errors import KvmpodError, VMError
 from kvmpod.vm.backend import AgentChannel, VMBackend, VMExit
+from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.cid import CidLease, allocate_cid
 from kvmpod.vm.config import VMConfig
 from kvmpod.vm.spawn import RESTORE_ANSWERS, SpawnedQemu, spawn_qemu
@@ -38,8 +39,10 @@ TEST_QMP_ENV = "KVMPOD_TEST_QMP"   # test-only: a QMP command to send once QEMU 
 class QemuVM(VMBackend):
     def __init__(self, config: VMConfig, stderr_log: Path, connect_timeout: float = 30.0,
                  vsock_front: Path | None = None, restore_from: Path | None = None,
-                 spawned: SpawnedQemu | None = None):
+                 spawned: SpawnedQemu | None = None, cgroup: Cgroup | None = None):
         self.config = config
+        self.cgroup = cgroup or (spawned.cgroup if spawned else None)   # QEMU's (kvmpod/vm/cgroup.py)
+        self._oom_before = 0   # the cgroup's OOM kills before this QEMU: a new cgroup has none
         self.restore_from = restore_from  # a boot snapshot's device state (config.incoming; kvmpod/boot/snapshot.py)
         self.vsock_front = vsock_front   # vsock-user: the Firecracker-style socket host programs use
         self._vsock: VsockDevice | None = None
@@ -86,7 +89,9 @@ class QemuVM(VMBackend):
             if self.config.agent_transport != "serial":
                 self._start_vsock()  # QEMU connects to the vhost-user socket as it starts
             try:
-                self._spawned = spawn_qemu(self.config, self.stderr_log, self.restore_from)
+                if self.cgroup is not None:
+                    self._oom_before = self.cgroup.oom_kills()
+                self._spawned = spawn_qemu(self.config, self.stderr_log, self.restore_from, cgroup=self.cgroup)
             except BaseException:
                 self._release_vsock()
                 raise
@@ -140,12 +145,12 @@ class QemuVM(VMBackend):
                             self._qmp_sock.fileno(), self._panicked, self._shutdown_reason)
 
     @classmethod
-    async def adopt(cls, handover: "QemuHandover", qmp: socket.socket) -> "QemuVM":
+    async def adopt(cls, handover: "QemuHandover", qmp: socket.socket, cgroup: Cgroup | None = None) -> "QemuVM":
         """The QEMU a previous kvmpod process (this pid, before an exec) started: still this process's
         child, and its QMP connection already negotiated."""
         from qemu.qmp import QMPClient
 
-        vm = cls(handover.config, handover.stderr_log, handover.connect_timeout)
+        vm = cls(handover.config, handover.stderr_log, handover.connect_timeout, cgroup=cgroup)
         vm._popen = AdoptedProcess(handover.pid)
         vm._panicked, vm._shutdown_reason = handover.panicked, handover.shutdown_reason
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -318,10 +323,18 @@ class QemuVM(VMBackend):
         # QEMU emits GUEST_PANICKED/SHUTDOWN just before exiting; give the reader a moment to deliver them.
         if self._events_task and not self._events_task.done():
             await asyncio.sleep(0)
+        over_limit = self._over_memory_limit(returncode)
         self._ended.set_result(VMExit(returncode, self._panicked, self._shutdown_reason, self._stderr_tail(),
-                                      self._failure))
+                                      self._failure or over_limit, over_limit=bool(over_limit)))
         await self._close_listeners()
         self._closed.set()
+
+    def _over_memory_limit(self, returncode: int | None) -> str:
+        """Why QEMU died, if the kernel's OOM killer ended it for its cgroup's memory limit (it does
+        with SIGKILL, and counts it in the cgroup): the message, else ""."""
+        if self.cgroup is None or returncode != -signal.SIGKILL or self.cgroup.oom_kills() <= self._oom_before:
+            return ""
+        return self.cgroup.oom_message()
 
     def _stderr_tail(self, lines: int = 3) -> str:
         try:

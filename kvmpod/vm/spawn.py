@@ -10,6 +10,7 @@ driving side is kvmpod/vm/qemu.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpod.errors import VMError
+from kvmpod.vm.cgroup import Cgroup
+from kvmpod.vm.cgroup import join as join_cgroup
 from kvmpod.vm.config import VMConfig, qemu_argv
 from kvmpod.vm.hangup import DeathLine
 from kvmpod.vm.qemu_binary import find_qemu
@@ -53,13 +56,16 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def qemu_preexec() -> None:
-    """Runs in the QEMU child before exec: it dies with kvmpod, and gets no transparent huge pages.
+def qemu_preexec(cgroup_procs: tuple[bytes, ...] = ()) -> None:
+    """Runs in the QEMU child before exec: it joins the pod's cgroup first (`cgroup_procs`, its
+    cgroup.procs files: kvmpod/vm/cgroup.py), so that nothing it allocates is charged outside the
+    limits; it dies with kvmpod, and gets no transparent huge pages.
     QEMU asks for huge pages for TCG's code buffer, so on hosts with THP in "madvise" or "always" mode
     every 2 MiB of buffer it writes into is backed whole: an idle pod held 14 MiB for 12 of code.
     The flag is per process and survives exec; guest RAM from a file or memfd never used THP anyway."""
     import ctypes
 
+    join_cgroup(cgroup_procs)
     die_with_parent()
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
@@ -73,6 +79,7 @@ class SpawnedQemu:
     qmp: socket.socket | None
     agent: socket.socket | None           # the serial agent channel (None on vsock transports)
     restore_monitor: socket.socket | None  # only when restoring a boot snapshot
+    cgroup: Cgroup | None = None          # the cgroup QEMU joined before it exec'd
 
     def take(self, name: str) -> socket.socket | None:
         """Our end of channel `name` ("qmp", "agent", "restore_monitor"), now the caller's to close."""
@@ -96,10 +103,10 @@ class SpawnedQemu:
 
 
 def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = None,
-               binary: Path | None = None) -> SpawnedQemu:
-    """Start QEMU (`binary`, default: qemu_binary()) for `config`; with `restore_from` (a boot snapshot's
-    device state, config.incoming) it loads that state and resumes the guest by itself. Raises VMError
-    if QEMU cannot be started."""
+               binary: Path | None = None, cgroup: Cgroup | None = None) -> SpawnedQemu:
+    """Start QEMU (`binary`, default: qemu_binary()) for `config`, in `cgroup` if given; with
+    `restore_from` (a boot snapshot's device state, config.incoming) it loads that state and resumes the
+    guest by itself. Raises VMError if QEMU cannot be started."""
     theirs: list[int] = []   # QEMU's ends: inherited, then closed here
     ours: dict[str, socket.socket] = {}
     try:
@@ -127,11 +134,14 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
             try:
                 process = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    preexec_fn=qemu_preexec,
+                    preexec_fn=functools.partial(qemu_preexec, cgroup.procs_files if cgroup else ()),
                     pass_fds=[*theirs, *(n.tap_fd for n in config.nics if n.tap_fd is not None)],
                     start_new_session=True)  # Ctrl-C reaches kvmpod, which decides what the apps get
             except FileNotFoundError as e:
                 raise VMError(f"{argv[0]}: not found (apt-get install qemu-system-x86)") from e
+            except subprocess.SubprocessError as e:   # the preexec function failed: joining the cgroup
+                raise VMError(f"QEMU could not join its cgroup {cgroup.name if cgroup else ''}: "
+                              "it was removed or is not writable") from e
         death.arm(process.pid)
     except BaseException:
         for sock in ours.values():
@@ -140,7 +150,7 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
     finally:
         for fd in theirs:
             os.close(fd)
-    return SpawnedQemu(process, config, ours.get("qmp"), ours.get("agent"), ours.get("restore_monitor"))
+    return SpawnedQemu(process, config, ours.get("qmp"), ours.get("agent"), ours.get("restore_monitor"), cgroup)
 
 
 def qemu_binary() -> Path:

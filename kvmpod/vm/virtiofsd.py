@@ -6,23 +6,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+import subprocess
 from pathlib import Path
 
 from kvmpod.errors import VMError
+from kvmpod.vm.cgroup import Cgroup
+from kvmpod.vm.cgroup import join as join_cgroup
 from kvmpod.vm.spawn import die_with_parent
 from kvmpod.vm.virtiofs import SOCKET_WAIT, FsShare, find_virtiofsd, virtiofsd_argv
 
 log = logging.getLogger(__name__)
 
 
+def _preexec(cgroup_procs: tuple[bytes, ...]) -> None:
+    """In the child before exec: into the pod's cgroup first, then die with kvmpod."""
+    join_cgroup(cgroup_procs)
+    die_with_parent()
+
+
 class Virtiofsd:
     """One running virtiofsd. Dies with kvmpod (PR_SET_PDEATHSIG), in its own session like QEMU."""
 
-    def __init__(self, share: FsShare, log_path: Path):
+    def __init__(self, share: FsShare, log_path: Path, cgroup: Cgroup | None = None):
         self.share = share
         self.log_path = log_path
+        self.cgroup = cgroup   # the pod's, with its QEMU (kvmpod/vm/cgroup.py)
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -33,9 +44,14 @@ class Virtiofsd:
         argv = virtiofsd_argv(find_virtiofsd(), self.share)
         log.debug("virtiofsd argv: %s", argv)
         with open(self.log_path, "ab") as err:
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
-                preexec_fn=die_with_parent, start_new_session=True)
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
+                    preexec_fn=functools.partial(_preexec, self.cgroup.procs_files if self.cgroup else ()),
+                    start_new_session=True)
+            except subprocess.SubprocessError as e:   # the preexec function failed: joining the cgroup
+                raise VMError(f"virtiofsd could not join the pod's cgroup {self.cgroup.name if self.cgroup else ''}: "
+                              "it was removed or is not writable") from e
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT
         while not self.share.socket.exists():  # virtiofsd makes the socket: nothing to listen on first

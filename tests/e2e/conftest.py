@@ -51,6 +51,16 @@ def virtiofsd_pids_of(run_dir: str) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def cgroups_of(run_dir: str) -> list[str]:
+    """The cgroups of pods (and boot snapshot makers) of this runtime dir still there, in any
+    hierarchy: v1 /sys/fs/cgroup/<controller>/<parent>/*, the v2 tree's <parent>/* (kvmpod/vm/cgroup.py)."""
+    from kvmpod.vm.cgroup import parent_name
+
+    parent = parent_name(Path(run_dir))
+    root = Path("/sys/fs/cgroup")
+    return sorted(str(p) for pattern in (f"*/{parent}/*/", f"{parent}/*/") for p in root.glob(pattern))
+
+
 MACHINE_LINKS = set(os.listdir("/sys/class/net"))  # this machine's own namespace, before any test
 
 
@@ -62,7 +72,7 @@ def machine_network_touched() -> list[str]:
 @pytest.fixture(autouse=True)
 def nothing_left_behind(kvmpod_env):
     """After every VM test: no QEMU or virtiofsd of ours, no process of QEMU's user for our pods, no pod
-    directory (tests with --keep clean up themselves)."""
+    directory (tests with --keep clean up themselves), no cgroup of a pod."""
     yield
     run_dir = kvmpod_env["KVMPOD_RUN_DIR"]
     deadline = time.time() + 5
@@ -71,6 +81,7 @@ def nothing_left_behind(kvmpod_env):
     assert qemu_pids_of(run_dir) == [], "a QEMU process outlived kvmpod"
     assert qemu_user_pids_of(run_dir) == [], "a process of QEMU's user kvmpod-qemu outlived its pod"
     assert virtiofsd_pids_of(run_dir) == [], "a virtiofsd process outlived kvmpod"
+    assert cgroups_of(run_dir) == [], "a pod's cgroup outlived it"
     pods = Path(run_dir, "pods")
     assert not pods.exists() or list(pods.iterdir()) == [], f"pod directories left: {list(pods.iterdir())}"
     assert list(Path(run_dir).glob("snapshot-*")) == [], "a boot snapshot maker left its work directory"
