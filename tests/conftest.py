@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmpod.vm import cgroup
+
 pytest_plugins = ["tests.oci_images"]  # the buildah-built busybox image fixture, for unit and e2e tests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +30,14 @@ def kvmpod_dirs(tmp_path_factory) -> dict[str, str]:
     env = {"KVMPOD_STORE_DIR": str(base / "store"), "KVMPOD_RUN_DIR": str(base / "run"),
            "KVMPOD_AUDIT_LOG": str(base / "audit.log"), "XDG_CONFIG_HOME": str(base / "config"),
            "KVMPOD_SNAPSHOT_DIR": str(base / "snapshots")}
-    return env
+    yield env
+    # The session's pods had their cgroups under a parent of this runtime dir's own (kvmpod/vm/cgroup.py
+    # parent_name): each pod's went with it (the e2e suite checks after every test), the parent goes now.
+    parent = cgroup.parent_name(Path(env["KVMPOD_RUN_DIR"]))
+    cgroup.sweep(lambda leaf: False, parent=parent)
+    root = Path("/sys/fs/cgroup")   # v1 hierarchies and a hybrid host's unified tree, or a v2-only root
+    left = [str(d) for d in [*root.glob(f"*/{parent}"), root / parent] if d.is_dir()]
+    assert left == [], f"the test session's cgroups outlived it: {left}"
 
 
 @pytest.fixture
