@@ -146,6 +146,25 @@ def test_qemu_made_to_exec_a_helper_is_killed_by_its_filter_before_the_helper_ru
     assert marker.exists()
 
 
+def test_a_call_the_filter_refuses_fails_and_the_pod_goes_on(kvmpod_env, busybox_aci, tmp_path):
+    # QEMU 7.2's filter answers what it denies in two ways: a process clone (spawn) is trapped, and kills
+    # QEMU (above); resource control (sched_setaffinity, setpriority, ...) gets EPERM, and only the request
+    # that made it fails. A thread context pinned to a CPU sets its thread's affinity.
+    command = json.dumps({"execute": "object-add", "arguments": {"qom-type": "thread-context", "id": "tc",
+                                                                "cpu-affinity": [0]}})
+    env = dict(kvmpod_env, KVMPOD_TEST_QMP=command)
+    sandboxed = run_with(env, "--boot=cold", str(busybox_aci), "--exec", "/bin/sh", "--", "-c", "echo went on")
+    assert sandboxed.returncode == 0, sandboxed.stderr
+    assert sandboxed.stdout == b"went on\n"
+    answer = [line for line in sandboxed.stderr.decode().splitlines() if line.startswith("kvmpod: test QMP")]
+    assert len(answer) == 1 and "Operation not permitted" in answer[0], sandboxed.stderr
+    off = tmp_path / "off.toml"
+    off.write_text("[security]\nsandbox = false\nqemu-user = false\n")
+    unconfined = run_with(dict(env, KVMPOD_CONFIG=str(off)), "--boot=cold", str(busybox_aci), "--exec", "/bin/true")
+    assert unconfined.returncode == 0, unconfined.stderr
+    assert "Operation not permitted" not in unconfined.stderr.decode()   # it is the filter that refused it
+
+
 def test_the_security_switches_turn_the_filter_and_the_user_off(kvmpod_env, busybox_aci, tmp_path):
     off = tmp_path / "off.toml"
     off.write_text("[security]\nsandbox = false\nqemu-user = false\n")
