@@ -1,9 +1,12 @@
-"""Helpers shared by the benchmarks (bench/start.py, bench/run_all.py): the floor VM, the busybox ACI,
-timing. Not a test module; asserts nothing."""
+"""Helpers shared by the benchmarks (bench/run_all.py and its sections): the floor VM, the busybox ACI,
+timing, an idle pod and its PSS. Not a test module; asserts nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -117,3 +120,63 @@ def print_start(result: dict) -> None:
     print(f"{'floor (bare QEMU)':34}{f['min']:8.3f}{f['median']:9.3f}{1:8.2f}")
     print(f"{'kvmpod run /bin/true (snapshot)':34}{r['min']:8.3f}{r['median']:9.3f}{r['median'] / f['median']:8.2f}")
     print(f"{'kvmpod run --boot cold':34}{c['min']:8.3f}{c['median']:9.3f}{c['median'] / f['median']:8.2f}")
+
+
+# -- an idle pod, as the memory benchmarks see it ------------------------------------------------------
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+
+def wait_state(state_file: Path, want: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads(state_file.read_text())
+            if state.get("state") == want:
+                return state
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{state_file} never reached state {want!r}")
+
+
+def wait_host(state_file: Path, timeout: float) -> str:
+    """The process that holds the idle pod once it is quiet: kvmpod-relay after ~1 s (docs/relay.md),
+    or kvmpod itself if the relay is off or not built."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            if json.loads(state_file.read_text()).get("host_process") == "kvmpod-relay":
+                return "kvmpod-relay"
+        time.sleep(0.05)
+    return "kvmpod"
+
+
+@contextlib.contextmanager
+def idle_pod(env: dict[str, str], aci: Path):
+    """A running `kvmpod run … sleep 30` once it is idle: (its process, state.json, the host process)."""
+    pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
+    before = set(pods.glob("*")) if pods.exists() else set()
+    proc = subprocess.Popen([*KVMPOD, "run", str(aci), "--exec", "/bin/sleep", "--", "30"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (new := set(pods.glob("*")) - before if pods.exists() else set()):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("pod directory never appeared")
+            time.sleep(0.02)
+        (pod,) = new
+        state = wait_state(pod / "state.json", "running", 30)
+        host = wait_host(pod / "state.json", 10 if env.get("KVMPOD_RELAY") != "off" else 1.5)
+        time.sleep(0.5)  # let the idle pod settle
+        yield proc, state, host
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # the second signal kills the VM
+            proc.wait(timeout=10)

@@ -11,18 +11,14 @@ Usage: bench/privilege.py [--runs N]   (run_all.py runs it as its "least privile
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import KVMPOD, bench_env, build_busybox_aci, stats, timed  # noqa: E402
+from common import KVMPOD, bench_env, build_busybox_aci, idle_pod, pss_kib, stats, timed  # noqa: E402
 
 # every [security] switch off; a key this kvmpod does not know yet is not read
 OFF = "[security]\nsandbox = false\nqemu-user = false\ncgroup = false\n"
@@ -49,39 +45,14 @@ def _cgroup_memory(state: dict) -> tuple[int, int] | None:
     return int((d / usage).read_text()), int((d / limit).read_text())
 
 
-def _pss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-
-
 def _idle_qemu(env: dict[str, str], aci: Path) -> tuple[int, dict[str, str], tuple[int, int] | None]:
     """QEMU's PSS (KiB) in an idle `sleep 30` pod, the /proc status lines that show its confinement, and
     its cgroup's memory usage and limit (bytes; None without a cgroup)."""
-    pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
-    before = set(pods.glob("*")) if pods.exists() else set()
-    proc = subprocess.Popen([*KVMPOD, "run", str(aci), "--exec", "/bin/sleep", "--", "30"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        state: dict = {}
-        while state.get("state") != "running":
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the idle pod never ran")
-            for state_file in (set(pods.glob("*")) - before if pods.exists() else set()):
-                try:
-                    state = json.loads((state_file / "state.json").read_text())
-                except (OSError, ValueError):
-                    pass
-            time.sleep(0.05)
-        time.sleep(2.0)  # quiet: the relay has taken over, QEMU has settled
+    with idle_pod(env, aci) as (_, state, _host):   # quiet: the relay has taken over, QEMU has settled
         pid = state["qemu_pid"]
         status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-        return (_pss_kib(pid), {k: status[k].split()[0] for k in ("Uid", "Seccomp", "NoNewPrivs")},
+        return (pss_kib(pid), {k: status[k].split()[0] for k in ("Uid", "Seccomp", "NoNewPrivs")},
                 _cgroup_memory(state))
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def measure_privilege(work: Path, aci: Path, runs: int, memory_runs: int = 3) -> dict:

@@ -23,7 +23,6 @@ Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -39,7 +38,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import KVMPOD, REPO, bench_env, build_busybox_aci, measure_start, print_start, stats, timed  # noqa: E402
+from common import (KVMPOD, REPO, bench_env, build_busybox_aci, idle_pod, measure_start, print_start,  # noqa: E402
+                    pss_kib, stats, timed)
 from agent import measure as measure_agent, print_agent  # noqa: E402
 from image import Unavailable, measure_image, print_image  # noqa: E402
 from stage1 import Unavailable as Stage1Unavailable, measure_stage1, print_stage1  # noqa: E402
@@ -82,64 +82,6 @@ def breakdown(work: Path, aci: Path, runs: int) -> dict:
     print(f"{'sum of phases':28}{total:8.3f}")
     print(f"{'wall (incl. python startup)':28}{wall:8.3f}   python+imports before 'start': {wall - total:.3f}")
     return {"runs": runs, "median_s": medians, "sum_s": total, "wall_median_s": wall, "samples_s": phases}
-
-
-def pss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-
-
-def wait_state(state_file: Path, want: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = json.loads(state_file.read_text())
-            if state.get("state") == want:
-                return state
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{state_file} never reached state {want!r}")
-
-
-def wait_host(state_file: Path, timeout: float) -> str:
-    """The process that holds the idle pod once it is quiet: kvmpod-relay after ~1 s (docs/relay.md),
-    or kvmpod itself if the relay is off or not built."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            if json.loads(state_file.read_text()).get("host_process") == "kvmpod-relay":
-                return "kvmpod-relay"
-        time.sleep(0.05)
-    return "kvmpod"
-
-
-@contextlib.contextmanager
-def idle_pod(env: dict[str, str], aci: Path):
-    """A running `kvmpod run … sleep 30` once it is idle: (its process, state.json, the host process)."""
-    pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
-    before = set(pods.glob("*")) if pods.exists() else set()
-    proc = subprocess.Popen([*KVMPOD, "run", str(aci), "--exec", "/bin/sleep", "--", "30"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not (new := set(pods.glob("*")) - before if pods.exists() else set()):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("pod directory never appeared")
-            time.sleep(0.02)
-        (pod,) = new
-        state = wait_state(pod / "state.json", "running", 30)
-        host = wait_host(pod / "state.json", 10 if env.get("KVMPOD_RELAY") != "off" else 1.5)
-        time.sleep(0.5)  # let the idle pod settle
-        yield proc, state, host
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)  # the second signal kills the VM
-            proc.wait(timeout=10)
 
 
 def stop_time(env: dict[str, str], aci: Path) -> tuple[float, str]:
