@@ -19,7 +19,13 @@ from typing import Any
 
 from kvmpod import paths
 from kvmpod.errors import KvmpodError, UsageError
+from kvmpod.net import bridge
+from kvmpod.net.attach import release
 from kvmpod.pod.poddir import PodDir, process_start_time
+from kvmpod.vm import cgroup
+from kvmpod.vm.cgroup import Cgroup
+from kvmpod.vm.cid import remove_stale
+from kvmpod.vm.virtiofs import remove_pidfiles
 
 FINISHED = ("exited", "failed")
 
@@ -140,13 +146,9 @@ def gc(grace_period: float = 0.0) -> list[str]:
             print(f"kvmpod: error: pod {pod.uuid}: {e}", file=sys.stderr, flush=True)
             continue
         removed.append(pod.uuid)
-    from kvmpod.vm.cid import remove_stale  # vsock CID lock files no live pod holds (docs/vsock.md)
-
-    remove_stale()
+    remove_stale()   # vsock CID lock files no live pod holds (docs/vsock.md)
     sweep_cgroups()
     if os.geteuid() == 0:   # port forwards a killed kvmpod made but had not recorded yet
-        from kvmpod.net import bridge
-
         try:
             bridge.sweep()
         except KvmpodError as e:
@@ -158,8 +160,6 @@ def sweep_cgroups() -> list[str]:
     """The empty cgroups of pods whose directory is gone (a kvmpod killed before it could remove them),
     and of boot snapshot makers that are over (kvmpod/vm/cgroup.py); those of other runtime dirs once
     they are an hour old."""
-    from kvmpod.vm import cgroup
-
     pods = paths.pods_dir()
 
     def in_use(leaf: str) -> bool:
@@ -183,11 +183,8 @@ def remove(pod: PodInfo) -> None:
     if pod.owner_alive:
         raise UsageError(f"pod {pod.uuid} is {pod.status}: stop it first (kvmpod stop {pod.uuid})")
     kill_stray_qemu(pod)
-    from kvmpod.net.attach import release
-
     release(pod.path)   # its leases, port forwards, CNI namespaces (its taps died with QEMU); raises if stuck
-    from kvmpod.vm.cgroup import Cgroup
-
-    if (cgroup := Cgroup.from_record(pod.state.get("cgroup"))) is not None:
-        cgroup.remove()   # empty once the strays killed above have exited; else the next gc's sweep
+    if (pod_cgroup := Cgroup.from_record(pod.state.get("cgroup"))) is not None:
+        pod_cgroup.remove()   # empty once the strays killed above have exited; else the next gc's sweep
+    remove_pidfiles(pod.path)   # of virtiofsd daemons that died with the pod's kvmpod
     PodDir(pod.uuid, pod.path).remove()

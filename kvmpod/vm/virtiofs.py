@@ -7,6 +7,7 @@ on nothing here: virtiofsd creates the socket and QEMU connects to it, so kvmpod
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,9 @@ from pathlib import Path
 from kvmpod.errors import VMError
 
 VIRTIOFSD_PATHS = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
+# Where the C virtiofsd (QEMU 7.2's) writes the pid file that guards its socket, and leaves it: one file
+# per share, named after the socket's path, which nobody else would remove.
+VIRTIOFSD_PIDFILE_DIR = Path("/run/virtiofsd")
 SOCKET_WAIT = 10.0
 
 
@@ -22,6 +26,23 @@ def find_virtiofsd() -> Path:
         if os.access(candidate, os.X_OK):
             return Path(candidate)
     raise VMError("virtiofsd not found (install qemu-system-common): host volumes need it")
+
+
+def pidfile(socket: Path) -> Path:
+    """The pid file virtiofsd keeps for the share served on `socket`: the socket's absolute path with
+    every / a dot (tools/virtiofsd/fuse_virtio.c of QEMU 7.2), in VIRTIOFSD_PIDFILE_DIR."""
+    return VIRTIOFSD_PIDFILE_DIR / (str(socket.absolute()).replace("/", ".") + ".pid")
+
+
+def remove_pidfiles(directory: Path) -> None:
+    """The pid files of every share whose socket was in `directory` (a pod's: `kvmpod gc` and rm, after
+    a virtiofsd that died with its kvmpod)."""
+    prefix = str(directory.absolute()).replace("/", ".") + "."
+    with contextlib.suppress(FileNotFoundError):
+        for entry in VIRTIOFSD_PIDFILE_DIR.iterdir():
+            if entry.name.startswith(prefix) and entry.name.endswith(".pid"):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
 
 
 @dataclass(frozen=True)

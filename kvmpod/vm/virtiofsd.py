@@ -16,7 +16,7 @@ from kvmpod.errors import VMError
 from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.cgroup import join as join_cgroup
 from kvmpod.vm.spawn import die_with_parent
-from kvmpod.vm.virtiofs import SOCKET_WAIT, FsShare, find_virtiofsd, virtiofsd_argv
+from kvmpod.vm.virtiofs import SOCKET_WAIT, FsShare, find_virtiofsd, pidfile, virtiofsd_argv
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,19 @@ class Virtiofsd:
         return " | ".join(lines[-2:]) or "no output"
 
     async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after a second; always waited for, so nothing is left behind."""
-        if self._proc is None or self._proc.returncode is not None:
+        """SIGTERM, then SIGKILL after a second; always waited for, and its socket and pid file removed,
+        so nothing is left behind."""
+        if self._proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self._proc.wait(), 1.0)
-        except asyncio.TimeoutError:
+        if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            await self._proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            self.share.socket.unlink()
+                self._proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._proc.wait(), 1.0)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+                await self._proc.wait()
+        for leftover in (self.share.socket, pidfile(self.share.socket)):   # virtiofsd leaves both
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()

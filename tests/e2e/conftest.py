@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpod.vm.virtiofs import VIRTIOFSD_PIDFILE_DIR
 from tests.conftest import kvmpod_cmd
 
 VM_TIMEOUT = 240
@@ -44,6 +45,13 @@ def qemu_user_pids_of(run_dir: str) -> list[int]:
     """Processes of QEMU's user (kvmpod-qemu, docs/security.md) started for this test session's pods."""
     out = subprocess.run(["pgrep", "-u", "kvmpod-qemu", "-f", run_dir], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
+
+
+def virtiofsd_pidfiles_of(run_dir: str) -> list[str]:
+    """The pid files virtiofsd left for shares whose sockets were under `run_dir` (kvmpod/vm/virtiofs.py pidfile)."""
+    prefix = str(Path(run_dir).absolute()).replace("/", ".") + "."
+    found = VIRTIOFSD_PIDFILE_DIR.iterdir() if VIRTIOFSD_PIDFILE_DIR.is_dir() else []
+    return sorted(p.name for p in found if p.name.startswith(prefix))
 
 
 def virtiofsd_pids_of(run_dir: str) -> list[int]:
@@ -81,6 +89,7 @@ def nothing_left_behind(kvmpod_env):
     assert qemu_pids_of(run_dir) == [], "a QEMU process outlived kvmpod"
     assert qemu_user_pids_of(run_dir) == [], "a process of QEMU's user kvmpod-qemu outlived its pod"
     assert virtiofsd_pids_of(run_dir) == [], "a virtiofsd process outlived kvmpod"
+    assert virtiofsd_pidfiles_of(run_dir) == [], "virtiofsd's pid file outlived its pod"
     assert cgroups_of(run_dir) == [], "a pod's cgroup outlived it"
     pods = Path(run_dir, "pods")
     assert not pods.exists() or list(pods.iterdir()) == [], f"pod directories left: {list(pods.iterdir())}"
