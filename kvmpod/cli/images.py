@@ -13,6 +13,7 @@ from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError, UsageError
 from kvmpod.image.build import build_aci
 from kvmpod.image.limits import human_size
 from kvmpod.image.manifest import Port, build_manifest
+from kvmpod.image.transfer import Transfer
 from kvmpod.store import Store
 
 SHORT_ID_HEX = 32   # as `rkt image list` prints them; any unique prefix of 12+ hex digits is accepted
@@ -21,7 +22,7 @@ SHORT_ID_HEX = 32   # as `rkt image list` prints them; any unique prefix of 12+ 
 def cmd_fetch(ns: argparse.Namespace) -> int:
     """Import each source and print its image ID (stdout: one ID per line, as rkt fetch does)."""
 
-    store = Store()
+    store = Store(transfer=Transfer.from_flags(ns.insecure_options, ns.ca_file))
     for source in ns.sources:
         print(store.import_ref(source).id, flush=True)
     return 0

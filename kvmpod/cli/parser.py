@@ -14,6 +14,16 @@ from kvmpod.cli.types import KvmpodParser, annotation, env_pair, hostname, memor
 from kvmpod.version import __version__
 
 
+def _transfer_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that may download an image (kvmpod/image/transfer.py)."""
+    # read by kvmpod/image/transfer.py's Transfer.from_flags: the grammar loads no dataclass
+    parser.add_argument("--insecure-options", default="", metavar="OPTS",
+                        help="skip checks for this command, comma-separated: image (signature policy), "
+                             "http (allow plain http), tls (unverified certificates), pubkey, all")
+    parser.add_argument("--ca-file", metavar="FILE",
+                        help="extra CA certificates (PEM) trusted for https downloads")
+
+
 def build_parser() -> KvmpodParser:
     parser = KvmpodParser(prog="kvmpod", description="Run App Container images, each in its own lightweight VM.")
     parser.add_argument("--version", action="version", version=f"kvmpod {__version__}")
@@ -79,6 +89,7 @@ def build_parser() -> KvmpodParser:
     run.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
                      help="append ARG to the guest kernel command line (debugging)")
     run.add_argument("--debug", action="store_true", help="show what kvmpod does, the agent's log and the console")
+    _transfer_flags(run)
     run.add_argument("image", metavar="IMAGE", nargs="?",
                      help="an ACI file or URL, docker-archive:FILE, oci-archive:FILE, oci:DIR[:TAG], "
                           "an image ID (sha512-…) or a store name (NAME[:VERSION][,LABEL=VALUE...])")
@@ -135,6 +146,7 @@ def build_parser() -> KvmpodParser:
                            description="Import each SOURCE (an ACI file or http(s) URL, docker-archive:FILE, "
                                        "oci-archive:FILE or oci:DIR[:TAG]) and print its image ID.")
     fetch.add_argument("sources", nargs="+", metavar="SOURCE")
+    _transfer_flags(fetch)
     fetch.set_defaults(func="images:cmd_fetch")
 
     image = sub.add_parser("image", help="build and manage images")
@@ -157,6 +169,7 @@ def build_parser() -> KvmpodParser:
     build.set_defaults(func="images:cmd_image_build")
     imp = image_sub.add_parser("import", help="import images into the store (same as `kvmpod fetch`)")
     imp.add_argument("sources", nargs="+", metavar="SOURCE")
+    _transfer_flags(imp)
     imp.set_defaults(func="images:cmd_fetch")
     ls = image_sub.add_parser("list", help="list the images in the store")
     ls.add_argument("--json", action="store_true", help="everything, full IDs, as JSON")

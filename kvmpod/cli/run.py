@@ -9,6 +9,7 @@ from pathlib import Path
 from kvmpod.cli.run_words import APP_SEPARATOR, app_parser, takes_value
 from kvmpod.errors import UsageError
 from kvmpod.image.manifest import Isolator
+from kvmpod.image.transfer import Transfer
 from kvmpod.net.spec import request as net_request
 from kvmpod.pod.entry import run
 from kvmpod.pod.options import RunOptions
@@ -99,7 +100,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
                          interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
                          pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach,
                          hostname=ns.hostname, annotations=annotations, pod_isolators=pod_isolators,
-                         uuid_file=ns.uuid_file_save, volumes=volumes, network=network)
+                         uuid_file=ns.uuid_file_save, volumes=volumes, network=network,
+                         transfer=Transfer.from_flags(ns.insecure_options, ns.ca_file))
     return run(apps, options)
 
 

@@ -13,18 +13,22 @@ from pathlib import Path
 from kvmpod.version import __version__
 from kvmpod.errors import ImageError
 from kvmpod.image.limits import ImportLimits, human_size
+from kvmpod.image.transfer import Transfer
 from kvmpod.progress import progress
 
 TIMEOUT = 60.0      # seconds without a byte before a download is abandoned
 CHUNK = 1 << 20
 
 
-def download(url: str, dest: Path, limits: ImportLimits, missing_ok: bool = False) -> bool:
+def download(url: str, dest: Path, limits: ImportLimits, missing_ok: bool = False,
+             transfer: Transfer = Transfer()) -> bool:
     """Write the body of `url` to `dest`; an ImageError names the URL and what went wrong.
-    With `missing_ok`, a 404 returns False instead (an image's optional signature)."""
+    With `missing_ok`, a 404 returns False instead (an image's optional signature). https is verified
+    against the system's anchors plus `transfer.ca_file` (not at all with --insecure-options=tls)."""
     request = urllib.request.Request(url, headers={"User-Agent": f"kvmpod/{__version__}"})
+    context = transfer.ssl_context() if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response, dest.open("wb") as out:
+        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response, dest.open("wb") as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             if total is not None and total > limits.max_size:

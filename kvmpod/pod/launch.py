@@ -159,7 +159,7 @@ class PodPlan:
 def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
              timings: dict[str, float]) -> PodPlan:
     metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
-    resolved = prepare_apps(Store(), apps, options.pod_env, claims, metadata_secrets.url)
+    resolved = prepare_apps(Store(transfer=options.transfer), apps, options.pod_env, claims, metadata_secrets.url)
     resolved, volumes = attach_volumes(resolved, options.volumes)
     for line in isolator_notices(resolved, options.pod_isolators):  # spec/ace.md: ignored ones are made known
         notice(line)

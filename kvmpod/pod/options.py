@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from kvmpod.image.manifest import Isolator
+from kvmpod.image.transfer import Transfer
 from kvmpod.net.spec import NetRequest
 from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.volumes import Volume
@@ -46,6 +47,7 @@ class RunOptions:
     on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
     volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
     network: NetRequest = field(default_factory=NetRequest)  # --net, --port, --dns… (kvmpod/net/); default: none
+    transfer: Transfer = Transfer()  # --insecure-options, --ca-file: how the pod's images may be fetched
     # where the apps' stdout and stderr go when not detached; None: this process's own fds 1 and 2. The
     # Python API's worker (kvmpod/api/worker.py) names them, its sys.stderr carrying kvmpod's messages.
     output_fds: tuple[int, int] | None = None

@@ -33,6 +33,7 @@ from kvmpod.image.aci import check_aci
 from kvmpod.image.archive import decompress_to
 from kvmpod.image.limits import ImportLimits, human_size
 from kvmpod.image.signature import SIGNATURE_SUFFIX, UNVERIFIED, check_signature, signature_path
+from kvmpod.image.transfer import Transfer
 from kvmpod.image.manifest import parse_manifest
 from kvmpod.progress import progress
 from kvmpod.store import index, locks
@@ -50,8 +51,9 @@ _TMP_NAME = re.compile(r"^(?P<what>[a-z]+)-(?P<pid>\d+)-")
 
 class Store:
     def __init__(self, root: Path | None = None, limits: ImportLimits | None = None,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, transfer: Transfer = Transfer()):
         self.root = root or paths.store_dir()
+        self.transfer = transfer  # --insecure-options and --ca-file of this command (kvmpod/image/transfer.py)
         self.notify = notify or _notice  # one-line notices (an unverifiable signature)
         self._limits = limits
         self.blobs = self.root / "blobs" / "sha512"
@@ -133,8 +135,8 @@ class Store:
         from kvmpod.image.fetch import download  # urllib.request (http.client, ssl): only for a URL
 
         with self.temp_file("download") as tmp, self.temp_file("download", SIGNATURE_SUFFIX) as sig:
-            download(url, tmp, self.limits)
-            signed = download(url + SIGNATURE_SUFFIX, sig, self.limits, missing_ok=True)
+            download(url, tmp, self.limits, transfer=self.transfer)
+            signed = download(url + SIGNATURE_SUFFIX, sig, self.limits, missing_ok=True, transfer=self.transfer)
             check = check_signature(tmp, sig if signed else None, url)
             with self.temp_file("import", ".tar") as tar, tar.open("wb") as dest:
                 image_id = decompress_to(tmp, dest, self.limits)
