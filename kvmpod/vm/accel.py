@@ -1,8 +1,15 @@
 """Choosing the accelerator: KVM only where a standard guest kernel can really run on it.
 
-A PVM-only /dev/kvm (module kvm_pvm, no vmx/svm) accepts KVM_CREATE_VM, yet a standard guest
-kernel hangs early under it, so such hosts must use TCG (software emulation) like hosts without
-/dev/kvm. See ../shared/machine-facts.md for the measurements behind this.
+What /dev/kvm is on this host (kvm_kind):
+  real    bare metal: vmx/svm in /proc/cpuinfo, kvm_intel or kvm_amd loaded, no `hypervisor` flag
+  nested  this host is itself a VM (the `hypervisor` cpu flag) whose hypervisor passes vmx/svm
+          through (nested virtualization): KVM works, a little slower than on bare metal
+  pvm     a PVM-only /dev/kvm (module kvm_pvm, no vmx/svm): it accepts KVM_CREATE_VM, yet a standard
+          guest kernel hangs early under it, so such hosts use TCG (software emulation)
+  none    no /dev/kvm, one this user may not open, or no vmx/svm and no KVM module: TCG
+See ../shared/machine-facts.md for the measurements behind the PVM case. The `nested` parameter
+of kvm_intel/kvm_amd (/sys/module/kvm_*/parameters/nested) says whether this host's own guests
+(the pods' VMs) could run KVM in turn; `kvmpod doctor` reports it (kvmpod/doctor.py).
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpod.errors import VMError
+
+
+HW_MODULES = ("kvm_intel", "kvm_amd")
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,9 @@ class HostFacts:
     cpu_virt_flags: bool      # vmx or svm in /proc/cpuinfo
     hw_kvm_module: bool       # kvm_intel or kvm_amd loaded
     pvm_module: bool          # kvm_pvm loaded
+    in_guest: bool = False    # the `hypervisor` cpu flag: this host is itself a virtual machine
+    hw_module: str = ""       # which of kvm_intel / kvm_amd is loaded ("" if neither)
+    nested: bool | None = None  # that module's `nested` parameter (None: unknown, no such module)
 
     @classmethod
     def probe(cls, root: Path = Path("/")) -> "HostFacts":
@@ -40,13 +53,62 @@ class HostFacts:
         except OSError:
             cpuinfo = ""
         modules = root / "sys/module"
+        hw_module = next((m for m in HW_MODULES if (modules / m).exists()), "")
         return cls(
             dev_kvm_exists=dev.exists(),
             dev_kvm_usable=dev.exists() and os.access(dev, os.R_OK | os.W_OK),
-            cpu_virt_flags=bool(re.search(r"^flags\s*:.*\b(vmx|svm)\b", cpuinfo, re.M)),
-            hw_kvm_module=(modules / "kvm_intel").exists() or (modules / "kvm_amd").exists(),
+            cpu_virt_flags=_has_flag(cpuinfo, "vmx", "svm"),
+            hw_kvm_module=bool(hw_module),
             pvm_module=(modules / "kvm_pvm").exists(),
+            in_guest=_has_flag(cpuinfo, "hypervisor"),
+            hw_module=hw_module,
+            nested=_nested_parameter(modules / hw_module / "parameters/nested") if hw_module else None,
         )
+
+
+def _has_flag(cpuinfo: str, *flags: str) -> bool:
+    return bool(re.search(rf"^flags\s*:.*\b({'|'.join(flags)})\b", cpuinfo, re.M))
+
+
+def _nested_parameter(path: Path) -> bool | None:
+    """kvm_intel shows Y/N, kvm_amd 1/0 (older kernels 1/0 for both)."""
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        return None
+    return value in ("Y", "y", "1")
+
+
+def kvm_kind(facts: HostFacts) -> str:
+    """"real", "nested", "pvm" or "none" (the module docstring)."""
+    if not facts.dev_kvm_exists or not facts.dev_kvm_usable:
+        return "none"
+    if facts.hw_kvm_module or facts.cpu_virt_flags:
+        return "nested" if facts.in_guest else "real"
+    return "pvm" if facts.pvm_module else "none"
+
+
+def kvm_description(facts: HostFacts) -> str:
+    """One line on what KVM is here, for `kvmpod doctor` and the choice's reason."""
+    kind = kvm_kind(facts)
+    module = facts.hw_module or ("vmx/svm in /proc/cpuinfo" if facts.cpu_virt_flags else "")
+    if kind == "real":
+        return f"real KVM ({module})"
+    if kind == "nested":
+        return (f"nested KVM ({module}): this host is itself a VM (the `hypervisor` cpu flag) "
+                "and its hypervisor passes hardware virtualization through")
+    if kind == "pvm":
+        return "PVM-only /dev/kvm (kvm_pvm loaded, no vmx/svm)"
+    return kvm_unusable_reason(facts) or "no KVM"
+
+
+def nested_for_guests(facts: HostFacts) -> str | None:
+    """Whether the pods' own guests could run KVM in turn (the module's `nested` parameter), or None
+    when there is no kvm_intel/kvm_amd to ask."""
+    if not facts.hw_module or facts.nested is None:
+        return None
+    state = "on" if facts.nested else "off"
+    return f"{facts.hw_module} nested={state}: KVM inside a pod's VM is {'possible' if facts.nested else 'not possible'}"
 
 
 def kvm_unusable_reason(facts: HostFacts) -> str | None:
@@ -75,4 +137,4 @@ def choose_accelerator(requested: str = "auto", facts: HostFacts | None = None) 
         raise VMError(f"--accel: unknown accelerator {requested!r} (choose kvm, tcg or auto)")
     if reason:
         return Accelerator("tcg", reason)
-    return Accelerator("kvm", "hardware virtualization available")
+    return Accelerator("kvm", kvm_description(facts))
