@@ -12,7 +12,8 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 dpkg-dev meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libslirp-dev libfdt-dev \
                 libcap-ng-dev libattr1-dev libseccomp-dev \
                 python3-build help2man zsh \
-                podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux
+                podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux \
+                docker-registry skopeo
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean
