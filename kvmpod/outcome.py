@@ -24,7 +24,11 @@ def exit_now(code: int) -> None:
 
 
 def configure_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmpod: %(message)s")
+    """Warnings and errors from anyone; with --debug, kvmpod's own debug lines only: third-party
+    libraries (pyroute2's netlink dumps, qemu.qmp's messages, asyncio's selector) stay at WARNING,
+    since CI logs are read by people."""
+    logging.basicConfig(level=logging.WARNING, format="kvmpod: %(message)s")
+    logging.getLogger("kvmpod").setLevel(logging.DEBUG if debug else logging.WARNING)
     if not debug:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its noise is ours to explain
 

@@ -55,3 +55,20 @@ def test_a_bug_is_one_line_or_its_traceback(capsys, debug):
     else:
         assert reporting_failures(bug, lambda: False) == EXIT_KVMPOD_FAILURE
         assert "internal error: ZeroDivisionError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("debug", [True, False])
+def test_debug_logging_is_kvmpods_own_lines_only(debug):
+    """--debug shows kvmpod's debug lines, not a third-party library's (pyroute2 dumps every netlink
+    message at DEBUG); their warnings still show. In a child: logging's configuration is per process."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; from kvmpod.outcome import configure_logging; configure_logging(sys.argv[1] == '1');"
+            "logging.getLogger('kvmpod.pod.runner').debug('ours');"
+            "logging.getLogger('pyroute2.netlink.nlsocket').debug('netlink dump');"
+            "logging.getLogger('qemu.qmp.protocol').debug('qmp message');"
+            "logging.getLogger('pyroute2.ndb').warning('their warning')")
+    err = subprocess.run([sys.executable, "-c", code, "1" if debug else "0"], capture_output=True, text=True,
+                         check=True).stderr
+    assert err.splitlines() == (["kvmpod: ours"] if debug else []) + ["kvmpod: their warning"]
