@@ -7,6 +7,7 @@ the problem and the offending path or field. The CLI prints it as `kvmpod: error
 from __future__ import annotations
 
 # Exit codes of `kvmpod run` (documented in docs/cli.md), podman's convention:
+EXIT_TIMEOUT = 124          # --timeout ran out: the pod was stopped (GNU timeout's status, which CI knows)
 EXIT_KVMPOD_FAILURE = 125   # kvmpod itself failed (bad input, VM did not start, guest died)
 EXIT_CANNOT_INVOKE = 126    # the app's exec path exists but could not be executed
 EXIT_NOT_FOUND = 127        # the app's exec path does not exist in its rootfs
@@ -103,6 +104,12 @@ class Interrupted(KvmpodError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RunTimeout(KvmpodError):
+    """`kvmpod run --timeout`: the apps ran longer, and the pod was stopped (docs/ci.md)."""
+
+    exit_code = EXIT_TIMEOUT
 
 
 class PodTimeout(KvmpodError):

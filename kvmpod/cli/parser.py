@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from kvmpod.cli.run_words import split_run_words
-from kvmpod.cli.types import KvmpodParser, annotation, env_pair, hostname, memory_mib, positive_int
+from kvmpod.cli.types import KvmpodParser, annotation, duration, env_pair, hostname, memory_mib, positive_int
 from kvmpod.version import __version__
 
 
@@ -84,6 +84,9 @@ def build_parser() -> KvmpodParser:
     run.add_argument("--set-env", action="append", type=env_pair, default=[], metavar="NAME=VALUE",
                      help="environment for every app of the pod")
     run.add_argument("--keep", action="store_true", help="keep the pod directory after the pod ends")
+    run.add_argument("--timeout", type=duration, metavar="DURATION",
+                     help="stop the pod when its apps run longer than DURATION (e.g. 90s, 30m, 1h30m; counted "
+                          "from their start) and exit with status 124 (docs/ci.md)")
     run.add_argument("--boot-timeout", type=float, default=60.0, metavar="S",
                      help="seconds the guest may take to boot its agent (default 60)")
     run.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",

@@ -100,7 +100,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
                          interactive=ns.interactive, keep=ns.keep, boot_timeout=ns.boot_timeout,
                          pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach,
                          hostname=ns.hostname, annotations=annotations, pod_isolators=pod_isolators,
-                         uuid_file=ns.uuid_file_save, volumes=volumes, network=network,
+                         uuid_file=ns.uuid_file_save, volumes=volumes, network=network, timeout=ns.timeout,
                          transfer=Transfer.from_flags(ns.insecure_options, ns.ca_file))
     return run(apps, options)
 

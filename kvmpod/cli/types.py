@@ -36,6 +36,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds from a duration like 90, 2s, 1.5s, 5m, 1h30m (units ms, s, m, h, d; none: seconds)."""
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    elif re.fullmatch(f"(?:{_DURATION.pattern})+", text):
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION.findall(text))
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 5m or 1h30m")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return seconds
+
+
 def memory_mib(text: str) -> int:
     units = {"": 1, "m": 1, "mi": 1, "mib": 1, "g": 1024, "gi": 1024, "gib": 1024}
     number = text.rstrip("gGmMiIbB")

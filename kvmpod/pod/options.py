@@ -44,6 +44,7 @@ class RunOptions:
     kernel_args: list[str] = field(default_factory=list)
     detach: bool = False    # app output to <pod dir>/logs/, the directory stays once the apps have started
     stop_timeout: float = STOP_TIMEOUT
+    timeout: float | None = None    # --timeout: seconds the apps may run before the pod is stopped (docs/ci.md)
     on_started: Callable[[PodDir], None] | None = None   # called once every app runs (detach's report)
     volumes: list[Volume] = field(default_factory=list)  # --volume / the pod manifest's (pod/volumes.py)
     network: NetRequest = field(default_factory=NetRequest)  # --net, --port, --dns… (kvmpod/net/); default: none

@@ -73,6 +73,8 @@ def unfit(options: RunOptions, virtiofs: bool, agent_transport: str) -> str | No
     """Why a pod can never be handed over, or None."""
     if options.interactive:
         return "it is interactive"
+    if options.timeout is not None:
+        return "its --timeout is kept by this process"
     if options.on_exited or options.hold_apps:
         return "it reports to a caller in this process (on_exited, OCI create/start)"
     if virtiofs:

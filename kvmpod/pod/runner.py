@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, Hello, OutputSink, ProcessSpec
-from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, VMError
+from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, RunTimeout, VMError
 from kvmpod.net.attach import PodNetwork
 from kvmpod.pod import audit
 from kvmpod.pod.control import ControlServer
@@ -118,6 +118,8 @@ class PodRunner:
         self.start_requested = asyncio.Event()   # the `start` control request (RunOptions.hold_apps)
         self.first_failure: int | None = None    # RunOptions.stop_on_failure: the app that failed first
         self._handing_over = False   # the session's channel is out for a hand-over (take_back_channels)
+        self.timed_out = False   # --timeout ran out (RunOptions.timeout): the pod is being stopped
+        self._timeout: asyncio.TimerHandle | None = None
 
     async def run(self, resumed_by: int | None = None) -> int:
         """The pod's life; `resumed_by` when the runner was rebuilt after kvmpod-relay (relay.py): 0,
@@ -177,6 +179,8 @@ class PodRunner:
                                oom_score_adj=app.extras.oom_score_adj, exec_path=app.extras.exec_path_lookup)
             self.processes.append(await self._until(session.start(spec, *sinks[app.name])))
         self.timings["apps_started"] = time.time()
+        if self.options.timeout is not None:   # counted from here: the boot has --boot-timeout
+            self._timeout = asyncio.get_running_loop().call_later(self.options.timeout, self._timed_out)
         self.lifecycle.advance(PodState.RUNNING, apps=[{"name": a.name, "image": a.image.id} for a in self.apps])
         if self.options.on_started:
             self.options.on_started(self.pod)
@@ -229,6 +233,15 @@ class PodRunner:
             return not self.quiet() or hand_off(self, relay)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, POD_SIGNALS)   # only reached when there was no exec
+
+    def _timed_out(self) -> None:
+        """--timeout: the apps are stopped as `kvmpod stop` would (SIGTERM, SIGKILL after the stop
+        timeout, power-off), and `kvmpod run` ends with RunTimeout (_record_exit)."""
+        self.timed_out = True
+        log.debug("the apps ran longer than --timeout %g s: stopping the pod", self.options.timeout)
+        if self.stop_task is None and self.stop_reason is None:
+            self.stop_task = asyncio.get_running_loop().create_task(
+                self._stop_apps(signal.SIGTERM, self.options.stop_timeout))
 
     def _app_ended(self, index: int, fut: asyncio.Future) -> None:
         """RunOptions.stop_on_failure: the first app to fail stops the pod, as a signal would."""
@@ -341,6 +354,9 @@ class PodRunner:
             log.debug("app %s %s", app.name, status.describe())
         if self.options.on_exited:
             self.options.on_exited([(a.name, s) for a, s in zip(self.apps, statuses)])
+        if self.timed_out:
+            raise RunTimeout(f"the apps ran longer than --timeout {self.options.timeout:g} s: the pod was stopped "
+                             f"({', '.join(f'{a.name} {s.describe()}' for a, s in zip(self.apps, statuses))})")
         if self.first_failure is not None:  # stop_on_failure: the others' ends were its consequence
             return statuses[self.first_failure].shell_code
         failing = [s.shell_code for s in statuses if s.shell_code]
@@ -576,6 +592,8 @@ class PodRunner:
 
     async def _teardown(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._timeout is not None:
+            self._timeout.cancel()
         for signo in POD_SIGNALS:
             loop.remove_signal_handler(signo)
         if self.vm.pid is None:
@@ -599,6 +617,7 @@ class PodRunner:
                 await self.session.close()
             await self._stop_fs_daemons()
             self.timings["vm_ended"] = time.time()
+            log.debug("timings: %s", describe_timings(self.timings))
             ended = self.lifecycle.end()
             self.pod.update(timings=self.timings)
             audit.pod_ended(self.pod.uuid, ended.value, self.pod.state.get("apps", []))
@@ -623,3 +642,16 @@ class PodRunner:
             await self.control.close()
 
 
+# the run path's phases, from the timestamps kvmpod run records (state.json's timings)
+PHASES = (("start", "qemu_spawn", "planning"), ("qemu_spawn", "agent_ready", "QEMU to agent"),
+          ("agent_ready", "apps_started", "apps' start"), ("apps_started", "apps_exited", "apps"),
+          ("apps_exited", "vm_ended", "teardown"))
+
+
+def describe_timings(timings: dict[str, float]) -> str:
+    """--debug's line on where a run's time went (the phases it reached), e.g. `planning 0.210 s,
+    QEMU to agent 0.480 s, ... total 2.100 s`."""
+    parts = [f"{what} {timings[b] - timings[a]:.3f} s" for a, b, what in PHASES if a in timings and b in timings]
+    if "start" in timings and "vm_ended" in timings:
+        parts.append(f"total {timings['vm_ended'] - timings['start']:.3f} s")
+    return ", ".join(parts)
