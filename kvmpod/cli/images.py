@@ -91,6 +91,27 @@ def cmd_image_gc(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_fsck(ns: argparse.Namespace) -> int:
+    """One line per problem (stdout), the count on stderr; exit 1 while any is left (docs/store.md)."""
+    from kvmpod.store.check import check, repair
+
+    store = Store()
+    problems = check(store)
+    if ns.repair and problems:
+        done, problems = repair(store, problems)
+        for line in done:
+            print(f"repaired: {line}", flush=True)
+    for problem in problems:
+        print(problem.line(), flush=True)
+    if not problems:
+        return 0
+    fixable = sum(p.fix is not None for p in problems)
+    hint = f" ({fixable} fixed by --repair)" if fixable and not ns.repair else ""
+    print(f"kvmpod: error: image fsck: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the store "
+          f"{store.root}{hint}", file=sys.stderr, flush=True)
+    return 1
+
+
 def cmd_image_help(ns: argparse.Namespace) -> int:
     """`kvmpod image` without a command."""
     ns.help_parser.print_help()

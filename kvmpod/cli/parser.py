@@ -192,6 +192,13 @@ def build_parser() -> KvmpodParser:
     rm.set_defaults(func="images:cmd_image_rm")
     igc = image_sub.add_parser("gc", help="remove rootfs disks, blobs and temp files no image references")
     igc.set_defaults(func="images:cmd_image_gc")
+    fsck = image_sub.add_parser("fsck", help="check the store: blob hashes, records, disks, stamps, leftovers",
+                                description="Check every blob's hash, the image records, rootfs disks, source "
+                                            "stamps, temporary files and locks; print one line per problem and "
+                                            "exit 1 if there is any. Safe while other kvmpod commands run.")
+    fsck.add_argument("--repair", action="store_true",
+                      help="also fix what loses nothing not lost already: orphans, leftovers, damaged disks")
+    fsck.set_defaults(func="images:cmd_image_fsck")
     image.set_defaults(func="images:cmd_image_help", help_parser=image)
 
     setup = sub.add_parser("setup", help="build what is per machine: the guest kernels and kvmpod's QEMU",

@@ -35,6 +35,7 @@ import pycdlib
 import pycdlib.dates
 import pycdlib.pycdlibexception
 
+from kvmpod import faults
 from kvmpod.disk.entries import (MAX_ID, MAX_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES, ROOT_PATH, EntryKind, RootfsEntry,
                                   check_file_size, encode_name)
 from kvmpod.errors import DiskError, ImageError, KvmpodError
@@ -187,7 +188,8 @@ def build_iso(entries: Iterable[RootfsEntry], out: Path, *, volume_id: str = "KV
 def _write_atomically(builder: _Builder, out: Path) -> int:
     """Write the ISO to a temporary file next to `out`, fsync, rename; return its size."""
     try:
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        # the writer's pid in the name: `image gc` and `image fsck` tell a live build's file from a dead one's
+        fd, tmp_path = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent)
     except OSError as e:
         raise DiskError(f"{out}: cannot create the rootfs disk: {e.strerror}") from e
     renamed = False
@@ -195,6 +197,7 @@ def _write_atomically(builder: _Builder, out: Path) -> int:
         with os.fdopen(fd, "w+b") as f:
             os.fchmod(f.fileno(), 0o644)  # mkstemp makes it 0600; the disk is not secret
             builder.write(f)
+            faults.at("disk")
             size = f.seek(0, os.SEEK_END)
             f.flush()
             os.fsync(f.fileno())

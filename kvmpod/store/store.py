@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from kvmpod import paths
+from kvmpod import faults, paths
 from kvmpod.errors import ImageError, ManifestError
-from kvmpod.fsutil import pid_alive
+from kvmpod.fsutil import abandoned_temp, pid_alive
 from kvmpod.image.aci import check_aci
 from kvmpod.image.archive import decompress_to
 from kvmpod.image.limits import ImportLimits, human_size
@@ -177,6 +177,7 @@ class Store:
 
     def _store_tar(self, tmp: Path, image_id: str, shown_as: Path, source: str, signature: str) -> StoredImage:
         """Check the uncompressed ACI tar `tmp` and move it into the store under `image_id`."""
+        faults.at("import")
         hex_id = image_id.removeprefix("sha512-")
         record_path = self.records / f"{hex_id}.json"
         if (existing := index.read_record(record_path)) and (self.blobs / hex_id).is_file():
@@ -195,6 +196,7 @@ class Store:
             if not blob.is_file():
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, blob)
+                faults.at("import-commit")
             record = index.read_record(record_path) or ImageRecord(
                 id=image_id, name=manifest.name, labels=dict(manifest.labels), imported=time.time(),
                 size=blob.stat().st_size, source=source, signature=signature, manifest=manifest.raw)
@@ -294,6 +296,11 @@ class Store:
         rootfs disks of removed images or of dependency sets that no longer resolve so, stale source
         stamps, temp files of dead processes, lock files of removed images. Returns what was removed."""
         removed: list[str] = []
+        for d in (self.records, self.disks, self.sources):   # write_atomically's and the disk writer's temp files
+            for temp in _listdir(d):
+                if abandoned_temp(temp):   # never one still being written: a disk being built, say
+                    temp.unlink(missing_ok=True)
+                    removed.append(f"partial write {temp.name}")
         records = {r.hex: r for r in self.list_records()}
         live_disks: set[str] = set()
         for record in records.values():
@@ -310,13 +317,15 @@ class Store:
                         removed.append(f"blob sha512-{blob.name}")
         for disk in _listdir(self.disks):
             key = disk.name.removesuffix(".iso")
-            if key not in live_disks:
+            if key not in live_disks and abandoned_temp(disk) is None:
                 with locks.try_exclusive(self.use_file(key)) as free:
                     if free:
                         disk.unlink(missing_ok=True)
                         removed.append(f"rootfs disk {disk.name}")
         for stamp_file in _listdir(self.sources):
             stamp = index.read_stamp(stamp_file)
+            if abandoned_temp(stamp_file) is not None:
+                continue
             if stamp is None or stamp.image_id.removeprefix("sha512-") not in records:
                 stamp_file.unlink(missing_ok=True)
         for tmp in _listdir(self.tmp):
