@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpod import config as settings
-from kvmpod import paths
+from kvmpod import faults, paths
 from kvmpod.errors import ConfigError, KvmpodError, VMError
 from kvmpod.fsutil import pid_alive
 from kvmpod.vm.config import VMConfig
@@ -229,7 +229,8 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(mode=0o700)
     paths.runtime_dir().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="snapshot-", dir=paths.runtime_dir()))
+    # the maker's pid in the name: `kvmpod gc` removes the work directory of a maker that was killed
+    work = Path(tempfile.mkdtemp(prefix=f"snapshot-{os.getpid()}-", dir=paths.runtime_dir()))
     vm = None
     own = None
     try:
@@ -250,6 +251,7 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
             session = AgentSession(*channel)
             await asyncio.wait_for(session.handshake(), timeout)
             await asyncio.wait_for(session.prepare_snapshot([d.serial for d in config.disks]), timeout)
+            faults.at("snapshot", vm.pid)
             await asyncio.wait_for(vm.save_snapshot(stage / "state"), timeout)
         except asyncio.TimeoutError as cause:
             raise VMError(f"making a boot snapshot took longer than {timeout:.0f} s") from cause
@@ -307,14 +309,32 @@ def evict(keep: int, keep_key: str | None = None) -> list[str]:
         entries = [e for e in os.scandir(root) if e.is_dir() and "." not in e.name]
     except FileNotFoundError:
         return []
-    for entry in entries_named(root, ".new-"):  # stages of makers that died
-        if not pid_alive(int(entry.name.rsplit("-", 1)[1])):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    sweep_makers()
     entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
     removed = []
     for entry in entries[keep:]:
         if entry.name != keep_key and _remove(entry.name, wait=False):
             removed.append(entry.name)
+    return removed
+
+
+def sweep_makers() -> list[str]:
+    """What boot snapshot makers that were killed left: their stages (<key>.new-<pid>, a guest's RAM each)
+    and their work directories in the runtime dir (snapshot-<pid>-*). Returns the paths removed; those of
+    a maker still running stay (`kvmpod gc` and every eviction call this)."""
+    removed = []
+    candidates: list[tuple[os.DirEntry, int]] = []
+    with contextlib.suppress(FileNotFoundError):
+        candidates += [(e, int(e.name.rsplit("-", 1)[1])) for e in entries_named(snapshots_dir(), ".new-")]
+    with contextlib.suppress(FileNotFoundError):
+        for e in os.scandir(paths.runtime_dir()):
+            word = e.name.split("-")[1] if e.name.startswith("snapshot-") and e.name.count("-") >= 2 else ""
+            if word.isdigit() and e.is_dir(follow_symlinks=False):
+                candidates.append((e, int(word)))
+    for entry, pid in candidates:
+        if not pid_alive(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
     return removed
 
 

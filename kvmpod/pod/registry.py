@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmpod import paths
+from kvmpod.boot import snapshot
 from kvmpod.errors import KvmpodError, UsageError
 from kvmpod.net import bridge
 from kvmpod.net.attach import release
@@ -147,6 +148,7 @@ def gc(grace_period: float = 0.0) -> list[str]:
             continue
         removed.append(pod.uuid)
     remove_stale()   # vsock CID lock files no live pod holds (docs/vsock.md)
+    snapshot.sweep_makers()   # what a boot snapshot maker killed mid-way left: its stage, its work directory
     sweep_cgroups()
     if os.geteuid() == 0:   # port forwards a killed kvmpod made but had not recorded yet
         try:

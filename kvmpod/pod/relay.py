@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from kvmpod import resources
+from kvmpod import faults, resources
 from kvmpod.config import lookup
 from kvmpod.errors import ConfigError
 from kvmpod.pod.handover import RelayState, encode_record, memfd
@@ -145,6 +145,7 @@ def _exec(runner: Relayable, relay: Path, state: RelayState, unread: bytes) -> b
             handler.flush()
         for fd in inherited:
             os.set_inheritable(fd, True)
+        faults.at("relay", qemu.pid)
         signal.pthread_sigmask(signal.SIG_BLOCK, POD_SIGNALS)
         try:
             os.execv(relay, argv)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
+from kvmpod import faults
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, Hello, OutputSink, ProcessSpec
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, RunTimeout, VMError
 from kvmpod.net.attach import PodNetwork
@@ -178,6 +179,8 @@ class PodRunner:
                                keep_etc=app.extras.keep_etc, rlimits=app.extras.rlimits,
                                oom_score_adj=app.extras.oom_score_adj, exec_path=app.extras.exec_path_lookup)
             self.processes.append(await self._until(session.start(spec, *sinks[app.name])))
+            if i == 0:
+                faults.at("app-start", self.vm.pid)
         self.timings["apps_started"] = time.time()
         if self.options.timeout is not None:   # counted from here: the boot has --boot-timeout
             self._timeout = asyncio.get_running_loop().call_later(self.options.timeout, self._timed_out)
@@ -310,9 +313,12 @@ class PodRunner:
         try:
             return await self._start_vm()
         except (VMError, AgentError) as e:
-            over_limit = self.vm.pid is not None and self.vm.ended.done() and self.vm.ended.result().over_limit
-            if self.restore is None or self.cold_vm is None or self.stop_reason is not None or over_limit:
-                raise  # (a VM OOM-killed in its cgroup would be again: the snapshot is not to blame)
+            vm_exit = self.vm.ended.result() if self.vm.pid is not None and self.vm.ended.done() else None
+            # a VM OOM-killed in its cgroup would be again, and one SIGKILLed from outside was: neither
+            # is the snapshot's fault, which stays for the next pod (tests/e2e/test_faults.py)
+            not_its_fault = vm_exit is not None and (vm_exit.over_limit or vm_exit.returncode == -signal.SIGKILL)
+            if self.restore is None or self.cold_vm is None or self.stop_reason is not None or not_its_fault:
+                raise
             failed, self.restore = self.restore, None
             failed.use.discard()
             if self.session:
@@ -321,7 +327,8 @@ class PodRunner:
             if self.vm.pid is not None:
                 with contextlib.suppress(KvmpodError):
                     await self.vm.stop(grace=0)
-            notice(f"boot snapshot {failed.snapshot.key} did not restore ({e}): booting cold")
+            why = e.args[0].describe() if isinstance(e, GuestDied) else str(e)   # GuestDied carries a VMExit
+            notice(f"boot snapshot {failed.snapshot.key} did not restore ({why}): booting cold")
             self.vm = self.cold_vm()
             return await self._start_vm()
 
@@ -340,6 +347,7 @@ class PodRunner:
                         **({"snapshot": self.restore.snapshot.key} if self.restore else {}),
                         **getattr(self.vm, "transport_info", {}))
         self.session = AgentSession(*channel, on_log=self.agent_log)
+        faults.at("handshake", self.vm.pid)
         if self.restore:
             await self._until(self.session.thaw(self.hostname))
         return await self._until(self.session.handshake(), self.options.boot_timeout,
@@ -600,6 +608,7 @@ class PodRunner:
             await self._stop_fs_daemons()
             await self._close_local()
             return  # QEMU never started: nothing else to stop
+        faults.at("teardown", self.vm.pid)
         try:
             # the guest writes through to the host only on host volumes: without them there is nothing
             # to sync or unmount, and QEMU can be told to quit at once

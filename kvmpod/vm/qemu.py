@@ -98,7 +98,9 @@ class QemuVM(VMBackend):
             self._popen, self.config = self._spawned.process, self._spawned.config
         self._remember_sockets()
         spawned = self._spawned
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # its errors surface as ours
+        # its errors surface as ours; and a connect cancelled because QEMU died meanwhile trips an assertion
+        # in its cleanup, logged as CRITICAL with a traceback (tests/e2e/test_faults.py: kill-qemu at spawn)
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)
         loop = asyncio.get_running_loop()
         self._watch()
         self._qmp = QMPClient(self.config.name)
@@ -224,14 +226,19 @@ class QemuVM(VMBackend):
         """Write the guest's device state to `state`; the guest is stopped after. Guest RAM is not
         written: it already is the shared memory file (config.memory_file_shared), which x-ignore-shared
         leaves out."""
+        from qemu.qmp import QMPError
+
         if self._qmp is None:
             raise VMError("VM was never started")
         # no `stop` first: QEMU stops the guest itself to save the devices, and a state saved running
         # is one QEMU resumes on its own once loaded (the agent is idle, waiting for THAW, meanwhile)
-        await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]})
-        await self._pass_file(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "snapshot")
-        await self._migrate("migrate", "saving the VM")
+        try:
+            await self._qmp.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]})
+            await self._pass_file(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "snapshot")
+            await self._migrate("migrate", "saving the VM")
+        except QMPError as e:   # QEMU died meanwhile (ExecInterruptedError): the maker reports it as its failure
+            raise VMError(f"saving the VM: {e or type(e).__name__}") from e
 
     def _start_vsock(self) -> None:
         """Allocate the guest's CID; for vsock-user, listen for QEMU's vhost-user connection."""

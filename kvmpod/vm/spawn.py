@@ -20,6 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmpod import faults
 from kvmpod.errors import VMError
 from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.cgroup import join as join_cgroup
@@ -150,6 +151,7 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
     finally:
         for fd in theirs:
             os.close(fd)
+    faults.at("spawn", process.pid)
     return SpawnedQemu(process, config, ours.get("qmp"), ours.get("agent"), ours.get("restore_monitor"), cgroup)
 
 
