@@ -96,3 +96,26 @@ def audit_log() -> Path:
         return Path("/var/log/kvmpod/audit.log")
     xdg = os.environ.get("XDG_STATE_HOME")
     return (Path(xdg) if xdg else _home() / ".local" / "state") / "kvmpod" / "audit.log"
+
+
+def trust_dir() -> Path:
+    """Where `kvmpod trust` writes keys (kvmpod/image/trust.py): /etc/kvmpod/trust for root, the user's
+    config dir otherwise; KVMPOD_TRUST_DIR overrides it (tests, packagers)."""
+    if env := os.environ.get("KVMPOD_TRUST_DIR"):
+        return Path(env)
+    if _is_root():
+        return SYSTEM_TRUST_DIR
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else _home() / ".config") / "kvmpod" / "trust"
+
+
+SYSTEM_TRUST_DIR = Path("/etc/kvmpod/trust")
+
+
+def trust_dirs() -> list[Path]:
+    """Every trust store the signature policy reads: the administrator's and, for a user, their own
+    (KVMPOD_TRUST_DIR alone when set)."""
+    mine = trust_dir()
+    if os.environ.get("KVMPOD_TRUST_DIR") or mine == SYSTEM_TRUST_DIR:
+        return [mine]
+    return [SYSTEM_TRUST_DIR, mine]

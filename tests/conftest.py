@@ -40,6 +40,13 @@ def kvmpod_dirs(tmp_path_factory) -> dict[str, str]:
     assert left == [], f"the test session's cgroups outlived it: {left}"
 
 
+@pytest.fixture(autouse=True)
+def no_machine_trust_store(monkeypatch, tmp_path_factory) -> None:
+    """No test sees this machine's trust store (/etc/kvmpod/trust, kvmpod/image/trust.py): its keys would
+    put the signature policy on images the test did not sign. Tests of the policy make their own."""
+    monkeypatch.setenv("KVMPOD_TRUST_DIR", str(tmp_path_factory.getbasetemp() / "no-trust-store"))
+
+
 @pytest.fixture
 def kvmpod_env(kvmpod_dirs, monkeypatch) -> dict[str, str]:
     for k, v in kvmpod_dirs.items():

@@ -32,13 +32,15 @@ from kvmpod.fsutil import abandoned_temp, pid_alive
 from kvmpod.image.aci import check_aci
 from kvmpod.image.archive import decompress_to
 from kvmpod.image.limits import ImportLimits, human_size
-from kvmpod.image.signature import SIGNATURE_SUFFIX, UNVERIFIED, check_signature, signature_path
+from kvmpod.image.signature import (SIGNATURE_SUFFIX, UNVERIFIED, SignatureCheck, admit, check_signature,
+                                    signature_path)
 from kvmpod.image.transfer import Transfer
-from kvmpod.image.manifest import parse_manifest
+from kvmpod.image.manifest import ImageManifest, parse_manifest
 from kvmpod.progress import progress
 from kvmpod.store import index, locks
 from kvmpod.store.index import SIGNATURE_NOT_CHECKED, ImageRecord, SourceStamp
-from kvmpod.store.refs import FileRef, IdRef, NameRef, OciRef, UrlRef, parse_image_ref
+from kvmpod.store.layers import LOCK_KEY as LAYERS_LOCK_KEY, LayerCache
+from kvmpod.store.refs import DockerRef, FileRef, IdRef, NameRef, OciRef, UrlRef, parse_image_ref
 from kvmpod.store.rootfs import build_rootfs_disk, disk_key, resolve_chain
 from kvmpod.store.stored import StoredImage
 
@@ -62,6 +64,7 @@ class Store:
         self.sources = self.root / "sources"
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
+        self.layer_cache = LayerCache(self.root)  # blobs pulled from registries (kvmpod/store/layers.py)
 
     @property
     def limits(self) -> ImportLimits:
@@ -102,14 +105,36 @@ class Store:
             return self.import_url(ref.url)
         if isinstance(ref, OciRef):
             return self.import_oci(ref.text)
-        raise ImageError(f"{text}: not a file, URL or docker-archive:/oci-archive:/oci: source")
+        if isinstance(ref, DockerRef):
+            return self.import_docker(ref.reference)
+        if isinstance(ref, NameRef):
+            return self.find_or_discover(ref)
+        raise ImageError(f"{text}: not a file, URL, image name or docker-archive:/oci-archive:/oci: source")
 
     def resolve(self, text: str) -> StoredImage:
-        """`kvmpod run IMAGE`: anything parse_image_ref accepts; store names and IDs must be in the store."""
+        """`kvmpod run IMAGE`: anything parse_image_ref accepts; an ID must be in the store, a name is
+        discovered (spec/discovery.md) when it is not."""
         ref = parse_image_ref(text)
-        if isinstance(ref, (IdRef, NameRef)):
-            return self.find(ref)
+        if isinstance(ref, IdRef):
+            return self._admitted(self.find(ref), text)
+        if isinstance(ref, NameRef):
+            return self.find_or_discover(ref)
         return self.import_ref(text)
+
+    def find_or_discover(self, ref: NameRef) -> StoredImage:
+        """The newest stored image of this name and labels, else the one appc discovery finds."""
+        try:
+            record = self.find_record(ref)
+        except ImageError:
+            return self.import_discovered(ref)
+        return self._admitted(self._image(record), str(ref))
+
+    def _admitted(self, image: StoredImage, shown: str) -> StoredImage:
+        """A stored image, if the signature policy lets it run now (its recorded signature status)."""
+        check = admit(image.manifest.name, SignatureCheck(image.signature), shown, self.transfer.insecure.image)
+        if check.notice:
+            self.notify(check.notice)
+        return image
 
     def import_aci(self, path: Path) -> StoredImage:
         """Store the ACI at `path` (any supported compression) and return it with its parsed manifest.
@@ -121,11 +146,12 @@ class Store:
         signature = signature_path(path)
         if cached := self._cached_source(source, path, signature):
             return cached
-        check = check_signature(path, signature, str(path))  # before any work: a bad signature stops here
+        # before any work: a bad signature stops here (the policy, which needs the name, comes later)
+        check = check_signature(path, signature, str(path), self.transfer.insecure.image)
         with self.temp_file("import", ".tar") as tmp:
             with tmp.open("wb") as dest, progress(f"importing {path.name}", path.stat().st_size) as advance:
                 image_id = decompress_to(path, dest, self.limits, advance)
-            image = self._store_tar(tmp, image_id, path, source, check.status)
+            image = self._store_tar(tmp, image_id, path, source, check.status, check=check)
         if check.notice:
             self.notify(check.notice)
         self._remember_source(source, path, image.id, signature)
@@ -137,18 +163,56 @@ class Store:
         with self.temp_file("download") as tmp, self.temp_file("download", SIGNATURE_SUFFIX) as sig:
             download(url, tmp, self.limits, transfer=self.transfer)
             signed = download(url + SIGNATURE_SUFFIX, sig, self.limits, missing_ok=True, transfer=self.transfer)
-            check = check_signature(tmp, sig if signed else None, url)
+            check = check_signature(tmp, sig if signed else None, url, self.transfer.insecure.image)
             with self.temp_file("import", ".tar") as tar, tar.open("wb") as dest:
                 image_id = decompress_to(tmp, dest, self.limits)
                 dest.close()
-                image = self._store_tar(tar, image_id, Path(url), url, check.status)
+                image = self._store_tar(tar, image_id, Path(url), url, check.status, check=check)
+        if check.notice:
+            self.notify(check.notice)
+        return image
+
+    def import_discovered(self, ref: NameRef) -> StoredImage:
+        """appc discovery (kvmpod/image/discovery.py): find the ACI and its signature by name, download,
+        verify, import; the manifest must have the name and labels asked for (spec/discovery.md)."""
+        from kvmpod.image.discovery import discover, host_labels
+        from kvmpod.image.fetch import download
+
+        labels = {**host_labels(), **ref.labels}
+        try:
+            found = discover(ref.name, labels, self.transfer)
+        except ImageError as e:
+            raise ImageError(f"{ref}: no such image in the store, and appc discovery failed: {e}") from e
+        hint = ", ".join(found.pubkeys)
+        for url in (found.aci, found.signature):
+            self.transfer.check_url(url)
+        with self.temp_file("download", ".aci") as tmp, self.temp_file("download", SIGNATURE_SUFFIX) as sig:
+            if not download(found.aci, tmp, self.limits, missing_ok=True, transfer=self.transfer):
+                raise ImageError(f"{ref}: {found.aci}: HTTP 404 Not Found (found by {found.how})")
+            signed = download(found.signature, sig, self.limits, missing_ok=True, transfer=self.transfer)
+            check = check_signature(tmp, sig if signed else None, found.aci, self.transfer.insecure.image)
+
+            def expect(manifest: ImageManifest) -> None:
+                # a label asked for must be there with that value; os/arch (ours) must match where given
+                asked = {k: v for k, v in labels.items() if k in ref.labels or k in manifest.labels}
+                wrong = [f"{k}={manifest.labels.get(k, '(none)')}" for k, v in asked.items()
+                         if manifest.labels.get(k) != v]
+                if manifest.name != ref.name or wrong:
+                    got = ", ".join([*([f"name {manifest.name}"] if manifest.name != ref.name else []), *wrong])
+                    raise ImageError(f"{found.aci}: discovered for {ref} but its manifest says {got}: refused")
+
+            with self.temp_file("import", ".tar") as tar, tar.open("wb") as dest:
+                image_id = decompress_to(tmp, dest, self.limits)
+                dest.close()
+                image = self._store_tar(tar, image_id, Path(found.aci), found.aci, check.status, check=check,
+                                        expect=expect, hint=hint)
         if check.notice:
             self.notify(check.notice)
         return image
 
     def import_oci(self, text: str) -> StoredImage:
         """Convert a Docker/OCI image to an ACI and store it; an unchanged source is not converted again."""
-        from kvmpod.image.oci import convert, parse_reference  # the converter's modules: only for such sources
+        from kvmpod.image.oci import parse_reference  # the converter's modules: only for such sources
 
         ref = parse_reference(text)
         if ref is None:
@@ -158,29 +222,84 @@ class Store:
         stamp_path = source_path / "index.json" if source_path.is_dir() else source_path
         if cached := self._cached_source(source, stamp_path):
             return cached
-        with self.temp_file("convert") as work_file, self.temp_file("import", ".tar") as tmp:
-            work_file.unlink()
-            work_file.mkdir()
-            try:
-                digest = hashlib.sha512()
-                with tmp.open("wb") as raw:
-                    # the tar writer needs only write() and flush(), which _HashingWriter has
-                    out = cast(BinaryIO, _HashingWriter(raw, digest, self.limits.max_size, text))
-                    with progress(f"converting {source_path.name}", None) as advance:
-                        convert(ref, out, tmp_dir=work_file, progress=advance, limits=self.limits)
-                image = self._store_tar(tmp, "sha512-" + digest.hexdigest(), Path(text), source,
-                                        SIGNATURE_NOT_CHECKED)
-            finally:
-                shutil.rmtree(work_file, ignore_errors=True)
+        with self.temp_dir("convert") as work:
+            image = self._convert_oci(ref, work, text, source_path.name, source)
         self._remember_source(source, stamp_path, image.id)
         return image
 
-    def _store_tar(self, tmp: Path, image_id: str, shown_as: Path, source: str, signature: str) -> StoredImage:
-        """Check the uncompressed ACI tar `tmp` and move it into the store under `image_id`."""
+    def import_docker(self, ref: DockerReference) -> StoredImage:
+        """Pull a `docker://` image from its registry, convert it like an `oci:` layout, store it.
+
+        The manifest is always asked for (a tag moves); blobs already in the layer cache are not
+        downloaded again, and an image already converted from the same manifest is not converted
+        again (its stamp is on the cached manifest). The record's source is the reference with the
+        digest it resolved to. Nothing reaches the layer cache before the image is stored."""
+        from kvmpod.image.oci import OciReference
+        from kvmpod.image.registry.client import RegistryClient  # urllib, ssl: only for a pull
+        from kvmpod.image.registry.pull import resolve, write_layout
+
+        self._ensure_dirs()
+        client = RegistryClient(ref, self.transfer, self.limits)
+        with locks.SharedLocks() as pulling:
+            pulling.add(self.use_file(LAYERS_LOCK_KEY))  # `image gc` leaves the layer cache alone meanwhile
+            resolved = resolve(client, self.layer_cache.find)
+            source = ref.resolved(resolved.top_digest)
+            stamp_path = self.layer_cache.path(resolved.manifest.digest)
+            if cached := self._cached_source(source, stamp_path):
+                return cached
+            with self.temp_dir("pull") as work:
+                (work / "layout").mkdir()
+                layout = write_layout(client, resolved, work / "layout", self.layer_cache.find)
+                image = self._convert_oci(OciReference("oci", layout.path, layout.tag), work, str(ref), str(ref),
+                                          source, shown=str(ref))
+                self.layer_cache.adopt(layout.path, layout.blobs)
+            self._remember_source(source, stamp_path, image.id)
+        return image
+
+    @contextmanager
+    def temp_dir(self, what: str) -> Iterator[Path]:
+        """A directory in tmp/ removed with everything in it on the way out (named like temp_file's)."""
+        with self.temp_file(what) as path:
+            path.unlink()
+            path.mkdir()
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _convert_oci(self, ref: OciReference, work: Path, text: str, label: str, source: str,
+                     shown: str | None = None) -> StoredImage:
+        """Convert the Docker/OCI image `ref` (temporary files in `work`) and store the ACI."""
+        from kvmpod.image.oci import convert
+
+        with self.temp_file("import", ".tar") as tmp:
+            digest = hashlib.sha512()
+            with tmp.open("wb") as raw:
+                # the tar writer needs only write() and flush(), which _HashingWriter has
+                out = cast(BinaryIO, _HashingWriter(raw, digest, self.limits.max_size, text))
+                with progress(f"converting {label}", None) as advance:
+                    convert(ref, out, tmp_dir=work, progress=advance, limits=self.limits, shown=shown)
+            return self._store_tar(tmp, "sha512-" + digest.hexdigest(), Path(text), source, SIGNATURE_NOT_CHECKED)
+
+    def _store_tar(self, tmp: Path, image_id: str, shown_as: Path, source: str, signature: str,
+                   check: SignatureCheck | None = None, expect: Callable[[ImageManifest], None] | None = None,
+                   hint: str = "") -> StoredImage:
+        """Check the uncompressed ACI tar `tmp` and move it into the store under `image_id`, if the
+        signature policy admits its name with this signature (`check`, else the status `signature`)."""
+
+        def admitted(manifest: ImageManifest) -> None:
+            if expect is not None:
+                expect(manifest)
+            given = check or SignatureCheck(signature)
+            outcome = admit(manifest.name, given, str(shown_as), self.transfer.insecure.image, hint)
+            if outcome.notice and outcome is not given:
+                self.notify(outcome.notice)
+
         faults.at("import")
         hex_id = image_id.removeprefix("sha512-")
         record_path = self.records / f"{hex_id}.json"
         if (existing := index.read_record(record_path)) and (self.blobs / hex_id).is_file():
+            admitted(self._image(existing).manifest)
             if _signature_rank(signature) > _signature_rank(existing.signature):  # e.g. now verified
                 existing = dataclasses.replace(existing, signature=signature)
                 with locks.exclusive(self.lock_file(hex_id)):
@@ -191,6 +310,7 @@ class Store:
             manifest = parse_manifest(raw_manifest)
         except ManifestError as e:
             raise ManifestError(f"{shown_as}: {e}") from e
+        admitted(manifest)
         blob = self.blobs / hex_id
         with locks.exclusive(self.lock_file(hex_id)):
             if not blob.is_file():
@@ -219,9 +339,10 @@ class Store:
             if (sig_stamp is None) != (sig_now is None) or (sig_stamp and sig_now and not sig_stamp.same_file(sig_now)):
                 return None
         try:
-            return self.get(stamp.image_id)
+            image = self.get(stamp.image_id)
         except ImageError:
             return None  # removed since: import again
+        return self._admitted(image, source)
 
     def _remember_source(self, source: str, path: Path, image_id: str, signature: Path | None = None) -> None:
         if stamp := SourceStamp.of(source, path, image_id):
@@ -333,9 +454,12 @@ class Store:
             if m is None or not pid_alive(int(m.group("pid"))):
                 shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
                 removed.append(f"temporary file {tmp.name}")
+        with locks.try_exclusive(self.use_file(LAYERS_LOCK_KEY)) as no_pull:
+            if no_pull:  # else a pull is running: its blobs are not referenced yet
+                removed += self.layer_cache.sweep(records.values())
         for lock in _listdir(self.locks):
             key = lock.name.rsplit(".", 1)[0]
-            if key not in records and key not in live_disks:
+            if key not in records and key not in live_disks and key != LAYERS_LOCK_KEY:
                 with locks.try_exclusive(lock) as free:
                     if free:
                         lock.unlink(missing_ok=True)
