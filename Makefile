@@ -13,7 +13,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 libcap-ng-dev libattr1-dev libseccomp-dev \
                 python3-build help2man zsh \
                 podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux \
-                docker-registry skopeo
+                docker-registry skopeo openssl
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean
