@@ -216,6 +216,14 @@ def build_parser() -> KvmpodParser:
     setup.add_argument("--list-packages", action="store_true",
                        help="print the Debian packages the steps need, on one line, and build nothing")
     setup.set_defaults(func="setup:cmd_setup")
+    doctor = sub.add_parser("doctor", help="what this host offers and what kvmpod will do with it (boots nothing)",
+                            description="One line per check with its reason: the accelerator (real, nested or "
+                                        "PVM-only KVM, else TCG), vhost-vsock, vhost-net, tun, virtiofsd, nftables, "
+                                        "CNI, cgroups, user namespaces, root, the guest kernel and QEMU kvmpod "
+                                        "would pick, its directories and their free space. Exit status 0 when "
+                                        "pods can run, 1 (with the blocking lines) otherwise (docs/ci.md).")
+    doctor.add_argument("--json", action="store_true", help="the same as JSON")
+    doctor.set_defaults(func="doctor:cmd_doctor")
     completion = sub.add_parser("completion", help="print the shell completion script (bash or zsh)",
                                 description="Print a completion script for SHELL, e.g. "
                                             "`kvmpod completion bash > /etc/bash_completion.d/kvmpod`.")

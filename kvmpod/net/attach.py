@@ -134,8 +134,12 @@ def hosts_entries(request: NetRequest) -> list[str]:
     return entries
 
 
-def _vhost_net() -> bool:
-    return os.access("/dev/vhost-net", os.R_OK | os.W_OK)
+VHOST_NET = Path("/dev/vhost-net")
+
+
+def vhost_net_usable(device: Path = VHOST_NET) -> bool:
+    """Tap NICs get in-kernel virtio-net (vhost=on) where this user may open /dev/vhost-net."""
+    return os.access(device, os.R_OK | os.W_OK)
 
 
 def needs_netlink(request: NetRequest) -> bool:
@@ -153,7 +157,7 @@ class PodNetwork:
     guest: GuestNetwork = field(default_factory=GuestNetwork)
 
     def nics(self) -> list[Nic]:
-        vhost = _vhost_net()
+        vhost = vhost_net_usable()
         return [Nic(a.interface.mac, a.tap_fd, a.user_options, vhost=vhost and a.tap_fd is not None)
                 for a in self.attachments]
 

@@ -51,8 +51,13 @@ table ip {TABLE} {{
 """
 
 
+def nft_binary() -> str:
+    """The `nft` tool kvmpod runs (/usr/sbin is not on every user's PATH)."""
+    return shutil.which("nft") or "/usr/sbin/nft"
+
+
 def _nft(script: str, what: str) -> None:
-    binary = shutil.which("nft") or "/usr/sbin/nft"
+    binary = nft_binary()
     try:
         out = subprocess.run([binary, "-f", "-"], input=script.encode(), capture_output=True, timeout=30)
     except FileNotFoundError as e:
@@ -63,7 +68,7 @@ def _nft(script: str, what: str) -> None:
 
 
 def table_exists() -> bool:
-    binary = shutil.which("nft") or "/usr/sbin/nft"
+    binary = nft_binary()
     try:
         return subprocess.run([binary, "list", "table", "ip", TABLE], capture_output=True, timeout=30).returncode == 0
     except FileNotFoundError:

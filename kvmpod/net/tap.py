@@ -34,11 +34,19 @@ def open_tap(name: str, netns: Path | None = None) -> int:
     return in_netns(netns, lambda: _make_tap(name))
 
 
-def _make_tap(name: str) -> int:
+TUN = Path("/dev/net/tun")
+
+
+def open_tun(device: Path = TUN) -> int:
+    """An fd of /dev/net/tun, not yet a tap (`kvmpod doctor` opens and closes one)."""
     try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        return os.open(device, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        raise NetworkError(f"/dev/net/tun: {e.strerror} (taps need root or CAP_NET_ADMIN; --net user needs neither)") from e
+        raise NetworkError(f"{device}: {e.strerror} (taps need root or CAP_NET_ADMIN; --net user needs neither)") from e
+
+
+def _make_tap(name: str) -> int:
+    fd = open_tun()
     try:
         fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
     except OSError as e:

@@ -239,9 +239,10 @@ def detect(mountinfo: str, proc_cgroup: str) -> Layout:
     return Layout(tuple(hierarchies))
 
 
-def host_layout() -> Layout:
+def host_layout(root: Path = Path("/")) -> Layout:
+    """This host's layout (`root`: another tree's /proc/self files, for `kvmpod doctor`'s fixture hosts)."""
     try:
-        return detect(Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text())
+        return detect((root / "proc/self/mountinfo").read_text(), (root / "proc/self/cgroup").read_text())
     except OSError:
         return Layout(())
 
@@ -474,6 +475,26 @@ def _enable(directory: Path, controllers: list[str], missing: dict[str, str]) ->
     return [c for c in controllers if c in enabled]
 
 
+def placement(layout: Layout) -> tuple[dict[Hierarchy, tuple[Path, list[str]]], dict[str, str]]:
+    """Where a VM's cgroup would go: per hierarchy, the directory kvmpod may write under
+    (base_directory) and the controllers it would use there; and why each of the others cannot be
+    used. `create` makes the cgroup there, `kvmpod doctor` reports it."""
+    where: dict[Hierarchy, tuple[Path, list[str]]] = {}
+    missing: dict[str, str] = {}
+    for c in CONTROLLERS:
+        h = layout.place(c)
+        if h is None:
+            missing[c] = "not mounted"
+        elif h in where:
+            where[h][1].append(c)
+        elif (base := base_directory(h)) is not None:
+            where[h] = (base, [c])
+        else:
+            missing[c] = (f"not root, and no cgroup is delegated to uid {os.geteuid()}" if os.geteuid()
+                          else f"{h.mount} is not writable")
+    return where, missing
+
+
 def create(leaf: str, limits: CgroupLimits, layout: Layout | None = None,
            parent: str | None = None) -> tuple[Cgroup | None, str]:
     """Make the cgroup `<parent>/<leaf>` in every hierarchy that has one of CONTROLLERS, with `limits`
@@ -482,24 +503,11 @@ def create(leaf: str, limits: CgroupLimits, layout: Layout | None = None,
     of it stays behind."""
     layout = layout or host_layout()
     parent = parent or parent_name()
-    where: dict[Hierarchy, list[str]] = {}
-    missing: dict[str, str] = {}
-    for c in CONTROLLERS:
-        h = layout.place(c)
-        if h is None:
-            missing[c] = "not mounted"
-        else:
-            where.setdefault(h, []).append(c)
+    where, missing = placement(layout)
     made: list[CgroupDir] = []
     name = ""
     try:
-        for h, controllers in where.items():
-            base = base_directory(h)
-            if base is None:
-                why = (f"not root, and no cgroup is delegated to uid {os.geteuid()}" if os.geteuid()
-                       else f"{h.mount} is not writable")
-                missing.update({c: why for c in controllers})
-                continue
+        for h, (base, controllers) in where.items():
             if d := _make(h, base, parent, leaf, controllers, limits, missing):
                 made.append(d)
                 name = name or h.name(d.path)

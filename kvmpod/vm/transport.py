@@ -69,9 +69,11 @@ def kernel_vsock_missing(kernel: GuestKernel) -> str | None:
     return f"the guest kernel {kernel.image.name} has no virtio-vsock (CONFIG_VIRTIO_VSOCKETS)"
 
 
-def choose_transport(requested: str, kernel: GuestKernel, snapshot: bool = False) -> AgentTransport:
+def choose_transport(requested: str, kernel: GuestKernel, snapshot: bool = False,
+                     device: Path = VHOST_VSOCK_DEV) -> AgentTransport:
     """`snapshot`: the pod may start from a boot snapshot, which only the serial port survives; auto
-    then takes it (a pod that needs vsock asks for it, and boots cold)."""
+    then takes it (a pod that needs vsock asks for it, and boots cold). `device`: /dev/vhost-vsock
+    (another path only for `kvmpod doctor`'s fixture hosts)."""
     if requested not in CHOICES:
         raise VMError(f"unknown agent transport {requested!r} (choose from {', '.join(CHOICES)})")
     if requested == SERIAL:
@@ -84,9 +86,9 @@ def choose_transport(requested: str, kernel: GuestKernel, snapshot: bool = False
         raise VMError(f"--agent-transport {requested}: {missing}")
     if requested == VSOCK_USER:
         return AgentTransport(VSOCK_USER, "asked for")
-    why_not = vhost_vsock_unusable()
+    why_not = vhost_vsock_unusable(device)
     if why_not is None:
-        return AgentTransport(VHOST_VSOCK, f"{VHOST_VSOCK_DEV} is usable")
+        return AgentTransport(VHOST_VSOCK, f"{device} is usable")
     if requested == VHOST_VSOCK:
         raise VMError(f"--agent-transport vhost-vsock: {why_not}")
     return AgentTransport(VSOCK_USER, f"{why_not}: kvmpod's userspace vsock backend")
