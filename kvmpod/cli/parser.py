@@ -147,7 +147,9 @@ def build_parser() -> KvmpodParser:
 
     fetch = sub.add_parser("fetch", help="import images into the store and print their IDs",
                            description="Import each SOURCE (an ACI file or http(s) URL, docker-archive:FILE, "
-                                       "oci-archive:FILE or oci:DIR[:TAG]) and print its image ID.")
+                                       "oci-archive:FILE or oci:DIR[:TAG], or an image name NAME[:VERSION] "
+                                       "found by appc discovery unless it is in the store) and print its "
+                                       "image ID.")
     fetch.add_argument("sources", nargs="+", metavar="SOURCE")
     _transfer_flags(fetch)
     fetch.set_defaults(func="images:cmd_fetch")
@@ -200,6 +202,23 @@ def build_parser() -> KvmpodParser:
                       help="also fix what loses nothing not lost already: orphans, leftovers, damaged disks")
     fsck.set_defaults(func="images:cmd_image_fsck")
     image.set_defaults(func="images:cmd_image_help", help_parser=image)
+
+    trust = sub.add_parser(
+        "trust", help="trust keys to sign images under a name prefix (rkt trust)",
+        usage="kvmpod trust --prefix PREFIX [KEYFILE|URL...] | --root KEYFILE... | list [--json] | rm FINGERPRINT",
+        description="Store public keys (armored or binary) trusted to sign images whose names fall under "
+                    "PREFIX, or every image (--root); without key files the prefix's keys are found by appc "
+                    "discovery (ac-discovery-pubkeys). Each key's fingerprint is shown and confirmed on a "
+                    "terminal. Expired and revoked keys are refused. Keys live in /etc/kvmpod/trust (root) "
+                    "or ~/.config/kvmpod/trust (docs/store.md, \"Trust\").")
+    trust.add_argument("--prefix", metavar="PREFIX", help="trust the keys for images named PREFIX or PREFIX/...")
+    trust.add_argument("--root", action="store_true", help="trust the keys for every image")
+    trust.add_argument("--skip-fingerprint-review", action="store_true",
+                       help="store the keys without asking (for scripts that checked the fingerprints)")
+    trust.add_argument("--json", action="store_true", help="trust list: as JSON")
+    _transfer_flags(trust)
+    trust.add_argument("words", nargs="*", metavar="KEYFILE", help="key files or https URLs; or list, rm FINGERPRINT")
+    trust.set_defaults(func="trust:cmd_trust")
 
     setup = sub.add_parser("setup", help="build what is per machine: the guest kernels and kvmpod's QEMU",
                            description="Build (or fetch) into the cache what kvmpod builds per machine: the "
