@@ -16,7 +16,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 docker-registry skopeo openssl
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean
+.PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean vagrant-deps
 
 # The per-machine builds are `kvmpod setup`'s (kvmpod/provision.py): the same path as for an installed kvmpod.
 setup: deps venv bytecode agent
@@ -83,7 +83,13 @@ demo: $(BUILD)/busybox.aci
 stage1: venv
 	$(VPY) -m kvmpod.stage1.build -o $(BUILD)/kvmpod-stage1.aci
 
-test: setup stage1
+# vagrant/ (vagrant/README.md): `make test` runs `vagrant validate` on its Vagrantfile (the boxes themselves
+# cannot be downloaded on CI machines), with Debian's vagrant and its libvirt provider plugin.
+VAGRANT_DEB_PACKAGES := vagrant vagrant-libvirt
+vagrant-deps:
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(VAGRANT_DEB_PACKAGES)'
+
+test: setup stage1 vagrant-deps
 	$(VPY) -m mypy
 	$(VPY) -m pytest $(PYTEST_ARGS) tests
 
