@@ -11,7 +11,8 @@ import pytest
 
 from kvmpod.vm import cgroup
 
-pytest_plugins = ["tests.oci_images"]  # the buildah-built busybox image fixture, for unit and e2e tests
+# the buildah-built busybox image fixture, and a registry with it pushed in, for unit and e2e tests
+pytest_plugins = ["tests.oci_images", "tests.registry_server"]
 
 REPO = Path(__file__).resolve().parent.parent
 MAKE_ROOTFS = REPO / "tests" / "make-busybox-rootfs.sh"

@@ -7,6 +7,8 @@ What is checked:
     rootfs/<key>.iso        some image's disk key (else: an orphan); an ISO 9660 volume whose recorded
                             size is the file's (a disk cut short)
     sources/<key>.json      it reads, is filed under its source's key, names a stored image
+    layers/<alg>/<hex>      blobs pulled from registries: the digest of its bytes is its name; a stored
+                            image needs it (kvmpod/store/layers.py), unless a pull is running
     tmp/, .<name>.<pid>-*.tmp   partial writes of processes that are gone
     locks/                  lock files of keys that no image or disk has
     anything else           unexpected entries
@@ -36,13 +38,14 @@ from kvmpod.errors import ImageError, KvmpodError
 from kvmpod.fsutil import abandoned_temp, pid_alive
 from kvmpod.image.manifest import parse_manifest
 from kvmpod.store import index, locks
+from kvmpod.store.layers import LOCK_KEY as LAYERS_LOCK_KEY
 from kvmpod.store.rootfs import disk_key, resolve_chain
 from kvmpod.store.store import Store
 
 HEX_ID = re.compile(r"^[0-9a-f]{128}$")
 TMP_NAME = re.compile(r"^(?P<what>[a-z]+)-(?P<pid>\d+)-")         # tmp/<what>-<pid>-<random>
 SECTOR = 2048
-TOP_LEVEL = {"blobs", "images", "rootfs", "sources", "tmp", "locks"}
+TOP_LEVEL = {"blobs", "images", "rootfs", "sources", "tmp", "locks", "layers"}
 
 
 @dataclass
@@ -97,7 +100,40 @@ class StoreCheck:
         self._check_stamps()
         self._check_tmp()
         self._check_locks()
+        self._check_layers()
         return self.problems
+
+    def _check_layers(self) -> None:
+        """The layer cache: every blob has the digest it is named by, and a stored image needs it
+        (not judged while a pull runs: its blobs are not needed by a record yet)."""
+        cache = self.store.layer_cache
+        pulls = self.store.use_file(LAYERS_LOCK_KEY)
+        live = cache.referenced(self._records().values()) if not pulls.exists() or _lock_free(pulls) else None
+        for algorithm_dir in _listdir(cache.dir):
+            if algorithm_dir.name not in ("sha256", "sha512") or not algorithm_dir.is_dir():
+                self._add(algorithm_dir, "unexpected entry in the store")
+                continue
+            for blob in _listdir(algorithm_dir):
+                digest = f"{algorithm_dir.name}:{blob.name}"
+                try:
+                    with blob.open("rb") as f:
+                        actual = hashlib.file_digest(f, algorithm_dir.name).hexdigest()
+                except FileNotFoundError:
+                    continue
+                if actual != blob.name:
+                    self._add(blob, f"pulled blob's bytes do not match its digest {digest} (the next pull "
+                                    "downloads it again)", _unlink_fix(blob, "the damaged pulled blob"))
+                elif live is not None and digest not in live:
+                    self._add(blob, "pulled blob no stored image needs", self._unneeded_blob_fix(blob, digest))
+
+    def _unneeded_blob_fix(self, blob: Path, digest: str) -> Callable[[], str | None]:
+        def fix() -> str | None:
+            with locks.try_exclusive(self.store.use_file(LAYERS_LOCK_KEY)) as no_pull:
+                if not no_pull or digest in self.store.layer_cache.referenced(self._records().values()):
+                    return None
+                blob.unlink(missing_ok=True)
+            return f"removed the pulled blob {digest}"
+        return fix
 
     def _check_records(self) -> None:
         store = self.store
@@ -240,7 +276,7 @@ class StoreCheck:
             if not dot or kind not in ("lock", "use"):
                 self._add(lock, "unexpected entry in the store")
                 continue
-            if key in records or key in live or not _lock_free(lock):
+            if key in records or key in live or key == LAYERS_LOCK_KEY or not _lock_free(lock):
                 continue
             if key not in self._records() and key not in self._live_disks():
                 self._add(lock, "lock file of no stored image or disk", self._lock_fix(lock, key))

@@ -2,7 +2,8 @@
 
 Pure parsing, no I/O beyond one stat: the store resolves the result (kvmpod/store/store.py).
 The rules, in order (docs/cli.md):
-1. `docker-archive:FILE`, `oci-archive:FILE`, `oci:DIR[:TAG]`: converted to an ACI on the fly.
+1. `docker-archive:FILE`, `oci-archive:FILE`, `oci:DIR[:TAG]`: converted to an ACI on the fly;
+   `docker://[HOST/]REPO[:TAG|@DIGEST]`: pulled from a registry, then converted.
 2. `http://…`, `https://…`: downloaded, then imported like a file.
 3. `sha512-HEX`: an image ID; 12 to 128 hex digits, a unique prefix (rkt prints 32, docker2aci 64).
 4. an existing file, or anything that looks like a path (has a '/' prefix, './' or '../', or an
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmpod.errors import UsageError
+from kvmpod.image.registry.reference import SCHEME as DOCKER_SCHEME, DockerReference, parse_docker_reference
 
 OCI_PREFIXES = ("docker-archive:", "oci-archive:", "oci:")
 MIN_ID_HEX = 12
@@ -43,6 +45,11 @@ class OciRef:
 
 
 @dataclass(frozen=True)
+class DockerRef:
+    reference: DockerReference  # kvmpod/image/registry/reference.py
+
+
+@dataclass(frozen=True)
 class IdRef:
     hex_prefix: str     # lower-case hex digits after "sha512-"
 
@@ -56,7 +63,7 @@ class NameRef:
         return ",".join([self.name, *(f"{k}={v}" for k, v in self.labels.items())])
 
 
-ImageRef = FileRef | UrlRef | OciRef | IdRef | NameRef
+ImageRef = FileRef | UrlRef | OciRef | DockerRef | IdRef | NameRef
 
 
 def parse_image_ref(text: str) -> ImageRef:
@@ -64,6 +71,8 @@ def parse_image_ref(text: str) -> ImageRef:
         raise UsageError("image: an empty string is not an image")
     if text.startswith(OCI_PREFIXES):
         return OciRef(text)
+    if text.startswith(DOCKER_SCHEME):
+        return DockerRef(parse_docker_reference(text))
     if text.startswith(("http://", "https://")):
         return UrlRef(text)
     if text.startswith("sha512-"):

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from kvmpod import faults, paths
 from kvmpod.errors import ImageError, ManifestError
@@ -43,6 +43,10 @@ from kvmpod.store.layers import LOCK_KEY as LAYERS_LOCK_KEY, LayerCache
 from kvmpod.store.refs import DockerRef, FileRef, IdRef, NameRef, OciRef, UrlRef, parse_image_ref
 from kvmpod.store.rootfs import build_rootfs_disk, disk_key, resolve_chain
 from kvmpod.store.stored import StoredImage
+
+if TYPE_CHECKING:
+    from kvmpod.image.oci import OciReference
+    from kvmpod.image.registry.reference import DockerReference
 
 def _notice(message: str) -> None:
     print(f"kvmpod: notice: {message}", file=sys.stderr, flush=True)
@@ -454,9 +458,10 @@ class Store:
             if m is None or not pid_alive(int(m.group("pid"))):
                 shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
                 removed.append(f"temporary file {tmp.name}")
-        with locks.try_exclusive(self.use_file(LAYERS_LOCK_KEY)) as no_pull:
-            if no_pull:  # else a pull is running: its blobs are not referenced yet
-                removed += self.layer_cache.sweep(records.values())
+        if self.layer_cache.dir.is_dir():
+            with locks.try_exclusive(self.use_file(LAYERS_LOCK_KEY)) as no_pull:
+                if no_pull:  # else a pull is running: its blobs are not referenced yet
+                    removed += self.layer_cache.sweep(records.values())
         for lock in _listdir(self.locks):
             key = lock.name.rsplit(".", 1)[0]
             if key not in records and key not in live_disks and key != LAYERS_LOCK_KEY:

@@ -65,18 +65,19 @@ def parse_reference(text: str) -> OciReference | None:
 
 
 def convert(ref: OciReference, out: BinaryIO, *, tmp_dir: Path, progress: Advance | None = None,
-            limits: ImportLimits | None = None) -> dict[str, Any]:
+            limits: ImportLimits | None = None, shown: str | None = None) -> dict[str, Any]:
     """Write the image `ref` names to `out` as an uncompressed ACI and return its manifest.
 
     Temporary files (a compressed archive or layer, decompressed) go to `tmp_dir` and have no name
     there: nothing is left behind, whatever happens. `progress(n)` is told of every n bytes of the
     source's blobs read. `limits` caps the uncompressed size of the layers and their entry count.
+    `shown` names an `oci:` layout in errors instead of its path (a registry pull's `docker://…`).
     """
     advance = progress or _ignore
     limits = limits or ImportLimits()
     with ExitStack() as stack:
         if ref.transport == "oci":
-            archive = Archive.from_dir(ref.path, stack)
+            archive = Archive.from_dir(ref.path, stack, shown)
         else:
             if not ref.path.is_file():
                 raise ImageError(f"{ref.path}: no such file")

@@ -131,10 +131,10 @@ class Archive:
         return archive
 
     @classmethod
-    def from_dir(cls, path: Path, stack: ExitStack) -> Archive:
+    def from_dir(cls, path: Path, stack: ExitStack, shown: str | None = None) -> Archive:
         if not path.is_dir():
             raise ImageError(f"{path}: no such directory (an oci: image is an OCI image layout directory)")
-        return cls(str(path), stack, root=path)
+        return cls(shown or str(path), stack, root=path)
 
     def _index_tar(self, whole: Span, limits: ImportLimits) -> None:
         try:

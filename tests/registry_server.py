@@ -1,0 +1,277 @@
+"""A real registry for the `docker://` tests: Debian's docker-registry (the CNCF distribution
+registry) on 127.0.0.1, with the buildah-built busybox image pushed into it by skopeo, and a small
+proxy in front of it that the tests steer (corrupt or cut a blob, demand a bearer token, count
+requests).
+
+    from tests.registry_server import Registry   # the session fixtures come from tests/conftest.py
+
+    def test_x(registry):          # plain http: registry.http_host is 127.0.0.1:PORT
+        registry.proxy.requests    # what the proxy was asked, ("GET", "/v2/busybox/blobs/sha256:…")
+
+The registry's storage is under the session's temp dir; it and the proxy stop with the session.
+Debian packages: docker-registry, skopeo (the Makefile's DEB_PACKAGES).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from base64 import b64decode
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REGISTRY = Path("/usr/bin/docker-registry")
+REPOSITORY = "busybox"
+TAG = "latest"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ProxyRules:
+    """What the proxy does to the next requests; tests set and reset these."""
+
+    corrupt: set[str] = field(default_factory=set)  # blob digests whose body gets one byte flipped
+    cut: set[str] = field(default_factory=set)      # blob digests whose body stops half-way (connection closed)
+    credentials: tuple[str, str] | None = None      # demand a bearer token, issued for these basic credentials
+    tokens: set[str] = field(default_factory=set)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.corrupt.clear()
+        self.cut.clear()
+        self.credentials = None
+        self.tokens.clear()
+        self.requests.clear()
+
+    def blob_gets(self) -> list[str]:
+        return [path for method, path in self.requests if method == "GET" and "/blobs/" in path]
+
+
+class Proxy:
+    """A plain-http reverse proxy in front of the registry, on its own port, with a token endpoint."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.rules = ProxyRules()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy.handle(self)
+
+            def do_HEAD(self) -> None:
+                proxy.handle(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        return self.rules.requests
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        rules = self.rules
+        if h.path.startswith("/token"):
+            return self._token(h)
+        rules.requests.append((h.command, h.path))
+        if rules.credentials is not None:
+            given = h.headers.get("Authorization", "")
+            if not given.startswith("Bearer ") or given[7:] not in rules.tokens:
+                scope = f"repository:{REPOSITORY}:pull"
+                challenge = (f'Bearer realm="http://{self.host}/token",service="kvmpod-test",scope="{scope}"')
+                return self._send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                                  {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
+        upstream = http.client.HTTPConnection(self.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in h.headers.items() if k.lower() in ("accept", "range")}
+            upstream.request(h.command, h.path, headers=headers)
+            response = upstream.getresponse()
+            body = response.read()
+            passed = {k: v for k, v in response.getheaders()
+                      if k.lower() in ("content-type", "docker-content-digest", "www-authenticate", "location",
+                                       "docker-distribution-api-version")}
+            digest = h.path.rsplit("/", 1)[-1] if "/blobs/" in h.path else None
+            if digest in rules.corrupt and body:
+                body = bytes([body[0] ^ 0xFF]) + body[1:]
+            if digest in rules.cut and h.command == "GET":
+                h.send_response(response.status)
+                for k, v in passed.items():
+                    h.send_header(k, v)
+                h.send_header("Content-Length", str(len(body)))
+                h.send_header("Connection", "close")
+                h.end_headers()
+                h.wfile.write(body[:len(body) // 2])
+                h.wfile.flush()
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self._send(h, response.status, body, passed, head=h.command == "HEAD",
+                       length=response.getheader("Content-Length"))
+        finally:
+            upstream.close()
+
+    def _token(self, h: BaseHTTPRequestHandler) -> None:
+        rules = self.rules
+        given = h.headers.get("Authorization", "")
+        try:
+            user, _, password = b64decode(given.removeprefix("Basic ")).decode().partition(":")
+        except ValueError:
+            user = password = ""
+        if not given.startswith("Basic ") or rules.credentials != (user, password):
+            return self._send(h, 401, b'{"details":"bad credentials"}', {"Content-Type": "application/json"})
+        token = secrets.token_hex(16)
+        rules.tokens.add(token)
+        self._send(h, 200, json.dumps({"token": token, "expires_in": 300}).encode(),
+                   {"Content-Type": "application/json"})
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str], head: bool = False,
+              length: str | None = None) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", length if head and length else str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
+
+class RegistryProcess:
+    """docker-registry serving `root`'s storage on 127.0.0.1:PORT (https with `tls`: (cert, key))."""
+
+    def __init__(self, work: Path, storage: Path, tls: tuple[Path, Path] | None = None):
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.log = work / f"registry-{self.port}.log"
+        config = work / f"registry-{self.port}.yml"
+        lines = ["version: 0.1", "log:", "  level: info", "  accesslog:", "    disabled: false",
+                 "storage:", "  filesystem:", f"    rootdirectory: {storage}", "  delete:", "    enabled: true",
+                 "http:", f"  addr: {self.host}"]
+        if tls:
+            lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
+        config.write_text("\n".join(lines) + "\n")
+        self.scheme = "https" if tls else "http"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen([str(REGISTRY), "serve", str(config)], stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, context: object = None) -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.scheme}://{self.host}/v2/", timeout=5, context=context):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"docker-registry did not answer on {self.host}: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Registry:
+    http_host: str           # the registry itself, plain http
+    proxy: Proxy             # plain http, in front of it
+    storage: Path
+    work: Path
+    manifest_digest: str     # what busybox:latest points to (an image manifest)
+    tls_host: str | None = None  # the same storage served over https (the tls fixture's server cert)
+
+    @property
+    def rules(self) -> ProxyRules:
+        return self.proxy.rules
+
+
+def skopeo_push(source: str, dest: str, work: Path) -> None:
+    policy = work / "policy.json"
+    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    auth = work / "skopeo-auth.json"
+    auth.write_text('{"auths": {}}')
+    env = {**os.environ, "REGISTRY_AUTH_FILE": str(auth), "TMPDIR": str(work)}
+    done = subprocess.run(["skopeo", "--policy", str(policy), "copy", "--quiet", "--dest-tls-verify=false",
+                           source, dest], capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"skopeo copy {source} {dest}: {done.stderr.strip()}")
+
+
+def manifest_digest(host: str, reference: str) -> str:
+    request = urllib.request.Request(f"http://{host}/v2/{REPOSITORY}/manifests/{reference}", method="HEAD", headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.headers["Docker-Content-Digest"]
+
+
+def put_index(host: str, tag: str, entries: list[dict]) -> None:
+    """An OCI image index pushed by hand (skopeo pushes the single-platform image it has)."""
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": entries}).encode()
+    request = urllib.request.Request(f"http://{host}/v2/{REPOSITORY}/manifests/{tag}", data=body, method="PUT",
+                                     headers={"Content-Type": "application/vnd.oci.image.index.v1+json"})
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory, busybox_oci_archives):
+    if not REGISTRY.is_file():
+        pytest.skip(f"{REGISTRY} is missing (Debian package: docker-registry)")
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is missing (Debian package: skopeo)")
+    work = tmp_path_factory.mktemp("registry")
+    storage = work / "storage"
+    server = RegistryProcess(work, storage)
+    proxy = None
+    try:
+        server.wait_ready()
+        skopeo_push(f"oci-archive:{busybox_oci_archives.oci_archive}", f"docker://{server.host}/{REPOSITORY}:{TAG}",
+                    work)
+        proxy = Proxy(server.host)
+        yield Registry(server.host, proxy, storage, work, manifest_digest(server.host, TAG))
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        server.stop()
+
+
+@pytest.fixture
+def proxy_rules(registry):
+    """The proxy's rules, reset before and after the test."""
+    registry.rules.reset()
+    yield registry.rules
+    registry.rules.reset()
