@@ -8,6 +8,8 @@ A VM is the pod's resource envelope, so the limits of its apps decide its size (
   vCPU's worth only if no app has a limit), at least 1, at most the host's CPUs.
 * Pod-level isolators (PodManifest `isolators`) bound the sum: apps asking for more are an error.
 * `--memory` / `--cpus` given on the command line win; a notice says when they undercut the limits.
+* Without flags or isolators: `[run] memory` and `[run] cpus` in kvmpod.toml (a CI runner's own
+  defaults, docs/ci.md), else 256 MiB and 1 vCPU.
 * The CPU time the pod may use (`cpu_limit`, the cgroup's cpu.max: kvmpod/vm/cgroup.py limits_for) is
   the apps' `resource/cpu` limits as they are (500m: half a CPU), else the pod's, else --cpus.
 Quantities use the Kubernetes notation the spec refers to: 500m, 2, 1G (10^9), 512Mi (2^20).
@@ -21,6 +23,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from kvmpod import config as settings
 from kvmpod.errors import UsageError
 from kvmpod.image.manifest import Isolator
 
@@ -96,6 +99,9 @@ def size_vm(apps: list[AppResources], pod: AppResources | None = None, *, memory
     elif pod and pod.memory_bytes is not None:
         derived_mem = _mib(pod.memory_bytes) + GUEST_OVERHEAD_MIB
         mem_reason = "pod memory limit + guest overhead"
+    elif (found := settings.lookup("memory", "run")) is not None:
+        derived_mem = -(-settings.size_setting("memory", "run", 0) // MIB)
+        mem_reason = found.describe("[run] memory")
     else:
         derived_mem, mem_reason = DEFAULT_POD_MEMORY_MIB, "default"
     derived_mem = max(derived_mem, MIN_MEMORY_MIB)
@@ -111,6 +117,9 @@ def size_vm(apps: list[AppResources], pod: AppResources | None = None, *, memory
     elif pod and pod.cpus is not None:
         derived_cpus, cpu_reason = math.ceil(pod.cpus), "pod cpu limit"
         cpu_limit = pod.cpus
+    elif (found := settings.lookup("cpus", "run")) is not None:   # more than the host has: all it has
+        derived_cpus = min(settings.int_setting("cpus", "run", 1), host_cpus)
+        cpu_reason = found.describe("[run] cpus")
     else:
         derived_cpus, cpu_reason = 1, "default"
     if derived_cpus > host_cpus:

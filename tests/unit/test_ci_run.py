@@ -5,6 +5,7 @@ themselves run in tests/e2e/test_ci.py."""
 from __future__ import annotations
 
 import argparse
+from decimal import Decimal
 
 import pytest
 
@@ -55,3 +56,24 @@ def test_timings_line_names_each_phase_reached():
     assert describe_timings(t) == ("planning 0.250 s, QEMU to agent 0.750 s, apps' start 0.125 s, apps 1.875 s, "
                                    "teardown 0.500 s, total 3.500 s")
     assert describe_timings({"start": 1.0, "qemu_spawn": 1.5}) == "planning 0.500 s"
+
+
+def test_a_runners_defaults_come_from_its_config_and_flags_and_limits_still_win(tmp_path, monkeypatch):
+    from kvmpod.errors import ConfigError
+    from kvmpod.pod.resources import AppResources, size_vm
+
+    conf = tmp_path / "kvmpod.toml"
+    monkeypatch.setenv("KVMPOD_CONFIG", str(conf))
+    app = AppResources("job", None, None)
+    assert (size_vm([app], host_cpus=4).memory_mib, size_vm([app], host_cpus=4).cpus) == (256, 1)
+    conf.write_text('[run]\nmemory = "2G"\ncpus = 8\n')
+    size = size_vm([app], host_cpus=4)
+    assert (size.memory_mib, size.cpus) == (2048, 4)   # no more vCPUs than the host has
+    assert size.reason == f"memory: [run] memory in {conf}; cpus: [run] cpus in {conf}"
+    assert (size_vm([app], memory_mib=512, cpus=1, host_cpus=4).memory_mib,
+            size_vm([app], memory_mib=512, cpus=1, host_cpus=4).cpus) == (512, 1)
+    limited = size_vm([AppResources("job", Decimal(1 << 30), Decimal(2))], host_cpus=4)
+    assert (limited.memory_mib, limited.cpus) == (1024 + 64, 2)
+    conf.write_text('[run]\nmemory = "lots"\n')
+    with pytest.raises(ConfigError, match=r"\[run\] memory in .*'lots' is not a size"):
+        size_vm([app], host_cpus=4)
