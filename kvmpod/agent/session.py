@@ -18,7 +18,7 @@ from typing import Callable, Iterable, cast
 from kvmpod.agent import protocol as p
 from kvmpod.agent.isolators import Isolators
 from kvmpod.errors import (EXIT_CANNOT_INVOKE, EXIT_KVMPOD_FAILURE, EXIT_NOT_FOUND, EXIT_SIGNAL_BASE,
-                           AgentError, AppStartError, ProtocolError)
+                           AgentError, AppStartError, ProtocolError, printable)
 
 OutputSink = Callable[[bytes], None]
 THAW_ENTROPY_WORDS = 8   # 512 bits for the restored guest's random generator
@@ -100,8 +100,17 @@ class Hello:
 
 
 def _text(value: bytes | None) -> str:
-    """A str field the guest sent, for a message (not necessarily UTF-8)."""
-    return value.decode("utf-8", "replace") if value is not None else ""
+    """A str field the guest sent, for a message (not necessarily UTF-8): control characters escaped,
+    so that a hostile guest can neither break kvmpod's one-line error nor drive the terminal."""
+    return printable(value.decode("utf-8", "replace")) if value is not None else ""
+
+
+def _strerror(err: int) -> str:
+    """The text of an errno the guest sent: a u32, so possibly beyond what os.strerror takes (a C int)."""
+    try:
+        return os.strerror(err)
+    except (OverflowError, ValueError):
+        return f"errno {err}"
 
 
 def _start_error(stage: str, err: int | None, message: str) -> AppStartError:
@@ -110,7 +119,7 @@ def _start_error(stage: str, err: int | None, message: str) -> AppStartError:
         code = EXIT_NOT_FOUND
     elif stage == "exec" and err in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR):
         code = EXIT_CANNOT_INVOKE
-    return AppStartError(message or f"{stage} failed" + (f": {os.strerror(err)}" if err else ""), code)
+    return AppStartError(message or f"{stage} failed" + (f": {_strerror(err)}" if err else ""), code)
 
 
 class GuestProcess:
