@@ -8,6 +8,9 @@ requests).
     def test_x(registry):          # plain http: registry.http_host is 127.0.0.1:PORT
         registry.proxy.requests    # what the proxy was asked, ("GET", "/v2/busybox/blobs/sha256:…")
 
+    def test_y(registry_tls):      # the same storage served over https with the test CA's server
+        registry_tls.host, registry_tls.ca_file   # certificate (tests/tls_fixture.py)
+
 The registry's storage is under the session's temp dir; it and the proxy stop with the session.
 Debian packages: docker-registry, skopeo (the Makefile's DEB_PACKAGES).
 """
@@ -30,6 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tests.tls_fixture import TestCA, tls_ca  # noqa: F401  (the session fixture, for registry_tls)
 
 REGISTRY = Path("/usr/bin/docker-registry")
 REPOSITORY = "busybox"
@@ -211,7 +216,6 @@ class Registry:
     storage: Path
     work: Path
     manifest_digest: str     # what busybox:latest points to (an image manifest)
-    tls_host: str | None = None  # the same storage served over https (the tls fixture's server cert)
 
     @property
     def rules(self) -> ProxyRules:
@@ -275,3 +279,22 @@ def proxy_rules(registry):
     registry.rules.reset()
     yield registry.rules
     registry.rules.reset()
+
+
+@dataclass(frozen=True)
+class TlsRegistry:
+    host: str       # 127.0.0.1:PORT, https with a certificate of the test CA
+    ca_file: Path
+
+
+@pytest.fixture(scope="session")
+def registry_tls(registry, tls_ca: TestCA):
+    """A second docker-registry on the same storage, over https (its own TLS config)."""
+    import ssl
+
+    server = RegistryProcess(registry.work, registry.storage, tls=(tls_ca.cert_file, tls_ca.key_file))
+    try:
+        server.wait_ready(ssl.create_default_context(cafile=str(tls_ca.ca_file)))
+        yield TlsRegistry(server.host, tls_ca.ca_file)
+    finally:
+        server.stop()

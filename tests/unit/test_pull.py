@@ -277,3 +277,16 @@ def test_a_bearer_token_is_fetched_with_the_credentials_of_auth_json(kvmpod, reg
     kvmpod.ok("fetch", "--insecure-options=http", ref)
     assert len(kvmpod.records()) == 1
     assert proxy_rules.tokens and len(proxy_rules.blob_gets()) == 3
+
+
+def test_https_is_verified_against_the_ca_file(kvmpod, registry_tls):
+    ref = f"docker://{registry_tls.host}/{REPOSITORY}:latest"
+    error = one_error(kvmpod("fetch", ref))
+    assert error.startswith(f"{ref}: https://{registry_tls.host}/v2/: TLS certificate not trusted (")
+    assert error.endswith("give its CA with --ca-file, or --insecure-options=tls")
+    kvmpod.assert_nothing_stored()
+    image_id = kvmpod.ok("fetch", "--ca-file", str(registry_tls.ca_file), ref).strip()
+    [record] = kvmpod.records()
+    assert record["id"] == image_id and record["source"].startswith(f"{ref}@sha256:")
+    kvmpod.ok("image", "rm", image_id)
+    assert kvmpod.ok("fetch", "--insecure-options=tls", ref).strip() == image_id
