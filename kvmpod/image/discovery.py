@@ -110,7 +110,7 @@ def meta_tags(html: str, name: str) -> tuple[list[str], list[str]]:
 
 def best_templates(templates: list[str], labels: dict[str, str]) -> list[str]:
     """The spec's "best matching templates": every placeholder fillable, the most labels filled."""
-    fillable = [t for t in templates if set(_PLACEHOLDER.findall(t)) <= set(labels) | {"ext"}]
+    fillable = [t for t in templates if set(_PLACEHOLDER.findall(t)) <= set(labels) | {"name", "ext"}]
     if not fillable:
         return []
     most = max(len(set(_PLACEHOLDER.findall(t))) for t in fillable)

@@ -61,7 +61,8 @@ def signature_path(image: Path) -> Path:
     return image.with_name(image.name + SIGNATURE_SUFFIX)
 
 
-def check_signature(image: Path, signature: Path | None, shown: str, skip: bool = False) -> SignatureCheck:
+def check_signature(image: Path, signature: Path | None, shown: str, skip: bool = False,
+                    signature_shown: str | None = None) -> SignatureCheck:
     """Check `signature` (None or missing: unsigned) over `image`; refuse one that does not verify.
 
     A signature by a key no keyring holds is not refused here: `admit` decides once the image's name
@@ -69,12 +70,13 @@ def check_signature(image: Path, signature: Path | None, shown: str, skip: bool 
     signature is a notice and the status `unverified`."""
     if signature is None or not signature.is_file():
         return SignatureCheck(UNSIGNED)
+    named = signature_shown or signature.name
     legacy = trusted_keyring()
     keyrings = [*TrustStore().keyrings(), *([legacy] if legacy.is_file() else [])]
     if not keyrings:
         return SignatureCheck(UNVERIFIED, f"{shown}: signature not checked: no trusted keys (kvmpod trust, "
                                           f"or a keyring in {legacy}: [image] trusted-keys in kvmpod.toml)",
-                              signature=signature.name)
+                              signature=named)
     gpgv = shutil.which("gpgv")
     if gpgv is None:
         raise ImageError(f"{shown}: is signed, and checking signatures needs gpgv (Debian package gpgv)")
@@ -88,16 +90,19 @@ def check_signature(image: Path, signature: Path | None, shown: str, skip: bool 
         raise ImageError(f"{shown}: gpgv did not finish checking the signature in {_GPGV_TIMEOUT} s") from e
     status = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("[GNUPG:] ")]
     valid = next((words for words in status if words and words[0] == "VALIDSIG"), None)
-    if done.returncode == 0 and valid is not None and len(valid) > 1:
-        return SignatureCheck(f"verified {valid[10] if len(valid) > 10 else valid[1]}", signature=signature.name)
+    # gpgv accepts a signature that a key made before it expired or was revoked (exit 0, VALIDSIG);
+    # a key past its life signs nothing here
+    dead = any(words and words[0] in ("EXPKEYSIG", "REVKEYSIG", "EXPSIG") for words in status)
+    if done.returncode == 0 and valid is not None and len(valid) > 1 and not dead:
+        return SignatureCheck(f"verified {valid[10] if len(valid) > 10 else valid[1]}", signature=named)
     unknown = next((words for words in status if words and words[0] == "NO_PUBKEY" and len(words) > 1), None)
     if unknown is not None and not any(words and words[0] in ("BADSIG", "EXPKEYSIG", "REVKEYSIG")
                                        for words in status):
-        return SignatureCheck(UNVERIFIED, untrusted=printable(unknown[1]), signature=signature.name)
-    failure = f"{shown}: signature {signature.name} does not verify against the trusted keys: {_why(status)}"
+        return SignatureCheck(UNVERIFIED, untrusted=printable(unknown[1]), signature=named)
+    failure = f"{shown}: signature {named} does not verify against the trusted keys: {_why(status)}"
     if skip:
         return SignatureCheck(UNVERIFIED, f"{failure}; taken anyway (--insecure-options=image)",
-                              signature=signature.name)
+                              signature=named)
     raise ImageError(failure)
 
 
@@ -115,28 +120,26 @@ def admit(name: str, check: SignatureCheck, shown: str, skip: bool = False,
     problem: str | None = None
     if check.untrusted is not None:
         problem = (f"{shown}: image {name}: signature {check.signature or 'of the image'} is by key "
-                   f"{check.untrusted}, which is not trusted" + _for(required)
-                   + _how(name, required, hint))
+                   f"{check.untrusted}, which is not trusted" + _for(required))
     elif required is not None:
-        problem = _missing(name, check, shown, required, store.trusted_for(name, keys), hint)
+        problem = _missing(name, check, shown, required, store.trusted_for(name, keys))
     if problem is None:
         return check
     if skip:
         return SignatureCheck(check.status, f"{problem}; taken anyway (--insecure-options=image)")
-    raise ImageError(problem)
+    raise ImageError(problem + _how(name, required, hint))
 
 
-def _missing(name: str, check: SignatureCheck, shown: str, required: Requirement, trusted: set[str],
-             hint: str) -> str | None:
+def _missing(name: str, check: SignatureCheck, shown: str, required: Requirement, trusted: set[str]) -> str | None:
     if check.status.startswith("verified "):
         fingerprint = check.status.split()[1].upper()
         if fingerprint in trusted:
             return None
         return (f"{shown}: image {name} falls under {required} and is signed by key {fingerprint}, "
-                f"which is not trusted for it" + _how(name, required, hint))
+                f"which is not trusted for it")
     what = {UNSIGNED: "has no signature", NOT_CHECKED: "is a Docker/OCI image, with no appc signature"}.get(
         check.status, "has no signature checked by a trusted key")
-    return f"{shown}: image {name} falls under {required} and {what}" + _how(name, required, hint)
+    return f"{shown}: image {name} falls under {required} and {what}"
 
 
 def _for(required: Requirement | None) -> str:

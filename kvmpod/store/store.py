@@ -167,7 +167,8 @@ class Store:
         with self.temp_file("download") as tmp, self.temp_file("download", SIGNATURE_SUFFIX) as sig:
             download(url, tmp, self.limits, transfer=self.transfer)
             signed = download(url + SIGNATURE_SUFFIX, sig, self.limits, missing_ok=True, transfer=self.transfer)
-            check = check_signature(tmp, sig if signed else None, url, self.transfer.insecure.image)
+            check = check_signature(tmp, sig if signed else None, url, self.transfer.insecure.image,
+                                    url.rsplit("/", 1)[-1] + SIGNATURE_SUFFIX)
             with self.temp_file("import", ".tar") as tar, tar.open("wb") as dest:
                 image_id = decompress_to(tmp, dest, self.limits)
                 dest.close()
@@ -194,7 +195,8 @@ class Store:
             if not download(found.aci, tmp, self.limits, missing_ok=True, transfer=self.transfer):
                 raise ImageError(f"{ref}: {found.aci}: HTTP 404 Not Found (found by {found.how})")
             signed = download(found.signature, sig, self.limits, missing_ok=True, transfer=self.transfer)
-            check = check_signature(tmp, sig if signed else None, found.aci, self.transfer.insecure.image)
+            check = check_signature(tmp, sig if signed else None, found.aci, self.transfer.insecure.image,
+                                    found.signature.rsplit("/", 1)[-1])
 
             def expect(manifest: ImageManifest) -> None:
                 # a label asked for must be there with that value; os/arch (ours) must match where given
