@@ -117,13 +117,26 @@ class Store:
 
     def resolve(self, text: str) -> StoredImage:
         """`kvmpod run IMAGE`: anything parse_image_ref accepts; an ID must be in the store, a name is
-        discovered (spec/discovery.md) when it is not."""
+        discovered (spec/discovery.md) when it is not; a `docker://` reference pulled before is not
+        pulled again (rkt's and podman's default for run; `kvmpod fetch` asks the registry)."""
         ref = parse_image_ref(text)
         if isinstance(ref, IdRef):
             return self._admitted(self.find(ref), text)
         if isinstance(ref, NameRef):
             return self.find_or_discover(ref)
+        if isinstance(ref, DockerRef) and (pulled := self.pulled_before(ref.reference)) is not None:
+            return self._admitted(pulled, text)
         return self.import_ref(text)
+
+    def pulled_before(self, ref: DockerReference) -> StoredImage | None:
+        """The newest stored image pulled from this reference (its record's source is the reference
+        and the digest it resolved to), if it is still whole."""
+        wanted = str(ref) if ref.digest else f"{ref}@"
+        for record in reversed(self.list_records()):
+            if (record.source == wanted if ref.digest else record.source.startswith(wanted)) \
+                    and (self.blobs / record.hex).is_file():
+                return self._image(record)
+        return None
 
     def find_or_discover(self, ref: NameRef) -> StoredImage:
         """The newest stored image of this name and labels, else the one appc discovery finds."""

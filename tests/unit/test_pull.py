@@ -290,3 +290,20 @@ def test_https_is_verified_against_the_ca_file(kvmpod, registry_tls):
     assert record["id"] == image_id and record["source"].startswith(f"{ref}@sha256:")
     kvmpod.ok("image", "rm", image_id)
     assert kvmpod.ok("fetch", "--insecure-options=tls", ref).strip() == image_id
+
+
+def test_run_uses_an_image_pulled_before_without_asking_the_registry(tmp_path, monkeypatch, registry, proxy_rules):
+    from kvmpod.image.limits import ImportLimits
+    from kvmpod.image.transfer import Transfer
+    from kvmpod.store.store import Store
+
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "no-auth.json"))
+    store = Store(tmp_path / "store", limits=ImportLimits(), transfer=Transfer.from_flags("http", None))
+    ref = f"docker://{registry.proxy.host}/{REPOSITORY}:latest"
+    first = store.resolve(ref)  # `kvmpod run`: not in the store yet, so pulled
+    assert proxy_rules.blob_gets() != []
+    proxy_rules.requests.clear()
+    assert store.resolve(ref).id == first.id and proxy_rules.requests == []  # rkt's and podman's run default
+    with pytest.raises(ImageError, match="manifest unknown"):  # not pulled before: the registry is asked
+        store.resolve(f"docker://{registry.proxy.host}/{REPOSITORY}:other")
+    assert proxy_rules.requests == [("GET", "/v2/"), ("GET", f"/v2/{REPOSITORY}/manifests/other")]
