@@ -93,6 +93,7 @@ def test_sample_config_shows_every_default():
     from kvmpod.image.limits import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_SIZE
     from kvmpod.image.signature import DEFAULT_KEYRING
     from kvmpod.net.bridge import DEFAULT_SUBNET
+    from kvmpod.pod.resources import DEFAULT_POD_MEMORY_MIB
     from kvmpod.net.cni import DEFAULT_CONFIG_DIRS, DEFAULT_PLUGIN_PATH, DEFAULT_TIMEOUT
     from kvmpod.config import parse_size
     from kvmpod.vm.sandbox import QEMU_USER
@@ -101,7 +102,8 @@ def test_sample_config_shows_every_default():
     assert tomllib.loads(text) == {"run": {}, "net": {}, "image": {}, "security": {}}   # as shipped: changes nothing
     settings = tomllib.loads("\n".join(line[1:] if line.startswith("#") and "=" in line else line
                                        for line in text.splitlines()))
-    assert settings["run"] == {"boot": "snapshot", "snapshots-kept": DEFAULT_KEEP, "idle-relay": True}
+    assert settings["run"] == {"boot": "snapshot", "snapshots-kept": DEFAULT_KEEP, "idle-relay": True,
+                               "memory": f"{DEFAULT_POD_MEMORY_MIB}M", "cpus": 1}
     assert settings["net"]["default-subnet"] == DEFAULT_SUBNET
     assert settings["net"]["cni-config-dirs"] == list(DEFAULT_CONFIG_DIRS)
     assert settings["net"]["cni-plugin-path"] == list(DEFAULT_PLUGIN_PATH)
