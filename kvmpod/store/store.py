@@ -5,6 +5,7 @@ Layout and locking are specified in docs/store.md:
     <store>/images/<hex>.json    its index record (kvmpod/store/index.py)
     <store>/rootfs/<key>.iso     a rootfs disk (ISO 9660 + Rock Ridge) the VM boots from
     <store>/sources/<key>.json   stamps of imported files, so an unchanged file is not read again
+    <store>/layers/<alg>/<hex>   blobs pulled from registries (kvmpod/store/layers.py)
     <store>/tmp/                 partial writes, renamed into place when complete
     <store>/locks/               flock files (kvmpod/store/locks.py)
 A blob is renamed into place before its record is written and removed after its record, so a record
