@@ -179,7 +179,11 @@ def decompress_to(path: Path, dest: BinaryIO, limits: ImportLimits | None = None
                         f"{path}: uncompressed image exceeds the {human_size(max_size)} limit (a tar bomb?); "
                         "if it is genuine, raise [image] max-size in kvmpod.toml")
                 digest.update(chunk)
-                dest.write(chunk)
+                try:
+                    dest.write(chunk)
+                except OSError as e:   # the store's filesystem (full, read-only), not the image, is at fault
+                    where = Path(str(getattr(dest, "name", ""))).parent
+                    raise ImageError(f"{path}: cannot import it into {where}: {e.strerror or e}") from e
     except decompression_errors() as e:
         raise ImageError(f"{path}: corrupt or truncated compressed stream: {e}") from e
     return "sha512-" + digest.hexdigest()

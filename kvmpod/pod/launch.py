@@ -236,7 +236,8 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             memory_mib=size.memory_mib, cpus=size.cpus, disks=disks, confinement=confinement,
             filesystems=[FsDevice(s.tag, s.socket) for s in shares])
         vsock_front = pod.file("vsock.sock") if agent_transport.kind == "vsock-user" else None
-        for sock in (config.vhost_user_vsock, vsock_front, *(s.socket for s in shares)):
+        # control.sock too: a runtime dir deep enough failed with an internal error once QEMU ran (test_faults)
+        for sock in (pod.file("control.sock"), config.vhost_user_vsock, vsock_front, *(s.socket for s in shares)):
             if sock:
                 check_socket_path(Path(f"{sock}_4294967295") if sock == vsock_front else sock)
         log.debug("pod %s: kernel %s (%s), machine %s, accel %s (%s)", pod.uuid, kernel.image, kernel.kind,
