@@ -26,6 +26,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from base64 import b64decode
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class ProxyRules:
     corrupt: set[str] = field(default_factory=set)  # blob digests whose body gets one byte flipped
     cut: set[str] = field(default_factory=set)      # blob digests whose body stops half-way (connection closed)
     credentials: tuple[str, str] | None = None      # demand a bearer token, issued for these basic credentials
+    redirect: bool = False                          # blobs answer 307 to /direct/… (storage, as S3 would be)
+    direct: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Authorization) asked there
     tokens: set[str] = field(default_factory=set)
     requests: list[tuple[str, str]] = field(default_factory=list)
 
@@ -61,6 +64,8 @@ class ProxyRules:
         self.corrupt.clear()
         self.cut.clear()
         self.credentials = None
+        self.redirect = False
+        self.direct.clear()
         self.tokens.clear()
         self.requests.clear()
 
@@ -106,6 +111,9 @@ class Proxy:
         rules = self.rules
         if h.path.startswith("/token"):
             return self._token(h)
+        if h.path.startswith("/direct/"):  # the "storage" a blob is redirected to: no token needed
+            rules.direct.append((h.path, h.headers.get("Authorization")))
+            return self._forward(h, h.path.removeprefix("/direct"))
         rules.requests.append((h.command, h.path))
         if rules.credentials is not None:
             given = h.headers.get("Authorization", "")
@@ -114,16 +122,22 @@ class Proxy:
                 challenge = (f'Bearer realm="http://{self.host}/token",service="kvmpod-test",scope="{scope}"')
                 return self._send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
                                   {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
+        if rules.redirect and "/blobs/" in h.path:
+            return self._send(h, 307, b"", {"Location": f"http://{self.host}/direct{h.path}"})
+        self._forward(h, h.path)
+
+    def _forward(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        rules = self.rules
         upstream = http.client.HTTPConnection(self.upstream, timeout=60)
         try:
             headers = {k: v for k, v in h.headers.items() if k.lower() in ("accept", "range")}
-            upstream.request(h.command, h.path, headers=headers)
+            upstream.request(h.command, path, headers=headers)
             response = upstream.getresponse()
             body = response.read()
             passed = {k: v for k, v in response.getheaders()
                       if k.lower() in ("content-type", "docker-content-digest", "www-authenticate", "location",
                                        "docker-distribution-api-version")}
-            digest = h.path.rsplit("/", 1)[-1] if "/blobs/" in h.path else None
+            digest = path.rsplit("/", 1)[-1] if "/blobs/" in path else None
             if digest in rules.corrupt and body:
                 body = bytes([body[0] ^ 0xFF]) + body[1:]
             if digest in rules.cut and h.command == "GET":
@@ -172,7 +186,8 @@ class Proxy:
 class RegistryProcess:
     """docker-registry serving `root`'s storage on 127.0.0.1:PORT (https with `tls`: (cert, key))."""
 
-    def __init__(self, work: Path, storage: Path, tls: tuple[Path, Path] | None = None):
+    def __init__(self, work: Path, storage: Path, tls: tuple[Path, Path] | None = None,
+                 htpasswd: Path | None = None):
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.log = work / f"registry-{self.port}.log"
@@ -182,6 +197,8 @@ class RegistryProcess:
                  "http:", f"  addr: {self.host}"]
         if tls:
             lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
+        if htpasswd:
+            lines += ["auth:", "  htpasswd:", "    realm: kvmpod-test", f"    path: {htpasswd}"]
         config.write_text("\n".join(lines) + "\n")
         self.scheme = "https" if tls else "http"
         with self.log.open("wb") as log:
@@ -196,6 +213,10 @@ class RegistryProcess:
             try:
                 with urllib.request.urlopen(f"{self.scheme}://{self.host}/v2/", timeout=5, context=context):
                     return
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # up, and wants credentials
+                    return
+                time.sleep(0.1)
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"docker-registry did not answer on {self.host}: {self.log.read_text()[-2000:]}")
@@ -293,6 +314,35 @@ def registry_tls(registry, tls_ca: TestCA):
     import ssl
 
     server = RegistryProcess(registry.work, registry.storage, tls=(tls_ca.cert_file, tls_ca.key_file))
+    try:
+        server.wait_ready(ssl.create_default_context(cafile=str(tls_ca.ca_file)))
+        yield TlsRegistry(server.host, tls_ca.ca_file)
+    finally:
+        server.stop()
+
+
+BASIC_USER, BASIC_PASSWORD = "kvmpod", "registry-pw"
+
+
+@pytest.fixture(scope="session")
+def registry_basic(registry, tls_ca: TestCA):
+    """The same storage behind docker-registry's own htpasswd (basic) authentication, over https."""
+    import ssl
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import crypt
+        except ImportError:
+            pytest.skip("the htpasswd file's bcrypt hash is made with Python's crypt module (Python < 3.13)")
+    hashed = crypt.crypt(BASIC_PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))
+    if not hashed or not hashed.startswith("$2"):
+        pytest.skip("this libc's crypt() makes no bcrypt hashes, the only kind docker-registry's htpasswd reads")
+    htpasswd = registry.work / "htpasswd"
+    htpasswd.write_text(f"{BASIC_USER}:{hashed}\n")
+    server = RegistryProcess(registry.work, registry.storage, tls=(tls_ca.cert_file, tls_ca.key_file),
+                             htpasswd=htpasswd)
     try:
         server.wait_ready(ssl.create_default_context(cafile=str(tls_ca.ca_file)))
         yield TlsRegistry(server.host, tls_ca.ca_file)

@@ -17,7 +17,7 @@ from kvmpod.errors import ImageError, UsageError
 from kvmpod.image.registry.auth import find_credentials, parse_challenges
 from kvmpod.image.registry.reference import DockerReference, parse_docker_reference
 from kvmpod.store.refs import DockerRef, parse_image_ref
-from tests.registry_server import REPOSITORY, put_index
+from tests.registry_server import BASIC_PASSWORD, BASIC_USER, REPOSITORY, put_index
 
 
 # --- references -----------------------------------------------------------------------------------
@@ -307,3 +307,31 @@ def test_run_uses_an_image_pulled_before_without_asking_the_registry(tmp_path, m
     with pytest.raises(ImageError, match="manifest unknown"):  # not pulled before: the registry is asked
         store.resolve(f"docker://{registry.proxy.host}/{REPOSITORY}:other")
     assert proxy_rules.requests == [("GET", "/v2/"), ("GET", f"/v2/{REPOSITORY}/manifests/other")]
+
+
+def test_basic_auth_against_the_registrys_own_htpasswd(kvmpod, registry_basic):
+    ref = f"docker://{registry_basic.host}/{REPOSITORY}:latest"
+    ca = ("--ca-file", str(registry_basic.ca_file))
+    error = one_error(kvmpod("fetch", *ca, ref))
+    assert error == (f"{ref}: https://{registry_basic.host}/v2/: the registry wants a user name and password, and "
+                     f"no credentials file has any for {registry_basic.host} (podman login, skopeo login, or "
+                     "REGISTRY_AUTH_FILE)")
+    auth = Path(kvmpod.env["REGISTRY_AUTH_FILE"])
+    auth_file(auth, {registry_basic.host: f"{BASIC_USER}:wrong"})
+    error = one_error(kvmpod("fetch", *ca, ref))
+    assert error.startswith(f"{ref}: ") and error.endswith(
+        f"credentials from {auth} not accepted (HTTP 401 from https://{registry_basic.host}/v2/{REPOSITORY}/"
+        "manifests/latest)")
+    kvmpod.assert_nothing_stored()
+    auth_file(auth, {registry_basic.host: f"{BASIC_USER}:{BASIC_PASSWORD}"})
+    kvmpod.ok("fetch", *ca, ref)
+    assert len(kvmpod.records()) == 1
+
+
+def test_a_redirected_blob_is_fetched_without_the_registrys_token(kvmpod, registry, proxy_rules):
+    proxy_rules.credentials = ("tester", "s3cret")
+    proxy_rules.redirect = True
+    auth_file(Path(kvmpod.env["REGISTRY_AUTH_FILE"]), {registry.proxy.host: "tester:s3cret"})
+    kvmpod.ok("fetch", "--insecure-options=http", f"docker://{registry.proxy.host}/{REPOSITORY}:latest")
+    assert len(proxy_rules.direct) == 3 and all(auth is None for _, auth in proxy_rules.direct), proxy_rules.direct
+    assert len(kvmpod.records()) == 1
