@@ -13,13 +13,14 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 libcap-ng-dev libattr1-dev libseccomp-dev \
                 python3-build help2man zsh \
                 podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux \
+                libvirt-dev \
                 docker-registry skopeo openssl
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean vagrant-deps
+.PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean vagrant-deps libvirt-deps
 
 # The per-machine builds are `kvmpod setup`'s (kvmpod/provision.py): the same path as for an installed kvmpod.
-setup: deps venv bytecode agent
+setup: deps libvirt-deps venv bytecode agent
 	$(KVMPOD) setup
 
 # Compiled once here: with PYTHONDONTWRITEBYTECODE set (as on CI runners), every kvmpod command
@@ -33,7 +34,7 @@ deps:
 	if [ -n "$$missing" ]; then \
 	  echo "setup: installing Debian packages:" $$missing; \
 	  [ "$$(id -u)" = 0 ] || { echo "setup: run as root to install:" $$missing >&2; exit 1; }; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_FLAGS) $$missing >/dev/null; \
 	fi
 
 venv: $(STAMPS)/venv
@@ -42,7 +43,7 @@ $(STAMPS)/venv: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	# compat: a plain path entry; the default editable finder costs every kvmpod command ~15 ms at start
-	$(VPY) -m pip install -q --config-settings editable_mode=compat -e '.[test]'
+	$(VPY) -m pip install -q --config-settings editable_mode=compat -e '.[test,libvirt]'
 	@touch $@
 
 agent:
@@ -82,6 +83,14 @@ demo: $(BUILD)/busybox.aci
 # entrypoints run this checkout's kvmpod (.venv), recorded in the ACI. Rebuilt every time: it is tiny.
 stage1: venv
 	$(VPY) -m kvmpod.stage1.build -o $(BUILD)/kvmpod-stage1.aci
+
+# The libvirt backend (docs/libvirt.md): Debian's daemon (its QEMU user, qemu.conf, virtlogd) without the
+# recommends (dnsmasq-base and the rest of a virtual-network host: kvmpod never uses libvirt's networks, and
+# libvirt's default network, virbr0 with its NAT rules, is defined but never started). libvirt-python
+# builds in the venv against libvirt-dev (DEB_PACKAGES).
+LIBVIRT_DEB_PACKAGES := libvirt-daemon-system libvirt-clients
+libvirt-deps:
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(LIBVIRT_DEB_PACKAGES)' APT_FLAGS=--no-install-recommends
 
 # vagrant/ (vagrant/README.md): `make test` runs `vagrant validate` on its Vagrantfile (the boxes themselves
 # cannot be downloaded on CI machines), with Debian's vagrant and its libvirt provider plugin.

@@ -72,6 +72,12 @@ def build_parser() -> KvmpodParser:
                      help="how kvmpod reaches the guest agent: auto (default: serial for a pod started from a "
                           "boot snapshot, else vsock: kernel vhost-vsock where /dev/vhost-vsock is usable, else "
                           "kvmpod's userspace backend), vsock, vhost-vsock, vsock-user, serial (virtio-serial)")
+    run.add_argument("--backend", choices=["qemu", "libvirt"], default=None,
+                     help="VM backend: qemu (default, [vm] backend in kvmpod.toml) spawns QEMU itself; libvirt "
+                          "runs the pod as a transient libvirt domain (docs/libvirt.md)")
+    run.add_argument("--libvirt-uri", metavar="URI", default=None,
+                     help="libvirt connection for --backend libvirt ([vm] libvirt-uri; default qemu:///system "
+                          "as root, qemu:///session otherwise)")
     run.add_argument("--boot", choices=["snapshot", "cold"], default=None,
                      help="snapshot (default, [run] boot in kvmpod.toml): restore a VM booted once and saved, "
                           "made the first time it is needed, where the pod allows (no vsock, host volumes or "

@@ -15,11 +15,12 @@ def cmd_list(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(pods, indent=2))
         return 0
-    print(f"{'UUID':36}  {'STATE':9}  {'APPS':20}  IPS")
+    print(f"{'UUID':36}  {'STATE':9}  {'APPS':20}  {'BACKEND':24}  IPS")
     for pod in pods:
         apps = ", ".join(a.get("name", "?") for a in pod["apps"])
         ips = ", ".join(f"{n.get('network')}:{ip}" for n in pod.get("networks", []) for ip in n.get("ips", []))
-        print(f"{pod['uuid']:36}  {pod['state']:9}  {apps:20}  {ips}".rstrip())
+        backend = f"libvirt:{pod['domain']}" if pod.get("domain") else pod.get("backend", "qemu")
+        print(f"{pod['uuid']:36}  {pod['state']:9}  {apps:20}  {backend:24}  {ips}".rstrip())
     return 0
 
 
@@ -33,7 +34,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
     timings = summary["timings"]
     lines = [("uuid", summary["uuid"]), ("state", summary["state"]),
              ("created", _when(summary.get("created"))), ("started", _when(timings.get("apps_started"))),
-             ("ended", _when(timings.get("vm_ended"))), ("path", summary["path"])]
+             ("ended", _when(timings.get("vm_ended"))), ("path", summary["path"]),
+             ("backend", summary.get("backend")),
+             ("domain", f"{summary['domain']} on {summary.get('libvirt_uri')}" if summary.get("domain") else "")]
     if error := pod.state.get("error"):
         lines.append(("error", error))
     for key, value in lines:

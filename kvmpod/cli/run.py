@@ -101,7 +101,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
                          pod_env=dict(ns.set_env), kernel_args=ns.kernel_arg, detach=ns.detach,
                          hostname=ns.hostname, annotations=annotations, pod_isolators=pod_isolators,
                          uuid_file=ns.uuid_file_save, volumes=volumes, network=network, timeout=ns.timeout,
-                         transfer=Transfer.from_flags(ns.insecure_options, ns.ca_file))
+                         transfer=Transfer.from_flags(ns.insecure_options, ns.ca_file),
+                         backend=ns.backend, libvirt_uri=ns.libvirt_uri)
     return run(apps, options)
 
 

@@ -34,6 +34,7 @@ from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
 from kvmpod.vm import cgroup, sandbox
 from kvmpod.vm.accel import choose_accelerator
+from kvmpod.vm.backend_choice import BackendChoice, choose_backend
 from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.config import Disk, FsDevice, VMConfig
 from kvmpod.vm.machine import plan_boot
@@ -142,6 +143,7 @@ class PodPlan:
     restore: SnapshotClaim | None = None   # the boot snapshot found while planning…
     spawned: SpawnedQemu | None = None    # …and the QEMU already started from it
     cgroup: Cgroup | None = None          # QEMU's and virtiofsd's, with the pod's limits (kvmpod/vm/cgroup.py)
+    backend: BackendChoice = BackendChoice("qemu")   # QEMU itself, or a libvirt domain (docs/libvirt.md)
 
     def abandon(self) -> None:
         """The pod fails before a runner took the VM: QEMU goes, and so does the snapshot claim. Also
@@ -158,6 +160,7 @@ class PodPlan:
 
 def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
              timings: dict[str, float]) -> PodPlan:
+    backend = choose_backend(options.backend, options.libvirt_uri)   # before anything is made
     metadata_secrets = MetadataSecrets.generate()  # the URL goes into every app's environment
     resolved = prepare_apps(Store(transfer=options.transfer), apps, options.pod_env, claims, metadata_secrets.url)
     resolved, volumes = attach_volumes(resolved, options.volumes)
@@ -182,8 +185,19 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
     boot = options.boot or boot_setting()
     # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit())
     snapshot_possible = (boot == "snapshot" and not volumes.host and options.network.mode == "none"
-                         and not any(a.root_share for a in resolved))
-    agent_transport = choose_transport(options.agent_transport, kernel, snapshot=snapshot_possible)
+                         and not any(a.root_share for a in resolved) and backend.name == "qemu")
+    if backend.name == "libvirt" and options.boot == "snapshot":
+        raise KvmpodError("--boot snapshot: the libvirt backend boots cold (docs/libvirt.md)")
+    if backend.name == "libvirt" and options.network.mode not in ("none", "user"):
+        raise KvmpodError(f"--net {options.network.mode}: the libvirt backend takes --net none or --net user "
+                          "(libvirt opens taps by name; kvmpod's are held by fd: docs/libvirt.md)")
+    if backend.name == "libvirt" and volumes.host and os.geteuid() != 0:
+        raise KvmpodError("--volume: host volumes on the libvirt backend need virtiofsd, and so root")
+    if backend.name == "libvirt" and options.agent_transport not in ("auto", "serial"):
+        raise KvmpodError(f"--agent-transport {options.agent_transport}: the libvirt backend reaches the agent "
+                          "over virtio-serial only")
+    agent_transport = choose_transport("serial" if backend.name == "libvirt" else options.agent_transport,
+                                       kernel, snapshot=snapshot_possible)
     if agent_transport.notice:
         notice(agent_transport.notice)
     disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved if not app.root_share}.values())
@@ -246,7 +260,9 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         log.debug("agent transport %s (%s)", agent_transport.kind, agent_transport.reason)
         planned = PodPlan(pod, resolved, volumes, config, snapshot_cmdline, hostname, metadata_secrets, shares,
                           vsock_front, snapshot_possible)
-        planned.cgroup = pod_cgroup(pod, size, len(shares), accel.name)   # before any QEMU is spawned
+        planned.backend = backend
+        if backend.name == "qemu":   # a libvirt domain's QEMU is in libvirt's cgroup (docs/libvirt.md)
+            planned.cgroup = pod_cgroup(pod, size, len(shares), accel.name)   # before any QEMU is spawned
         if snapshot_possible:
             _spawn_from_snapshot(planned, timings)
         return planned

@@ -63,6 +63,10 @@ class RunOptions:
     # rkt's immutable pods: the first app to fail stops the others (SIGTERM, then SIGKILL after
     # stop_timeout), and its exit status is the pod's; otherwise the pod waits for every app
     stop_on_failure: bool = False
+    # the VM backend (kvmpod/vm/libvirt_vm.py, docs/libvirt.md): None = [vm] backend in kvmpod.toml, else qemu;
+    # libvirt_uri None = [vm] libvirt-uri, else qemu:///system as root, qemu:///session otherwise
+    backend: str | None = None
+    libvirt_uri: str | None = None
 
 
 # what a pod's kvmpod process answers (docs/cli.md); blocked across the idle relay's execs (relay.py)

@@ -96,6 +96,9 @@ class PodInfo:
                    "apps": self.state.get("apps", []), "qemu_pid": self.qemu_pid, "path": str(self.path)}
         if self.state.get("networks"):
             summary["networks"] = self.state["networks"]
+        summary["backend"] = self.state.get("backend", "qemu")
+        if self.state.get("domain"):   # a libvirt pod's domain and connection (docs/libvirt.md)
+            summary["domain"], summary["libvirt_uri"] = self.state["domain"], self.state.get("libvirt_uri")
         if isinstance(self.state.get("cgroup"), dict):   # QEMU's cgroup and its limits (docs/layout.md)
             summary["cgroup"] = self.state["cgroup"]
         if self.state.get("error"):
@@ -180,11 +183,25 @@ def kill_stray_qemu(pod: PodInfo) -> None:
             pass
 
 
+def destroy_stray_domain(pod: PodInfo) -> None:
+    """A libvirt pod's domain that outlived its kvmpod: destroyed through libvirt, found by kvmpod's
+    metadata in it (this pod's UUID and directory), never by its name alone. A daemon that cannot be
+    reached keeps the pod for a later gc (KvmpodError)."""
+    uri = pod.state.get("libvirt_uri")
+    if pod.state.get("backend") != "libvirt" or not isinstance(uri, str):
+        return
+    from kvmpod.vm.libvirt_vm import destroy_pod_domains  # lazy: libvirt-python is optional
+
+    for name in destroy_pod_domains(uri, pod.uuid, pod.path):
+        print(f"kvmpod: pod {pod.uuid}: destroyed its libvirt domain {name}", file=sys.stderr, flush=True)
+
+
 def remove(pod: PodInfo) -> None:
     """Remove a pod whose kvmpod process is gone: its stray QEMU, if any, then its directory."""
     if pod.owner_alive:
         raise UsageError(f"pod {pod.uuid} is {pod.status}: stop it first (kvmpod stop {pod.uuid})")
     kill_stray_qemu(pod)
+    destroy_stray_domain(pod)
     release(pod.path)   # its leases, port forwards, CNI namespaces (its taps died with QEMU); raises if stuck
     if (pod_cgroup := Cgroup.from_record(pod.state.get("cgroup"))) is not None:
         pod_cgroup.remove()   # empty once the strays killed above have exited; else the next gc's sweep

@@ -79,6 +79,8 @@ def unfit(options: RunOptions, virtiofs: bool, agent_transport: str) -> str | No
         return "it reports to a caller in this process (on_exited, OCI create/start)"
     if virtiofs:
         return "its virtiofsd daemons are this process's to stop"
+    if options.backend == "libvirt":
+        return "its VM is a libvirt domain, driven over a connection that lives in this process"
     if agent_transport == "vsock-user":
         return "kvmpod's userspace vsock device lives in this process"
     return None

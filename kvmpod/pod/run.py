@@ -41,6 +41,7 @@ from kvmpod.pod.relay import unfit as relay_unfit
 from kvmpod.pod.runner import FdSink, LogSink, PodRunner
 from kvmpod.pod.spec import AppOverrides, pod_manifest
 from kvmpod.store.locks import SharedLocks
+from kvmpod.vm.backend import VMBackend
 from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.config import NinePShare, VMConfig
 from kvmpod.vm.qemu import QemuVM
@@ -63,6 +64,7 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
     and network, QEMU (unless planning spawned it from a boot snapshot), the apps, and teardown."""
     pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
     network = None
+    options = dataclasses.replace(options, backend=plan.backend.name)   # as chosen (--backend or [vm] backend)
     try:
         relay = relay_for(options, bool(plan.shares), plan.config.agent_transport)
         if options.uuid_file:
@@ -92,10 +94,13 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
         if plan.spawned is None:
             log.debug("boot: %s", f"from snapshot {restore.snapshot.key}" if restore else "cold")
 
-        def cold_vm() -> QemuVM:
+        def cold_vm() -> VMBackend:
+            if plan.backend.name == "libvirt":
+                return libvirt_vm(plan, config, options.boot_timeout)
             return QemuVM(config, pod.file("qemu.log"), connect_timeout=options.boot_timeout,
                           vsock_front=plan.vsock_front, cgroup=plan.cgroup)
 
+        vm: VMBackend
         if restore is None:
             vm = cold_vm()
         else:
@@ -134,6 +139,21 @@ async def run_after_relay(state: RelayState, unread: bytes, broken: set[int], si
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(state.qemu.pid, signal.SIGKILL)
             await _release(state.network, state.pod, state.options, state.timings)
+
+
+def libvirt_vm(plan: PodPlan, config: VMConfig, timeout: float) -> VMBackend:
+    """The pod's VM as a transient libvirt domain (kvmpod/vm/libvirt_vm.py). libvirt runs QEMU as its own
+    user, which must reach the pod directory's kernel copy, console log and agent socket: the pods
+    directory and the pod's become searchable (0711, not listable; docs/libvirt.md)."""
+    from kvmpod.vm.domain_xml import DomainSpec, domain_name
+    from kvmpod.vm.libvirt_vm import LibvirtVM
+
+    pod = plan.pod
+    for directory in (pod.path.parent, pod.path):
+        os.chmod(directory, os.stat(directory).st_mode & 0o777 | 0o711)
+    spec = DomainSpec(domain_name(pod.uuid), pod.uuid, pod.path, pod.file("agent.sock"), qemu_binary())
+    pod.update(backend="libvirt", libvirt_uri=plan.backend.uri, domain=spec.name)   # for gc, before it exists
+    return LibvirtVM(config, spec, plan.backend.uri, connect_timeout=timeout)
 
 
 def relay_for(options: RunOptions, virtiofs: bool, agent_transport: str) -> Path | None:

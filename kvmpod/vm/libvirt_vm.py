@@ -1,0 +1,341 @@
+"""The libvirt backend: a pod's VM as a transient libvirt domain (docs/libvirt.md).
+
+The domain is the pod's VMConfig rendered as XML (kvmpod/vm/domain_xml.py) and created with
+virDomainCreateXML: nothing persists in libvirt once it is gone. libvirt starts QEMU (as its own
+QEMU user, in its own cgroup, confined as qemu.conf says) and kvmpod learns how it ended from the
+domain's lifecycle events, delivered on the pod's asyncio loop through libvirtaio. The agent's
+virtio-serial port is a unix socket libvirt listens on in the pod directory; kvmpod connects to it.
+
+libvirt-python is an optional extra (`pip install 'kvmpod[libvirt]'`): imported only here, and only
+when a pod asks for this backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+from kvmpod.errors import KvmpodError, VMError
+from kvmpod.vm.backend import AgentChannel, VMBackend, VMExit
+from kvmpod.vm.backend_choice import INSTALL_HINT
+from kvmpod.vm.config import VMConfig
+from kvmpod.vm.domain_xml import DOMAIN_PREFIX, METADATA_NS, DomainSpec, render
+
+log = logging.getLogger(__name__)
+
+# where libvirt keeps a running domain's QEMU pid (system, then session instances)
+PID_DIRS = (Path("/run/libvirt/qemu"), Path(os.path.expanduser("~/.cache/libvirt/qemu/run")))
+_registered: set[int] = set()   # ids of the loops libvirtaio dispatches for
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt  # noqa: PLC0415 - optional and heavy: only libvirt pods load it
+    except ImportError as e:
+        raise KvmpodError(INSTALL_HINT) from e
+    return libvirt
+
+
+def _message(error: Exception) -> str:
+    get = getattr(error, "get_error_message", None)
+    return (get() if get else None) or str(error)
+
+
+def connect(uri: str, read_only: bool = False) -> Any:
+    """A connection to the libvirt daemon at `uri`; VMError naming the URI if there is none."""
+    libvirt = _libvirt()
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)   # errors are raised, not printed
+    try:
+        return libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise VMError(f"libvirt {uri}: {_message(e)}") from e
+
+
+def _register_loop() -> None:
+    loop = asyncio.get_running_loop()
+    if id(loop) not in _registered:
+        import libvirtaio  # noqa: PLC0415
+
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        _registered.add(id(loop))
+
+
+def pod_of(xml: str) -> tuple[str, str] | None:
+    """The pod UUID and directory in a domain's kvmpod metadata, or None if it has none."""
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return None
+    pod = root.find(f"metadata/{{{METADATA_NS}}}pod")
+    if pod is None:
+        return None
+    uuid, directory = pod.findtext(f"{{{METADATA_NS}}}uuid"), pod.findtext(f"{{{METADATA_NS}}}dir")
+    return (uuid, directory) if uuid and directory else None
+
+
+def destroy_pod_domains(uri: str, pod_uuid: str, pod_dir: Path) -> list[str]:
+    """Destroy the running domains whose kvmpod metadata names this pod (UUID and directory both; the name
+    is never enough): those of a pod whose kvmpod process is gone (`kvmpod gc`). Returns their names."""
+    libvirt = _libvirt()
+    conn = connect(uri)
+    destroyed = []
+    try:
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            if not dom.name().startswith(DOMAIN_PREFIX):
+                continue
+            try:
+                owner = pod_of(dom.XMLDesc(0))
+                if owner == (pod_uuid, str(pod_dir)):
+                    dom.destroy()
+                    destroyed.append(dom.name())
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:   # gone meanwhile: what gc wanted
+                    raise VMError(f"libvirt {uri}: destroy {dom.name()}: {_message(e)}") from e
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+    return destroyed
+
+
+def qemu_user(capabilities: str, accel: str) -> tuple[int, int] | None:
+    """The uid and gid libvirt runs QEMU as: the DAC security model's base label for the domain type in
+    the host capabilities (`+64055:+107` for Debian's libvirt-qemu), or None if it has none."""
+    try:
+        root = ElementTree.fromstring(capabilities)
+    except ElementTree.ParseError:
+        return None
+    domain_type = "kvm" if accel == "kvm" else "qemu"
+    for model in root.iter("secmodel"):
+        if model.findtext("model") != "dac":
+            continue
+        for label in model.iter("baselabel"):
+            if label.get("type") == domain_type and label.text:
+                uid, _, gid = label.text.partition(":")
+                with contextlib.suppress(ValueError):
+                    return int(uid.lstrip("+")), int(gid.lstrip("+"))
+    return None
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """What state.json records of a libvirt pod (docs/layout.md): `kvmpod gc` reconnects with it."""
+    uri: str
+    name: str
+
+    def record(self) -> dict[str, str]:
+        return {"backend": "libvirt", "libvirt_uri": self.uri, "domain": self.name}
+
+
+class LibvirtVM(VMBackend):
+    def __init__(self, config: VMConfig, spec: DomainSpec, uri: str, connect_timeout: float = 30.0):
+        self.config = config
+        self.spec = spec
+        self.uri = uri
+        self.connect_timeout = connect_timeout
+        self._conn: Any = None
+        self._dom: Any = None
+        self._callbacks: list[int] = []
+        self._ended: asyncio.Future[VMExit] | None = None
+        self._panicked = False
+        self._destroying = False   # kvmpod ends the domain itself (stop): not a failure
+        self._pid: int | None = None
+
+    @property
+    def info(self) -> DomainInfo:
+        return DomainInfo(self.uri, self.spec.name)
+
+    @property
+    def transport_info(self) -> dict[str, object]:
+        """For state.json: the agent transport, the backend and the domain (`kvmpod status`, gc)."""
+        return {"agent_transport": self.config.agent_transport, **self.info.record()}
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def ended(self) -> asyncio.Future[VMExit]:
+        assert self._ended is not None, "VM not started"
+        return self._ended
+
+    def _domain_config(self) -> VMConfig:
+        """The VMConfig as libvirt gets it: the kernel and initrd as copies in the pod directory, since
+        libvirt's DAC driver chowns them to its QEMU user for the domain's life (the shared cache's
+        files must keep their owner); the store's disk images are marked relabel='no' instead."""
+        copies = {}
+        for what, source in (("kernel", self.config.kernel), ("initrd", self.config.initrd)):
+            target = self.spec.pod_dir / f"libvirt-{what}"
+            try:
+                shutil.copyfile(source, target)
+            except OSError as e:
+                raise VMError(f"{source}: cannot copy it for libvirt: {e.strerror}") from e
+            copies[what] = target
+        return dataclasses.replace(self.config, kernel=copies["kernel"], initrd=copies["initrd"])
+
+    async def start(self) -> AgentChannel:
+        libvirt = _libvirt()
+        try:
+            xml = render(self._domain_config(), self.spec)
+        except ValueError as e:
+            raise VMError(f"--backend libvirt: {e}") from e
+        log.debug("libvirt %s: domain XML:\n%s", self.uri, xml)
+        _register_loop()
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        self._conn = await asyncio.to_thread(connect, self.uri)
+        self._callbacks.append(self._conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None))
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.registerCloseCallback(self._on_close, None)
+        self._hand_sockets(qemu_user(self._conn.getCapabilities(), self.config.accel))
+        try:
+            self._dom = await asyncio.to_thread(self._conn.createXML, xml, 0)
+        except libvirt.libvirtError as e:
+            self._finish(VMExit(None, failure=f"libvirt {self.uri} did not start the domain: {_message(e)}"))
+            await self._disconnect()
+            raise VMError(f"libvirt {self.uri} did not start domain {self.spec.name}: {_message(e)}") from e
+        self._pid = self._read_pid()
+        log.debug("libvirt %s: domain %s started (QEMU pid %s)", self.uri, self.spec.name, self._pid)
+        try:
+            return await self._connect_agent()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    def _hand_sockets(self, user: tuple[int, int] | None) -> None:
+        """virtiofsd's sockets (root's, 0755: nobody else may connect) to the user libvirt runs QEMU as,
+        who connects to them: QEMU starts as that user here, unlike the QEMU backend's, which opens
+        everything as root before it switches user."""
+        if user is None or os.geteuid() != 0:
+            return
+        for fs in self.config.filesystems:
+            try:
+                os.chown(fs.socket, *user)
+                os.chmod(fs.socket, 0o600)
+            except OSError as e:
+                raise VMError(f"{fs.socket}: cannot hand virtiofsd's socket to libvirt's QEMU user: {e.strerror}") from e
+
+    def _read_pid(self) -> int:
+        for directory in PID_DIRS:
+            with contextlib.suppress(OSError, ValueError):
+                return int((directory / f"{self.spec.name}.pid").read_text().strip())
+        return 0   # unknown (another libvirt layout): the domain still runs, state.json says which
+
+    async def _connect_agent(self) -> AgentChannel:
+        connecting = asyncio.ensure_future(
+            asyncio.open_unix_connection(str(self.spec.agent_socket), limit=1 << 20))
+        waits: set[asyncio.Future[Any]] = {connecting, self.ended}
+        done, _ = await asyncio.wait(waits, timeout=self.connect_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if connecting in done:
+            try:
+                return connecting.result()
+            except OSError as e:
+                raise VMError(f"domain {self.spec.name}: cannot connect to the agent's port "
+                              f"{self.spec.agent_socket}: {e.strerror}") from e
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        if self.ended.done():
+            raise VMError(f"domain {self.spec.name} failed to start: {self.ended.result().describe()}")
+        raise VMError(f"domain {self.spec.name}: the agent's port did not answer within {self.connect_timeout:.0f} s")
+
+    # -- events (called on the loop by libvirtaio) -------------------------------------------------
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        libvirt = _libvirt()
+        try:
+            if dom.UUIDString() != self.spec.pod_uuid:
+                return
+        except libvirt.libvirtError:
+            return
+        if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
+            self._panicked = True
+        elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            self._finish(self._exit_for(detail))
+
+    def _exit_for(self, detail: int) -> VMExit:
+        libvirt = _libvirt()
+        name = self.spec.name
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED or self._panicked:
+            return VMExit(None, panicked=True)
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
+            return VMExit(0, shutdown_reason="guest-shutdown")
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED:
+            if self._destroying:
+                return VMExit(-9)   # as a QEMU kvmpod killed: the runner knows why it did
+            return VMExit(None, failure=f"libvirt destroyed domain {name} (virsh destroy, or its daemon)")
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED:
+            return VMExit(None, failure=f"QEMU of domain {name} failed (libvirt's log: /var/log/libvirt/qemu/{name}.log)")
+        return VMExit(None, failure=f"domain {name} stopped (libvirt event detail {detail})")
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        self._finish(VMExit(None, failure=f"lost the connection to libvirt {self.uri} (reason {reason})"))
+
+    def _finish(self, vm_exit: VMExit) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(vm_exit)
+            asyncio.get_running_loop().create_task(self._disconnect())
+
+    async def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for callback in self._callbacks:
+            with contextlib.suppress(Exception):
+                conn.domainEventDeregisterAny(callback)
+        self._callbacks.clear()
+        with contextlib.suppress(Exception):
+            conn.unregisterCloseCallback()
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    # -- control -----------------------------------------------------------------------------------
+
+    async def wait(self) -> VMExit:
+        return await asyncio.shield(self.ended)
+
+    async def stop(self, grace: float) -> VMExit:
+        """Destroy the domain (as the QEMU backend's QMP quit: no guest cooperation); `grace` bounds the
+        wait for libvirt's STOPPED event."""
+        if self._ended is None:
+            raise VMError("VM was never started")
+        if self.ended.done():
+            return self.ended.result()
+        libvirt = _libvirt()
+        self._destroying = True
+        if self._dom is not None:
+            try:
+                await asyncio.to_thread(self._dom.destroy)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                    self._finish(VMExit(None, failure=f"libvirt {self.uri}: destroy {self.spec.name}: {_message(e)}"))
+        else:
+            self._finish(VMExit(-9))
+        with contextlib.suppress(asyncio.TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(self.ended), max(grace, 5.0))
+        self._finish(VMExit(-9, failure=f"libvirt {self.uri} did not report the end of {self.spec.name}"))
+        return self.ended.result()
+
+    async def pause(self) -> None:
+        await self._call("suspend")
+
+    async def resume(self) -> None:
+        await self._call("resume")
+
+    async def _call(self, method: str) -> None:
+        libvirt = _libvirt()
+        if self._dom is None:
+            raise VMError("VM was never started")
+        try:
+            await asyncio.to_thread(getattr(self._dom, method))
+        except libvirt.libvirtError as e:
+            raise VMError(f"libvirt {method} {self.spec.name}: {_message(e)}") from e
