@@ -335,3 +335,44 @@ def test_a_redirected_blob_is_fetched_without_the_registrys_token(kvmpod, regist
     kvmpod.ok("fetch", "--insecure-options=http", f"docker://{registry.proxy.host}/{REPOSITORY}:latest")
     assert len(proxy_rules.direct) == 3 and all(auth is None for _, auth in proxy_rules.direct), proxy_rules.direct
     assert len(kvmpod.records()) == 1
+
+
+def test_import_limits_stop_a_pull_before_its_blobs_are_downloaded(kvmpod, registry, proxy_rules):
+    Path(kvmpod.env["KVMPOD_CONFIG"]).write_text('[image]\nmax-size = "1M"\n')
+    ref = f"docker://{registry.proxy.host}/{REPOSITORY}:latest"
+    error = one_error(kvmpod("fetch", "--insecure-options=http", ref))
+    assert error.startswith(f"{ref}: the image's blobs are ") and error.endswith(
+        "more than the 1.0 MiB image limit ([image] max-size in kvmpod.toml)")
+    assert proxy_rules.blob_gets() == []
+    kvmpod.assert_nothing_stored()
+
+
+def test_two_pulls_of_one_image_at_once_store_it_once(kvmpod, registry):
+    ref = f"docker://{registry.http_host}/{REPOSITORY}:latest"
+    command = [sys.executable, "-m", "kvmpod", "--dir", str(kvmpod.store), "fetch", "--insecure-options=http", ref]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kvmpod.env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0] and len(kvmpod.records()) == 1
+    assert len(kvmpod.cached_blobs()) == 4 and list((kvmpod.store / "tmp").iterdir()) == []
+    assert kvmpod("image", "fsck").stdout == ""
+
+
+def test_gc_and_fsck_know_the_layer_cache(kvmpod, registry):
+    import hashlib
+
+    kvmpod.ok("fetch", "--insecure-options=http", f"docker://{registry.http_host}/{REPOSITORY}:latest")
+    needed = kvmpod.cached_blobs()
+    stray = kvmpod.store / "layers" / "sha256" / hashlib.sha256(b"stray").hexdigest()
+    stray.write_bytes(b"stray")
+    damaged = kvmpod.store / "layers" / "sha256" / ("0" * 64)
+    damaged.write_bytes(b"not what the name says")
+    report = kvmpod("image", "fsck")
+    assert report.returncode == 1 and sorted(report.stdout.splitlines()) == sorted([
+        f"layers/sha256/{'0' * 64}: pulled blob's bytes do not match its digest sha256:{'0' * 64} "
+        "(the next pull downloads it again)",
+        f"layers/sha256/{stray.name}: pulled blob no stored image needs"])
+    removed = kvmpod.ok("image", "gc")
+    assert f"pulled blob sha256:{stray.name}" in removed and f"pulled blob sha256:{'0' * 64}" in removed
+    assert kvmpod.cached_blobs() == needed and kvmpod("image", "fsck").stdout == ""
