@@ -27,7 +27,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmpod.config import lookup
+from kvmpod.config import bool_setting, lookup
 from kvmpod.errors import ImageError, printable
 from kvmpod.image.trust import Requirement, TrustStore
 
@@ -115,8 +115,10 @@ def admit(name: str, check: SignatureCheck, shown: str, skip: bool = False,
     store = TrustStore()
     keys = store.keys()
     required = store.requirement(name, keys)
-    if check.status == NOT_CHECKED and (required is None or required.kind != "config"):
-        return check  # Docker/OCI images carry no appc signature: only require-signatures asks for one
+    if check.status == NOT_CHECKED:  # Docker/OCI images carry no appc signature: only the switch asks for one
+        if not bool_setting("require-signatures", "image", False):
+            return check
+        required = Requirement("config")
     problem: str | None = None
     if check.untrusted is not None:
         problem = (f"{shown}: image {name}: signature {check.signature or 'of the image'} is by key "

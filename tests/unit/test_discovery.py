@@ -401,3 +401,28 @@ def test_the_fingerprint_is_reviewed_on_a_terminal(keys, capsys, tmp_path, monke
     monkeypatch.setattr(sys, "stdin", Terminal(["maybe\n", "yes\n"], sys.stdin))
     assert main(["trust", "--prefix", "example.com", str(files["publisher"])]) == 0
     assert (tmp_path / "trust" / "prefix.d" / "example.com" / fingerprint("publisher").lower()).is_file()
+
+
+def test_docker_and_oci_images_are_outside_prefix_and_root_keys_but_not_require_signatures(
+        keys, capsys, tmp_path, monkeypatch):
+    from tests.unit.test_oci import BUSYBOX_LAYER, docker_archive
+
+    files, _, _ = keys
+    monkeypatch.setenv("KVMPOD_STORE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("KVMPOD_TRUST_DIR", str(tmp_path / "trust"))
+    config = tmp_path / "kvmpod.toml"
+    config.write_text("")
+    monkeypatch.setenv("KVMPOD_CONFIG", str(config))
+    archive = docker_archive(tmp_path / "img.tar", [BUSYBOX_LAYER], None, ["busybox:latest"])
+    for how in ("--prefix=docker.io", "--root"):
+        assert kvmpod(capsys, "trust", how, "--skip-fingerprint-review", str(files["publisher"]))[0] == 0
+    code, _, err = kvmpod(capsys, "fetch", f"docker-archive:{archive}")
+    assert code == 0, err  # docker.io/library/busybox is a name the conversion made: no appc signature to ask for
+    assert Store().list_records()[0].signature == "not-checked"
+    config.write_text("[image]\nrequire-signatures = true\n")
+    code, _, err = kvmpod(capsys, "fetch", f"docker-archive:{archive}")
+    assert code == 125 and len(err.splitlines()) == 1
+    assert ("image docker.io/library/busybox falls under [image] require-signatures and is a Docker/OCI image, "
+            "with no appc signature: refused") in err
+    code, _, err = kvmpod(capsys, "fetch", "--insecure-options=image", f"docker-archive:{archive}")
+    assert code == 0 and "taken anyway (--insecure-options=image)" in err
