@@ -426,3 +426,33 @@ def test_docker_and_oci_images_are_outside_prefix_and_root_keys_but_not_require_
             "with no appc signature: refused") in err
     code, _, err = kvmpod(capsys, "fetch", "--insecure-options=image", f"docker-archive:{archive}")
     assert code == 0 and "taken anyway (--insecure-options=image)" in err
+
+
+def test_plain_http_discovery_and_keys_need_insecure_http_and_pubkey(keys, capsys, tmp_path, monkeypatch, http_root):
+    """A discovery server without TLS (tests/unit/conftest.py's http_root): https is tried first, then http."""
+    files, sign, fingerprint = keys
+    root, base = http_root
+    port = int(base.rsplit(":", 1)[1])
+    monkeypatch.setenv("KVMPOD_STORE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("KVMPOD_TRUST_DIR", str(tmp_path / "trust"))
+    config = tmp_path / "kvmpod.toml"
+    config.write_text(DiscoveryServer(port).config_text())
+    monkeypatch.setenv("KVMPOD_CONFIG", str(config))
+    (root / "pub").write_bytes(DiscoveryServer(port).meta_page(   # /pub?ac-discovery=1: the query is ignored
+        ("ac-discovery", PREFIX, f"{base}/images/{{name}}-{{version}}-{{os}}-{{arch}}.{{ext}}"),
+        ("ac-discovery-pubkeys", PREFIX, f"{base}/pubkeys.asc")))
+    shutil.copy(files["publisher"], root / "pubkeys.asc")
+    images = root / "images" / PREFIX
+    images.mkdir(parents=True)
+    sign(make_aci(images / "app-1.0-linux-amd64.aci", name=NAME, labels=LABELS))
+    trust = ["trust", "--prefix", PREFIX, "--skip-fingerprint-review"]
+    code, _, err = kvmpod(capsys, *trust)
+    assert code == 125 and len(err.splitlines()) == 1
+    assert f"https://127.0.0.1:{port}/pub?ac-discovery=1: discovery failed: " in err
+    code, _, err = kvmpod(capsys, *trust, "--insecure-options=http")
+    assert code == 125 and f"{base}/pubkeys.asc: a key fetched without a verified TLS connection is refused" in err
+    code, out, err = kvmpod(capsys, *trust, "--insecure-options=http,pubkey")
+    assert code == 0 and fingerprint("publisher").lower() in out, err
+    code, _, err = kvmpod(capsys, "fetch", "--insecure-options=http", f"{NAME}:1.0")
+    assert code == 0, err
+    assert Store().list_records()[0].signature == f"verified {fingerprint('publisher')}"
