@@ -12,7 +12,10 @@ requests).
         registry_tls.host, registry_tls.ca_file   # certificate (tests/tls_fixture.py)
 
 The registry's storage is under the session's temp dir; it and the proxy stop with the session.
-Debian packages: docker-registry, skopeo (the Makefile's DEB_PACKAGES).
+skopeo runs with a policy and an empty auth file of the test's own; like buildah (tests/oci_images.py)
+it still keeps its digest cache in /var/lib/containers/cache/blob-info-cache-v1.boltdb as root.
+Debian packages: docker-registry, skopeo (the Makefile's DEB_PACKAGES). Installing docker-registry
+also enables a system service on :5000 where systemd runs; the tests start their own on free ports.
 """
 
 from __future__ import annotations
