@@ -29,7 +29,7 @@ from pathlib import Path
 
 from kvmpod.config import bool_setting, lookup
 from kvmpod.errors import ImageError, printable
-from kvmpod.image.trust import Requirement, TrustStore
+from kvmpod.image.trust import Requirement, TrustStore, read_keys
 
 DEFAULT_KEYRING = Path("/etc/kvmpod/trustedkeys.gpg")
 SIGNATURE_SUFFIX = ".asc"
@@ -135,13 +135,20 @@ def admit(name: str, check: SignatureCheck, shown: str, skip: bool = False,
 def _missing(name: str, check: SignatureCheck, shown: str, required: Requirement, trusted: set[str]) -> str | None:
     if check.status.startswith("verified "):
         fingerprint = check.status.split()[1].upper()
-        if fingerprint in trusted:
+        if fingerprint in trusted or fingerprint in _legacy_fingerprints():
             return None
         return (f"{shown}: image {name} falls under {required} and is signed by key {fingerprint}, "
                 f"which is not trusted for it")
     what = {UNSIGNED: "has no signature", NOT_CHECKED: "is a Docker/OCI image, with no appc signature"}.get(
         check.status, "has no signature checked by a trusted key")
     return f"{shown}: image {name} falls under {required} and {what}"
+
+
+def _legacy_fingerprints() -> set[str]:
+    """The keys of `[image] trusted-keys`: trusted for every name (as root keys are), though they do
+    not by themselves ask for signatures."""
+    keyring = trusted_keyring()
+    return {key.fingerprint for key in read_keys(keyring)} if keyring.is_file() else set()
 
 
 def _for(required: Requirement | None) -> str:

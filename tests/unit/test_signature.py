@@ -114,3 +114,16 @@ def test_a_url_is_checked_against_its_asc_next_to_it(trusting, tmp_path, http_ro
     with pytest.raises(ImageError, match="does not verify"):
         store.import_ref(f"{base}/app.aci")
     assert not any(store.tmp.iterdir())
+
+
+def test_the_trusted_keys_keyring_counts_as_root_keys_under_require_signatures(trusting, tmp_path, monkeypatch):
+    config = tmp_path / "kvmpod.toml"
+    config.write_text(config.read_text() + "require-signatures = true\n")
+    store = Store(tmp_path / "store", limits=ImportLimits())
+    unsigned = make_aci(tmp_path / "unsigned.aci", name="example.com/unsigned")
+    with pytest.raises(ImageError, match="image example.com/unsigned falls under .image. require-signatures and "
+                                         "has no signature: refused"):
+        store.import_aci(unsigned)
+    aci = make_aci(tmp_path / "app.aci")
+    trusting(aci)
+    assert store.import_aci(aci).signature.startswith("verified ")
