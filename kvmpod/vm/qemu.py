@@ -353,9 +353,8 @@ class QemuVM(VMBackend):
     async def _close_listeners(self) -> None:
         if self._events_task:
             self._events_task.cancel()
-        if self._qmp is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._qmp.disconnect(), 2)
+        # what needs no await first: a pod's teardown need not wait for this task, and the event loop's end
+        # cancels it at its first await (the QMP disconnect), which left the CID's lock file behind (test_soak)
         if self._spawned is not None:
             self._spawned.close()
         self._release_vsock()
@@ -366,6 +365,9 @@ class QemuVM(VMBackend):
                 st = os.stat(path)
                 if self._socket_inodes.get(path, (st.st_ino, st.st_ctime_ns)) == (st.st_ino, st.st_ctime_ns):
                     os.unlink(path)
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._qmp.disconnect(), 2)
 
     def _socket_paths(self) -> list[Path]:
         return [p for p in (self.config.vhost_user_vsock, self.vsock_front) if p]
