@@ -29,7 +29,8 @@ from kvmpod.pod.options import RunOptions, notice
 from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.resources import VMSize, app_resources, size_vm
 from kvmpod.pod.spec import AppOverrides, ResolvedApp, isolator_notices, resolve_app
-from kvmpod.pod.volumes import PodVolumes, Volume, app_mounts, host_transport, pod_volumes, unique_volumes
+from kvmpod.pod.volumes import (PodVolumes, Volume, app_mounts, host_owner, host_transport, pod_volumes,
+                                unique_volumes)
 from kvmpod.store import Store, StoredImage
 from kvmpod.store.locks import SharedLocks
 from kvmpod.vm import cgroup, sandbox
@@ -218,6 +219,9 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             find_virtiofsd()  # forced: fail before the pod exists, saying why
         if why:
             notice(why)
+        if transport == "9p" and any(v.owner for v in volumes.host):
+            notice("a host volume's owner= applies over virtio-fs (root) only: over virtio-9p the files "
+                   "are " + ("the guest's owners'" if os.geteuid() == 0 else "yours"))
         volumes = dataclasses.replace(volumes, transport=transport)
     confinement, confinement_notices = sandbox.confinement(
         qemu.path, is_root=os.geteuid() == 0, shares_9p=volumes.transport == "9p" and bool(volumes.host))
@@ -232,7 +236,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         shares = []
         if volumes.transport == "virtiofs" and volumes.host:
             shares = [FsShare(volumes.tag(v), Path(v.source or ""), pod.file(f"{volumes.tag(v)}.sock"),
-                              v.read_only) for v in volumes.host]
+                              v.read_only, owner=host_owner(v)) for v in volumes.host]
         if root_shares:
             # not read_only even for a read-only rootfs (the guest mounts it so): the agent makes the
             # app's mount points in it (/etc/hostname, /etc/hosts, volume targets), so it stays writable

@@ -11,6 +11,7 @@ mount point says so.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from kvmpod.image.manifest import MountPoint
 from kvmpod.image.names import AC_NAME
 
 KINDS = ("empty", "host")
+OWNER = re.compile(r"^(source|[0-9]{1,10}:[0-9]{1,10})$")
 DEFAULT_EMPTY_MODE = 0o755
 
 
@@ -32,6 +34,9 @@ class Volume:
     mode: int = DEFAULT_EMPTY_MODE  # kind=empty: the tmpfs root's mode, uid and gid
     uid: int = 0
     gid: int = 0
+    # kind=host: whose the files the guest's root writes are on the host: "source" (the source
+    # directory's owner) or "UID:GID"; None: root's, as the guest's owners are kept (docs/volumes.md)
+    owner: str | None = None
 
     def manifest(self) -> dict:
         """The volume as a PodManifest `volumes` entry."""
@@ -120,7 +125,7 @@ def make_volume(where: str, name: str, kv: dict) -> Volume:
     """A volume from its fields (flag strings or pod manifest JSON values); `where` prefixes errors."""
     if not AC_NAME.match(name):
         raise UsageError(f"{where}: volume name {name!r} is not an AC Name")
-    known = {"kind", "source", "readOnly", "mode", "uid", "gid", "recursive"}
+    known = {"kind", "source", "readOnly", "mode", "uid", "gid", "recursive", "owner"}
     for key in kv:
         if key not in known:
             raise UsageError(f"{where}: volume {name}: unknown key {key!r}")
@@ -136,9 +141,13 @@ def make_volume(where: str, name: str, kv: dict) -> Volume:
         source = kv.get("source")
         if not isinstance(source, str) or not source.startswith("/"):
             raise UsageError(f"{where}: volume {name}: kind=host needs source=/absolute/path")
-        return Volume(name, kind, os.path.normpath(source), read_only)
-    if "source" in kv:
-        raise UsageError(f"{where}: volume {name}: source applies to kind=host only")
+        owner = kv.get("owner")
+        if owner is not None and (not isinstance(owner, str) or not OWNER.match(owner)):
+            raise UsageError(f"{where}: volume {name}: owner must be source or UID:GID, not {owner!r}")
+        return Volume(name, kind, os.path.normpath(source), read_only, owner=owner)
+    for key in ("source", "owner"):
+        if key in kv:
+            raise UsageError(f"{where}: volume {name}: {key} applies to kind=host only")
     mode = _int(where, "mode", str(kv.get("mode", "0755")), 8, 0o7777)
     uid = _int(where, "uid", str(kv.get("uid", 0)))
     gid = _int(where, "gid", str(kv.get("gid", 0)))
@@ -232,6 +241,24 @@ def check_host_source(volume: Volume) -> None:
     if os.path.realpath(volume.source) != volume.source:
         raise UsageError(f"{where}: its path goes through a symlink (give the real path "
                          f"{os.path.realpath(volume.source)})")
+
+
+def host_owner(volume: Volume) -> tuple[int, int] | None:
+    """The host uid and gid the guest's root is for a host volume (its `owner`), None when it is root
+    (no mapping). After check_host_source: `source` is the directory's owner."""
+    if volume.owner is None:
+        return None
+    if volume.owner == "source":
+        st = os.stat(source_path(volume))
+        uid, gid = st.st_uid, st.st_gid
+    else:
+        uid, gid = (int(n) for n in volume.owner.split(":"))
+    if uid > MAX_ID or gid > MAX_ID:
+        raise UsageError(f"--volume {volume.name}: owner {uid}:{gid} is beyond {MAX_ID}")
+    return None if (uid, gid) == (0, 0) else (uid, gid)
+
+
+MAX_ID = 65535   # the ids a volume's owner mapping covers (kvmpod/vm/virtiofs.py id_map)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,29 @@ class FsShare:
     source: Path
     socket: Path
     read_only: bool = False
+    owner: tuple[int, int] | None = None   # the host uid and gid the guest's root is (id_map), None: root
+
+
+ID_RANGE = 65536   # the guest ids an owner mapping covers: 0-65535
+
+
+def id_map(outer: int) -> str:
+    """/proc/PID/uid_map (or gid_map) text for virtiofsd in a user namespace of its own: the guest's
+    root (inside id 0) is `outer` on the host, every other id is itself, except `outer`, which has no
+    inside id left (files the host's `outer` owns show as the guest's root)."""
+    ranges = [(0, outer, 1), (1, 1, outer - 1), (outer + 1, outer + 1, ID_RANGE - outer - 1)]
+    return "".join(f"{inside} {host} {count}\n" for inside, host, count in ranges if count > 0)
+
+
+
+def userns_wrapper(uid: int, gid: int) -> list[str]:
+    """What puts virtiofsd in a user namespace of its own whose root is uid:gid on the host (`owner`):
+    the process becomes uid:gid (no other groups; its death signal set again, which the change of
+    user clears), makes the namespace, and its shell waits for kvmpod to write the id maps, which must
+    come before virtiofsd starts; then it becomes virtiofsd, root in the namespace (the same pid
+    throughout: kvmpod signals and waits for it as ever)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--pdeathsig=SIGKILL",
+            "unshare", "--user", "--", "sh", "-c", 'read _ && exec "$@" </dev/null', "kvmpod-volume-owner"]
 
 
 def fuse_opt_value(value: object) -> str:
@@ -61,14 +84,16 @@ def fuse_opt_value(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace(",", "\\,")
 
 
-def virtiofsd_argv(binary: Path, share: FsShare) -> list[str]:
+def virtiofsd_argv(binary: Path, share: FsShare, listen_fd: int | None = None) -> list[str]:
+    """`listen_fd`: the listening socket kvmpod made (--fd), else virtiofsd makes share.socket."""
     # The guest mounts a readOnly volume ro (and binds it ro); the host side is below.
     # --socket-path=... is one argument, not an option list: it is passed as it is.
     # Its sandbox (docs/security.md): sandbox=namespace (new mount, pid and net namespaces, pivot_root
     # into the share) and, always, its seccomp allowlist and a reduced capability set, from which
     # modcaps takes CAP_MKNOD (a guest could otherwise make device nodes on the host's filesystem) and
     # CAP_SETFCAP (file capabilities: xattrs are off anyway).
-    argv = [str(binary), f"--socket-path={share.socket}", "-o", f"source={fuse_opt_value(share.source)}",
+    socket = f"--fd={listen_fd}" if listen_fd is not None else f"--socket-path={share.socket}"
+    argv = [str(binary), socket, "-o", f"source={fuse_opt_value(share.source)}",
             "-o", "cache=auto", "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "log_level=warn",
             "-o", "modcaps=-mknod:-setfcap", "--rlimit-nofile=4096"]
     if share.read_only:
@@ -80,4 +105,9 @@ def virtiofsd_argv(binary: Path, share: FsShare) -> list[str]:
         argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
                 'mount --bind -o ro -- "$1" "$1" && shift && exec "$@"', "kvmpod-ro-volume", str(share.source),
                 *argv]
+    if share.owner is not None:
+        # The C virtiofsd has no uid mapping either: it runs as the owner, in a user namespace whose
+        # root that owner is (Virtiofsd.start writes the maps), so what the guest's root writes is the
+        # owner's, and its sandbox's capabilities hold in that namespace only (docs/volumes.md).
+        argv = [*userns_wrapper(*share.owner), *argv]
     return argv

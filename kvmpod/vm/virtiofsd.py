@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -16,9 +18,20 @@ from kvmpod.errors import VMError
 from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.cgroup import join as join_cgroup
 from kvmpod.vm.spawn import die_with_parent
-from kvmpod.vm.virtiofs import SOCKET_WAIT, FsShare, find_virtiofsd, pidfile, virtiofsd_argv
+from kvmpod.vm.virtiofs import SOCKET_WAIT, FsShare, find_virtiofsd, id_map, pidfile, virtiofsd_argv
 
 log = logging.getLogger(__name__)
+
+
+def _listen(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(1)
+    except OSError as e:
+        sock.close()
+        raise VMError(f"virtiofsd's socket {path}: {e.strerror}") from e
+    return sock
 
 
 def _preexec(cgroup_procs: tuple[bytes, ...]) -> None:
@@ -41,25 +54,63 @@ class Virtiofsd:
         return self._proc.pid if self._proc else None
 
     async def start(self) -> None:
-        argv = virtiofsd_argv(find_virtiofsd(), self.share)
+        # a virtiofsd running as a volume's owner may not write in the pod directory (nor its pid file
+        # in /run/virtiofsd): kvmpod makes its listening socket and hands it over (--fd)
+        listener = _listen(self.share.socket) if self.share.owner else None
+        argv = virtiofsd_argv(find_virtiofsd(), self.share, listener.fileno() if listener else None)
         log.debug("virtiofsd argv: %s", argv)
-        with open(self.log_path, "ab") as err:
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
-                    preexec_fn=functools.partial(_preexec, self.cgroup.procs_files if self.cgroup else ()),
-                    start_new_session=True)
-            except subprocess.SubprocessError as e:   # the preexec function failed: joining the cgroup
-                raise VMError(f"virtiofsd could not join the pod's cgroup {self.cgroup.name if self.cgroup else ''}: "
-                              "it was removed or is not writable") from e
+        try:
+            with open(self.log_path, "ab") as err:
+                try:
+                    self._proc = await asyncio.create_subprocess_exec(
+                        *argv, stdin=asyncio.subprocess.PIPE if self.share.owner else asyncio.subprocess.DEVNULL,
+                        stdout=err, stderr=err, pass_fds=(listener.fileno(),) if listener else (),
+                        preexec_fn=functools.partial(_preexec, self.cgroup.procs_files if self.cgroup else ()),
+                        start_new_session=True)
+                except subprocess.SubprocessError as e:   # the preexec function failed: joining the cgroup
+                    raise VMError(f"virtiofsd could not join the pod's cgroup "
+                                  f"{self.cgroup.name if self.cgroup else ''}: it was removed or is not writable") from e
+        finally:
+            if listener is not None:
+                listener.close()   # virtiofsd's now
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT
+        if self.share.owner is not None:
+            await self._map_owner(deadline)
         while not self.share.socket.exists():  # virtiofsd makes the socket: nothing to listen on first
             if self._proc.returncode is not None or loop.time() > deadline:
                 await self.stop()
                 raise VMError(f"virtiofsd for {self.share.source} did not start: {self._tail()}")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._proc.wait()), 0.01)
+
+    async def _map_owner(self, deadline: float) -> None:
+        """The user namespace's id maps (virtiofs.id_map), once its shell has made it; then the shell
+        may become virtiofsd. Written as root in kvmpod's own namespace: no newuidmap, no subuid."""
+        assert self._proc is not None and self._proc.stdin is not None and self.share.owner is not None
+        loop = asyncio.get_running_loop()
+        uid, gid = self.share.owner
+        ours = os.readlink("/proc/self/ns/user")
+        proc = Path(f"/proc/{self._proc.pid}")
+        try:
+            while True:   # until `unshare --user` has unshared (then it execs the shell, same pid)
+                if self._proc.returncode is not None or loop.time() > deadline:
+                    raise VMError(f"virtiofsd for {self.share.source}: its user namespace was not made: {self._tail()}")
+                with contextlib.suppress(FileNotFoundError):
+                    if os.readlink(proc / "ns/user") != ours:
+                        break
+                await asyncio.sleep(0.002)
+            (proc / "uid_map").write_text(id_map(uid))
+            (proc / "gid_map").write_text(id_map(gid))
+            self._proc.stdin.write(b"\n")
+            await self._proc.stdin.drain()
+            self._proc.stdin.close()
+        except (OSError, VMError) as e:
+            await self.stop()
+            if isinstance(e, VMError):
+                raise
+            raise VMError(f"virtiofsd for {self.share.source}: mapping the volume's owner {uid}:{gid}: "
+                          f"{e.strerror}") from e
 
     def _tail(self) -> str:
         try:

@@ -7,15 +7,18 @@ Every pod here has --net none, except the --debug one, which runs inside a netwo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import kvmpod_cmd
-from tests.e2e.conftest import VM_TIMEOUT, qemu_pids_of, the_error
+from tests.e2e.conftest import VM_TIMEOUT, qemu_pids_of, the_error, virtiofsd_pids_of
 from tests.e2e.test_net import netns  # noqa: F401  (the fixture: a network namespace of the test's own)
 
 RUNNER_UID = RUNNER_GID = 4242   # the CI runner's user, who owns the checkout
@@ -41,15 +44,21 @@ def read_until(stream, wanted: str, seen: list[str]) -> None:
 
 
 @pytest.fixture
-def checkout(tmp_path) -> Path:
-    """A checkout-like directory owned by the runner's user, with the job's script in it."""
-    src = tmp_path / "checkout"
+def checkout() -> Iterator[Path]:
+    """A checkout-like directory owned by the runner's user, with the job's script in it; where that
+    user can reach it, as a runner's work directory is (pytest's own tmp dirs are root's alone)."""
+    top = Path(tempfile.mkdtemp(prefix="kvmpod-ci-"))
+    top.chmod(0o755)
+    src = top / "checkout"
     src.mkdir()
     (src / "ci.sh").write_text(JOB)
     (src / "README").write_text("a project\n")
     for path in (src, src / "ci.sh", src / "README"):
         os.chown(path, RUNNER_UID, RUNNER_GID)
-    return src
+    try:
+        yield src
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def job_argv(checkout: Path, *pod_flags: str) -> list[str]:
@@ -85,6 +94,30 @@ def test_a_ci_job_streams_its_output_exits_with_its_code_and_leaves_the_runners_
     assert (checkout / "build" / "out.txt").read_text() == "artefact\n"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="owning the checkout as another user needs root (chown)")
+@pytest.mark.parametrize("owner", ["source", f"{RUNNER_UID}:{RUNNER_GID}"])
+def test_a_job_that_is_root_in_the_guest_writes_the_runners_files_with_owner(kvmpod, busybox_aci, checkout, owner):
+    """owner=: virtiofsd in a user namespace whose root is the runner's user, so the job may stay root
+    in its VM (apt-get install...) and what it writes in the checkout is still the runner's; the
+    runner's files look like root's to it."""
+    (checkout / "go").touch()
+    os.chown(checkout / "go", RUNNER_UID, RUNNER_GID)
+    result = kvmpod.run("--net", "none", "--volume", f"src,kind=host,source={checkout},owner={owner}",
+                        str(busybox_aci), "--mount", "volume=src,target=/src", "--working-dir", "/src",
+                        "--exec", "/bin/sh", "--", "-c",
+                        'echo "owner in the guest $(stat -c %u:%g /src/README)"; mkdir -p deep/er; '
+                        'echo x > deep/er/file; ln -s file deep/er/link; touch deep/er/file2; chown 1000:1000 deep/er/file2; '
+                        'sh ./ci.sh')
+    assert result.returncode == 3, result.stderr.decode()
+    assert result.stdout.decode().splitlines()[:2] == ["owner in the guest 0:0", "job: building in /src as 0:0"]
+    for made in ("build", "build/out.txt", "deep", "deep/er", "deep/er/file"):
+        st = (checkout / made).lstat()
+        assert (st.st_uid, st.st_gid) == (RUNNER_UID, RUNNER_GID), made
+    assert os.lstat(checkout / "deep/er/link").st_uid == RUNNER_UID
+    # another guest id is itself on the host (only root is mapped to the owner)
+    assert (os.stat(checkout / "deep/er/file2").st_uid, os.stat(checkout / "deep/er/file2").st_gid) == (1000, 1000)
+
+
 def test_timeout_stops_the_job_and_exits_124(kvmpod, busybox_aci):
     result = kvmpod.run("--net", "none", "--timeout", "2s", str(busybox_aci), "--exec", "/bin/sleep", "--", "60")
     assert result.returncode == 124, result.stderr.decode()
@@ -113,10 +146,14 @@ def test_sigterm_to_a_running_job_reaches_the_app_and_the_pod_goes(kvmpod, busyb
     assert out.decode() == "app: got SIGTERM\n" and proc.returncode == 7, err.decode()
 
 
-def test_sigterm_then_sigkill_of_a_cancelled_job_leaves_nothing_after_gc(kvmpod, busybox_aci):
+@pytest.mark.parametrize("volume", [False, True])
+def test_sigterm_then_sigkill_of_a_cancelled_job_leaves_nothing_after_gc(kvmpod, busybox_aci, checkout, volume):
     """A runner's cancel: SIGTERM (the app gets it, and ignores it), then SIGKILL before kvmpod's stop
-    timeout is over. QEMU dies with kvmpod; what kvmpod could not remove itself, `kvmpod gc` does."""
-    proc = kvmpod.popen("--net", "none", str(busybox_aci), "--exec", "/bin/sh", "--", "-c", TRAPPING)
+    timeout is over. QEMU (and the checkout's virtiofsd, which runs as its owner) die with kvmpod; what
+    kvmpod could not remove itself, `kvmpod gc` does."""
+    flags = ["--volume", f"src,kind=host,source={checkout},owner=source"] if volume else []
+    mounts = ["--mount", "volume=src,target=/src"] if volume else []
+    proc = kvmpod.popen("--net", "none", *flags, str(busybox_aci), *mounts, "--exec", "/bin/sh", "--", "-c", TRAPPING)
     run_dir = kvmpod.env["KVMPOD_RUN_DIR"]
     try:
         seen: list[str] = []
@@ -135,6 +172,9 @@ def test_sigterm_then_sigkill_of_a_cancelled_job_leaves_nothing_after_gc(kvmpod,
     while qemu_pids_of(run_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert qemu_pids_of(run_dir) == [], "QEMU outlived a SIGKILLed kvmpod run"
+    while virtiofsd_pids_of(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert virtiofsd_pids_of(run_dir) == [], "virtiofsd outlived a SIGKILLed kvmpod run"
     gc = subprocess.run(kvmpod_cmd("gc"), capture_output=True, env=kvmpod.env, timeout=60)
     assert gc.returncode == 0, gc.stderr.decode()
     # nothing left: the autouse fixture checks the pod directory, cgroups, virtiofsd

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,9 @@ def test_volume_flags_parse_like_rkt():
     ("d,kind=empty,uid=-1", "--volume: uid='-1' is not a valid number"),
     ("d,kind=empty,readOnly=maybe", "--volume: readOnly='maybe' is not true or false"),
     ("d,kind=empty,colour=red", "--volume: volume d: unknown key 'colour'"),
+    ("d,kind=empty,owner=source", "--volume: volume d: owner applies to kind=host only"),
+    ("d,kind=host,source=/x,owner=me", "--volume: volume d: owner must be source or UID:GID, not 'me'"),
+    ("d,kind=host,source=/x,owner=1000", "--volume: volume d: owner must be source or UID:GID, not '1000'"),
     ("d,kind=empty,kind=host", "--volume: kind is given twice"),
     ("d,kind", "--volume: 'kind' is not key=value"),
 ])
@@ -217,3 +221,35 @@ def test_9p_shares_are_served_by_qemu():
     assert not any("memory-backend" in a for a in argv)  # no shared memory needed
     assert AppMount(Volume("v", "host", "/srv", True), "/v", True).field("kvmpodvol0", "9p") == \
         "v:host:tag=kvmpodvol0,9p,ro,bindro:/v"
+
+
+def test_a_host_volumes_owner_is_the_source_dirs_or_given(tmp_path: Path):
+    """owner= (docs/volumes.md): whose the files the guest's root writes are on the host."""
+    from kvmpod.pod.volumes import host_owner
+
+    src = tmp_path / "src"
+    src.mkdir()
+    os.chown(src, 4242, 4343) if os.geteuid() == 0 else None
+    st = src.stat()
+    assert host_owner(parse_volume(f"s,kind=host,source={src},owner=source")) == (
+        None if (st.st_uid, st.st_gid) == (0, 0) else (st.st_uid, st.st_gid))
+    assert host_owner(parse_volume(f"s,kind=host,source={src},owner=1001:1002")) == (1001, 1002)
+    assert host_owner(parse_volume(f"s,kind=host,source={src},owner=0:0")) is None   # root: nothing to map
+    assert host_owner(parse_volume(f"s,kind=host,source={src}")) is None
+    with pytest.raises(UsageError, match="owner 70000:1 is beyond 65535"):
+        host_owner(parse_volume(f"s,kind=host,source={src},owner=70000:1"))
+
+
+def test_an_owned_volumes_virtiofsd_runs_as_its_owner_in_a_user_namespace():
+    from kvmpod.vm.virtiofs import id_map
+
+    share = FsShare("kvmpodvol0", Path("/srv"), Path("/p/s.sock"), read_only=True, owner=(4242, 4343))
+    argv = virtiofsd_argv(Path("/usr/lib/qemu/virtiofsd"), share, listen_fd=7)
+    assert argv[:6] == ["setpriv", "--reuid=4242", "--regid=4343", "--clear-groups", "--pdeathsig=SIGKILL",
+                        "unshare"]
+    assert argv[6:8] == ["--user", "--"] and "unshare" in argv[12:] and "--mount" in argv[12:]  # then ro's bind
+    assert "--fd=7" in argv and not any(a.startswith("--socket-path") for a in argv)
+    assert id_map(4242) == "0 4242 1\n1 1 4241\n4243 4243 61293\n"
+    assert id_map(1) == "0 1 1\n2 2 65534\n"
+    assert id_map(65535) == "0 65535 1\n1 1 65534\n"
+
