@@ -15,6 +15,8 @@
               same rootfs (bench/oci.py; needs root and podman)
 10. least privilege  start time and idle QEMU memory with QEMU confined (seccomp, kvmpod-qemu user and
               chroot, the pod's cgroup) vs the same with [security] switched off (bench/privilege.py)
+11. soak      500 mixed pods one after the other, then waves of 16: exit codes, and the slope per 100 pods
+              of what could accumulate (bench/soak.py)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -45,6 +47,7 @@ from image import Unavailable, measure_image, print_image  # noqa: E402
 from stage1 import Unavailable as Stage1Unavailable, measure_stage1, print_stage1  # noqa: E402
 from oci import Unavailable as OciUnavailable, measure_oci, print_oci  # noqa: E402
 from privilege import measure_privilege, print_privilege  # noqa: E402
+from soak import measure_soak, print_soak  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -199,6 +202,8 @@ def main() -> int:
     parser.add_argument("--agent-mib", type=int, default=256, help="MiB streamed per agent transport")
     parser.add_argument("--stage1-runs", type=int, default=5)
     parser.add_argument("--oci-runs", type=int, default=5)
+    parser.add_argument("--soak-pods", type=int, default=500, help="the soak's sequential pods")
+    parser.add_argument("--soak-waves", type=int, default=5, help="the soak's waves of 16 concurrent pods")
     args = parser.parse_args()
     began = time.perf_counter()
     qemu = find_qemu()
@@ -233,6 +238,9 @@ def main() -> int:
         header("10. least privilege (confined QEMU vs [security] off)")
         results["least_privilege"] = measure_privilege(work, aci, args.runs)
         print_privilege(results["least_privilege"])
+        header("11. soak (mixed pods: sequential, then waves of 16)")
+        results["soak"] = measure_soak(aci, work, args.soak_pods, args.soak_waves, 16)
+        print_soak(results["soak"])
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, Unavailable)
     results["total_s"] = time.perf_counter() - began
