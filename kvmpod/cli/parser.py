@@ -47,7 +47,7 @@ def build_parser() -> KvmpodParser:
     run.add_argument("--annotation", action="append", type=annotation, default=[], metavar="NAME=VALUE",
                      help="pod annotation (served by the metadata service at /pod/annotations)")
     run.add_argument("--volume", action="append", default=[], metavar="NAME,kind=host|empty,...",
-                     help="a pod volume: NAME,kind=host,source=/abs/dir[,readOnly=true] or "
+                     help="a pod volume: NAME,kind=host,source=/abs/dir[,readOnly=true][,owner=source|UID:GID] or "
                           "NAME,kind=empty[,mode=0755,uid=0,gid=0] (docs/volumes.md)")
     run.add_argument("--net", metavar="NET",
                      help="none | user (QEMU user-mode, the default when not root) | default (bridge kvmpod0 "

@@ -13,12 +13,12 @@ import yaml
 from kvmpod import cli
 from kvmpod.cli.parser import parse
 from kvmpod.cli.run import _parse_apps
+from kvmpod.pod.volumes import parse_volume
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"
 # what the runner's shell would put in their place
-SHELL_VALUES = {'"$GITHUB_WORKSPACE"': "/home/runner/work/app/app", '"$CI_PROJECT_DIR"': "/builds/group/app",
-                '"$(id -u)"': "1001", '"$(id -g)"': "1001"}
+SHELL_VALUES = {'"$GITHUB_WORKSPACE"': "/home/runner/work/app/app", '"$CI_PROJECT_DIR"': "/builds/group/app"}
 
 
 def load(name: str) -> dict:
@@ -31,6 +31,7 @@ def kvmpod_run_argv(command: str) -> list[str]:
     """`sudo kvmpod run ...` of a step, as the shell would pass it to kvmpod."""
     for word, value in SHELL_VALUES.items():
         command = command.replace(word, value)
+    assert "$" not in command, command
     argv = shlex.split(command)
     assert argv[:3] == ["sudo", "kvmpod", "run"], argv[:3]
     return argv[2:]
@@ -39,11 +40,13 @@ def kvmpod_run_argv(command: str) -> list[str]:
 def check_run_command(command: str, checkout: str) -> None:
     argv = kvmpod_run_argv(command)
     ns = parse(cli.build_parser(), argv)
+    [volume] = [parse_volume(v) for v in ns.volume]
+    assert (volume.kind, volume.source, volume.owner) == ("host", checkout, "source")
     assert ns.net == "none" and ns.timeout == 40 * 60 and ns.memory == 2048 and ns.cpus == 2
-    assert ns.volume == [f"src,kind=host,source={checkout}"]
+    assert ns.volume == [f"src,kind=host,source={checkout},owner=source"]
     [app] = _parse_apps(ns.app_words, ns.image, ns.pod_flags)
     assert (app.image, app.exec, app.args, app.user, app.group, app.working_dir) == (
-        "example.com/ci-debian:12", "/bin/sh", ["-c", "make test"], "1001", "1001", "/src")
+        "example.com/ci-debian:12", "/bin/sh", ["-c", "make test"], None, None, "/src")
 
 
 def test_github_actions_workflow():
