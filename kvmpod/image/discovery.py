@@ -121,8 +121,8 @@ def render(template: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe="/~"), template)
 
 
-def fetch_page(url: str, transfer: Transfer) -> str | None:
-    """The body of a discovery page; None for a 4xx answer (the spec's "try the parent path")."""
+def fetch_page(url: str, transfer: Transfer) -> str | int:
+    """The body of a discovery page, or the status of a 4xx answer (the spec's "try the parent path")."""
     request = urllib.request.Request(url, headers={"User-Agent": f"kvmpod/{__version__}", "Accept": "text/html"})
     context = transfer.ssl_context() if url.startswith("https://") else None
     try:
@@ -135,7 +135,7 @@ def fetch_page(url: str, transfer: Transfer) -> str | None:
             return body.decode(charset, errors="replace")
     except urllib.error.HTTPError as e:
         if 400 <= e.code < 500:
-            return None
+            return e.code
         raise ImageError(f"{url}: discovery failed: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
         raise ImageError(f"{url}: discovery failed: {printable(str(e.reason))}") from e
@@ -143,7 +143,7 @@ def fetch_page(url: str, transfer: Transfer) -> str | None:
         raise ImageError(f"{url}: discovery failed: {e}") from e
 
 
-def _page(path: str, transfer: Transfer) -> tuple[str, str | None]:
+def _page(path: str, transfer: Transfer) -> tuple[str, str | int]:
     """The discovery page of `path` (https, then http with --insecure-options=http) and its URL."""
     url = _url("https", path, "?ac-discovery=1")
     try:
@@ -164,8 +164,8 @@ def discover(name: str, labels: dict[str, str], transfer: Transfer) -> Found:
     tried: list[str] = []
     for path in prefixes_of(name):
         url, html = _page(path, transfer)
-        if html is None:
-            tried.append(f"{url}: HTTP 4xx")
+        if isinstance(html, int):
+            tried.append(f"{url}: HTTP {html}")
             continue
         templates, pubkeys = meta_tags(html, name)
         if not templates:
@@ -196,8 +196,8 @@ def discover_pubkeys(prefix: str, transfer: Transfer) -> tuple[list[str], str]:
     tried: list[str] = []
     for path in prefixes_of(prefix):
         url, html = _page(path, transfer)
-        if html is None:
-            tried.append(f"{url}: HTTP 4xx")
+        if isinstance(html, int):
+            tried.append(f"{url}: HTTP {html}")
             continue
         _, pubkeys = meta_tags(html, prefix)
         usable = [k for k in pubkeys if _usable(k, transfer)]

@@ -336,6 +336,8 @@ def test_trust_by_discovery_needs_verified_tls_or_insecure_pubkey(site, capsys, 
     code, _, err = kvmpod(capsys, "trust", "--prefix", "127.0.0.1/nothing/here", "--skip-fingerprint-review",
                           "--ca-file", str(tls_ca.ca_file))
     assert code == 125 and "--prefix 127.0.0.1/nothing/here: no keys found by discovery" in err
+    assert "/nothing/here?ac-discovery=1: HTTP 404; " in err and "/nothing?ac-discovery=1: HTTP 404; " in err
+    assert f"{site[0].base}/?ac-discovery=1: HTTP 404)" in err  # the walk ends at the host, as the spec says
 
 
 def test_trust_refuses_expired_keys_armored_and_binary_alike(site, capsys, keys, tmp_path):
