@@ -112,7 +112,7 @@ def agent_transport(root: Path, guest_kernel: GuestKernel | None) -> list[Check]
 def privileges() -> Check:
     if os.geteuid() == 0:
         return Check("user", OK, "root", "every network (none, user, default bridge, CNI) and host volume "
-                                         "(virtio-fs, file owners kept) is possible")
+                                         "(virtio-fs, file owners kept or mapped with owner=) is possible")
     return Check("user", NOTE, f"uid {os.geteuid()}", "not root: --net none or user (no bridge, no CNI); host volumes "
                                                       "over virtio-9p, every file the guest writes is yours")
 
@@ -228,6 +228,15 @@ def examine(root: Path = Path("/")) -> list[Check]:
             privileges(), volumes(), *network(root), cgroups(root), user_namespaces(root),
             directory("store", paths.store_dir()), directory("runtime", paths.runtime_dir()),
             directory("cache", paths.cache_dir())]
+
+
+def verdict(checks: list[Check]) -> str:
+    """The last line: can pods run, and how (accelerator, agent transport)."""
+    found = {c.name: c.value for c in checks}
+    if not can_run(checks):
+        return f"pods cannot run here: {', '.join(c.name for c in checks if c.status == FAIL)}"
+    how = [f"{name} {found[name]}" for name in ("accelerator", "agent transport", "network") if name in found]
+    return f"pods can run here: {', '.join(how)}"
 
 
 def can_run(checks: list[Check]) -> bool:

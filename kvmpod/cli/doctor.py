@@ -21,6 +21,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
             print(check.line())
     blocking = [c for c in checks if c.status == doctor.FAIL]
     if not ns.json:
+        print(doctor.verdict(checks))
         sys.stdout.flush()
         for check in blocking:
             print(f"kvmpod: error: pods cannot run here: {check.name}: {check.reason}", file=sys.stderr)

@@ -116,6 +116,7 @@ def test_the_cli_exits_1_with_each_blocking_line(host_env, monkeypatch, capsys):
     assert main(["doctor"]) == 1
     out, err = capsys.readouterr()
     assert any(line.startswith("fail  guest kernel:     none: guest kernel not found") for line in out.splitlines())
+    assert out.splitlines()[-1] == "pods cannot run here: guest kernel"
     assert err.splitlines() == [f"kvmpod: error: pods cannot run here: guest kernel: guest kernel not found: "
                                 f"{host_env / 'no-such-kernel'} ($KVMPOD_KERNEL)"]
     assert main(["doctor", "--json"]) == 1
@@ -174,4 +175,8 @@ def test_this_machine_through_the_cli():
     assert found["vhost-net"]["value"] == ("yes" if os.path.exists("/dev/vhost-net") else "no")
     text = subprocess.run([sys.executable, "-m", "kvmpod", "doctor"], capture_output=True, text=True)
     assert text.returncode == result.returncode
+    last = text.stdout.splitlines()[-1]
+    assert last == ("pods can run here: " + ", ".join(f"{n} {found[n]['value']}" for n in
+                                                   ("accelerator", "agent transport", "network") if n in found)
+                    if report["can_run_pods"] else f"pods cannot run here: {', '.join(report['blocking'])}")
     assert [line.split(":")[0].split()[-1] for line in text.stdout.splitlines()][:2] == ["kvm", "accelerator"]
