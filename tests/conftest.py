@@ -27,7 +27,9 @@ def kvmpod_dirs(tmp_path_factory) -> dict[str, str]:
     # namespaces they make. This is the user-level config layer, so a test's KVMPOD_CONFIG adds to it.
     config = base / "config" / "kvmpod" / "kvmpod.toml"
     config.parent.mkdir(parents=True)
-    config.write_text('[net]\ndefault = "none"\n')
+    # No appc discovery either: a name missing from the store would be looked up on the network
+    # (example.com...); the discovery tests turn it on for their server on 127.0.0.1.
+    config.write_text('[net]\ndefault = "none"\n\n[image]\ndiscovery = false\n')
     env = {"KVMPOD_STORE_DIR": str(base / "store"), "KVMPOD_RUN_DIR": str(base / "run"),
            "KVMPOD_AUDIT_LOG": str(base / "audit.log"), "XDG_CONFIG_HOME": str(base / "config"),
            "KVMPOD_SNAPSHOT_DIR": str(base / "snapshots")}
@@ -39,6 +41,17 @@ def kvmpod_dirs(tmp_path_factory) -> dict[str, str]:
     root = Path("/sys/fs/cgroup")   # v1 hierarchies and a hybrid host's unified tree, or a v2-only root
     left = [str(d) for d in [*root.glob(f"*/{parent}"), root / parent] if d.is_dir()]
     assert left == [], f"the test session's cgroups outlived it: {left}"
+
+
+@pytest.fixture(autouse=True)
+def no_discovery_on_the_network(monkeypatch, tmp_path_factory) -> None:
+    """`[image] discovery = false` unless a test gives its own KVMPOD_CONFIG: a name missing from a test's
+    store must not be looked up on the Internet (tests stay on 127.0.0.1; tests/discovery_server.py's
+    config turns discovery on for its server)."""
+    config = tmp_path_factory.getbasetemp() / "no-discovery.toml"
+    if not config.exists():
+        config.write_text("[image]\ndiscovery = false\n")
+    monkeypatch.setenv("KVMPOD_CONFIG", str(config))
 
 
 @pytest.fixture(autouse=True)

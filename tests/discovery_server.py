@@ -2,7 +2,8 @@
 serving whatever the test puts in `pages` (path with query -> body), 404 for the rest.
 
 kvmpod reaches it under image names that start with 127.0.0.1 (an AC Name), through the host port
-table of kvmpod.toml (`[image] discovery-ports = { "127.0.0.1" = PORT }`), which `config_text` gives.
+table of kvmpod.toml (`[image] discovery-ports = { "127.0.0.1" = PORT }`), which `config_text` gives
+(with `discovery = true`: the test session turns discovery off, tests/conftest.py).
 A body wrapped in `Cut` is announced whole and cut off halfway: an interrupted download.
 """
 
@@ -34,7 +35,7 @@ class DiscoveryServer:
         return f"https://127.0.0.1:{self.port}"
 
     def config_text(self) -> str:
-        return f'[image]\ndiscovery-ports = {{ "127.0.0.1" = {self.port} }}\n'
+        return f'[image]\ndiscovery = true\ndiscovery-ports = {{ "127.0.0.1" = {self.port} }}\n'
 
     def meta_page(self, *tags: tuple[str, str, str]) -> bytes:
         """An HTML page with `<meta name=NAME content="PREFIX URL">` for each (NAME, PREFIX, URL)."""

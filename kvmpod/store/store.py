@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from kvmpod import faults, paths
+from kvmpod.config import bool_setting
 from kvmpod.errors import ImageError, ManifestError
 from kvmpod.fsutil import abandoned_temp, pid_alive
 from kvmpod.image.aci import check_aci
@@ -144,6 +145,8 @@ class Store:
         try:
             record = self.find_record(ref)
         except ImageError:
+            if not bool_setting("discovery", "image", True):  # an offline host: names are the store's only
+                raise
             return self.import_discovered(ref)
         return self._admitted(self._image(record), str(ref))
 

@@ -458,3 +458,13 @@ def test_plain_http_discovery_and_keys_need_insecure_http_and_pubkey(keys, capsy
     code, _, err = kvmpod(capsys, "fetch", "--insecure-options=http", f"{NAME}:1.0")
     assert code == 0, err
     assert Store().list_records()[0].signature == f"verified {fingerprint('publisher')}"
+
+
+def test_discovery_can_be_turned_off(site, capsys, keys, tls_ca):
+    server, _ = site
+    config = Path(os.environ["KVMPOD_CONFIG"])
+    config.write_text(config.read_text().replace("discovery = true", "discovery = false"))
+    code, _, err = kvmpod(capsys, "fetch", "--ca-file", str(tls_ca.ca_file), f"{NAME}:1.0")
+    assert code == 125 and err == (f"kvmpod: error: {NAME},version=1.0: no such image in the store "
+                                   "(`kvmpod image list` shows what is there)\n")
+    assert server.requests == []
