@@ -108,6 +108,8 @@ def leftovers(env: dict[str, str], base: Path | None = None) -> list[str]:
         rel = path.relative_to(run)
         if rel.parts[0] in ("pods", "qemu-root"):   # pods: above; qemu-root: QEMU's chroot, kept (security.md)
             continue
+        if rel.parts[0] == "net" and not path.name[0].isdigit():   # a pool's lock and last_reserved_ip stay
+            continue                                                # (docs/layout.md); a lease is an address
         if path.is_socket() or path.is_file() or rel.parts[0].startswith("snapshot-"):
             found.append(f"runtime file {rel}")
     snapshots = Path(env["KVMPOD_SNAPSHOT_DIR"])

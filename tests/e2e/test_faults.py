@@ -24,6 +24,7 @@ from kvmpod.pod.relay import find_relay
 from kvmpod.vm import cgroup
 from tests.conftest import kvmpod_cmd
 from tests.e2e.conftest import the_error
+from tests.e2e.test_net import Netns, web_aci  # noqa: F401 - web_aci: a fixture (busybox with an http port)
 
 SH = ["--exec", "/bin/sh", "--", "-c"]
 KILLED = -signal.SIGKILL
@@ -297,3 +298,33 @@ def test_a_runtime_dir_too_deep_for_the_control_socket_is_one_line(kvmpod_env, b
     assert error.startswith(f"kvmpod: error: {deep}/pods/") and error.endswith(
         "/control.sock: socket path too long for a unix socket (use a shorter runtime dir)")
     assert leftovers(env, base) == []
+
+
+# bridged pods (the default network, a port forward) in a network namespace of the test's own
+NET_CASES = [("spawn", "kill-self"), ("handshake", "kill-self"), ("app-start", "kill-self"),
+             ("teardown", "kill-self"), ("handshake", "kill-qemu"), ("app-start", "kill-qemu"),
+             ("teardown", "kill-qemu")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+@pytest.mark.parametrize("phase, action", NET_CASES, ids=[f"{p}:{a}" for p, a in NET_CASES])
+def test_a_fault_in_a_bridged_pod_leaves_no_tap_lease_or_forward(kvmpod_env, base, web_aci, phase, action):
+    ns = Netns(kvmpod_env)
+    try:
+        fault = f"{phase}:{action}"
+        ns.env = dict(kvmpod_env, KVMPOD_TEST_FAULT=fault)
+        result = ns.kvmpod("run", "--net", "default", "--port", "http:18090", str(web_aci), *SH, "exit 3")
+        ns.env = kvmpod_env
+        assert fired(result, fault), result.stderr
+        if action == "kill-self":
+            assert result.returncode == KILLED
+            assert ns.kvmpod("gc").returncode == 0
+        else:
+            assert result.returncode == (3 if phase == "teardown" else 125), result.stderr
+        assert ns.leftovers() == []
+        assert leftovers(kvmpod_env, base) == []
+        again = ns.kvmpod("run", "--net", "default", "--port", "http:18090", str(web_aci), *SH, "exit 4")
+        assert again.returncode == 4, again.stderr   # the address and the port are free again
+        assert ns.leftovers() == []
+    finally:
+        ns.delete()
