@@ -59,7 +59,7 @@ def test_github_actions_workflow():
     assert steps[0] == {"uses": "actions/checkout@v4"}
     assert all(set(step) <= {"name", "uses", "run", "if", "with", "env"} for step in steps)
     runs = [step["run"] for step in steps if "run" in step]
-    assert runs[0] == "kvmpod doctor"
+    assert runs[0] == "sudo kvmpod doctor"
     check_run_command(runs[1], SHELL_VALUES['"$GITHUB_WORKSPACE"'])
     assert steps[-1]["if"] == "always()" and steps[-1]["run"] == "sudo kvmpod gc"
 
@@ -68,7 +68,7 @@ def test_gitlab_ci_job():
     config = load("gitlab-ci.yml")
     job = config["test"]
     assert config["stages"] == ["test"] and job["stage"] == "test" and job["tags"] == ["kvmpod"]
-    assert job["script"][0] == "kvmpod doctor"
+    assert job["script"][0] == "sudo kvmpod doctor"
     check_run_command(job["script"][1], SHELL_VALUES['"$CI_PROJECT_DIR"'])
     assert job["after_script"] == ["sudo kvmpod gc"]
 
