@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # where libvirt keeps a running domain's QEMU pid (system, then session instances)
 PID_DIRS = (Path("/run/libvirt/qemu"), Path(os.path.expanduser("~/.cache/libvirt/qemu/run")))
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")   # the system instance's log of each domain's QEMU
+# libvirt's STOPPED event follows QEMU's exit once libvirt has reaped it and cleaned up (a second or
+# more where init reaps orphans late); this long kvmpod waits for it before it says what it knows
+EVENT_AFTER_EXIT = 1.0
 _registered: set[int] = set()   # ids of the loops libvirtaio dispatches for
 
 
@@ -124,6 +128,36 @@ def qemu_user(capabilities: str, accel: str) -> tuple[int, int] | None:
     return None
 
 
+def unreachable(path: Path, uid: int, gid: int) -> Path | None:
+    """The first directory above `path` that user `uid` (primary group `gid`, and its supplementary
+    groups) may not search, or `path` itself if it may not read it; None if it can get there."""
+    import pwd
+
+    try:
+        groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except KeyError:
+        groups = {gid}
+
+    def allowed(st: os.stat_result, bit: int) -> bool:   # bit: 1 search, 4 read
+        if st.st_uid == uid:
+            return bool(st.st_mode & (bit << 6))
+        if st.st_gid in groups:
+            return bool(st.st_mode & (bit << 3))
+        return bool(st.st_mode & bit)
+
+    path = path.absolute()
+    for directory in reversed(path.parents):
+        try:
+            if not allowed(directory.stat(), 1):
+                return directory
+        except OSError:
+            return directory
+    try:
+        return None if allowed(path.stat(), 4) else path
+    except OSError:
+        return path
+
+
 @dataclass(frozen=True)
 class DomainInfo:
     """What state.json records of a libvirt pod (docs/layout.md): `kvmpod gc` reconnects with it."""
@@ -183,7 +217,8 @@ class LibvirtVM(VMBackend):
     async def start(self) -> AgentChannel:
         libvirt = _libvirt()
         try:
-            xml = render(self._domain_config(), self.spec)
+            domain_config = self._domain_config()
+            xml = render(domain_config, self.spec)
         except ValueError as e:
             raise VMError(f"--backend libvirt: {e}") from e
         log.debug("libvirt %s: domain XML:\n%s", self.uri, xml)
@@ -195,7 +230,13 @@ class LibvirtVM(VMBackend):
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None))
         with contextlib.suppress(libvirt.libvirtError):
             self._conn.registerCloseCallback(self._on_close, None)
-        self._hand_sockets(qemu_user(self._conn.getCapabilities(), self.config.accel))
+        user = qemu_user(self._conn.getCapabilities(), self.config.accel)
+        try:
+            self._check_reach(user, domain_config)
+            self._hand_sockets(user)
+        except VMError:
+            await self._disconnect()
+            raise
         try:
             self._dom = await asyncio.to_thread(self._conn.createXML, xml, 0)
         except libvirt.libvirtError as e:
@@ -203,12 +244,25 @@ class LibvirtVM(VMBackend):
             await self._disconnect()
             raise VMError(f"libvirt {self.uri} did not start domain {self.spec.name}: {_message(e)}") from e
         self._pid = self._read_pid()
+        if self._pid:
+            loop.create_task(self._watch_qemu(self._pid))
         log.debug("libvirt %s: domain %s started (QEMU pid %s)", self.uri, self.spec.name, self._pid)
         try:
             return await self._connect_agent()
         except BaseException:
             await self.stop(grace=0)
             raise
+
+    def _check_reach(self, user: tuple[int, int] | None, config: VMConfig) -> None:
+        """QEMU opens the kernel, initrd and disk images itself, as libvirt's QEMU user (the store's images
+        keep their owner: relabel='no'): every directory on the way must let that user through. Said in
+        one line, naming the path, before the domain is created."""
+        if user is None or os.geteuid() != 0:
+            return
+        for path in (config.kernel, config.initrd, *(d.path for d in config.disks)):
+            if (blocked := unreachable(path, *user)) is not None:
+                raise VMError(f"libvirt's QEMU user (uid {user[0]}) cannot reach {path}: {blocked} is not "
+                              "searchable by it (make the store and run directories world-searchable, e.g. 0711)")
 
     def _hand_sockets(self, user: tuple[int, int] | None) -> None:
         """virtiofsd's sockets (root's, 0755: nobody else may connect) to the user libvirt runs QEMU as,
@@ -228,6 +282,48 @@ class LibvirtVM(VMBackend):
             with contextlib.suppress(OSError, ValueError):
                 return int((directory / f"{self.spec.name}.pid").read_text().strip())
         return 0   # unknown (another libvirt layout): the domain still runs, state.json says which
+
+    async def _watch_qemu(self, pid: int) -> None:
+        """QEMU's exit, seen at once through a pidfd (it is libvirt's child, not ours): the pod ends
+        promptly even when libvirt's STOPPED event comes late, and says why as well as it can."""
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return   # gone already, or not ours to watch: the STOPPED event tells
+        try:
+            exited = loop.create_future()
+            loop.add_reader(pidfd, lambda: None if exited.done() else exited.set_result(None))
+            try:
+                await asyncio.wait({exited, self.ended}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+        if self.ended.done():
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.ended), EVENT_AFTER_EXIT)
+            return
+        self._finish(self._exit_without_event())
+
+    def _exit_without_event(self) -> VMExit:
+        """How QEMU ended when libvirt has not said yet: its own last words in libvirt's log."""
+        name = self.spec.name
+        if self._destroying:
+            return VMExit(-9)
+        if self._panicked:
+            return VMExit(None, panicked=True)
+        log_file = QEMU_LOG_DIR / f"{name}.log"
+        try:
+            lines = log_file.read_text(errors="replace").splitlines()[-5:]
+        except OSError:
+            lines = []
+        for line in reversed(lines):
+            if "terminating on signal" in line:
+                return VMExit(None, failure=f"libvirt destroyed domain {name} (QEMU: {line.split(': ', 1)[-1].strip()})")
+        tail = f": {' | '.join(lines[-2:])}" if lines else ""
+        return VMExit(None, failure=f"QEMU of domain {name} ended (libvirt's log {log_file}{tail})")
 
     async def _connect_agent(self) -> AgentChannel:
         connecting = asyncio.ensure_future(

@@ -1,0 +1,115 @@
+"""What only the libvirt backend has (docs/libvirt.md): its daemon's errors, a domain libvirt ends, gc of
+a domain whose kvmpod was killed, `virsh list`. Real VMs, a real libvirt daemon (conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import kvmpod_cmd
+from tests.e2e.conftest import proc_alive, the_error
+from tests.e2e.libvirt.conftest import BackendKvmpod, domains, virsh
+
+SH = ["--exec", "/bin/sh", "--", "-c"]
+
+
+def libvirt_pods(kvmpod_env, uri) -> BackendKvmpod:
+    return BackendKvmpod(kvmpod_env, ["--backend", "libvirt", "--libvirt-uri", uri])
+
+
+def test_a_daemon_that_is_not_there_is_one_line_naming_the_uri(kvmpod_env, busybox_aci, tmp_path, libvirt_uri):
+    uri = f"qemu:///system?socket={tmp_path}/no-daemon-here"
+    result = libvirt_pods(kvmpod_env, uri).run("--net", "none", str(busybox_aci), *SH, "true")
+    assert result.returncode == 125
+    error = the_error(result)
+    assert uri in error and "Failed to connect socket" in error
+    assert list(Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods").glob("*")) == []
+
+
+def test_a_uri_the_daemon_refuses_is_one_line_naming_it(kvmpod_env, busybox_aci, libvirt_uri):
+    uri = "test+unix:///nonexistent-driver"
+    result = libvirt_pods(kvmpod_env, uri).run("--net", "none", str(busybox_aci), *SH, "true")
+    assert result.returncode == 125 and uri in the_error(result)
+
+
+def test_flags_the_libvirt_backend_cannot_take_are_refused_by_name(kvmpod_env, busybox_aci, libvirt_uri):
+    pods = libvirt_pods(kvmpod_env, libvirt_uri)
+    for args, flag in ((["--boot", "snapshot"], "--boot snapshot"), (["--agent-transport", "vsock"], "--agent-transport"),
+                       (["--net", "default"], "--net default")):
+        result = pods.run("--net", "none", *args, str(busybox_aci), *SH, "true")
+        assert result.returncode == 125 and flag in the_error(result), result.stderr
+    assert domains(libvirt_uri) == []
+
+
+def test_the_running_pod_is_in_virsh_list_and_virsh_destroy_ends_it(kvmpod_env, busybox_aci, libvirt_uri):
+    pods = libvirt_pods(kvmpod_env, libvirt_uri)
+    proc = pods.popen("--net", "none", str(busybox_aci), *SH, "sleep 600")
+    try:
+        state = pods.wait_for_running_pod(proc)
+        name = f"kvmpod-{state['uuid'][:8]}"
+        assert state["domain"] == name and state["backend"] == "libvirt"
+        assert name in virsh(libvirt_uri, "list", "--name").stdout.split()
+        metadata = virsh(libvirt_uri, "dumpxml", name).stdout
+        assert state["uuid"] in metadata and str(Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods", state["uuid"])) in metadata
+        virsh(libvirt_uri, "destroy", name)
+        _, err = proc.communicate(timeout=60)   # a hang fails here; how fast belongs to bench/
+        assert proc.returncode == 125
+        assert f"libvirt destroyed domain {name}" in err.decode()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_guest_kernel_panic_is_reported(kvmpod_env, busybox_aci, libvirt_uri):
+    result = libvirt_pods(kvmpod_env, libvirt_uri).run("--net", "none", str(busybox_aci), *SH,
+                                                       "echo c > /proc/sysrq-trigger; sleep 60")
+    assert result.returncode == 125
+    assert "kernel panicked" in the_error(result)
+
+
+def test_kvmpod_killed_then_gc_destroys_the_domain(kvmpod_env, busybox_aci, libvirt_uri):
+    """A guest whose kvmpod is gone powers off once its agent's port hangs up; one that cannot (here:
+    paused) keeps its domain, which `kvmpod gc` destroys."""
+    pods = libvirt_pods(kvmpod_env, libvirt_uri)
+    proc = pods.popen("--net", "none", str(busybox_aci), *SH, "sleep 600")
+    state = pods.wait_for_running_pod(proc)
+    name = state["domain"]
+    virsh(libvirt_uri, "suspend", name)
+    proc.kill()
+    proc.wait()
+    assert name in domains(libvirt_uri)   # a libvirt domain does not die with its kvmpod...
+    listed = subprocess.run(kvmpod_cmd("list"), capture_output=True, text=True, env=kvmpod_env).stdout
+    assert f"{state['uuid']}  abandoned" in listed and f"libvirt:{name}" in listed
+    gc = subprocess.run(kvmpod_cmd("gc"), capture_output=True, text=True, env=kvmpod_env)
+    assert gc.returncode == 0 and f"removed pod {state['uuid']}" in gc.stdout, gc.stderr
+    assert f"destroyed its libvirt domain {name}" in gc.stderr
+    assert not Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods", state["uuid"]).exists()
+    deadline = time.time() + 15
+    while name in domains(libvirt_uri) and time.time() < deadline:   # ...but goes with gc
+        time.sleep(0.2)
+    assert name not in domains(libvirt_uri)
+    assert not proc_alive(state["qemu_pid"]) if state.get("qemu_pid") else True
+
+
+def test_gc_leaves_a_domain_of_the_same_name_that_is_not_the_pods(kvmpod_env, busybox_aci, libvirt_uri, tmp_path):
+    """gc finds a pod's domain by kvmpod's metadata (UUID and directory), never by its name alone."""
+    pods = libvirt_pods(kvmpod_env, libvirt_uri)
+    proc = pods.popen("--net", "none", str(busybox_aci), *SH, "sleep 600")
+    state = pods.wait_for_running_pod(proc)
+    virsh(libvirt_uri, "suspend", state["domain"])   # the guest stays, as above
+    proc.kill()
+    proc.wait()
+    pod_dir = Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods", state["uuid"])
+    record = json.loads((pod_dir / "state.json").read_text())
+    record["uuid"] = "00000000-0000-4000-8000-000000000000"   # not this domain's pod any more
+    other = pod_dir.with_name(record["uuid"])
+    pod_dir.rename(other)
+    (other / "state.json").write_text(json.dumps(record))
+    try:
+        gc = subprocess.run(kvmpod_cmd("gc"), capture_output=True, text=True, env=kvmpod_env)
+        assert gc.returncode == 0, gc.stderr
+        assert state["domain"] in domains(libvirt_uri)   # not this pod's, by its metadata: left alone
+    finally:
+        virsh(libvirt_uri, "destroy", state["domain"], check=False)
