@@ -4,7 +4,8 @@ serving whatever the test puts in `pages` (path with query -> body), 404 for the
 kvmpod reaches it under image names that start with 127.0.0.1 (an AC Name), through the host port
 table of kvmpod.toml (`[image] discovery-ports = { "127.0.0.1" = PORT }`), which `config_text` gives
 (with `discovery = true`: the test session turns discovery off, tests/conftest.py).
-A body wrapped in `Cut` is announced whole and cut off halfway: an interrupted download.
+A body wrapped in `Cut` is announced whole and cut off halfway: an interrupted download; a
+`Redirect` answers 302 with its location.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ class Cut:
     body: bytes
 
 
+@dataclass(frozen=True)
+class Redirect:
+    location: str       # answered with 302 Found and this Location
+
+
 @dataclass
 class DiscoveryServer:
     port: int
-    pages: dict[str, bytes | Cut] = field(default_factory=dict)
+    pages: dict[str, bytes | Cut | Redirect] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
 
     @property
@@ -57,6 +63,12 @@ def start(ca: TestCA) -> tuple[DiscoveryServer, http.server.ThreadingHTTPServer]
             body = state.pages.get(self.path)
             if body is None:
                 self.send_error(404)
+                return
+            if isinstance(body, Redirect):
+                self.send_response(302)
+                self.send_header("Location", body.location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             whole = body.body if isinstance(body, Cut) else body
             self.send_response(200)

@@ -124,12 +124,8 @@ def render(template: str, values: dict[str, str]) -> str:
 def fetch_page(url: str, transfer: Transfer) -> str | int:
     """The body of a discovery page, or the status of a 4xx answer (the spec's "try the parent path")."""
     request = urllib.request.Request(url, headers={"User-Agent": f"kvmpod/{__version__}", "Accept": "text/html"})
-    context = transfer.ssl_context() if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response:
-            final = response.geturl()
-            if final.startswith("http://") and not transfer.insecure.http:
-                raise ImageError(f"{url}: redirected to plain http {final} (refused without --insecure-options=http)")
+        with transfer.opener().open(request, timeout=TIMEOUT) as response:
             body: bytes = response.read(MAX_PAGE)
             charset = response.headers.get_content_charset() or "utf-8"
             return body.decode(charset, errors="replace")

@@ -1,6 +1,7 @@
 """Downloading an image over http(s): streamed to a file, capped, with a progress bar on a terminal.
 
-No discovery (spec/discovery.md) and no signature fetching: the URL is the image. What arrives is
+The URL is the image's, as the user gave it or as appc discovery found it (kvmpod/image/discovery.py);
+the store asks for its signature the same way (`missing_ok`: none is unsigned). What arrives is
 imported exactly like a local file, so every check of the import applies to it.
 """
 
@@ -26,9 +27,8 @@ def download(url: str, dest: Path, limits: ImportLimits, missing_ok: bool = Fals
     With `missing_ok`, a 404 returns False instead (an image's optional signature). https is verified
     against the system's anchors plus `transfer.ca_file` (not at all with --insecure-options=tls)."""
     request = urllib.request.Request(url, headers={"User-Agent": f"kvmpod/{__version__}"})
-    context = transfer.ssl_context() if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response, dest.open("wb") as out:
+        with transfer.opener().open(request, timeout=TIMEOUT) as response, dest.open("wb") as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             if total is not None and total > limits.max_size:

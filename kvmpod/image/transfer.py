@@ -25,6 +25,7 @@ from kvmpod.errors import UsageError
 
 if TYPE_CHECKING:
     import ssl
+    import urllib.request
 
 INSECURE_WORDS = ("image", "http", "tls", "pubkey")
 
@@ -75,6 +76,14 @@ class Transfer:
         if url.startswith("http://") and not self.insecure.http:
             raise UsageError(f"{url}: plain http {what} refused (use https, or --insecure-options=http)")
 
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib with ssl_context() for https, following redirects but never from https down to plain
+        http without `--insecure-options=http` (a redirect to http is refused before it is asked)."""
+        import urllib.request  # lazy, like ssl
+
+        return urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.ssl_context()),
+                                           _redirects(self)())
+
     def ssl_context(self) -> ssl.SSLContext:
         """The context for https: the system's anchors plus `ca_file`; no verification with tls."""
         import ssl  # lazy: only a network command pays for it
@@ -89,3 +98,20 @@ class Transfer:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+
+def _redirects(transfer: Transfer) -> type:
+    """A redirect handler bound to `transfer` (a class made on use: urllib.request is imported lazily)."""
+    import urllib.request
+    from http.client import HTTPMessage
+    from typing import IO
+
+    class NoDowngrade(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                             headers: HTTPMessage, newurl: str) -> urllib.request.Request | None:
+            if newurl.startswith("http://") and not transfer.insecure.http:
+                raise UsageError(f"{req.full_url}: redirected to plain http {newurl} "
+                                 "(refused without --insecure-options=http)")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return NoDowngrade

@@ -18,7 +18,7 @@ from kvmpod.image.discovery import best_templates, meta_tags, render
 from kvmpod.image.transfer import Transfer
 from kvmpod.image.trust import prefixes_of
 from kvmpod.store import Store
-from tests.discovery_server import Cut, DiscoveryServer, discovery_server  # noqa: F401 (fixture)
+from tests.discovery_server import Cut, DiscoveryServer, Redirect, discovery_server  # noqa: F401 (fixture)
 from tests.tls_fixture import tls_ca  # noqa: F401 (fixture)
 from tests.unit.test_store import make_aci
 
@@ -468,3 +468,35 @@ def test_discovery_can_be_turned_off(site, capsys, keys, tls_ca):
     assert code == 125 and err == (f"kvmpod: error: {NAME},version=1.0: no such image in the store "
                                    "(`kvmpod image list` shows what is there)\n")
     assert server.requests == []
+
+
+def test_discovery_follows_redirects_and_refuses_one_to_plain_http(site, capsys, keys, tls_ca):
+    server, _ = site
+    trust_publisher(capsys, keys)
+    server.pages["/moved?ac-discovery=1"] = server.pages.pop("/pub?ac-discovery=1")
+    server.pages["/pub?ac-discovery=1"] = Redirect(f"{server.base}/moved?ac-discovery=1")
+    code, _, err = kvmpod(capsys, "fetch", "--ca-file", str(tls_ca.ca_file), f"{NAME}:1.0")
+    assert code == 0, err
+    assert "/moved?ac-discovery=1" in server.requests
+    Store().remove(Store().list_records()[0])
+    asked = len(server.requests)
+    server.pages["/pub?ac-discovery=1"] = Redirect(f"http://127.0.0.1:{server.port}/moved?ac-discovery=1")
+    code, _, err = kvmpod(capsys, "fetch", "--ca-file", str(tls_ca.ca_file), f"{NAME}:1.0")
+    assert code == 125 and len(err.splitlines()) == 1
+    assert f"/pub?ac-discovery=1: redirected to plain http http://127.0.0.1:{server.port}/moved?ac-discovery=1 " \
+           "(refused without --insecure-options=http)" in err
+    assert "/moved?ac-discovery=1" not in server.requests[asked:]  # not even asked
+    nothing_imported()
+
+
+def test_a_url_import_is_not_redirected_down_to_plain_http(site, capsys, tls_ca):
+    server, aci = site
+    server.pages["/moved.aci"] = Redirect(f"http://127.0.0.1:{server.port}/images/{NAME}-1.0-linux-amd64.aci")
+    code, _, err = kvmpod(capsys, "fetch", "--ca-file", str(tls_ca.ca_file), f"{server.base}/moved.aci")
+    assert code == 125 and err == (f"kvmpod: error: {server.base}/moved.aci: redirected to plain http "
+                                   f"http://127.0.0.1:{server.port}/images/{NAME}-1.0-linux-amd64.aci "
+                                   "(refused without --insecure-options=http)\n")
+    nothing_imported()
+    server.pages["/moved.aci"] = Redirect(f"{server.base}/images/{NAME}-1.0-linux-amd64.aci")
+    code, _, err = kvmpod(capsys, "fetch", "--ca-file", str(tls_ca.ca_file), f"{server.base}/moved.aci")
+    assert code == 0, err
