@@ -81,3 +81,16 @@ def test_this_machine_agrees_with_its_files():
     facts = HostFacts.probe()
     assert facts.dev_kvm_exists == Path("/dev/kvm").exists()
     assert facts.in_guest == ("hypervisor" in Path("/proc/cpuinfo").read_text().split())
+
+
+@pytest.mark.parametrize("kind, accel_arg", [("real", "kvm"), ("nested", "kvm"), ("pvm", "tcg,tb-size="),
+                                             ("no-dev-kvm", "tcg,tb-size=")])
+def test_the_choice_reaches_qemus_command_line(tmp_path, kind, accel_arg):
+    """What a real or nested KVM host gets is KVM in QEMU's argv, not only in the choice."""
+    from kvmpod.vm.config import VMConfig, qemu_argv
+
+    accel = choose_accelerator("auto", probe(tmp_path / "host", kind))
+    cfg = VMConfig(name="kvmpod-x", kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0",
+                   console_log=tmp_path / "c", qmp_fd=3, agent_fd=4, accel=accel.name)
+    argv = qemu_argv(cfg)
+    assert argv[argv.index("-accel") + 1].startswith(accel_arg)
