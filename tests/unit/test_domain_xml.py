@@ -1,0 +1,168 @@
+"""The libvirt domain XML is the same VMConfig the QEMU argv comes from (kvmpod/vm/domain_xml.py):
+parsed back, every value matches the config; rendering leaves the QEMU argv as it was."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+from kvmpod.errors import ConfigError, KvmpodError
+from kvmpod.vm import backend_choice
+from kvmpod.vm.config import AGENT_PORT_NAME, TCG_CACHE_MIB, Disk, FsDevice, NinePShare, Nic, VMConfig, qemu_argv
+from kvmpod.vm.domain_xml import METADATA_NS, DomainSpec, domain_name, render, unsupported
+from kvmpod.vm.libvirt_vm import pod_of, qemu_user, unreachable
+
+UUID = "0b3c6e2a-5f1d-4c1e-9a77-2f0e8c1d4b5a"
+QEMU = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def config(**changes) -> VMConfig:
+    base = dict(name=f"kvmpod-{UUID}", kernel=Path("/k/vm linux"), initrd=Path("/k/initrd&1.cpio"),
+                cmdline="console=ttyS0 panic=-1 quiet kvmpod.hostname=<x> kvmpod.transport=serial",
+                console_log=Path("/run/pods/p/console.log"), machine="pc", firmware=Path("/usr/share/qemu/qboot.rom"),
+                memory_mib=384, cpus=2,
+                disks=[Disk(Path("/store/rootfs/a,b.iso"), "img0"), Disk(Path("/store/rootfs/c.iso"), "img1")])
+    base.update(changes)
+    return VMConfig(**base)
+
+
+SPEC = DomainSpec(domain_name(UUID), UUID, Path("/run/pods/p"), Path("/run/pods/p/agent.sock"),
+                  Path("/usr/bin/qemu-system-x86_64"))
+
+
+def parse(cfg: VMConfig, spec: DomainSpec = SPEC) -> ElementTree.Element:
+    return ElementTree.fromstring(render(cfg, spec))
+
+
+def test_the_domain_is_the_vm_config():
+    cfg = config()
+    dom = parse(cfg)
+    assert dom.get("type") == "qemu"   # TCG: kvmpod's accelerator choice, not libvirt's
+    assert dom.findtext("name") == "kvmpod-0b3c6e2a" and dom.findtext("uuid") == UUID
+    assert (dom.find("memory").get("unit"), dom.findtext("memory")) == ("MiB", "384")
+    assert dom.findtext("vcpu") == "2"
+    os_ = dom.find("os")
+    assert os_.find("type").get("machine") == "pc"
+    assert os_.findtext("loader") == "/usr/share/qemu/qboot.rom"
+    assert (os_.findtext("kernel"), os_.findtext("initrd"), os_.findtext("cmdline")) == (
+        str(cfg.kernel), str(cfg.initrd), cfg.cmdline)   # escaped in the XML, exact once parsed
+    assert dom.find("features/tcg/tb-cache").text == str(TCG_CACHE_MIB)
+    assert [dom.findtext(f"on_{e}") for e in ("poweroff", "reboot", "crash")] == ["destroy"] * 3
+    disks = dom.findall("devices/disk")
+    assert [(d.find("source").get("file"), d.findtext("serial")) for d in disks] == [
+        (str(d.path), d.serial) for d in cfg.disks]
+    assert all(d.find("readonly") is not None and d.find("target").get("bus") == "virtio" for d in disks)
+    # the store's images are shared by other pods: libvirt must not chown them
+    assert all(d.find("source/seclabel").get("relabel") == "no" for d in disks)
+    assert dom.find("devices/serial/source").get("path") == str(cfg.console_log)
+    channel = dom.find("devices/channel")
+    assert (channel.get("type"), channel.find("source").get("mode"), channel.find("source").get("path")) == (
+        "unix", "bind", str(SPEC.agent_socket))
+    assert channel.find("target").get("name") == AGENT_PORT_NAME
+    assert dom.find("devices/panic").get("model") == "isa"
+    assert dom.find("devices/emulator").text == str(SPEC.emulator)
+    assert dom.find("memoryBacking") is None and dom.find(f"{{{QEMU}}}commandline") is None
+    assert pod_of(render(cfg, SPEC)) == (UUID, str(SPEC.pod_dir))
+
+
+def test_kvm_and_virtio_fs_with_shared_memory():
+    cfg = config(accel="kvm", filesystems=[FsDevice("vol0", Path("/run/pods/p/vol0.sock"))])
+    dom = parse(cfg)
+    assert dom.get("type") == "kvm" and dom.find("features/tcg") is None
+    assert dom.find("memoryBacking/source").get("type") == "memfd"
+    assert dom.find("memoryBacking/access").get("mode") == "shared"
+    fs = dom.find("devices/filesystem")
+    assert fs.find("driver").get("type") == "virtiofs"
+    assert (fs.find("source").get("socket"), fs.find("target").get("dir")) == ("/run/pods/p/vol0.sock", "vol0")
+
+
+def test_microvm_puts_every_virtio_device_on_mmio_and_keeps_its_machine_options():
+    options = ("x-option-roms=off", "pit=off", "pic=off", "rtc=on", "acpi=on")
+    cfg = config(machine="microvm", machine_options=options, firmware=None,
+                 filesystems=[FsDevice("vol0", Path("/s.sock"))], nics=[Nic("52:54:00:12:34:56", user_options=("hostfwd=tcp:127.0.0.1:8080-:80",))])
+    dom = parse(cfg)
+    assert dom.find("os/type").get("machine") == "microvm" and dom.find("os/loader") is None
+    for path in ("devices/disk", "devices/filesystem", "devices/controller[@type='virtio-serial']"):
+        assert all(e.find("address").get("type") == "virtio-mmio" for e in dom.findall(path)), path
+    args = [a.get("value") for a in dom.findall(f"{{{QEMU}}}commandline/{{{QEMU}}}arg")]
+    assert args[:2] == ["-machine", ",".join(options)]
+    assert "virtio-mmio.force-legacy=false" in args
+    assert args[-4:] == ["-netdev", "user,id=kvmpodnet0,hostfwd=tcp:127.0.0.1:8080-:80",
+                         "-device", "virtio-net-device,netdev=kvmpodnet0,mac=52:54:00:12:34:56"]
+
+
+def test_user_networking_on_pci():
+    dom = parse(config(nics=[Nic("52:54:00:00:00:01")]))
+    args = [a.get("value") for a in dom.findall(f"{{{QEMU}}}commandline/{{{QEMU}}}arg")]
+    assert args == ["-netdev", "user,id=kvmpodnet0", "-device", "virtio-net-pci,netdev=kvmpodnet0,mac=52:54:00:00:00:01,romfile="]
+
+
+def test_rendering_leaves_the_config_and_its_qemu_argv_as_they_were():
+    cfg = config(agent_fd=7, qmp_fd=8)
+    before, argv = copy.deepcopy(cfg), qemu_argv(cfg)
+    render(cfg, SPEC)
+    assert cfg == before and qemu_argv(cfg) == argv
+
+
+@pytest.mark.parametrize("changes, flag", [
+    (dict(agent_transport="vsock-user"), "--agent-transport vsock-user"),
+    (dict(memory_file=Path("/snap/mem")), "--boot snapshot"),
+    (dict(shares_9p=[NinePShare("v", Path("/d"))]), "virtio-9p"),
+    (dict(nics=[Nic("52:54:00:00:00:02", tap_fd=5)]), "--net bridge/cni"),
+])
+def test_what_a_domain_cannot_carry_is_refused_by_name(changes, flag):
+    cfg = config(**changes)
+    assert flag in (unsupported(cfg) or "")
+    with pytest.raises(ValueError, match=flag.split()[0]):
+        render(cfg, SPEC)
+
+
+def test_metadata_of_another_kind_is_no_pod():
+    assert pod_of("<domain><name>kvmpod-x</name></domain>") is None
+    assert pod_of("<domain><metadata><pod xmlns='urn:other'><uuid>u</uuid><dir>d</dir></pod></metadata></domain>") is None
+    assert pod_of(f"<domain><metadata><p:pod xmlns:p='{METADATA_NS}'><p:uuid>u</p:uuid></p:pod></metadata></domain>") is None
+    assert pod_of("not xml") is None
+
+
+def test_qemu_user_from_the_dac_base_label():
+    caps = ("<capabilities><host><secmodel><model>none</model></secmodel><secmodel><model>dac</model><doi>0</doi>"
+            "<baselabel type='kvm'>+64055:+107</baselabel><baselabel type='qemu'>+64055:+108</baselabel>"
+            "</secmodel></host></capabilities>")
+    assert qemu_user(caps, "tcg") == (64055, 108) and qemu_user(caps, "kvm") == (64055, 107)
+    assert qemu_user("<capabilities/>", "tcg") is None
+
+
+def test_unreachable_names_the_directory_that_stops_qemus_user():
+    base = Path(tempfile.mkdtemp(dir="/tmp"))   # under /tmp (1777): pytest's temp dirs are root's alone
+    try:
+        os.chmod(base, 0o711)
+        closed = base / "closed"
+        (closed / "in").mkdir(parents=True)
+        image = closed / "in" / "img.iso"
+        image.write_bytes(b"x")
+        os.chmod(image, 0o644)
+        assert unreachable(image, 65534, 65534) is None
+        os.chmod(closed, 0o700)
+        assert unreachable(image, 65534, 65534) == closed
+        os.chmod(closed, 0o755)
+        os.chmod(image, 0o600)
+        assert unreachable(image, 65534, 65534) == image
+    finally:
+        shutil.rmtree(base)
+
+
+def test_backend_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("KVMPOD_CONFIG", raising=False)
+    assert backend_choice.choose_backend(None, None).name == "qemu"
+    with pytest.raises(ConfigError, match="unknown VM backend 'xen'"):
+        backend_choice.choose_backend("xen", None)
+    monkeypatch.setattr(backend_choice.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(KvmpodError, match=r"pip install 'kvmpod\[libvirt\]'"):
+        backend_choice.choose_backend("libvirt", None)
