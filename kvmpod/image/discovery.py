@@ -134,7 +134,7 @@ def fetch_page(url: str, transfer: Transfer) -> str | int:
             return e.code
         raise ImageError(f"{url}: discovery failed: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise ImageError(f"{url}: discovery failed: {printable(str(e.reason))}") from e
+        raise ImageError(f"{url}: discovery failed: {printable(str(e.reason))}{transfer.tls_hint(e.reason)}") from e
     except (OSError, ValueError) as e:
         raise ImageError(f"{url}: discovery failed: {e}") from e
 

@@ -51,7 +51,7 @@ def download(url: str, dest: Path, limits: ImportLimits, missing_ok: bool = Fals
             return False
         raise ImageError(f"{url}: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise ImageError(f"{url}: cannot download: {e.reason}") from e
+        raise ImageError(f"{url}: cannot download: {e.reason}{transfer.tls_hint(e.reason)}") from e
     except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
         raise ImageError(f"{url}: cannot download: {e}") from e
 

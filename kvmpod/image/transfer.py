@@ -84,6 +84,14 @@ class Transfer:
         return urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.ssl_context()),
                                            _redirects(self)())
 
+    def tls_hint(self, reason: object) -> str:
+        """` (…)`: what to do about a certificate that did not verify, for a download's error line."""
+        import ssl
+
+        if isinstance(reason, ssl.SSLCertVerificationError) and not self.insecure.tls:
+            return " (a private CA: --ca-file FILE; or --insecure-options=tls)"
+        return ""
+
     def ssl_context(self) -> ssl.SSLContext:
         """The context for https: the system's anchors plus `ca_file`; no verification with tls."""
         import ssl  # lazy: only a network command pays for it

@@ -187,6 +187,7 @@ def test_tls_is_verified_against_the_ca_file_or_skipped_with_insecure_tls(site, 
     assert code == 125 and len(err.splitlines()) == 1
     assert "https://127.0.0.1:" in err and "/pub/app?ac-discovery=1: discovery failed" in err
     assert "CERTIFICATE_VERIFY_FAILED" in err or "certificate verify failed" in err
+    assert err.endswith(" (a private CA: --ca-file FILE; or --insecure-options=tls)\n")
     nothing_imported()
     code, _, err = kvmpod(capsys, "fetch", "--insecure-options=tls", f"{NAME}:1.0")
     assert code == 0, err
