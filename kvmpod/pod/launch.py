@@ -37,7 +37,7 @@ from kvmpod.vm import cgroup, sandbox
 from kvmpod.vm.accel import choose_accelerator
 from kvmpod.vm.backend_choice import BackendChoice, choose_backend
 from kvmpod.vm.cgroup import Cgroup
-from kvmpod.vm.config import Disk, FsDevice, VMConfig
+from kvmpod.vm.config import Confinement, Disk, FsDevice, VMConfig
 from kvmpod.vm.machine import plan_boot
 from kvmpod.vm.qemu_binary import find_qemu
 from kvmpod.vm.spawn import SpawnedQemu, check_socket_path, qemu_binary, spawn_qemu
@@ -223,11 +223,15 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             notice("a host volume's owner= applies over virtio-fs (root) only: over virtio-9p the files "
                    "are " + ("the guest's owners'" if os.geteuid() == 0 else "yours"))
         volumes = dataclasses.replace(volumes, transport=transport)
-    confinement, confinement_notices = sandbox.confinement(
-        qemu.path, is_root=os.geteuid() == 0, shares_9p=volumes.transport == "9p" and bool(volumes.host))
-    for line in confinement_notices:
-        notice(line)
-    log.debug("QEMU confinement: %s", sandbox.describe(confinement))
+    if backend.name == "libvirt":   # libvirt confines its QEMU itself (qemu.conf: user, seccomp, namespaces)
+        confinement = Confinement()
+        log.debug("QEMU confinement: libvirt's (%s; docs/libvirt.md)", backend.uri)
+    else:
+        confinement, confinement_notices = sandbox.confinement(
+            qemu.path, is_root=os.geteuid() == 0, shares_9p=volumes.transport == "9p" and bool(volumes.host))
+        for line in confinement_notices:
+            notice(line)
+        log.debug("QEMU confinement: %s", sandbox.describe(confinement))
 
     pod = PodDir.create(uuid=options.pod_uuid)
     planned = None
