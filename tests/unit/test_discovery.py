@@ -501,3 +501,28 @@ def test_a_url_import_is_not_redirected_down_to_plain_http(site, capsys, tls_ca)
     server.pages["/moved.aci"] = Redirect(f"{server.base}/images/{NAME}-1.0-linux-amd64.aci")
     code, _, err = kvmpod(capsys, "fetch", "--ca-file", str(tls_ca.ca_file), f"{server.base}/moved.aci")
     assert code == 0, err
+
+
+def test_trust_dirs_of_root_and_of_a_user_and_disabling_a_shipped_key(monkeypatch, tmp_path, keys):
+    from kvmpod import paths
+    from kvmpod.image.trust import TrustStore
+
+    monkeypatch.delenv("KVMPOD_TRUST_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(paths, "_is_root", lambda: True)
+    assert paths.trust_dirs() == [Path("/etc/kvmpod/trust")] and paths.trust_dir() == Path("/etc/kvmpod/trust")
+    monkeypatch.setattr(paths, "_is_root", lambda: False)
+    assert paths.trust_dirs() == [Path("/etc/kvmpod/trust"), tmp_path / "xdg" / "kvmpod" / "trust"]
+    assert paths.trust_dir() == tmp_path / "xdg" / "kvmpod" / "trust"
+    # a key shipped in the first directory, disabled by an empty file of its name in the later one (rkt's rule)
+    fingerprint = keys[2]("publisher").lower()
+    shipped, mine = tmp_path / "shipped", tmp_path / "mine"
+    (shipped / "prefix.d" / "example.com").mkdir(parents=True)
+    shutil.copy(keys[0]["publisher.gpg"], shipped / "prefix.d" / "example.com" / fingerprint)
+    store = TrustStore([shipped, mine])
+    assert [(k.prefix, k.fingerprint) for k in store.keys()] == [("example.com", fingerprint)]
+    assert str(store.requirement("example.com/app")) == "trusted prefix example.com"
+    assert store.requirement("example.org/app") is None and store.requirement("example.com.evil/app") is None
+    (mine / "prefix.d" / "example.com").mkdir(parents=True)
+    (mine / "prefix.d" / "example.com" / fingerprint).touch()
+    assert store.keys() == [] and store.requirement("example.com/app") is None
