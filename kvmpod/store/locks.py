@@ -32,6 +32,17 @@ def exclusive(path: Path) -> Iterator[None]:
 
 
 @contextmanager
+def shared(path: Path) -> Iterator[None]:
+    """Wait for and hold a shared lock on `path`."""
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def try_exclusive(path: Path) -> Iterator[bool]:
     """Hold an exclusive lock on `path` if nobody else has one (yields True), else yield False at once."""
     fd = _open(path)

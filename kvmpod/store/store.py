@@ -54,6 +54,7 @@ def _notice(message: str) -> None:
     print(f"kvmpod: notice: {message}", file=sys.stderr, flush=True)
 
 
+MAINTENANCE_KEY = "maintenance"   # locks/maintenance.lock (Store.maintenance)
 _TMP_NAME = re.compile(r"^(?P<what>[a-z]+)-(?P<pid>\d+)-")
 
 
@@ -424,21 +425,34 @@ class Store:
 
     # --- removal ----------------------------------------------------------------------------
 
+    @contextmanager
+    def maintenance(self, shared: bool = False) -> Iterator[None]:
+        """`locks/maintenance.lock`: exclusive while `image rm` or `image gc` works, shared while `image fsck`
+        checks, which so never sees an image half removed (its record gone, its stamps not yet)."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with (locks.shared if shared else locks.exclusive)(self.lock_file(MAINTENANCE_KEY)):
+            yield
+
     def remove(self, record: ImageRecord) -> None:
         """Remove an image and its rootfs disks; refused while a pod uses it."""
-        with locks.try_exclusive(self.use_file(record.hex)) as free:
-            if not free:
-                raise ImageError(f"{record.id}: in use by a running pod")
-            with locks.exclusive(self.lock_file(record.hex)):
-                (self.records / f"{record.hex}.json").unlink(missing_ok=True)
-                (self.blobs / record.hex).unlink(missing_ok=True)
-                (self.disks / f"{record.hex}.iso").unlink(missing_ok=True)
-        self.gc()  # disks assembled with this image as a dependency, its stamps
+        with self.maintenance():
+            with locks.try_exclusive(self.use_file(record.hex)) as free:
+                if not free:
+                    raise ImageError(f"{record.id}: in use by a running pod")
+                with locks.exclusive(self.lock_file(record.hex)):
+                    (self.records / f"{record.hex}.json").unlink(missing_ok=True)
+                    (self.blobs / record.hex).unlink(missing_ok=True)
+                    (self.disks / f"{record.hex}.iso").unlink(missing_ok=True)
+            self._gc()  # disks assembled with this image as a dependency, its stamps
 
     def gc(self) -> list[str]:
         """Remove what no image references: blobs without a record (a crash between the two writes),
         rootfs disks of removed images or of dependency sets that no longer resolve so, stale source
         stamps, temp files of dead processes, lock files of removed images. Returns what was removed."""
+        with self.maintenance():
+            return self._gc()
+
+    def _gc(self) -> list[str]:
         removed: list[str] = []
         for d in (self.records, self.disks, self.sources):   # write_atomically's and the disk writer's temp files
             for temp in _listdir(d):
@@ -483,7 +497,7 @@ class Store:
                     removed += self.layer_cache.sweep(records.values())
         for lock in _listdir(self.locks):
             key = lock.name.rsplit(".", 1)[0]
-            if key not in records and key not in live_disks and key != LAYERS_LOCK_KEY:
+            if key not in records and key not in live_disks and key not in (LAYERS_LOCK_KEY, MAINTENANCE_KEY):
                 with locks.try_exclusive(lock) as free:
                     if free:
                         lock.unlink(missing_ok=True)
