@@ -155,11 +155,11 @@ def wait_host(state_file: Path, timeout: float) -> str:
 
 
 @contextlib.contextmanager
-def idle_pod(env: dict[str, str], aci: Path):
-    """A running `kvmpod run … sleep 30` once it is idle: (its process, state.json, the host process)."""
+def idle_pod(env: dict[str, str], aci: Path, run_args: tuple[str, ...] = ()):
+    """A running `kvmpod run [run_args] … sleep 30` once it is idle: (its process, state.json, the host process)."""
     pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
     before = set(pods.glob("*")) if pods.exists() else set()
-    proc = subprocess.Popen([*KVMPOD, "run", str(aci), "--exec", "/bin/sleep", "--", "30"], env=env,
+    proc = subprocess.Popen([*KVMPOD, "run", *run_args, str(aci), "--exec", "/bin/sleep", "--", "30"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30

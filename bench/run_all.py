@@ -17,6 +17,8 @@
               chroot, the pod's cgroup) vs the same with [security] switched off (bench/privilege.py)
 11. soak      500 mixed pods one after the other, then waves of 16: exit codes, and the slope per 100 pods
               of what could accumulate (bench/soak.py)
+12. libvirt   kvmpod run --backend libvirt /bin/true vs the QEMU backend vs the floor, and an idle pod's
+              memory on each backend (bench/backends.py; needs root, libvirtd and libvirt-python)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -48,6 +50,7 @@ from stage1 import Unavailable as Stage1Unavailable, measure_stage1, print_stage
 from oci import Unavailable as OciUnavailable, measure_oci, print_oci  # noqa: E402
 from privilege import measure_privilege, print_privilege  # noqa: E402
 from soak import measure_soak, print_soak  # noqa: E402
+from backends import Unavailable as LibvirtUnavailable, measure_libvirt, print_libvirt  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -241,6 +244,9 @@ def main() -> int:
         header("11. soak (mixed pods: sequential, then waves of 16)")
         results["soak"] = measure_soak(aci, work, args.soak_pods, args.soak_waves, 16)
         print_soak(results["soak"])
+        header("12. libvirt (the libvirt backend vs the QEMU backend vs the floor)")
+        results["libvirt"] = optional(lambda: measure_libvirt(work, aci, args.runs), print_libvirt,
+                                      LibvirtUnavailable)
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, Unavailable)
     results["total_s"] = time.perf_counter() - began

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.conftest import kvmpod_cmd
 from tests.e2e.conftest import VM_TIMEOUT, Kvmpod
 
 SYSTEM_URI = "qemu:///system"
+REAPER = Path(__file__).resolve().parents[2] / "reaper.py"
 WHY_NOT = None
 if os.geteuid() != 0:
     WHY_NOT = "the libvirt tests start a system libvirtd, which needs root"
@@ -91,6 +93,7 @@ def libvirt_uri():
             os.chown(kvm, 0, kvm_gid)
             os.chmod(kvm, 0o660)
     started: list[Path] = []
+    reaper = None
     work = Path(tempfile.mkdtemp(prefix="kvt-libvirt-"))
     uri = SYSTEM_URI
     try:
@@ -101,8 +104,10 @@ def libvirt_uri():
             (work / "libvirtd.conf").write_text(
                 f'unix_sock_dir = "{work}"\nunix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\n'
                 'auth_unix_ro = "none"\nlog_outputs = "3:stderr"\n')
-            subprocess.run(["libvirtd", "-d", "-f", str(work / "libvirtd.conf"), "-p", str(work / "libvirtd.pid")],
-                           check=True)
+            # under a reaper of its own: this machine's PID 1 reaps orphans late, and libvirt waits for
+            # a killed QEMU to vanish before it reports the domain's end (tests/reaper.py)
+            reaper = subprocess.Popen([sys.executable, str(REAPER), "libvirtd", "-d", "-f", str(work / "libvirtd.conf"),
+                              "-p", str(work / "libvirtd.pid")], start_new_session=True)
             started.append(work / "libvirtd.pid")
             uri = f"{SYSTEM_URI}?socket={work}/libvirt-sock"
             deadline = time.time() + 60
@@ -119,6 +124,8 @@ def libvirt_uri():
                 deadline = time.time() + 30
                 while _pid_alive(pidfile) is not None and time.time() < deadline:
                     time.sleep(0.1)
+        if reaper is not None:
+            reaper.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
         if kvm_mode is not None:
             os.chown(kvm, kvm_mode[0], kvm_mode[1])
