@@ -328,3 +328,25 @@ def test_a_fault_in_a_bridged_pod_leaves_no_tap_lease_or_forward(kvmpod_env, bas
         assert ns.leftovers() == []
     finally:
         ns.delete()
+
+
+@pytest.mark.skipif(find_relay() is None, reason="kvmpod-relay is not built (make -C kvmpod/relay)")
+def test_kvmpod_relay_killed_and_a_kvmpod_killed_after_coming_back_leave_nothing(kvmpod_env, busybox_aci, base):
+    """The pod's process while it is kvmpod-relay (SIGKILLed by the test), and once it has come back as
+    kvmpod (SIGKILLed at its teardown by the hook): QEMU goes with it, `kvmpod gc` leaves nothing."""
+    from tests.e2e.test_relay import running_pod, wait_for_host
+
+    assert cmd(kvmpod_env, "run", str(busybox_aci), *SH, "true").returncode == 0
+    proc = subprocess.Popen(kvmpod_cmd("run", str(busybox_aci), *SH, "sleep 600"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=kvmpod_env)
+    state = wait_for_host(running_pod(kvmpod_env, proc), "kvmpod-relay")
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == KILLED
+    proc.stderr.close()
+    deadline = time.time() + 30
+    while Path(f"/proc/{state['qemu_pid']}").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    clean_after(kvmpod_env, base, gc=True)
+    result = cmd(kvmpod_env, "run", str(busybox_aci), *SH, "sleep 3; exit 6", fault="teardown:kill-self")
+    assert result.returncode == KILLED and fired(result, "teardown:kill-self"), result.stderr
+    clean_after(kvmpod_env, base, gc=True)
