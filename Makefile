@@ -14,7 +14,8 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 python3-build help2man zsh \
                 podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux \
                 libvirt-dev \
-                docker-registry skopeo openssl
+                docker-registry skopeo openssl \
+                clang libclang-rt-14-dev
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean vagrant-deps libvirt-deps
