@@ -103,11 +103,16 @@ def test_a_fault_at_every_phase_leaves_nothing(kvmpod_env, busybox_aci, base, ph
         if find_relay() is None:
             pytest.skip("kvmpod-relay is not built (make -C kvmpod/relay)")
         app = "sleep 3; exit 3"   # quiet for longer than QUIET_FOR: handed to kvmpod-relay
+    snapshots = Path(env["KVMPOD_SNAPSHOT_DIR"])
     if phase not in FIRST_RUN:   # imported, disk built, boot snapshot made: the fault hits this pod's own path
         assert cmd(env, "run", str(busybox_aci), *SH, "true").returncode == 0
+    made = sorted(p.name for p in snapshots.iterdir()) if snapshots.is_dir() else []
     fault = f"{phase}:{action}"
     result = cmd(env, "run", str(busybox_aci), *SH, app, fault=fault)
     assert fired(result, fault), result.stderr
+    if phase not in FIRST_RUN:   # a killed QEMU (or kvmpod) costs no boot snapshot: the next pod restores it
+        assert "did not restore" not in result.stderr.decode()
+        assert sorted(p.name for p in snapshots.iterdir()) == made
     assert result.returncode == status, result.stderr
     if error is not None:
         assert the_error(result) == error

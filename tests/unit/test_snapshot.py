@@ -237,3 +237,19 @@ def test_a_qemu_that_cannot_be_spawned_leaves_no_fd_behind(files, tmp_path):
         spawn_qemu(dataclasses.replace(vm_config(files), incoming=True), tmp_path / "qemu.log", restore_from=state,
                    binary=tmp_path / "empty" / "qemu-system-x86_64")
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_gc_sweeps_what_killed_makers_left_and_never_a_live_makers(tmp_path, monkeypatch):
+    """A maker SIGKILLed mid-way left its stage (the guest's RAM) and its work directory for good: `kvmpod gc`
+    calls sweep_makers (tests/e2e/test_faults.py kills a real one)."""
+    snaps, run_dir = tmp_path / "snaps", tmp_path / "run"
+    monkeypatch.setenv("KVMPOD_SNAPSHOT_DIR", str(snaps))
+    monkeypatch.setenv("KVMPOD_RUN_DIR", str(run_dir))
+    dead, live = 999999999, os.getpid()
+    made = [snaps / f"k1.new-{dead}", snaps / f"k2.new-{live}", run_dir / f"snapshot-{dead}-abc",
+            run_dir / f"snapshot-{live}-def", run_dir / "snapshot-old", snaps / "k3"]
+    for d in made:
+        d.mkdir(parents=True)
+        (d / "memory").write_bytes(b"x")
+    assert sorted(snapshot.sweep_makers()) == sorted([str(snaps / f"k1.new-{dead}"), str(run_dir / f"snapshot-{dead}-abc")])
+    assert [d.name for d in made if d.exists()] == [f"k2.new-{live}", f"snapshot-{live}-def", "snapshot-old", "k3"]
