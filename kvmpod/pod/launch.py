@@ -36,7 +36,7 @@ from kvmpod.store.locks import SharedLocks
 from kvmpod.vm import cgroup, sandbox
 from kvmpod.vm.accel import choose_accelerator
 from kvmpod.vm.backend_choice import BackendChoice, choose_backend
-from kvmpod.vm.cgroup import Cgroup
+from kvmpod.vm.cgroup import Cgroup, CgroupLimits
 from kvmpod.vm.config import Confinement, Disk, FsDevice, VMConfig
 from kvmpod.vm.machine import plan_boot
 from kvmpod.vm.qemu_binary import find_qemu
@@ -145,6 +145,7 @@ class PodPlan:
     spawned: SpawnedQemu | None = None    # …and the QEMU already started from it
     cgroup: Cgroup | None = None          # QEMU's and virtiofsd's, with the pod's limits (kvmpod/vm/cgroup.py)
     backend: BackendChoice = BackendChoice("qemu")   # QEMU itself, or a libvirt domain (docs/libvirt.md)
+    limits: CgroupLimits | None = None        # a libvirt domain's (its <memtune>, <cputune>)
 
     def abandon(self) -> None:
         """The pod fails before a runner took the VM: QEMU goes, and so does the snapshot claim. Also
@@ -269,8 +270,11 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         planned = PodPlan(pod, resolved, volumes, config, snapshot_cmdline, hostname, metadata_secrets, shares,
                           vsock_front, snapshot_possible)
         planned.backend = backend
-        if backend.name == "qemu":   # a libvirt domain's QEMU is in libvirt's cgroup (docs/libvirt.md)
+        if backend.name == "qemu":
             planned.cgroup = pod_cgroup(pod, size, len(shares), accel.name)   # before any QEMU is spawned
+        elif not cgroup.switched_off():   # libvirt's own cgroup of the domain gets the same limits
+            planned.limits = cgroup.limits_for(size.memory_mib, size.cpus, size.cpu_limit, 0, cgroup.memory_override(),
+                                               tcg=accel.name == "tcg")
         if snapshot_possible:
             _spawn_from_snapshot(planned, timings)
         return planned

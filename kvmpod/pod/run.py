@@ -151,9 +151,26 @@ def libvirt_vm(plan: PodPlan, config: VMConfig, timeout: float) -> VMBackend:
     pod = plan.pod
     for directory in (pod.path.parent, pod.path):
         os.chmod(directory, os.stat(directory).st_mode & 0o777 | 0o711)
-    spec = DomainSpec(domain_name(pod.uuid), pod.uuid, pod.path, pod.file("agent.sock"), qemu_binary())
+    memory_limit = plan.limits is not None and can_raise_rlimits()
+    if plan.limits is not None and not memory_limit:
+        notice("libvirt domain without a memory limit: libvirt raises its QEMU's locked-memory rlimit to the "
+               "limit, which needs CAP_SYS_RESOURCE, and this host's root lacks it (docs/libvirt.md)")
+    spec = DomainSpec(domain_name(pod.uuid), pod.uuid, pod.path, pod.file("agent.sock"), qemu_binary(), plan.limits,
+                      memory_limit)
     pod.update(backend="libvirt", libvirt_uri=plan.backend.uri, domain=spec.name)   # for gc, before it exists
     return LibvirtVM(config, spec, plan.backend.uri, connect_timeout=timeout)
+
+
+def can_raise_rlimits() -> bool:
+    """CAP_SYS_RESOURCE (capability 24) in this process's effective set: on a host whose root lacks it, so
+    does the libvirtd it starts."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 24 & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def relay_for(options: RunOptions, virtiofs: bool, agent_transport: str) -> Path | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmpod.vm.cgroup import CPU_PERIOD_US, CgroupLimits
 from kvmpod.vm.config import AGENT_PORT_NAME, TCG_CACHE_MIB, VMConfig, opt_value
 
 # kvmpod's element in <metadata>: `kvmpod gc` finds a pod's domain by it (never by its name alone)
@@ -29,6 +30,11 @@ class DomainSpec:
     pod_dir: Path
     agent_socket: Path     # libvirt listens here (the virtio-serial port's unix chardev); kvmpod connects
     emulator: Path         # the QEMU binary libvirt runs
+    # the pod's hard limits (kvmpod/vm/cgroup.py limits_for, as the QEMU backend's cgroup has them), for
+    # libvirt's own cgroup of the domain: <memtune> hard_limit, <cputune> global quota; None: none
+    limits: CgroupLimits | None = None
+    # libvirt raises its QEMU's RLIMIT_MEMLOCK to a memory hard_limit, which takes CAP_SYS_RESOURCE
+    memory_limit: bool = True
 
     @property
     def namespace(self) -> str:
@@ -89,6 +95,6 @@ def render(cfg: VMConfig, spec: DomainSpec) -> str:
                              autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.get_template("domain.xml.j2").render(
         cfg=cfg, spec=spec, shared_memory=bool(cfg.filesystems), tcg_cache_mib=TCG_CACHE_MIB,
-        agent_port=AGENT_PORT_NAME, panic_model=panic_model(cfg), qemu_args=qemu_args(cfg),
+        cpu_period_us=CPU_PERIOD_US, agent_port=AGENT_PORT_NAME, panic_model=panic_model(cfg), qemu_args=qemu_args(cfg),
         # microvm has no PCI bus: libvirt puts virtio devices on virtio-mmio only when told to
         mmio=Markup("\n      <address type='virtio-mmio'/>") if cfg.machine == "microvm" else "")

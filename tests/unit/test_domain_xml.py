@@ -166,3 +166,19 @@ def test_backend_choice(monkeypatch, tmp_path):
     monkeypatch.setattr(backend_choice.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(KvmpodError, match=r"pip install 'kvmpod\[libvirt\]'"):
         backend_choice.choose_backend("libvirt", None)
+
+
+def test_the_pods_limits_go_to_libvirts_cgroup_of_the_domain():
+    from dataclasses import replace
+
+    from kvmpod.vm.cgroup import CPU_PERIOD_US, limits_for
+
+    limits = limits_for(384, 2, tcg=True)
+    dom = parse(config(), replace(SPEC, limits=limits))
+    assert dom.findtext("memtune/hard_limit") == dom.findtext("memtune/swap_hard_limit") == str(limits.memory_bytes)
+    assert dom.find("memtune/hard_limit").get("unit") == "b"
+    assert (dom.findtext("cputune/global_period"), dom.findtext("cputune/global_quota")) == (
+        str(CPU_PERIOD_US), str(limits.cpu_quota_us))
+    without_memory = parse(config(), replace(SPEC, limits=limits, memory_limit=False))
+    assert without_memory.find("memtune") is None and without_memory.find("cputune") is not None
+    assert parse(config()).find("cputune") is None
