@@ -18,39 +18,11 @@
 #define PORT_TIMEOUT_MS 15000u
 #define FRAME_MAX (KP_HEADER_SIZE + KP_MAX_PAYLOAD)
 
-struct msg_spec {
-    uint16_t id;
-    const char *name;
-    enum kp_from from;
-    enum kp_stream_kind stream;
-    enum kp_payload_kind payload;
-};
-
-static const struct msg_spec SPECS[] = {
-#define SPEC(name, from, stream, payload) {KP_MSG_##name, #name, from, stream, payload},
-    KP_MESSAGES(SPEC)
-#undef SPEC
-};
-
 static int fd = -1;
 static bool connected; /* a vsock channel is connected once accepted; a serial port once the host opens it */
 static uint8_t rbuf[FRAME_MAX];
-static size_t rstart, rend; /* unconsumed bytes are rbuf[rstart..rend) */
+static struct frame_reader reader = FRAME_READER(rbuf);
 static uint8_t wbuf[FRAME_MAX];
-
-static const struct msg_spec *spec_of(uint16_t type)
-{
-    for (size_t i = 0; i < ARRAY_LEN(SPECS); i++)
-        if (SPECS[i].id == type)
-            return &SPECS[i];
-    return NULL;
-}
-
-const char *message_name(uint16_t type)
-{
-    const struct msg_spec *s = spec_of(type);
-    return s ? s->name : "?";
-}
 
 void channel_open(const char *name)
 {
@@ -170,58 +142,31 @@ void channel_send_error(uint32_t stream, const struct failure *f)
 
 bool channel_fill(void)
 {
-    if (rstart) {
-        memmove(rbuf, rbuf + rstart, rend - rstart);
-        rend -= rstart;
-        rstart = 0;
-    }
+    size_t room;
+    uint8_t *p = frame_reader_space(&reader, &room);
     /* The buffer holds one maximal frame, so a frame always fits once earlier ones are taken. */
-    while (rend < sizeof rbuf) {
-        ssize_t n = read(fd, rbuf + rend, sizeof rbuf - rend);
-        if (n > 0)
-            rend += (size_t)n;
-        else if (n < 0 && errno == EINTR)
+    while (room) {
+        ssize_t n = read(fd, p, room);
+        if (n > 0) {
+            frame_reader_filled(&reader, (size_t)n);
+            p += n;
+            room -= (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
             continue;
-        else if (n < 0 && errno == EAGAIN)
+        } else if (n < 0 && errno == EAGAIN) {
             return true;
-        else
+        } else {
             return false; /* EOF: virtio_console reads 0 once the host end has closed */
+        }
     }
     return true;
 }
 
-static void check_header(uint32_t len, uint16_t type, uint16_t flags, uint32_t stream)
+bool channel_next(struct frame *fr)
 {
-    if (len > KP_MAX_PAYLOAD)
-        fatal("protocol", 0, "frame payload of %u bytes exceeds the %u-byte limit", len, KP_MAX_PAYLOAD);
-    const struct msg_spec *s = spec_of(type);
-    if (!s)
-        fatal("protocol", 0, "unknown message type %u", type);
-    if (flags)
-        fatal("protocol", 0, "%s frame has reserved flags 0x%x set", s->name, flags);
-    if (s->from != KP_FROM_HOST)
-        fatal("protocol", 0, "host sent %s, a guest-to-host message", s->name);
-    if ((s->stream == KP_STREAM_ZERO && stream != 0) || (s->stream == KP_STREAM_PROCESS && stream == 0))
-        fatal("protocol", 0, "%s frame on stream %u, which it may not use", s->name, stream);
-    if (s->payload == KP_PAYLOAD_EMPTY && len)
-        fatal("protocol", 0, "%s frame carries a payload", s->name);
-}
-
-bool channel_next(struct frame *f)
-{
-    size_t avail = rend - rstart;
-    if (avail < KP_HEADER_SIZE)
-        return false;
-    const uint8_t *h = rbuf + rstart;
-    uint32_t len = le_get(h, 4);
-    f->type = (uint16_t)le_get(h + 4, 2);
-    f->stream = le_get(h + 8, 4);
-    /* Checked before the payload arrives: an oversized length is refused, never waited for. */
-    check_header(len, f->type, (uint16_t)le_get(h + 6, 2), f->stream);
-    if (avail - KP_HEADER_SIZE < len)
-        return false;
-    f->payload = h + KP_HEADER_SIZE;
-    f->len = len;
-    rstart += KP_HEADER_SIZE + len;
-    return true;
+    struct failure f;
+    int rc = frame_reader_next(&reader, fr, &f);
+    if (rc < 0)
+        fatal_failure(&f);
+    return rc > 0;
 }

@@ -7,15 +7,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "frame.h"
 #include "messages.h"
 #include "util.h"
-
-struct frame {
-    uint16_t type;
-    uint32_t stream;
-    const uint8_t *payload; /* valid until the next channel_fill() */
-    uint32_t len;
-};
 
 /* Finds the virtio-serial port called `name` and opens it; fatal (stage "channel") on timeout. */
 void channel_open(const char *name);
@@ -47,10 +41,8 @@ void channel_send_error(uint32_t stream, const struct failure *f);
  * frames that arrived before that can still be taken with channel_next(). */
 bool channel_fill(void);
 
-/* Takes the next complete frame. A frame that breaks the protocol (size, type, flags, stream
- * kind, direction) is fatal (stage "protocol"). */
+/* Takes the next complete frame (frame_reader_next); one that breaks the protocol is fatal (stage
+ * "protocol"). Its payload is valid until the next channel_fill(). */
 bool channel_next(struct frame *f);
-
-const char *message_name(uint16_t type);
 
 #endif

@@ -359,6 +359,18 @@ def render_c_messages_h(definition: dict[str, Any]) -> str:
         name, struct = m["name"].lower(), _c_struct(m)
         cases.append(f"    {struct} *: &kp_{name}_desc, const {struct} *: &kp_{name}_desc")
     out.append(", \\\n".join(cases) + ")")
+    out += ["", "/* Every tlv message's table, in the toml's order (for code that handles any message, like the",
+            " * fuzzing harnesses in guest-agent/fuzz/), and the table of a message type: NULL for one whose",
+            " * payload is raw or empty, or that the protocol does not have. */",
+            f"#define KP_N_MSG_DESCS {len(messages)}u",
+            "extern const struct kp_msg_desc *const kp_msg_descs[KP_N_MSG_DESCS];",
+            "static inline const struct kp_msg_desc *kp_msg_desc_of(uint16_t type)",
+            "{",
+            "    for (size_t i = 0; i < KP_N_MSG_DESCS; i++)",
+            "        if (kp_msg_descs[i]->type == type)",
+            "            return kp_msg_descs[i];",
+            "    return NULL;",
+            "}"]
     out += ["", "#endif", ""]
     return "\n".join(out)
 
@@ -393,6 +405,8 @@ def render_c_messages_c(definition: dict[str, Any]) -> str:
             f"    .fields = {upper + '_FIELDS' if fields else 'NULL'},",
             "};",
         ]
+    out += ["", "const struct kp_msg_desc *const kp_msg_descs[KP_N_MSG_DESCS] = {",
+            *(f"    &kp_{m['name'].lower()}_desc," for m in tlv_messages(definition)), "};"]
     return "\n".join(out) + "\n"
 
 
