@@ -53,6 +53,12 @@ def test_the_running_pod_is_in_virsh_list_and_virsh_destroy_ends_it(kvmpod_env, 
         assert name in virsh(libvirt_uri, "list", "--name").stdout.split()
         metadata = virsh(libvirt_uri, "dumpxml", name).stdout
         assert state["uuid"] in metadata and str(Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods", state["uuid"])) in metadata
+        # libvirt's DAC driver chowned what the domain uses to its QEMU user, but not the shared files: the
+        # store's images (relabel='no') and the kernel cache (the domain has copies)
+        store_images = list(Path(kvmpod_env["KVMPOD_STORE_DIR"]).glob("rootfs/*.iso"))
+        assert store_images and all(p.stat().st_uid == 0 for p in store_images)
+        pod_dir = Path(kvmpod_env["KVMPOD_RUN_DIR"], "pods", state["uuid"])
+        assert (pod_dir / "libvirt-kernel").stat().st_uid != 0   # the copy is libvirt's QEMU user's now
         virsh(libvirt_uri, "destroy", name)
         _, err = proc.communicate(timeout=60)   # a hang fails here; how fast belongs to bench/
         assert proc.returncode == 125
