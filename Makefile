@@ -13,7 +13,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 libcap-ng-dev libattr1-dev libseccomp-dev \
                 python3-build help2man zsh \
                 podman conmon containerd runc netavark aardvark-dns containernetworking-plugins curl util-linux \
-                libvirt-dev \
+                libvirt-dev python3-dev \
                 docker-registry skopeo openssl \
                 clang libclang-rt-14-dev
 PYTEST_ARGS ?=
