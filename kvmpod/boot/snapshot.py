@@ -32,7 +32,7 @@ from pathlib import Path
 
 from kvmpod import config as settings
 from kvmpod import faults, paths
-from kvmpod.errors import ConfigError, KvmpodError, VMError
+from kvmpod.errors import ConfigError, KvmpodError, VMError, printable
 from kvmpod.fsutil import pid_alive
 from kvmpod.vm.config import VMConfig
 
@@ -280,7 +280,7 @@ def _console_hint(work: Path) -> str:
         lines = (work / "console.log").read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
-    return f" (guest console: {lines[-1]})" if lines else ""
+    return f" (guest console: {printable(lines[-1])})" if lines else ""   # the guest wrote it
 
 
 def _remove(key: str, wait: bool) -> bool:

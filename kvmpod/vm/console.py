@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kvmpod.errors import printable
+
 AGENT_PREFIX = "kvmpod-agent:"
 _PANIC = re.compile(r"Kernel panic - not syncing: (.*)")
 _KMSG_PREFIX = re.compile(r"^\[\s*\d+\.\d+\]\s*")
@@ -18,7 +20,8 @@ def tail(path: Path, max_bytes: int = 1 << 16) -> list[str]:
             data = f.read()
     except OSError:
         return []
-    return [_KMSG_PREFIX.sub("", line).strip() for line in data.decode("utf-8", "replace").splitlines()]
+    # the guest wrote it: control characters are escaped, so that no line of it drives the terminal
+    return [printable(_KMSG_PREFIX.sub("", line).strip()) for line in data.decode("utf-8", "replace").splitlines()]
 
 
 def explain(path: Path) -> str | None:
