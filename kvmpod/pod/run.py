@@ -252,7 +252,8 @@ async def restore_runner(state: RelayState, unread: bytes, broken: set[int]) -> 
     runner.session = session
     sinks: dict[int, FdSink] = {}
     for app, proc in zip(state.apps, state.processes):
-        out, err = (sinks.setdefault(fd, (LogSink if proc.log else FdSink)(fd)) for fd in (proc.stdout_fd, proc.stderr_fd))
+        out, err = (sinks.setdefault(fd, LogSink(fd) if proc.log else FdSink(fd, runner.pump))
+                    for fd in (proc.stdout_fd, proc.stderr_fd))
         for sink in (out, err):
             sink.broken = sink.fd in runner.broken_output
         runner.sinks[app.name] = (out, err)

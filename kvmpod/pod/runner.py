@@ -15,9 +15,11 @@ import functools
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -48,6 +50,9 @@ T = TypeVar("T")
 SHUTDOWN_GRACE = 10.0   # seconds the guest gets to power off after SHUTDOWN
 KILL_WAIT = 5.0         # seconds the agent gets to report the apps' ends after SIGKILL before power-off
 STDIN_CHUNK = 65536
+OUTPUT_HIGH = 4 << 20   # bytes of app output waiting for a slow reader before the guest is held…
+OUTPUT_LOW = 1 << 20    # …and this few before it is let go (OutputPump)
+OUTPUT_DRAIN_STOPPED = 5.0   # seconds a stopped or killed pod's last output gets to reach a stalled reader
 
 
 class GuestDied(VMError):
@@ -55,19 +60,108 @@ class GuestDied(VMError):
 
 
 class FdSink:
-    """Writes app output to one of kvmpod's own fds, byte-exact; a closed reader silences it."""
+    """Writes app output to one of kvmpod's own fds, byte-exact; a closed reader silences it. Given a pump,
+    the output of a pipe or terminal goes through it (its reader may stall); a file's is written at once."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, pump: "OutputPump | None" = None):
         self.fd = fd
         self.broken = False
+        self.pump = pump if pump is not None and not _regular_file(fd) else None
 
     def __call__(self, data: bytes) -> None:
+        if self.pump is not None:
+            self.pump.put(self, data)
+        else:
+            self.write_now(data)
+
+    def write_now(self, data: bytes) -> None:
         view = memoryview(data)
         while view and not self.broken:
             try:
                 view = view[os.write(self.fd, view):]
             except BrokenPipeError:
                 self.broken = True
+
+
+def _regular_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+class OutputPump:
+    """App output to kvmpod's own pipes and terminals, written by one thread in arrival order: a reader that
+    stalls (a pipe nobody drains, a terminal on hold) blocks that thread, never the event loop, so signals,
+    `kvmpod stop` and --timeout still end the pod. With more than OUTPUT_HIGH bytes waiting, hold(True)
+    stops reading the agent channel (the guest then waits on its port), and at OUTPUT_LOW hold(False) reads
+    on: kvmpod's memory stays bounded (tests/e2e/test_faults.py, a flood to a stalled and a slow reader)."""
+
+    def __init__(self, hold: Callable[[bool], None]):
+        self._hold = hold
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[FdSink, bytes]] = deque()
+        self._waiting = 0    # bytes queued or being written
+        self._held = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drained: list[asyncio.Future[None]] = []
+
+    @property
+    def idle(self) -> bool:
+        return self._waiting == 0
+
+    def put(self, sink: FdSink, data: bytes) -> None:
+        """From the event loop: queue `data` for `sink`."""
+        if sink.broken or not data:
+            return
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._write_forever, name="kvmpod-output", daemon=True)
+            self._thread.start()
+        with self._cond:
+            self._queue.append((sink, data))
+            self._waiting += len(data)
+            self._cond.notify()
+        if self._waiting > OUTPUT_HIGH:   # again each time: the stream reader may have resumed reading itself
+            self._held = True
+            self._hold(True)
+
+    async def drain(self) -> None:
+        """Until everything queued is written (the pod's end: no output is lost)."""
+        if self._waiting:
+            assert self._loop is not None
+            future = self._loop.create_future()
+            self._drained.append(future)
+            await future
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                sink, data = self._queue.popleft()
+            try:
+                sink.write_now(data)
+            except OSError as e:   # EIO of a terminal that went away, say: silenced like a closed pipe
+                log.debug("app output to fd %d: %s", sink.fd, e)
+                sink.broken = True
+            with self._cond:
+                self._waiting -= len(data)
+                tell = self._waiting == 0 or (self._held and self._waiting <= OUTPUT_LOW)
+            if tell and self._loop is not None:
+                with contextlib.suppress(RuntimeError):   # the loop is closed: nobody waits any more
+                    self._loop.call_soon_threadsafe(self._progress)
+
+    def _progress(self) -> None:
+        if self._held and self._waiting <= OUTPUT_LOW:
+            self._held = False
+            self._hold(False)
+        if self._waiting == 0:
+            for future in self._drained:
+                if not future.done():
+                    future.set_result(None)
+            self._drained.clear()
 
 
 class LogSink(FdSink):
@@ -119,6 +213,7 @@ class PodRunner:
         self.start_requested = asyncio.Event()   # the `start` control request (RunOptions.hold_apps)
         self.first_failure: int | None = None    # RunOptions.stop_on_failure: the app that failed first
         self._handing_over = False   # the session's channel is out for a hand-over (take_back_channels)
+        self.pump = OutputPump(self._hold_output)   # app output to kvmpod's pipes and terminals
         self.timed_out = False   # --timeout ran out (RunOptions.timeout): the pod is being stopped
         self._timeout: asyncio.TimerHandle | None = None
 
@@ -264,7 +359,7 @@ class PodRunner:
         session = self.session
         return (session is not None and self.lifecycle.state is PodState.RUNNING and self.stop_task is None
                 and self.stop_reason is None and self.signals_seen == 0 and self.killed_by_user is None
-                and session.open_streams <= {p.stream for p in self.processes}
+                and session.open_streams <= {p.stream for p in self.processes} and self.pump.idle
                 and time.monotonic() - session.quiet_since >= QUIET_FOR)
 
     def hand_over_channels(self) -> tuple[QemuHandover, int, int, bytes] | None:
@@ -306,6 +401,15 @@ class PodRunner:
 
     def agent_log(self, line: str) -> None:
         log.debug("agent: %s", line)
+
+    def _hold_output(self, hold: bool) -> None:
+        """OutputPump: stop (or go on) reading the agent channel while a slow reader has much to catch up."""
+        session = self.session
+        if session is None or session.failed.done() or self._handing_over:
+            return
+        with contextlib.suppress(Exception):   # a channel closing meanwhile: nothing to hold
+            transport = session._transport()
+            transport.pause_reading() if hold else transport.resume_reading()
 
     async def _boot(self) -> Hello:
         """Start QEMU and shake hands with the agent. A VM restored from a boot snapshot gets THAW first;
@@ -483,7 +587,7 @@ class PodRunner:
         (<pod dir>/logs/<app>.log, both streams in arrival order)."""
         if not self.options.detach:
             out_fd, err_fd = self.options.output_fds or (sys.stdout.fileno(), sys.stderr.fileno())
-            stdout, stderr = FdSink(out_fd), FdSink(err_fd)
+            stdout, stderr = FdSink(out_fd, self.pump), FdSink(err_fd, self.pump)
             return {app.name: (stdout, stderr) for app in self.apps}
         logs = self.pod.file("logs")
         logs.mkdir(mode=0o700, exist_ok=True)
@@ -641,6 +745,12 @@ class PodRunner:
     async def _close_local(self) -> None:
         """The pod is gone: stop the stop task, close the app logs, and last the control socket, whose
         connections' EOF tells `kvmpod stop` and `logs --follow` that the pod has ended."""
+        # the apps' last output, to a reader that may be slow; one that reads nothing does not keep a pod
+        # that was told to end from ending (its output is dropped then)
+        ended_by_us = (self.stop_task is not None or self.stop_reason is not None or self.signals_seen > 0
+                       or self.killed_by_user is not None)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.pump.drain(), OUTPUT_DRAIN_STOPPED if ended_by_us else None)
         if self.stop_task:
             self.stop_task.cancel()
         for sink in self.log_sinks:

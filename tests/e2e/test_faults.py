@@ -275,6 +275,24 @@ def test_a_guest_flooding_a_slow_reader_keeps_kvmpod_bounded(kvmpod_env, busybox
     assert leftovers(kvmpod_env, base) == []
 
 
+def test_a_guest_flooding_a_reader_that_reads_nothing_can_still_be_stopped(kvmpod_env, busybox_aci, base, kvmpod):
+    """Before OutputPump, kvmpod blocked in write() on its stdout: `kvmpod stop` hung and SIGTERM went
+    unheard. Now the output waits in a bounded queue and then in the guest, and the pod ends."""
+    kvmpod.env = kvmpod_env
+    proc = kvmpod.popen(str(busybox_aci), *SH, "while :; do dd if=/dev/zero bs=65536 count=160 2>/dev/null; done")
+    try:
+        state = kvmpod.wait_for_running_pod(proc)
+        time.sleep(3)   # the pipe, the queue, the channel fill up: nothing reads kvmpod's stdout
+        assert _rss_kib(proc.pid) < 64 * 1024
+        stopped = cmd(kvmpod_env, "stop", "--timeout", "1", state["uuid"], timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        assert proc.wait(timeout=60) in (128 + signal.SIGKILL, 128 + signal.SIGTERM)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert leftovers(kvmpod_env, base) == []
+
+
 def test_a_guest_that_stops_answering_at_boot_ends_by_the_boot_timeout(kvmpod_env, busybox_aci, base):
     assert cmd(kvmpod_env, "run", str(busybox_aci), *SH, "true").returncode == 0
     result = cmd(kvmpod_env, "run", "--boot-timeout", "3", str(busybox_aci), *SH, "true", fault="handshake:stop-qemu")
