@@ -179,6 +179,7 @@ class LibvirtVM(VMBackend):
         self._callbacks: list[int] = []
         self._ended: asyncio.Future[VMExit] | None = None
         self._panicked = False
+        self._reset = False        # the guest reset itself (libvirt's REBOOT event; on_reboot destroys it)
         self._destroying = False   # kvmpod ends the domain itself (stop): not a failure
         self._pid: int | None = None
 
@@ -228,6 +229,8 @@ class LibvirtVM(VMBackend):
         self._conn = await asyncio.to_thread(connect, self.uri)
         self._callbacks.append(self._conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None))
+        self._callbacks.append(self._conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None))
         with contextlib.suppress(libvirt.libvirtError):
             self._conn.registerCloseCallback(self._on_close, None)
         user = qemu_user(self._conn.getCapabilities(), self.config.accel)
@@ -358,6 +361,11 @@ class LibvirtVM(VMBackend):
         elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
             self._finish(self._exit_for(detail))
 
+    def _on_reboot(self, _conn: Any, dom: Any, _opaque: Any) -> None:
+        with contextlib.suppress(Exception):
+            if dom.UUIDString() == self.spec.pod_uuid:
+                self._reset = True
+
     def _exit_for(self, detail: int) -> VMExit:
         libvirt = _libvirt()
         name = self.spec.name
@@ -366,6 +374,8 @@ class LibvirtVM(VMBackend):
         if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
             return VMExit(0, shutdown_reason="guest-shutdown")
         if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED:
+            if self._reset and not self._destroying:   # as the QEMU backend's -no-reboot exit
+                return VMExit(0, shutdown_reason="guest-reset")
             if self._destroying:
                 return VMExit(-9)   # as a QEMU kvmpod killed: the runner knows why it did
             return VMExit(None, failure=f"libvirt destroyed domain {name} (virsh destroy, or its daemon)")

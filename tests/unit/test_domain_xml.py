@@ -182,3 +182,23 @@ def test_the_pods_limits_go_to_libvirts_cgroup_of_the_domain():
     without_memory = parse(config(), replace(SPEC, limits=limits, memory_limit=False))
     assert without_memory.find("memtune") is None and without_memory.find("cputune") is not None
     assert parse(config()).find("cputune") is None
+
+
+def test_how_a_domain_ended_is_told_as_a_qemu_exit():
+    libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (the [libvirt] extra)")
+
+    from kvmpod.vm.libvirt_vm import LibvirtVM
+
+    def ended(detail: int, **flags: bool) -> str:
+        vm = LibvirtVM(config(), SPEC, "qemu:///system")
+        for name, value in flags.items():
+            setattr(vm, f"_{name}", value)
+        return vm._exit_for(detail).describe()
+
+    assert ended(libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN) == "the guest powered off"
+    assert ended(libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED) == "the guest kernel panicked"
+    assert ended(libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED, panicked=True) == "the guest kernel panicked"
+    assert ended(libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED, reset=True) == "the guest reset itself"
+    assert "libvirt destroyed domain kvmpod-0b3c6e2a" in ended(libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED)
+    assert ended(libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED, destroying=True) == "QEMU was killed by signal 9"
+    assert "/var/log/libvirt/qemu/kvmpod-0b3c6e2a.log" in ended(libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
