@@ -40,6 +40,8 @@ def choose_backend(requested: str | None, uri: str | None) -> BackendChoice:
     if name not in BACKENDS:
         raise ConfigError(f"[vm] backend: unknown VM backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name == "qemu":
+        if uri:
+            raise ConfigError("--libvirt-uri: the QEMU backend takes none (add --backend libvirt)")
         return BackendChoice("qemu")
     if importlib.util.find_spec("libvirt") is None:
         raise KvmpodError(INSTALL_HINT)

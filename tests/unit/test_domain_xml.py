@@ -161,6 +161,8 @@ def test_backend_choice(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.delenv("KVMPOD_CONFIG", raising=False)
     assert backend_choice.choose_backend(None, None).name == "qemu"
+    with pytest.raises(ConfigError, match="--libvirt-uri: the QEMU backend takes none"):
+        backend_choice.choose_backend(None, "qemu:///system")
     with pytest.raises(ConfigError, match="unknown VM backend 'xen'"):
         backend_choice.choose_backend("xen", None)
     monkeypatch.setattr(backend_choice.importlib.util, "find_spec", lambda name: None)
