@@ -98,6 +98,7 @@ class Pod:
                  accel: str = "auto", agent_transport: str = "auto", boot: str | None = None, keep: bool = False,
                  boot_timeout: float = 60.0, stop_timeout: float | None = None, kernel_args: Sequence[str] = (),
                  debug: bool = False, store_dir: str | os.PathLike[str] | None = None,
+                 backend: str | None = None, libvirt_uri: str | None = None,
                  _manifest: Any = None):
 
         if isinstance(apps, (App, str)):
@@ -119,7 +120,8 @@ class Pod:
         for choice, allowed, flag in ((accel, ("auto", "kvm", "tcg"), "accel"),
                                       (agent_transport, ("auto", "vsock", "vhost-vsock", "vsock-user", "serial"),
                                        "agent_transport"),
-                                      (boot, (None, "snapshot", "cold"), "boot")):
+                                      (boot, (None, "snapshot", "cold"), "boot"),
+                                      (backend, (None, "qemu", "libvirt"), "backend")):
             if choice not in allowed:
                 raise UsageError(f"Pod: {flag}={choice!r} is not one of {', '.join(map(str, allowed))}")
         if cpus is not None and (not isinstance(cpus, int) or cpus < 1):
@@ -128,6 +130,7 @@ class Pod:
             memory_mib=_memory(memory), cpus=cpus, hostname=hostname, annotations=annotations,
             pod_isolators=pod_isolators, kernel=kernel, accel=accel, agent_transport=agent_transport, boot=boot,
             debug=debug, keep=keep, boot_timeout=boot_timeout, pod_env=dict(env or {}),
+            backend=backend, libvirt_uri=libvirt_uri,
             kernel_args=list(kernel_args), stop_timeout=STOP_TIMEOUT if stop_timeout is None else stop_timeout,
             volumes=[*pod_volumes, *(parse_volume(v) for v in volumes)],
             network=net_request(net, [*manifest_ports, *ports], list(dns), list(dns_search), list(dns_opt),

@@ -119,3 +119,12 @@ def test_gc_leaves_a_domain_of_the_same_name_that_is_not_the_pods(kvmpod_env, bu
         assert state["domain"] in domains(libvirt_uri)   # not this pod's, by its metadata: left alone
     finally:
         virsh(libvirt_uri, "destroy", state["domain"], check=False)
+
+
+def test_the_python_api_runs_a_pod_on_libvirt(kvmpod_env, busybox_aci, libvirt_uri):
+    import kvmpod
+
+    pod = kvmpod.Pod(kvmpod.App(str(busybox_aci), exec="/bin/sh", args=["-c", "echo from-api; exit 6"]),
+                     net="none", backend="libvirt", libvirt_uri=libvirt_uri)
+    result = pod.run()
+    assert (result.exit_code, result.stdout) == (6, b"from-api\n"), result.stderr
