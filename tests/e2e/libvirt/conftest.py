@@ -30,6 +30,7 @@ from tests.e2e.conftest import VM_TIMEOUT, Kvmpod
 
 SYSTEM_URI = "qemu:///system"
 REAPER = Path(__file__).resolve().parents[2] / "reaper.py"
+QEMU_LOGS = Path("/var/log/libvirt/qemu")
 WHY_NOT = None
 if os.geteuid() != 0:
     WHY_NOT = "the libvirt tests start a system libvirtd, which needs root"
@@ -94,6 +95,7 @@ def libvirt_uri():
             os.chmod(kvm, 0o660)
     started: list[Path] = []
     reaper = None
+    logs_before = set(QEMU_LOGS.glob("kvmpod-*.log*"))   # libvirt keeps a log per domain: ours go after
     work = Path(tempfile.mkdtemp(prefix="kvt-libvirt-"))
     uri = SYSTEM_URI
     try:
@@ -126,6 +128,8 @@ def libvirt_uri():
                     time.sleep(0.1)
         if reaper is not None:
             reaper.wait(timeout=30)
+        for log in set(QEMU_LOGS.glob("kvmpod-*.log*")) - logs_before:
+            log.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
         if kvm_mode is not None:
             os.chown(kvm, kvm_mode[0], kvm_mode[1])
