@@ -37,7 +37,9 @@ QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")   # the system instance's log of ea
 # libvirt's STOPPED event follows QEMU's exit once libvirt has reaped it and cleaned up (a second or
 # more where init reaps orphans late); this long kvmpod waits for it before it says what it knows
 EVENT_AFTER_EXIT = 1.0
-_registered: set[int] = set()   # ids of the loops libvirtaio dispatches for
+# the asyncio loop libvirtaio dispatches libvirt's events on: libvirt takes one event implementation per
+# process (a second registration is ignored), so one loop: a `kvmpod run` process has one pod's
+_registered: list[asyncio.AbstractEventLoop] = []
 
 
 def _libvirt() -> Any:
@@ -65,11 +67,13 @@ def connect(uri: str, read_only: bool = False) -> Any:
 
 def _register_loop() -> None:
     loop = asyncio.get_running_loop()
-    if id(loop) not in _registered:
+    if not _registered:
         import libvirtaio  # noqa: PLC0415
 
         libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-        _registered.add(id(loop))
+        _registered.append(loop)
+    elif _registered[0] is not loop:
+        raise VMError("libvirt's events go to the first asyncio loop of this process: one libvirt pod loop per process")
 
 
 def pod_of(xml: str) -> tuple[str, str] | None:
