@@ -130,3 +130,21 @@ def test_metadata_service_answers_the_pods_uuid(pod_runner, busybox_aci, tmp_pat
                             'echo "uuid $(wget -q -O - "$AC_METADATA_URL/acMetadata/v1/pod/uuid")"')
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == f"uuid {saved.read_text()}\n"
+
+
+def test_interactive_on_a_terminal(pod_runner, busybox_aci, kvmpod_env):
+    import termios
+
+    from tests.e2e.test_interact import PtySession
+
+    term = PtySession(kvmpod_cmd("run", *pod_runner.backend_args, "--net", "none", "--interactive", str(busybox_aci),
+                                 "--exec", "/bin/sh", "--"), kvmpod_env, rows=33, cols=99)
+    try:
+        term.expect(b"# ")
+        term.send(b"tty; stty size\r")
+        assert b"/dev/pts/0\r\n33 99\r\n" in term.expect(b"33 99\r\n")
+        term.send(b"exit 3\r")
+        assert term.wait() == 3
+        assert termios.tcgetattr(term.slave) == term.saved
+    finally:
+        term.close()
