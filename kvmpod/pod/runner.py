@@ -129,11 +129,13 @@ class OutputPump:
 
     async def drain(self) -> None:
         """Until everything queued is written (the pod's end: no output is lost)."""
-        if self._waiting:
+        with self._cond:   # (under the lock: the writer tells the loop only if someone waits)
+            if not self._waiting:
+                return
             assert self._loop is not None
             future = self._loop.create_future()
             self._drained.append(future)
-            await future
+        await future
 
     def _write_forever(self) -> None:
         while True:
@@ -141,6 +143,8 @@ class OutputPump:
                 while not self._queue:
                     self._cond.wait()
                 sink, data = self._queue.popleft()
+                while self._queue and self._queue[0][0] is sink and len(data) < (1 << 20):   # one write for a run
+                    data += self._queue.popleft()[1]
             try:
                 sink.write_now(data)
             except OSError as e:   # EIO of a terminal that went away, say: silenced like a closed pipe
@@ -148,7 +152,7 @@ class OutputPump:
                 sink.broken = True
             with self._cond:
                 self._waiting -= len(data)
-                tell = self._waiting == 0 or (self._held and self._waiting <= OUTPUT_LOW)
+                tell = (self._waiting == 0 and bool(self._drained)) or (self._held and self._waiting <= OUTPUT_LOW)
             if tell and self._loop is not None:
                 with contextlib.suppress(RuntimeError):   # the loop is closed: nobody waits any more
                     self._loop.call_soon_threadsafe(self._progress)
@@ -157,11 +161,13 @@ class OutputPump:
         if self._held and self._waiting <= OUTPUT_LOW:
             self._held = False
             self._hold(False)
-        if self._waiting == 0:
-            for future in self._drained:
-                if not future.done():
-                    future.set_result(None)
-            self._drained.clear()
+        with self._cond:
+            if self._waiting:
+                return
+            drained, self._drained = self._drained, []
+        for future in drained:
+            if not future.done():
+                future.set_result(None)
 
 
 class LogSink(FdSink):
