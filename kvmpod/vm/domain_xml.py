@@ -21,6 +21,7 @@ from kvmpod.vm.config import AGENT_PORT_NAME, TCG_CACHE_MIB, VMConfig, opt_value
 # kvmpod's element in <metadata>: `kvmpod gc` finds a pod's domain by it (never by its name alone)
 METADATA_NS = "https://kvmpod.dev/xmlns/libvirt/pod/1"
 DOMAIN_PREFIX = "kvmpod-"
+PCI_TOP_SLOT = 0x1F   # pc's pci.0 has slots 0-31
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,11 @@ def qemu_args(cfg: VMConfig) -> list[str]:
         if cfg.filesystems:   # libvhost-user (virtiofsd) refuses legacy virtio-mmio, microvm's default
             args += ["-global", "virtio-mmio.force-legacy=false"]
     for i, nic in enumerate(cfg.nics):
+        # on PCI, a slot from the top of pc's bus: libvirt assigns its own devices from slot 2 up, and QEMU
+        # would give this one the first free slot before libvirt's device that has it is created
+        where = f",romfile=,bus=pci.0,addr={PCI_TOP_SLOT - i:#x}" if v == "pci" else ""
         args += ["-netdev", ",".join((f"user,id=kvmpodnet{i}", *nic.user_options)),
-                 "-device", f"virtio-net-{v},netdev=kvmpodnet{i},mac={opt_value(nic.mac)}"
-                 + (",romfile=" if v == "pci" else "")]
+                 "-device", f"virtio-net-{v},netdev=kvmpodnet{i},mac={opt_value(nic.mac)}{where}"]
     return args
 
 

@@ -100,7 +100,8 @@ def test_microvm_puts_every_virtio_device_on_mmio_and_keeps_its_machine_options(
 def test_user_networking_on_pci():
     dom = parse(config(nics=[Nic("52:54:00:00:00:01")]))
     args = [a.get("value") for a in dom.findall(f"{{{QEMU}}}commandline/{{{QEMU}}}arg")]
-    assert args == ["-netdev", "user,id=kvmpodnet0", "-device", "virtio-net-pci,netdev=kvmpodnet0,mac=52:54:00:00:00:01,romfile="]
+    assert args == ["-netdev", "user,id=kvmpodnet0", "-device",
+                    "virtio-net-pci,netdev=kvmpodnet0,mac=52:54:00:00:00:01,romfile=,bus=pci.0,addr=0x1f"]
 
 
 def test_rendering_leaves_the_config_and_its_qemu_argv_as_they_were():
