@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import kvmpod_cmd
 from tests.e2e.conftest import proc_alive, the_error
 from tests.e2e.libvirt.conftest import BackendKvmpod, domains, virsh
@@ -128,3 +130,17 @@ def test_the_python_api_runs_a_pod_on_libvirt(kvmpod_env, busybox_aci, libvirt_u
                      net="none", backend="libvirt", libvirt_uri=libvirt_uri)
     result = pod.run()
     assert (result.exit_code, result.stdout) == (6, b"from-api\n"), result.stderr
+
+
+def test_the_distro_kernel_on_pc_with_a_user_network(kvmpod_env, busybox_aci, libvirt_uri):
+    """pc with virtio-pci (the distro kernel has no microvm): libvirt's PCI slots and kvmpod's NIC in
+    <qemu:commandline> side by side."""
+    from kvmpod.boot.kernel import cached_kernels
+
+    if not any(k.kind == "distro" for k in cached_kernels()):
+        pytest.skip("the distro kernel is not cached (make kernel-distro)")
+    result = libvirt_pods(kvmpod_env, libvirt_uri).run(
+        "--kernel", "distro", "--net", "user", str(busybox_aci),
+        *SH, "ip -4 addr show eth0 | grep -o 'inet [0-9.]*'; exit 4")
+    assert result.returncode == 4, result.stderr
+    assert result.stdout == b"inet 10.0.2.15\n"
