@@ -144,3 +144,14 @@ def test_the_distro_kernel_on_pc_with_a_user_network(kvmpod_env, busybox_aci, li
         *SH, "ip -4 addr show eth0 | grep -o 'inet [0-9.]*'; exit 4")
     assert result.returncode == 4, result.stderr
     assert result.stdout == b"inet 10.0.2.15\n"
+
+
+def test_a_panic_on_pc_is_reported(kvmpod_env, busybox_aci, libvirt_uri):
+    from kvmpod.boot.kernel import cached_kernels
+
+    if not any(k.kind == "distro" for k in cached_kernels()):
+        pytest.skip("the distro kernel is not cached (make kernel-distro)")
+    result = libvirt_pods(kvmpod_env, libvirt_uri).run("--kernel", "distro", "--net", "none", str(busybox_aci), *SH,
+                                                       "echo c > /proc/sysrq-trigger; sleep 60")
+    assert result.returncode == 125
+    assert "kernel panicked" in the_error(result)
