@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
 
 from kvmpod.store import Store  # noqa: E402
 from kvmpod.store.check import check  # noqa: E402
-from kvmpod.vm.cgroup import parent_name  # noqa: E402
+from kvmpod.vm.cgroup import parent_name, sweep  # noqa: E402
 
 KVMPOD = [sys.executable, "-m", "kvmpod"]
 SH = ["--exec", "/bin/sh", "--", "-c"]
@@ -295,6 +295,7 @@ def measure_soak(aci: Path, work: Path, sequential: int = 500, waves: int = 5, w
     result = soak(env, aci, base / "work", sequential, waves, wave_size, progress=progress)
     kvmpod(env, "gc")
     left = leftovers(env, base)
+    sweep(lambda leaf: False, parent=parent_name(Path(env["KVMPOD_RUN_DIR"])))   # the runtime dir's cgroup parent
     shutil.rmtree(base, ignore_errors=True)
     return {"pods": result.pods, "sequential": sequential, "waves": waves, "wave_size": wave_size,
             "wrong": [f"{o.kind} #{o.index}: {o.detail}" for o in result.wrong], "seconds": round(result.seconds, 1),
