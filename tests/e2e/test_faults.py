@@ -118,9 +118,11 @@ def test_a_fault_at_every_phase_leaves_nothing(kvmpod_env, busybox_aci, base, ph
         assert the_error(result) == error
     elif status != KILLED:
         assert [line for line in result.stderr.decode().splitlines() if "error" in line] == []
-    if phase in FSCK_BEFORE_GC:
+    if phase in FSCK_BEFORE_GC:   # the crash's leftover in the store, found; and what --repair does of it
         fsck = cmd(env, "image", "fsck")
         assert fsck.returncode == 1 and FSCK_BEFORE_GC[phase] in fsck.stdout.decode(), fsck
+        repaired = cmd(env, "image", "fsck", "--repair")
+        assert repaired.returncode == 0 and repaired.stdout.startswith(b"repaired: removed "), repaired
     if status != KILLED:   # kvmpod saw the fault: it cleaned up by itself
         assert leftovers(env, base) == []
     clean_after(env, base, gc=status == KILLED)
