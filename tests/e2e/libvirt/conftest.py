@@ -60,7 +60,7 @@ def _pid_alive(pidfile: Path) -> int | None:
         return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kvmpod_dirs():
     """As tests/conftest.py's, in a directory libvirt's QEMU user can pass through (0711: it opens the
     kernel and the store's images itself, and pytest's temp dirs are root's alone)."""
@@ -77,7 +77,7 @@ def kvmpod_dirs():
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")   # the daemon stops after this directory's tests, not at the session's end
 def libvirt_uri():
     if WHY_NOT:
         pytest.skip(WHY_NOT)
@@ -118,7 +118,7 @@ def libvirt_uri():
                 time.sleep(0.2)
         yield uri
         left = [n for n in virsh(uri, "list", "--all", "--name", check=False).stdout.split() if n.startswith("kvmpod-")]
-        assert left == [], f"libvirt domains outlived the suite: {left}"
+        assert left == [], f"libvirt domains outlived the libvirt tests: {left}"
     finally:
         for pidfile in reversed(started):   # libvirtd first, then virtlogd
             if (pid := _pid_alive(pidfile)) is not None:

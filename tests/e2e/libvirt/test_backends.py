@@ -100,7 +100,7 @@ def test_empty_volume_shared_by_two_apps(pod_runner, busybox_aci):
                             *SH, reader)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
-    assert "writer-ok" in lines and "content from-writer" in lines
+    assert "writer-ok" in lines and "content from-writer" in lines, (result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="module")
