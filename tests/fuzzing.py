@@ -9,9 +9,10 @@ In the normal suite a property runs `max_examples` examples, each with no per-ex
 machine has 2 shared cores: timings are not asserted anywhere). With FUZZ_SECONDS=N in the environment,
 each property instead runs hypothesis again and again, in batches of FUZZ_BATCH examples, until N
 seconds have passed (its database keeps what one batch found for the next), and pytest-timeout
-leaves it that long. Every failure is shrunk by hypothesis and printed as the minimal example.
+leaves it that long; at the end it prints how many examples ran (pytest -s shows it). Every failure is
+shrunk by hypothesis and printed as the minimal example.
 
-    FUZZ_SECONDS=300 .venv/bin/python -m pytest -q tests/unit/test_fuzz_agent.py
+    FUZZ_SECONDS=300 .venv/bin/python -m pytest -q -s tests/unit/test_fuzz_agent.py
 """
 
 from __future__ import annotations
@@ -42,13 +43,24 @@ def fuzz(max_examples: int, **extra) -> Callable:
         if not FUZZ_SECONDS:
             return test
 
+        inner = test.hypothesis.inner_test   # hypothesis lets a wrapper take its place: counts examples
+        examples = 0
+
+        def counted(*args, **kwargs):
+            nonlocal examples
+            examples += 1
+            return inner(*args, **kwargs)
+
+        test.hypothesis.inner_test = counted
+
         @functools.wraps(test)
         def looped(*args, **kwargs):
-            end = time.monotonic() + FUZZ_SECONDS
+            start = time.monotonic()
             while True:
                 test(*args, **kwargs)
-                if time.monotonic() >= end:
-                    return
+                if time.monotonic() - start >= FUZZ_SECONDS:
+                    break
+            print(f"\n{test.__name__}: {examples} examples in {time.monotonic() - start:.0f} s, no failure")
 
         return pytest.mark.timeout(FUZZ_SECONDS * 2 + 300)(looped)
 
