@@ -50,6 +50,10 @@ class ImageError(KvmpodError):
     """An image is missing, malformed or unsafe."""
 
 
+class PolicyError(ImageError):
+    """The signature policy refuses an image (kvmpod/image/signature.py admit(); docs/store.md)."""
+
+
 class ManifestError(ImageError):
     """An image or pod manifest breaks the appc spec."""
 

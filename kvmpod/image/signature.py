@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpod.config import bool_setting, lookup
-from kvmpod.errors import ImageError, printable
+from kvmpod.errors import ImageError, PolicyError, printable
 from kvmpod.image.trust import Requirement, TrustStore, read_keys
 
 DEFAULT_KEYRING = Path("/etc/kvmpod/trustedkeys.gpg")
@@ -129,7 +129,7 @@ def admit(name: str, check: SignatureCheck, shown: str, skip: bool = False,
         return check
     if skip:
         return SignatureCheck(check.status, f"{problem}; taken anyway (--insecure-options=image)")
-    raise ImageError(problem + _how(name, required, hint))
+    raise PolicyError(problem + _how(name, required, hint))
 
 
 def _missing(name: str, check: SignatureCheck, shown: str, required: Requirement, trusted: set[str]) -> str | None:

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmpod.errors import ImageError
+from kvmpod.errors import ImageError, PolicyError
 from kvmpod.store.refs import IdRef, NameRef
 from kvmpod.store.stored import StoredImage
 
@@ -52,6 +52,8 @@ def _append_chain(find: Find, image: StoredImage, chain: list[StoredImage], stac
             hex_prefix = dep.image_id.removeprefix("sha512-")
             try:
                 found = find(IdRef(hex_prefix))
+            except PolicyError:  # in the store, but refused: the policy's own line says why
+                raise
             except ImageError as e:
                 raise ImageError(f"{where} ({dep.image_id}) is not in the store: fetch it first") from e
             if found.manifest.name != dep.image_name:
@@ -59,6 +61,8 @@ def _append_chain(find: Find, image: StoredImage, chain: list[StoredImage], stac
         else:
             try:
                 found = find(NameRef(dep.image_name, dict(dep.labels)))
+            except PolicyError:
+                raise
             except ImageError as e:
                 labels = "".join(f",{k}={v}" for k, v in dep.labels.items())
                 raise ImageError(f"{where}{labels} is not in the store: fetch it first") from e

@@ -158,6 +158,12 @@ class Store:
             self.notify(check.notice)
         return image
 
+    def _admitted_dependency(self, image: StoredImage, ref: IdRef | NameRef) -> StoredImage:
+        """A dependency of `image`, under the signature policy as any image run: a trusted prefix's unsigned
+        image must not enter a pod by being named as another image's dependency."""
+        shown = str(ref) if isinstance(ref, NameRef) else f"sha512-{ref.hex_prefix}"
+        return self._admitted(self.find(ref), f"{image.manifest.name}: dependency {shown}")
+
     def import_aci(self, path: Path) -> StoredImage:
         """Store the ACI at `path` (any supported compression) and return it with its parsed manifest.
 
@@ -527,7 +533,7 @@ class Store:
     def rootfs_disk(self, image: StoredImage) -> Path:
         """The image's rootfs disk (its dependencies laid down first), built once under a lock; later
         calls (any process) reuse it."""
-        chain = resolve_chain(self.find, image)
+        chain = resolve_chain(lambda ref: self._admitted_dependency(image, ref), image)
         key = disk_key(image, chain)
         disk = self.disks / f"{key}.iso"
         if disk.exists():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvmpod.cli import main
+from kvmpod.errors import ImageError
 from kvmpod.image.discovery import best_templates, meta_tags, render
 from kvmpod.image.transfer import Transfer
 from kvmpod.image.trust import prefixes_of
@@ -526,3 +527,23 @@ def test_trust_dirs_of_root_and_of_a_user_and_disabling_a_shipped_key(monkeypatc
     (mine / "prefix.d" / "example.com").mkdir(parents=True)
     (mine / "prefix.d" / "example.com" / fingerprint).touch()
     assert store.keys() == [] and store.requirement("example.com/app") is None
+
+
+def test_a_dependency_answers_to_the_policy_too(site, capsys, keys, tls_ca, tmp_path):
+    """An unsigned image under a trusted prefix, let in once with --insecure-options=image, cannot enter a
+    pod later as the dependency of an image outside the prefix."""
+    server, aci = site
+    trust_publisher(capsys, keys)
+    Path(f"{aci}.asc").unlink()
+    publish(server, aci)
+    code, _, err = kvmpod(capsys, "fetch", "--ca-file", str(tls_ca.ca_file), "--insecure-options=image",
+                          f"{NAME}:1.0")
+    assert code == 0, err
+    app = make_aci(tmp_path / "outside.aci", name="example.com/outside",
+                   extra={"dependencies": [{"imageName": NAME, "labels": [{"name": "version", "value": "1.0"}]}]})
+    image = Store().import_aci(app)  # outside every trusted prefix: no signature needed for itself
+    with pytest.raises(ImageError, match=rf"^example.com/outside: dependency {NAME},version=1.0: image {NAME} "
+                                         r"falls under trusted prefix 127.0.0.1/pub and has no signature: refused"):
+        Store().rootfs_disk(image)
+    assert not list(Store().disks.glob("*.iso"))
+    assert Store(transfer=Transfer.from_flags("image", None)).rootfs_disk(image).is_file()
