@@ -19,7 +19,7 @@ from typing import Any
 from kvmpod import paths
 from kvmpod.errors import NetworkError, UsageError
 from kvmpod.fsutil import write_atomically
-from kvmpod.net import bridge, cni, given, user
+from kvmpod.net import bridge, cni, given, tap, user
 from kvmpod.net.spec import (NET_DEFAULT, NET_NONE, NET_USER, Attachment, DnsConfig, GuestNetwork, NetRequest,
                              PortForward, pod_mac)
 from kvmpod.vm.config import Nic
@@ -158,8 +158,28 @@ class PodNetwork:
 
     def nics(self) -> list[Nic]:
         vhost = vhost_net_usable()
-        return [Nic(a.interface.mac, a.tap_fd, a.user_options, vhost=vhost and a.tap_fd is not None)
-                for a in self.attachments]
+        return [Nic(a.interface.mac, a.tap_fd, a.user_options, vhost=vhost and (a.tap_fd is not None or bool(name)),
+                    tap_name=name)
+                for a in self.attachments for name in (persistent_tap(a),)]
+
+    def persist_taps(self) -> None:
+        """For the libvirt backend, which opens a tap by name (its daemon, in this network namespace): the
+        bridge's tap is made persistent and kvmpod's fd closed; net.json says so first, so that release
+        or `kvmpod gc` removes it by name. The taps of CNI and of given namespaces stay fds (they live in
+        namespaces libvirtd does not see; kvmpod/pod/launch.py refuses them on that backend)."""
+        for a in self.attachments:
+            if a.tap_fd is None or a.record.get("kind") != "bridge" or not isinstance(a.record.get("tap"), str):
+                continue
+            a.record["persistent"] = True
+            try:
+                records = json.loads((self.pod_path / RECORD).read_text())
+            except (OSError, ValueError) as e:
+                raise NetworkError(f"{self.pod_path / RECORD}: unreadable ({e})") from e
+            _save(self.pod_path, [a.record if isinstance(r, dict) and r.get("kind") == "bridge"
+                                  and r.get("tap") == a.record["tap"] else r for r in records])
+            tap.persist(a.tap_fd, a.record["tap"])
+            os.close(a.tap_fd)
+            a.tap_fd = None
 
     def close_fds(self) -> None:
         """Once QEMU holds the taps: kvmpod's copies go, so the taps end with QEMU."""
@@ -176,6 +196,12 @@ class PodNetwork:
     def release(self) -> None:
         self.close_fds()
         release(self.pod_path)
+
+
+def persistent_tap(attachment: Attachment) -> str | None:
+    """The name of the attachment's tap if it was made persistent (persist_taps), else None."""
+    name = attachment.record.get("tap")
+    return name if attachment.record.get("persistent") and isinstance(name, str) else None
 
 
 def _save(pod_path: Path, records: list[dict[str, Any]]) -> None:

@@ -2,7 +2,8 @@
 NAT for egress and DNAT for --port (docs/networking.md).
 
 Links, addresses and the bridge are made with pyroute2 (netlink); the taps are kvmpod's own fds
-(kvmpod/net/tap.py), so they vanish with the pod; NAT lives in kvmpod's nftables table
+(kvmpod/net/tap.py), so they vanish with the pod (a libvirt pod's is made persistent, for libvirt
+opens it by name, and removed by name at release); NAT lives in kvmpod's nftables table
 (kvmpod/net/nft.py). The bridge and the table stay once made (other pods use them): they hold no
 per-pod state, and the bridge is empty when no pod runs.
 """
@@ -22,7 +23,7 @@ from kvmpod.errors import ConfigError, NetworkError
 from kvmpod.net import nft
 from kvmpod.net.ipam import LeasePool
 from kvmpod.net.spec import Attachment, GuestInterface, PortForward, Route
-from kvmpod.net.tap import open_tap
+from kvmpod.net.tap import open_tap, remove_persistent
 
 BRIDGE = "kvmpod0"
 DEFAULT_SUBNET = "172.16.28.0/24"   # rkt's default network used this range too
@@ -134,9 +135,12 @@ def attach(pod_uuid: str, mac: str, ifname: str, forwards: list[PortForward],
 
 
 def release(record: dict[str, Any]) -> None:
-    """Undo what attach() recorded (its tap went with its fd): the port forwards, then the lease."""
+    """Undo what attach() recorded: a libvirt pod's persistent tap (a QEMU backend pod's went with its
+    fd), the port forwards, then the lease."""
     forwards = [PortForward(**f) for f in record.get("forwards", [])]
     try:
+        if record.get("persistent") and isinstance(record.get("tap"), str):
+            remove_persistent(record["tap"])
         nft.remove_forwards(forwards)
     finally:
         owner = record.get("owner")

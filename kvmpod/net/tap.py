@@ -3,10 +3,15 @@
 A tap made with TUNSETIFF and never made persistent exists only while a process holds its fd, so
 when QEMU and kvmpod are gone — even after `kill -9` — the kernel removes it. (`ip tuntap add` or
 pyroute2's tuntap create *persistent* taps, which outlive a crash; hence these few ioctl lines.)
+
+The libvirt backend is the exception: libvirt opens a tap by name, so a libvirt pod's tap is made
+persistent once net.json says so (`persist`), kvmpod's fd is closed, and the pod's release or `kvmpod
+gc` removes the tap by name (`remove_persistent`).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -16,6 +21,7 @@ from kvmpod.errors import NetworkError
 from kvmpod.net.netns import in_netns
 
 _TUNSETIFF = 0x400454CA
+_TUNSETPERSIST = 0x400454CB
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000   # QEMU offloads checksums and segmentation through the virtio-net header
@@ -53,3 +59,32 @@ def _make_tap(name: str) -> int:
         os.close(fd)
         raise NetworkError(f"create tap {name}: {e.strerror}") from e
     return fd
+
+
+def persist(fd: int, name: str) -> None:
+    """Make the tap of `fd` outlive its fds (until `remove_persistent`)."""
+    try:
+        fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+    except OSError as e:
+        raise NetworkError(f"make tap {name} persistent: {e.strerror}") from e
+
+
+def remove_persistent(name: str) -> None:
+    """Remove the persistent tap `name` of this network namespace; nothing to do if it is gone.
+
+    It is attached again (as libvirt does) and told to stop persisting, so it ends with this fd. A tap
+    some process still holds (a QEMU that runs) cannot be attached: EBUSY, and it is left alone."""
+    fd = open_tun()
+    try:
+        # attaches to the existing tap (or makes a fresh one, which ends with this fd)
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
+    except OSError as e:
+        os.close(fd)
+        held = " (a process still holds it)" if e.errno == errno.EBUSY else ""
+        raise NetworkError(f"remove tap {name}: {e.strerror}{held}") from e
+    try:
+        fcntl.ioctl(fd, _TUNSETPERSIST, 0)
+    except OSError as e:
+        raise NetworkError(f"remove tap {name}: {e.strerror}") from e
+    finally:
+        os.close(fd)

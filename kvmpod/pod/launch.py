@@ -190,9 +190,11 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
                          and not any(a.root_share for a in resolved) and backend.name == "qemu")
     if backend.name == "libvirt" and options.boot == "snapshot":
         raise KvmpodError("--boot snapshot: the libvirt backend boots cold (docs/libvirt.md)")
-    if backend.name == "libvirt" and options.network.mode not in ("none", "user"):
-        raise KvmpodError(f"--net {options.network.mode}: the libvirt backend takes --net none or --net user "
-                          "(libvirt opens taps by name; kvmpod's are held by fd: docs/libvirt.md)")
+    if backend.name == "libvirt" and options.network.mode not in ("none", "user", "default"):
+        what = ",".join(options.network.cni_networks) if options.network.mode == "cni" else options.network.mode
+        raise KvmpodError(f"--net {what}: the libvirt backend takes --net none, user or default (libvirtd opens "
+                          "a tap by name in its own network namespace; CNI's and a given namespace's are "
+                          "kvmpod's fds in namespaces of their own: docs/libvirt.md)")
     if backend.name == "libvirt" and volumes.host and os.geteuid() != 0:
         raise KvmpodError("--volume: host volumes on the libvirt backend need virtiofsd, and so root")
     if backend.name == "libvirt" and options.agent_transport not in ("auto", "serial"):

@@ -86,6 +86,8 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
             network = setup_network(options.network, pod.uuid, pod.path, app_ports, notice)
         if network.attachments:
             pod.update(networks=network.summary())
+        if plan.backend.name == "libvirt":   # libvirt opens the bridge's tap by name: it must outlive kvmpod's fd
+            network.persist_taps()
         config = dataclasses.replace(plan.config, shares_9p=shares_9p, nics=network.nics())
         restore = plan.restore
         if plan.snapshot_possible and restore is None:

@@ -53,13 +53,16 @@ class NinePShare:
 
 @dataclass(frozen=True)
 class Nic:
-    """A virtio-net device: on a tap kvmpod opened (its fd is passed to QEMU), or on QEMU's user-mode
-    network (slirp) with `user_options` such as hostfwd=…"""
+    """A virtio-net device: on a tap kvmpod opened (its fd is passed to QEMU, or its name to libvirt), or on
+    QEMU's user-mode network (slirp) with `user_options` such as hostfwd=…"""
 
     mac: str
     tap_fd: int | None = None
     user_options: tuple[str, ...] = ()
     vhost: bool = False       # vhost-net (only where /dev/vhost-net exists)
+    # a persistent tap kvmpod made, opened by name (the libvirt backend: libvirt opens taps itself);
+    # the QEMU backend gets tap_fd and never this
+    tap_name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ def unsupported(cfg: VMConfig) -> str | None:
     if cfg.shares_9p:
         return "--volume as non-root (virtio-9p): the libvirt backend serves host volumes with virtio-fs only"
     if any(n.tap_fd is not None for n in cfg.nics):
-        return ("--net bridge/cni: the libvirt backend takes user-mode networking only (libvirt opens taps by "
-                "name, and kvmpod's are held by fd)")
+        return ("--net cni/netns: the libvirt backend opens a pod's tap by name (kvmpod's bridge's, made "
+                "persistent), and these taps are fds kvmpod holds, in namespaces of their own")
     return None
 
 
@@ -64,7 +64,7 @@ def qemu_args(cfg: VMConfig) -> list[str]:
     """What the domain XML cannot say, as QEMU options in <qemu:commandline>:
     - microvm's machine options (libvirt 9.0 takes the machine type but none of its properties; QEMU
       merges a second -machine into the first) and, with vhost-user devices, modern virtio-mmio;
-    - user-mode NICs: libvirt 9.0's <interface type='user'> forwards no ports (its <portForward> needs
+    - user-mode NICs (a tap NIC is an <interface>): libvirt 9.0's <interface type='user'> forwards no ports (its <portForward> needs
       the passt backend), and kvmpod's forwards are slirp hostfwd= options."""
     args: list[str] = []
     v = cfg.virtio_suffix
@@ -74,6 +74,8 @@ def qemu_args(cfg: VMConfig) -> list[str]:
         if cfg.filesystems:   # libvhost-user (virtiofsd) refuses legacy virtio-mmio, microvm's default
             args += ["-global", "virtio-mmio.force-legacy=false"]
     for i, nic in enumerate(cfg.nics):
+        if nic.tap_name is not None:   # an <interface type='ethernet'> in the template
+            continue
         # on PCI, a slot from the top of pc's bus: libvirt assigns its own devices from slot 2 up, and QEMU
         # would give this one the first free slot before libvirt's device that has it is created
         where = f",romfile=,bus=pci.0,addr={PCI_TOP_SLOT - i:#x}" if v == "pci" else ""
@@ -99,5 +101,6 @@ def render(cfg: VMConfig, spec: DomainSpec) -> str:
     return env.get_template("domain.xml.j2").render(
         cfg=cfg, spec=spec, shared_memory=bool(cfg.filesystems), tcg_cache_mib=TCG_CACHE_MIB,
         cpu_period_us=CPU_PERIOD_US, agent_port=AGENT_PORT_NAME, panic_model=panic_model(cfg), qemu_args=qemu_args(cfg),
+        tap_nics=[n for n in cfg.nics if n.tap_name is not None],
         # microvm has no PCI bus: libvirt puts virtio devices on virtio-mmio only when told to
         mmio=Markup("\n      <address type='virtio-mmio'/>") if cfg.machine == "microvm" else "")

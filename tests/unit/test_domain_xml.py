@@ -104,6 +104,26 @@ def test_user_networking_on_pci():
                     "virtio-net-pci,netdev=kvmpodnet0,mac=52:54:00:00:00:01,romfile=,bus=pci.0,addr=0x1f"]
 
 
+def test_a_persistent_tap_is_an_ethernet_interface_libvirt_opens_by_name():
+    dom = parse(config(nics=[Nic("02:12:34:56:78:00", tap_name="kvtap12345678")]))
+    [nic] = dom.findall("devices/interface")
+    assert nic.get("type") == "ethernet"
+    assert (nic.find("target").get("dev"), nic.find("target").get("managed")) == ("kvtap12345678", "no")
+    assert nic.find("mac").get("address") == "02:12:34:56:78:00"   # kvmpod's MAC, as its lease has it
+    assert nic.find("model").get("type") == "virtio" and nic.find("driver").get("name") == "qemu"
+    assert nic.find("rom").get("enabled") == "no" and nic.find("address") is None   # libvirt picks the PCI slot
+    assert dom.find(f"{{{QEMU}}}commandline") is None   # no slirp NIC in QEMU's own options
+    vhost = parse(config(nics=[Nic("02:12:34:56:78:00", vhost=True, tap_name="kvtap12345678")]))
+    assert vhost.find("devices/interface/driver").get("name") == "vhost"
+
+
+def test_a_tap_on_microvm_is_on_virtio_mmio_without_a_rom():
+    cfg = config(machine="microvm", machine_options=("acpi=on",), firmware=None,
+                 nics=[Nic("02:12:34:56:78:00", tap_name="kvtap12345678")])
+    nic = parse(cfg).find("devices/interface")
+    assert nic.find("address").get("type") == "virtio-mmio" and nic.find("rom") is None
+
+
 def test_rendering_leaves_the_config_and_its_qemu_argv_as_they_were():
     cfg = config(agent_fd=7, qmp_fd=8)
     before, argv = copy.deepcopy(cfg), qemu_argv(cfg)
@@ -115,7 +135,7 @@ def test_rendering_leaves_the_config_and_its_qemu_argv_as_they_were():
     (dict(agent_transport="vsock-user"), "--agent-transport vsock-user"),
     (dict(memory_file=Path("/snap/mem")), "--boot snapshot"),
     (dict(shares_9p=[NinePShare("v", Path("/d"))]), "virtio-9p"),
-    (dict(nics=[Nic("52:54:00:00:00:02", tap_fd=5)]), "--net bridge/cni"),
+    (dict(nics=[Nic("52:54:00:00:00:02", tap_fd=5)]), "--net cni/netns"),
 ])
 def test_what_a_domain_cannot_carry_is_refused_by_name(changes, flag):
     cfg = config(**changes)

@@ -39,7 +39,7 @@ def test_a_uri_the_daemon_refuses_is_one_line_naming_it(kvmpod_env, busybox_aci,
 def test_flags_the_libvirt_backend_cannot_take_are_refused_by_name(kvmpod_env, busybox_aci, libvirt_uri):
     pods = libvirt_pods(kvmpod_env, libvirt_uri)
     for args, flag in ((["--boot", "snapshot"], "--boot snapshot"), (["--agent-transport", "vsock"], "--agent-transport"),
-                       (["--net", "default"], "--net default")):
+                       (["--net", "kvt-cni-net"], "--net kvt-cni-net")):
         result = pods.run("--net", "none", *args, str(busybox_aci), *SH, "true")
         assert result.returncode == 125 and flag in the_error(result), result.stderr
     assert domains(libvirt_uri) == []
