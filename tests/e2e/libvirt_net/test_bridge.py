@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+from tests.e2e.conftest import the_error
 from tests.e2e.libvirtd import domains, virsh
 from tests.e2e.test_net import web_aci  # noqa: F401 - a fixture: busybox with an appc port http (tcp/80)
 
@@ -17,9 +18,9 @@ def libvirt_args(uri: str) -> list[str]:
     return ["--backend", "libvirt", "--libvirt-uri", uri, "--net", "default"]
 
 
-def test_two_libvirt_pods_on_the_bridge_get_their_lease_and_reach_each_other(netns, libvirt_uri, web_aci,  # noqa: F811
-                                                                            busybox_aci):
-    server = netns.detach(*libvirt_args(libvirt_uri), str(web_aci))
+def test_two_libvirt_pods_on_the_bridge_get_their_lease_reach_each_other_and_a_port_forward(
+        netns, libvirt_uri, web_aci, busybox_aci):  # noqa: F811 - web_aci is the fixture imported above
+    server = netns.detach(*libvirt_args(libvirt_uri), "--port", "http:18080", str(web_aci))
     try:
         status = netns.status(server)
         assert status["backend"] == "libvirt"
@@ -40,6 +41,8 @@ def test_two_libvirt_pods_on_the_bridge_get_their_lease_and_reach_each_other(net
         assert "127.0.0.1 localhost" in out   # the first pod's /etc/hosts, served by its httpd
         # and from the namespace's own side: the host reaches the pod on the bridge
         assert "127.0.0.1 localhost" in netns.curl(f"http://{server_ip}/hosts").stdout.decode()
+        # kvmpod's nft DNAT reaches the pod behind libvirt's NIC as behind the QEMU backend's
+        assert "127.0.0.1 localhost" in netns.curl("http://127.0.0.1:18080/hosts").stdout.decode()
     finally:
         netns.stop(server)
     # nothing_left (conftest.py): the client's and the server's taps are gone with their pods
@@ -58,3 +61,12 @@ def test_kill9_of_kvmpod_then_gc_destroys_the_domain_and_removes_the_tap(netns, 
     assert f"destroyed its libvirt domain {state['domain']}" in gc.stderr.decode()
     assert tap not in netns.ip("-o", "link")
     assert netns.kvmpod("status", uuid).returncode != 0
+
+
+def test_a_daemon_that_is_not_there_leaves_no_tap_lease_or_pod(netns, libvirt_uri, busybox_aci, tmp_path):
+    """The tap is persistent by the time kvmpod connects to libvirt: a failed start removes it too."""
+    uri = f"qemu:///system?socket={tmp_path}/no-daemon-here"
+    result = netns.kvmpod("run", *libvirt_args(uri), str(busybox_aci), "--exec", "/bin/true")
+    assert result.returncode == 125 and uri in the_error(result)
+    assert list(Path(netns.env["KVMPOD_RUN_DIR"], "pods").glob("*")) == []
+    # nothing_left (conftest.py): no tap, bridge port or lease in the namespace
