@@ -35,9 +35,8 @@ from kvmpod.vm.qemu import QemuHandover
 SCHEMA_FINGERPRINTS = {
     1: "80b48538ee565110a1b577c616a311d7ee9e16feeb9d61af31dabffa7cf9bde1",
     2: "ad484a60dc258da8d69b4bcf74d8e86f310ec435d7eae7ba1af99fee71524e1a",   # VMConfig.confinement
-    3: "68ab549884a5a78793dded5b1dbd594be5edb7eb785ce109d3d2eca088524ea9",   # RunOptions.transfer
-    # RunOptions.timeout, Volume.owner (issue 21); RunOptions.backend, libvirt_uri (issue 18)
-    4: "c27e325df5cb9922c892e1b760c3aa675cba70b85f2b7620fa4a408262f8b8fd",
+    # RunOptions.transfer, timeout, backend, libvirt_uri; Volume.owner; Nic.tap_name
+    3: "c36d331056901b388faf7aac41c414f0b4231ff30dc3c8a9b5b8abc8b56659b5",
 }
 
 
