@@ -38,7 +38,8 @@ from kvmpod.pod.options import RunOptions, notice
 from kvmpod.pod.poddir import PodDir
 from kvmpod.pod.relay import find_relay
 from kvmpod.pod.relay import unfit as relay_unfit
-from kvmpod.pod.runner import FdSink, LogSink, PodRunner
+from kvmpod.pod.output import FdSink, LogSink
+from kvmpod.pod.runner import PodRunner
 from kvmpod.pod.spec import AppOverrides, pod_manifest
 from kvmpod.store.locks import SharedLocks
 from kvmpod.vm.backend import VMBackend

@@ -1,4 +1,4 @@
-"""OutputPump (kvmpod/pod/runner.py): app output to a pipe whose reader stalls never blocks the event loop,
+"""OutputPump (kvmpod/pod/output.py): app output to a pipe whose reader stalls never blocks the event loop,
 holds the guest past OUTPUT_HIGH bytes and lets it go at OUTPUT_LOW, keeps the order of stdout and stderr,
 and loses nothing at the end. A file is written at once."""
 
@@ -8,7 +8,7 @@ import asyncio
 import os
 import threading
 
-from kvmpod.pod.runner import OUTPUT_HIGH, OUTPUT_LOW, FdSink, OutputPump
+from kvmpod.pod.output import OUTPUT_HIGH, OUTPUT_LOW, FdSink, OutputPump
 
 
 def test_a_stalled_reader_holds_the_guest_and_nothing_is_lost_or_reordered():
