@@ -14,6 +14,7 @@
 #include "log.h"
 #include "pty.h"
 #include "spawn.h"
+#include "stdin_window.h"
 #include "messages.h"
 
 #define KILL_WAIT_MS 2000u
@@ -38,9 +39,8 @@ struct stream {
     struct start_req req;
     const char *root;
     int main_status;   /* wait status of the main process, while post-stop runs */
-    uint8_t *in_buf;   /* stdin received but not yet written: at most KP_STDIN_WINDOW bytes */
-    size_t in_off, in_len;
-    bool in_eof;       /* STDIN_EOF came: close stdin once in_buf is written */
+    struct stdin_window in; /* stdin received but not yet written */
+    bool in_eof;       /* STDIN_EOF came: close stdin once `in` is written */
 };
 
 static struct stream streams[KP_MAX_STREAMS];
@@ -88,7 +88,7 @@ static void stream_free(struct stream *s)
     for (size_t i = 0; i < ARRAY_LEN(fds); i++)
         close_fd(fds[i]);
     start_req_free(&s->req);
-    free(s->in_buf);
+    stdin_window_free(&s->in);
     *s = (struct stream){.state = FREE};
 }
 
@@ -253,20 +253,18 @@ static void resolve_start(struct stream *s, bool child_gone)
 static void close_stdin(struct stream *s)
 {
     close_fd(&s->stdin_fd);
-    free(s->in_buf);
-    s->in_buf = NULL;
-    s->in_off = s->in_len = 0;
+    stdin_window_free(&s->in);
 }
 
 /* Writes buffered stdin as far as the pipe takes it and returns the credit (WINDOW). */
 static void stdin_flush(struct stream *s)
 {
-    size_t written = 0;
-    while (s->in_len > 0) {
-        ssize_t n = write(s->stdin_fd, s->in_buf + s->in_off, s->in_len);
+    size_t written = 0, pending;
+    const uint8_t *p;
+    while ((p = stdin_window_pending(&s->in, &pending))) {
+        ssize_t n = write(s->stdin_fd, p, pending);
         if (n > 0) {
-            s->in_off += (size_t)n;
-            s->in_len -= (size_t)n;
+            stdin_window_taken(&s->in, (size_t)n);
             written += (size_t)n;
         } else if (n < 0 && errno == EINTR) {
             continue;
@@ -275,13 +273,11 @@ static void stdin_flush(struct stream *s)
         } else {
             /* The process closed its stdin (EPIPE): it will never read the rest. Credit it, so
              * the host does not wait for a window that would never open. */
-            written += s->in_len;
+            written += pending;
             close_stdin(s);
         }
     }
-    if (s->in_len == 0)
-        s->in_off = 0;
-    if (s->in_eof && s->in_len == 0)
+    if (s->in_eof && s->in.len == 0)
         close_stdin(s);
     if (written)
         channel_send_msg(s->id, &(struct kp_window){.bytes = (uint32_t)written});
@@ -295,16 +291,9 @@ static void on_stdin(struct stream *s, const struct frame *fr)
         channel_send_msg(s->id, &(struct kp_window){.bytes = fr->len});
         return;
     }
-    if (fr->len > KP_STDIN_WINDOW - s->in_len)
-        fatal("protocol", 0, "stream %u: STDIN overruns the %u-byte window", s->id, KP_STDIN_WINDOW);
-    if (!s->in_buf && !(s->in_buf = malloc(KP_STDIN_WINDOW)))
-        fatal("request", ENOMEM, "out of memory");
-    if (s->in_off + s->in_len + fr->len > KP_STDIN_WINDOW) {
-        memmove(s->in_buf, s->in_buf + s->in_off, s->in_len);
-        s->in_off = 0;
-    }
-    memcpy(s->in_buf + s->in_off + s->in_len, fr->payload, fr->len);
-    s->in_len += fr->len;
+    struct failure f;
+    if (stdin_window_put(&s->in, s->id, fr->payload, fr->len, &f) < 0)
+        fatal_failure(&f);
     stdin_flush(s);
 }
 
@@ -480,7 +469,7 @@ void process_handle_frame(const struct frame *fr)
         break;
     case KP_MSG_STDIN_EOF:
         s->in_eof = true;
-        if (s->stdin_fd >= 0 && s->in_len == 0)
+        if (s->stdin_fd >= 0 && s->in.len == 0)
             close_stdin(s);
         break;
     case KP_MSG_SIGNAL:
@@ -523,7 +512,7 @@ size_t process_pollfds(struct pollfd *pfd, size_t max)
         struct stream *s = &streams[i];
         if (s->state == FREE)
             continue;
-        if (s->in_len > 0)
+        if (s->in.len > 0)
             n = add_pollfd(pfd, n, max, s, s->stdin_fd, POLLOUT, ROLE_STDIN);
         if (s->state == STARTING) {
             /* The main process's output waits for STARTED (a pre-start handler's came before). */

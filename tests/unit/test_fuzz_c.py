@@ -7,6 +7,7 @@ seeds stay as they are).
     fuzz_tlv     the TLV decoder (src/tlv.c over the generated tables): every host -> guest payload
     fuzz_frames  the channel's framing (src/frame.c), reads cut anywhere, and each frame's payload decoded
     fuzz_http    the metadata service's HTTP request parser (src/http_parse.c): what apps send to PID 1
+    fuzz_stdin   a process's stdin window (src/stdin_window.c): STDIN frames against short writes
 
 A crash, a sanitizer report, a failed check in a harness, a timeout or running out of memory fails the
 test, which shows the input (hex) and the end of libFuzzer's report; the input is kept in the test's
@@ -27,8 +28,8 @@ from tests.conftest import REPO
 from tests.fuzzing import FUZZ_SECONDS
 
 AGENT = REPO / "guest-agent"
-TARGETS = ["tlv", "frames", "http"]
-SECONDS = int(FUZZ_SECONDS) or 4   # per target in the normal suite: ~12 s for the three
+TARGETS = ["tlv", "frames", "http", "stdin"]
+SECONDS = int(FUZZ_SECONDS) or 3   # per target in the normal suite: ~12 s for the four
 
 
 @pytest.fixture(scope="module")
