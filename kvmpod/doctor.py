@@ -27,6 +27,8 @@ from kvmpod.net.tap import TUN, open_tun
 from kvmpod.pod.volumes import host_transport
 from kvmpod.vm import cgroup
 from kvmpod.vm.accel import HostFacts, choose_accelerator, kvm_description, kvm_kind, nested_for_guests
+from kvmpod.vm.backend_choice import choose_backend, libvirt_installed
+from kvmpod.vm.libvirt_vm import libvirt_version
 from kvmpod.vm.qemu_binary import find_qemu
 from kvmpod.vm.transport import VHOST_VSOCK_DEV, choose_transport, vhost_vsock_unusable
 from kvmpod.vm.virtiofs import find_virtiofsd
@@ -204,6 +206,34 @@ def user_namespaces(root: Path) -> Check:
                  "rootless podman and buildah (for building images) do")
 
 
+def backends() -> list[Check]:
+    """The VM backend pods get by default ([vm] backend), and whether the libvirt one could run them: the
+    same choice `kvmpod run` makes, then a read-only connection to the daemon at its URI."""
+    try:
+        choice = choose_backend(None, None)
+    except KvmpodError as e:   # [vm] backend = libvirt without libvirt-python, or a bad [vm] setting
+        return [Check("backend", FAIL, "libvirt", str(e))]
+    checks = [Check("backend", OK, choice.name, "[vm] backend in kvmpod.toml" if choice.name == "libvirt"
+                    else "the default: kvmpod runs QEMU itself (--backend libvirt for a libvirt domain)")]
+    if not libvirt_installed():
+        checks.append(Check("libvirt", NOTE, "no", "libvirt-python is not installed: no --backend libvirt "
+                                                   "(pip install 'kvmpod[libvirt]'; docs/libvirt.md)"))
+        return checks
+    uri = choice.uri or choose_backend("libvirt", None).uri
+    if uri.startswith("qemu:///session"):   # connecting would start a session daemon: not doctor's to do
+        checks.append(Check("libvirt", OK, uri, "libvirt-python installed; the session daemon starts when a "
+                                                "pod asks for it"))
+        return checks
+    try:
+        version = libvirt_version(uri)
+    except KvmpodError as e:
+        checks.append(Check("libvirt", FAIL if choice.name == "libvirt" else NOTE, uri,
+                            f"{e}: --backend libvirt cannot run pods until a daemon answers there"))
+        return checks
+    checks.append(Check("libvirt", OK, uri, f"libvirt {version} answers: --backend libvirt can run pods"))
+    return checks
+
+
 def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -225,7 +255,7 @@ def examine(root: Path = Path("/")) -> list[Check]:
     """Every check, in the order the lines are printed."""
     guest_kernel_check, guest_kernel = kernel()
     return [*accelerator(root), qemu(), guest_kernel_check, agent(), *agent_transport(root, guest_kernel),
-            privileges(), volumes(), *network(root), cgroups(root), user_namespaces(root),
+            *backends(), privileges(), volumes(), *network(root), cgroups(root), user_namespaces(root),
             directory("store", paths.store_dir()), directory("runtime", paths.runtime_dir()),
             directory("cache", paths.cache_dir())]
 

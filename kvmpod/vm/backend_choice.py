@@ -22,6 +22,11 @@ class BackendChoice:
     uri: str = ""       # libvirt's connection URI (libvirt only)
 
 
+def libvirt_installed() -> bool:
+    """Whether libvirt-python can be imported (without importing it: it is heavy)."""
+    return importlib.util.find_spec("libvirt") is not None
+
+
 def default_uri() -> str:
     return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
 
@@ -43,6 +48,6 @@ def choose_backend(requested: str | None, uri: str | None) -> BackendChoice:
         if uri:
             raise ConfigError("--libvirt-uri: the QEMU backend takes none (add --backend libvirt)")
         return BackendChoice("qemu")
-    if importlib.util.find_spec("libvirt") is None:
+    if not libvirt_installed():
         raise KvmpodError(INSTALL_HINT)
     return BackendChoice("libvirt", uri or _setting("libvirt-uri") or default_uri())

@@ -65,6 +65,19 @@ def connect(uri: str, read_only: bool = False) -> Any:
         raise VMError(f"libvirt {uri}: {_message(e)}") from e
 
 
+def libvirt_version(uri: str) -> str:
+    """The version of the libvirt daemon at `uri` ("9.0.0"), over a read-only connection (`kvmpod doctor`)."""
+    conn = connect(uri, read_only=True)
+    try:
+        number = conn.getLibVersion()
+    except Exception as e:
+        raise VMError(f"libvirt {uri}: {_message(e)}") from e
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+
 def _register_loop() -> None:
     loop = asyncio.get_running_loop()
     if not _registered:

@@ -180,3 +180,19 @@ def test_this_machine_through_the_cli():
                                                    ("accelerator", "agent transport", "network") if n in found)
                     if report["can_run_pods"] else f"pods cannot run here: {', '.join(report['blocking'])}")
     assert [line.split(":")[0].split()[-1] for line in text.stdout.splitlines()][:2] == ["kvm", "accelerator"]
+
+
+def test_the_backend_and_what_libvirt_offers(host_env, monkeypatch, tmp_path):
+    """The backend line is run's own choice ([vm] backend); without libvirt-python the libvirt backend is a
+    note, unless kvmpod.toml chose it: then pods cannot run, and doctor says what to install."""
+    monkeypatch.setattr(doctor, "libvirt_installed", lambda: False)
+    found = by_name(doctor.examine(make_host(host_env / "host", "real")))
+    assert found["backend"].value == "qemu" and found["backend"].status == "ok"
+    assert found["libvirt"].status == "note" and "libvirt-python is not installed" in found["libvirt"].reason
+    config = tmp_path / "libvirt.toml"
+    config.write_text('[vm]\nbackend = "libvirt"\n')
+    monkeypatch.setenv("KVMPOD_CONFIG", str(config))
+    monkeypatch.setattr("kvmpod.vm.backend_choice.libvirt_installed", lambda: False)
+    checks = doctor.examine(make_host(host_env / "host2", "real"))
+    backend = by_name(checks)["backend"]
+    assert backend.status == "fail" and "needs libvirt-python" in backend.reason and not doctor.can_run(checks)

@@ -155,3 +155,27 @@ def test_a_panic_on_pc_is_reported(kvmpod_env, busybox_aci, libvirt_uri):
                                                        "echo c > /proc/sysrq-trigger; sleep 60")
     assert result.returncode == 125
     assert "kernel panicked" in the_error(result)
+
+
+def test_doctor_reports_the_libvirt_daemon_the_configured_backend_would_use(kvmpod_env, libvirt_uri, tmp_path):
+    """`kvmpod doctor` asks the daemon at the URI `kvmpod run` would use ([vm] libvirt-uri): ok when it answers;
+    a daemon that is not there blocks pods only when [vm] backend is libvirt."""
+    def doctor(config: str) -> subprocess.CompletedProcess:
+        path = tmp_path / "kvmpod.toml"
+        path.write_text(config)
+        return subprocess.run(kvmpod_cmd("doctor", "--json"), env={**kvmpod_env, "KVMPOD_CONFIG": str(path)},
+                              capture_output=True, timeout=60)
+
+    def libvirt_check(result: subprocess.CompletedProcess) -> dict:
+        return {c["name"]: c for c in json.loads(result.stdout)["checks"]}["libvirt"]
+
+    answering = doctor(f'[vm]\nbackend = "libvirt"\nlibvirt-uri = "{libvirt_uri}"\n')
+    assert answering.returncode == 0, answering.stderr
+    check = libvirt_check(answering)
+    assert check["status"] == "ok" and check["value"] == libvirt_uri and "answers" in check["reason"]
+    absent = f"qemu:///system?socket={tmp_path}/no-daemon-here"
+    blocked = doctor(f'[vm]\nbackend = "libvirt"\nlibvirt-uri = "{absent}"\n')
+    assert blocked.returncode == 1 and libvirt_check(blocked)["status"] == "fail"
+    assert absent in libvirt_check(blocked)["reason"] and json.loads(blocked.stdout)["blocking"] == ["libvirt"]
+    noted = doctor(f'[vm]\nlibvirt-uri = "{absent}"\n')   # the QEMU backend is the default: only a note
+    assert noted.returncode == 0 and libvirt_check(noted)["status"] == "note"
