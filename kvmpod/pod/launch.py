@@ -41,7 +41,7 @@ from kvmpod.vm.config import Confinement, Disk, FsDevice, VMConfig
 from kvmpod.vm.machine import plan_boot
 from kvmpod.vm.qemu_binary import find_qemu
 from kvmpod.vm.spawn import SpawnedQemu, check_socket_path, qemu_binary, spawn_qemu
-from kvmpod.vm.transport import choose_transport
+from kvmpod.vm.transport import choose_transport, libvirt_transport
 from kvmpod.vm.virtiofs import FsShare, find_virtiofsd
 
 log = logging.getLogger(__name__)
@@ -197,11 +197,10 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
                           "kvmpod's fds in namespaces of their own: docs/libvirt.md)")
     if backend.name == "libvirt" and volumes.host and os.geteuid() != 0:
         raise KvmpodError("--volume: host volumes on the libvirt backend need virtiofsd, and so root")
-    if backend.name == "libvirt" and options.agent_transport not in ("auto", "serial"):
-        raise KvmpodError(f"--agent-transport {options.agent_transport}: the libvirt backend reaches the agent "
-                          "over virtio-serial only")
-    agent_transport = choose_transport("serial" if backend.name == "libvirt" else options.agent_transport,
-                                       kernel, snapshot=snapshot_possible)
+    if backend.name == "libvirt":
+        agent_transport = libvirt_transport(options.agent_transport, kernel)
+    else:
+        agent_transport = choose_transport(options.agent_transport, kernel, snapshot=snapshot_possible)
     if agent_transport.notice:
         notice(agent_transport.notice)
     disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved if not app.root_share}.values())

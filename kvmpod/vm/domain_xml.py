@@ -48,8 +48,11 @@ def domain_name(pod_uuid: str) -> str:
 
 def unsupported(cfg: VMConfig) -> str | None:
     """Why `cfg` cannot be a libvirt domain (the flag that asks for it), or None."""
-    if cfg.agent_transport != "serial":
-        return f"--agent-transport {cfg.agent_transport}: the libvirt backend reaches the agent over virtio-serial only"
+    if cfg.agent_transport not in ("serial", "vhost-vsock"):
+        return (f"--agent-transport {cfg.agent_transport}: a libvirt domain reaches the agent over virtio-serial "
+                "or the kernel's vhost-vsock only")
+    if cfg.agent_transport == "vhost-vsock" and cfg.vsock_cid < 3:
+        return "vhost-vsock: the domain's guest CID is not allocated"
     if cfg.memory_file or cfg.incoming:
         return "--boot snapshot: the libvirt backend boots cold (docs/libvirt.md)"
     if cfg.shares_9p:

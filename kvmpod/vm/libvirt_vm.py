@@ -26,8 +26,10 @@ from xml.etree import ElementTree
 from kvmpod.errors import KvmpodError, VMError
 from kvmpod.vm.backend import AgentChannel, VMBackend, VMExit
 from kvmpod.vm.backend_choice import INSTALL_HINT
+from kvmpod.vm.cid import CidLease, allocate_cid
 from kvmpod.vm.config import VMConfig
 from kvmpod.vm.domain_xml import DOMAIN_PREFIX, METADATA_NS, DomainSpec, render
+from kvmpod.vm.vsock_channel import connect_kernel_vsock
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,7 @@ class LibvirtVM(VMBackend):
         self._reset = False        # the guest reset itself (libvirt's REBOOT event; on_reboot destroys it)
         self._destroying = False   # kvmpod ends the domain itself (stop): not a failure
         self._pid: int | None = None
+        self._cid: CidLease | None = None   # the guest's vsock CID (agent transport vhost-vsock)
 
     @property
     def info(self) -> DomainInfo:
@@ -233,6 +236,20 @@ class LibvirtVM(VMBackend):
         return dataclasses.replace(self.config, kernel=copies["kernel"], initrd=copies["initrd"])
 
     async def start(self) -> AgentChannel:
+        if self.config.agent_transport == "vhost-vsock":   # host-wide CIDs: probed, held while the VM lives
+            self._cid = allocate_cid(self.config.name, probe=True)
+            self.config = dataclasses.replace(self.config, vsock_cid=self._cid.cid)
+        try:
+            return await self._start()
+        except BaseException:
+            self._release_cid()
+            raise
+
+    def _release_cid(self) -> None:
+        if self._cid is not None:
+            self._cid.release()
+
+    async def _start(self) -> AgentChannel:
         libvirt = _libvirt()
         try:
             domain_config = self._domain_config()
@@ -345,9 +362,16 @@ class LibvirtVM(VMBackend):
         tail = f": {' | '.join(lines[-2:])}" if lines else ""
         return VMExit(None, failure=f"QEMU of domain {name} ended (libvirt's log {log_file}{tail})")
 
+    async def _open_agent(self) -> AgentChannel:
+        """The agent's channel: the kernel's vsock to the guest's CID, else libvirt's unix socket for the
+        virtio-serial port."""
+        if self.config.agent_transport == "vhost-vsock":
+            sock = await connect_kernel_vsock(self.config.vsock_cid)
+            return await asyncio.open_connection(sock=sock, limit=1 << 20)
+        return await asyncio.open_unix_connection(str(self.spec.agent_socket), limit=1 << 20)
+
     async def _connect_agent(self) -> AgentChannel:
-        connecting = asyncio.ensure_future(
-            asyncio.open_unix_connection(str(self.spec.agent_socket), limit=1 << 20))
+        connecting = asyncio.ensure_future(self._open_agent())
         waits: set[asyncio.Future[Any]] = {connecting, self.ended}
         done, _ = await asyncio.wait(waits, timeout=self.connect_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -355,8 +379,10 @@ class LibvirtVM(VMBackend):
             try:
                 return connecting.result()
             except OSError as e:
+                where = (f"vsock CID {self.config.vsock_cid}" if self.config.agent_transport == "vhost-vsock"
+                         else str(self.spec.agent_socket))
                 raise VMError(f"domain {self.spec.name}: cannot connect to the agent's port "
-                              f"{self.spec.agent_socket}: {e.strerror}") from e
+                              f"{where}: {e.strerror}") from e
         connecting.cancel()
         with contextlib.suppress(BaseException):
             await connecting
@@ -405,6 +431,7 @@ class LibvirtVM(VMBackend):
 
     def _finish(self, vm_exit: VMExit) -> None:
         if self._ended is not None and not self._ended.done():
+            self._release_cid()
             self._ended.set_result(vm_exit)
             asyncio.get_running_loop().create_task(self._disconnect())
 

@@ -23,6 +23,7 @@ from kvmpod.vm.cgroup import Cgroup
 from kvmpod.vm.cid import CidLease, allocate_cid
 from kvmpod.vm.config import VMConfig
 from kvmpod.vm.spawn import RESTORE_ANSWERS, SpawnedQemu, spawn_qemu
+from kvmpod.vm.vsock_channel import connect_kernel_vsock
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -269,7 +270,6 @@ class QemuVM(VMBackend):
 
     async def _connect_vsock(self) -> "AgentChannel":
         """Connect to the agent's vsock port, again after each RST until it listens (the caller bounds it)."""
-        loop = asyncio.get_running_loop()
         while True:
             if self._vsock is not None:
                 try:
@@ -280,17 +280,7 @@ class QemuVM(VMBackend):
                     await asyncio.sleep(VSOCK_RETRY)
                     continue
             else:
-                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, (self.config.vsock_cid, VSOCK_PORT))
-                except (ConnectionResetError, ConnectionRefusedError, TimeoutError):
-                    sock.close()  # RST: nothing listens yet; a timeout: the guest's driver is not up yet
-                    await asyncio.sleep(VSOCK_RETRY)
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
+                sock = await connect_kernel_vsock(self.config.vsock_cid)
             return await asyncio.open_connection(sock=sock, limit=1 << 20)
 
     async def _race(self, awaitable, what: str):

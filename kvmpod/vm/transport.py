@@ -92,3 +92,21 @@ def choose_transport(requested: str, kernel: GuestKernel, snapshot: bool = False
     if requested == VHOST_VSOCK:
         raise VMError(f"--agent-transport vhost-vsock: {why_not}")
     return AgentTransport(VSOCK_USER, f"{why_not}: kvmpod's userspace vsock backend")
+
+
+def libvirt_transport(requested: str, kernel: GuestKernel, device: Path = VHOST_VSOCK_DEV) -> AgentTransport:
+    """The agent's transport in a libvirt domain: its `<vsock>` is the kernel's vhost-vsock (libvirt has no
+    vhost-user-vsock, so no kvmpod userspace backend there), else the virtio-serial port. auto takes
+    vhost-vsock where it is usable; vsock and vhost-vsock insist on it."""
+    if requested == VSOCK_USER:
+        raise VMError("--agent-transport vsock-user: a libvirt domain has no vhost-user-vsock device "
+                      "(use vhost-vsock, serial or auto)")
+    if requested in ("vsock", VHOST_VSOCK):
+        if (missing := kernel_vsock_missing(kernel)) or (missing := vhost_vsock_unusable(device)):
+            raise VMError(f"--agent-transport {requested}: a libvirt domain's vsock is the kernel's "
+                          f"vhost-vsock: {missing}")
+        return AgentTransport(VHOST_VSOCK, f"{device} is usable")
+    chosen = choose_transport(requested, kernel, device=device)
+    if chosen.kind == VSOCK_USER:   # auto without vhost-vsock: what the QEMU backend would serve itself
+        return AgentTransport(SERIAL, f"{chosen.reason}; a libvirt domain then uses virtio-serial")
+    return chosen

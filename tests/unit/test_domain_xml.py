@@ -97,6 +97,17 @@ def test_microvm_puts_every_virtio_device_on_mmio_and_keeps_its_machine_options(
                          "-device", "virtio-net-device,netdev=kvmpodnet0,mac=52:54:00:12:34:56"]
 
 
+@pytest.mark.parametrize("machine", ["pc", "microvm"])
+def test_the_kernels_vhost_vsock_is_a_vsock_element_with_the_pods_cid(machine):
+    """Where /dev/vhost-vsock is usable (not on this host: the e2e case is tests/e2e/libvirt), the agent's
+    channel is a <vsock> with kvmpod's CID instead of the virtio-serial port."""
+    dom = parse(config(agent_transport="vhost-vsock", vsock_cid=42, machine=machine, firmware=None))
+    vsock = dom.find("devices/vsock")
+    assert vsock.get("model") == "virtio" and vsock.find("cid").attrib == {"auto": "no", "address": "42"}
+    assert dom.find("devices/channel") is None and dom.find("devices/controller[@type='virtio-serial']") is None
+    assert (vsock.find("address") is not None) == (machine == "microvm")
+
+
 def test_user_networking_on_pci():
     dom = parse(config(nics=[Nic("52:54:00:00:00:01")]))
     args = [a.get("value") for a in dom.findall(f"{{{QEMU}}}commandline/{{{QEMU}}}arg")]
@@ -136,6 +147,7 @@ def test_rendering_leaves_the_config_and_its_qemu_argv_as_they_were():
     (dict(memory_file=Path("/snap/mem")), "--boot snapshot"),
     (dict(shares_9p=[NinePShare("v", Path("/d"))]), "virtio-9p"),
     (dict(nics=[Nic("52:54:00:00:00:02", tap_fd=5)]), "--net cni/netns"),
+    (dict(agent_transport="vhost-vsock"), "vhost-vsock: the domain's guest CID"),
 ])
 def test_what_a_domain_cannot_carry_is_refused_by_name(changes, flag):
     cfg = config(**changes)

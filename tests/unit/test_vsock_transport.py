@@ -127,3 +127,22 @@ def test_probe_skips_cids_in_use(monkeypatch, tmp_path):
                     reason="/dev/vhost-vsock does not exist: the host kernel has no vhost_vsock")
 def test_probe_of_an_unused_cid_with_kernel_vsock():
     assert cidmod.cid_in_use(0xFFFF_FFF0) is False
+
+
+def test_a_libvirt_domain_takes_the_kernels_vsock_or_the_serial_port(tmp_path, no_vhost):
+    """libvirt has no vhost-user-vsock: auto without /dev/vhost-vsock is virtio-serial, not kvmpod's
+    userspace backend; vsock and vhost-vsock insist on the kernel's, vsock-user is refused."""
+    assert tr.libvirt_transport("auto", FakeKernel("y")).kind == tr.SERIAL
+    assert tr.libvirt_transport("serial", FakeKernel("y")).kind == tr.SERIAL
+    for word in ("vsock", "vhost-vsock"):
+        with pytest.raises(VMError, match=rf"^--agent-transport {word}: a libvirt domain's vsock is the kernel's "
+                                          r"vhost-vsock: .*does not exist"):
+            tr.libvirt_transport(word, FakeKernel("y"))
+    with pytest.raises(VMError, match=r"^--agent-transport vsock-user: a libvirt domain has no vhost-user-vsock"):
+        tr.libvirt_transport("vsock-user", FakeKernel("y"))
+    usable = Path(os.devnull)   # opens read-write: as a usable /dev/vhost-vsock would
+    for word in ("auto", "vsock", "vhost-vsock"):
+        assert tr.libvirt_transport(word, FakeKernel("y"), device=usable).kind == tr.VHOST_VSOCK
+    assert tr.libvirt_transport("auto", FakeKernel(None), device=usable).kind == tr.SERIAL
+    with pytest.raises(VMError, match="no virtio-vsock"):
+        tr.libvirt_transport("vhost-vsock", FakeKernel(None), device=usable)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpod.vm.transport import vhost_vsock_unusable
 from tests.conftest import kvmpod_cmd
 from tests.e2e.conftest import proc_alive, the_error
 from tests.e2e.libvirt.conftest import BackendKvmpod, domains, virsh
@@ -179,3 +180,23 @@ def test_doctor_reports_the_libvirt_daemon_the_configured_backend_would_use(kvmp
     assert absent in libvirt_check(blocked)["reason"] and json.loads(blocked.stdout)["blocking"] == ["libvirt"]
     noted = doctor(f'[vm]\nlibvirt-uri = "{absent}"\n')   # the QEMU backend is the default: only a note
     assert noted.returncode == 0 and libvirt_check(noted)["status"] == "note"
+
+
+@pytest.mark.skipif(vhost_vsock_unusable() is not None,
+                    reason=f"the libvirt domain's <vsock> is the kernel's vhost-vsock: {vhost_vsock_unusable()}")
+def test_the_agent_over_the_kernels_vsock(kvmpod_env, busybox_aci, libvirt_uri):
+    pods = libvirt_pods(kvmpod_env, libvirt_uri)
+    uuid = pods.detach("--net", "none", "--agent-transport", "vhost-vsock", str(busybox_aci), "--exec", "/bin/sleep",
+                       "--", "600")
+    try:
+        status = json.loads(pods.cmd("status", "--json", uuid).stdout)
+        state = json.loads(Path(status["path"], "state.json").read_text())
+        assert state["agent_transport"] == "vhost-vsock", state
+        xml = virsh(libvirt_uri, "dumpxml", status["domain"]).stdout
+        assert "<vsock model='virtio'>" in xml and "<channel type='unix'>" not in xml
+        entered = pods.cmd("enter", uuid, "--", "/bin/sh", "-c", "echo over vsock; exit 3")
+        assert entered.returncode == 3 and entered.stdout == b"over vsock\n"
+    finally:
+        pods.cmd("stop", uuid)
+        pods.cmd("rm", uuid)
+    assert domains(libvirt_uri) == []
