@@ -74,14 +74,19 @@ class Hang(Exception):
 @contextmanager
 def time_bound(seconds: float) -> Iterator[None]:
     """Raise Hang in the main thread if the block takes longer than `seconds` (wall clock, generous:
-    it catches endless loops, it measures nothing)."""
+    it catches endless loops, it measures nothing). pytest-timeout's own alarm (the same timer) is
+    given back afterwards, less the time the block took."""
     def expired(signo, frame):
         raise Hang(f"still running after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_delay:
+            left = max(outer_delay - (time.monotonic() - start), 0.001)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
