@@ -187,9 +187,10 @@ conn_packet = st.tuples(
 host_connect = st.tuples(st.just("connect"), st.sampled_from([7000, 7000, 40000]))
 host_send = st.tuples(st.just("host-send"), st.integers(0, 7), st.sampled_from([1, 100, 5000, 70000]))
 host_read = st.tuples(st.just("host-read"))
+guest_open = st.tuples(st.just("guest-open"), st.sampled_from(HOST_PORTS), st.sampled_from([4096, d.BUF_ALLOC]))
 # Mostly what a driver does, so that connections get far; one hostile step in four or so.
-benign = st.one_of(plausible_packet, conn_packet, conn_packet, conn_packet, good_rx, good_rx, host_connect, host_send,
-                   host_read, kick)
+benign = st.one_of(plausible_packet, conn_packet, conn_packet, conn_packet, good_rx, good_rx, guest_open, host_connect,
+                   host_send, host_send, host_read, kick)
 hostile = st.one_of(hostile_packet, bad_rx, raw_desc, publish, avail_jump)
 actions = (st.lists(benign, min_size=1, max_size=24)                            # a driver that behaves...
            | st.tuples(st.lists(benign, max_size=16), st.lists(st.one_of(benign, benign, benign, hostile),
@@ -211,6 +212,7 @@ class Rig:
             s.setblocking(False)
             self.listeners.append(s)
         self.host_socks: list[socket.socket] = []
+        self.guest_ports = 0
 
     def accept_all(self) -> None:
         for listener in self.listeners:
@@ -272,6 +274,10 @@ async def _act(rig: Rig, action: tuple) -> None:
                 op = d.OP_RESPONSE   # mostly accept the host's connections, so that data follows
             _send_packet(rig, ("packet", GUEST_CID, d.HOST_CID, guest_port, host_port, 1, op, flags, buf_alloc,
                                fwd_cnt, payload if op == d.OP_RW else b"", None, splits))
+    elif kind == "guest-open":   # a REQUEST from a new guest port to a host program that listens
+        rig.guest_ports += 1
+        _send_packet(rig, ("packet", GUEST_CID, d.HOST_CID, 41000 + rig.guest_ports, action[1], 1, d.OP_REQUEST, 0,
+                           action[2], 0, b"", None, []))
     elif kind == "packet":
         _send_packet(rig, action)
     elif kind == "rx":
