@@ -11,7 +11,6 @@ Usage: bench/backends.py [--runs N]   (run_all.py runs it as its "libvirt" secti
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import grp
 import importlib.util
@@ -21,17 +20,14 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import KVMPOD, REPO, bench_env, build_busybox_aci, floor_vm, idle_pod, pss_kib, stats, timed  # noqa: E402
+from common import KVMPOD, REPO, Unavailable, bench_env, floor_vm, idle_pod, pss_kib, section_main, stats, timed  # noqa: E402
 
 
-class Unavailable(Exception):
-    pass
 
 
 def _answers(uri: str) -> bool:
@@ -144,16 +140,7 @@ def print_libvirt(result: dict) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kvmpod-bench-") as tmp:
-        work = Path(tmp)
-        try:
-            print_libvirt(measure_libvirt(work, build_busybox_aci(work), args.runs))
-        except Unavailable as e:
-            print(f"skipped: {e}")
-    return 0
+    return section_main(__doc__, measure_libvirt, print_libvirt)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ timing, an idle pod and its PSS. Not a test module; asserts nothing."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -10,7 +11,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,25 @@ from kvmpod.vm.spawn import qemu_binary  # noqa: E402
 from kvmpod.vm.machine import plan_boot  # noqa: E402
 
 KVMPOD = [sys.executable, "-m", "kvmpod"]
+
+
+class Unavailable(Exception):
+    """A section cannot be measured on this machine (what it needs is missing): said, not failed."""
+
+
+def section_main(doc: str, measure: Callable[[Path, Path, int], dict], show: Callable[[dict], None],
+                 runs: int = 10) -> int:
+    """`python bench/SECTION.py [--runs N]`: one section alone, on the busybox image, in a temp dir."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=runs)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kvmpod-bench-") as tmp:
+        work = Path(tmp)
+        try:
+            show(measure(work, build_busybox_aci(work), args.runs))
+        except Unavailable as e:
+            print(f"skipped: {e}")
+    return 0
 
 
 def timed(argv: list[str], **kwargs) -> float:

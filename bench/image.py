@@ -44,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import KVMPOD, stats, timed  # noqa: E402
+from common import KVMPOD, Unavailable, stats, timed  # noqa: E402
 
 from kvmpod import paths  # noqa: E402
 
@@ -74,8 +74,6 @@ with store.claim([image]):
 """
 
 
-class Unavailable(Exception):
-    """The benchmark cannot run here; the message is one line saying why."""
 
 
 # --- the fixture -------------------------------------------------------------------------------

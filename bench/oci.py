@@ -14,24 +14,20 @@ Usage: bench/oci.py [--runs N]   (prints a table; not a test, asserts nothing; n
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import KVMPOD, bench_env, build_busybox_aci, stats, timed  # noqa: E402
+from common import KVMPOD, Unavailable, bench_env, section_main, stats, timed  # noqa: E402
 
 from tests.podman_env import IMAGE, PODMAN, Podman, isolated_podman  # noqa: E402
 
 
-class Unavailable(Exception):
-    pass
 
 
 def _podman_true(podman: Podman, runtime: str) -> float:
@@ -96,16 +92,7 @@ def print_oci(result: dict) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kvmpod-bench-oci-") as tmp:
-        work = Path(tmp)
-        try:
-            print_oci(measure_oci(work, build_busybox_aci(work), args.runs))
-        except Unavailable as e:
-            print(f"skipped: {e}")
-    return 0
+    return section_main(__doc__, measure_oci, print_oci, runs=5)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,13 @@ Usage: bench/privilege.py [--runs N]   (run_all.py runs it as its "least privile
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import KVMPOD, bench_env, build_busybox_aci, idle_pod, pss_kib, stats, timed  # noqa: E402
+from common import KVMPOD, bench_env, idle_pod, pss_kib, section_main, stats, timed  # noqa: E402
 
 # every [security] switch off; a key this kvmpod does not know yet is not read
 OFF = "[security]\nsandbox = false\nqemu-user = false\ncgroup = false\n"
@@ -114,13 +112,7 @@ def print_privilege(result: dict) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kvmpod-bench-") as tmp:
-        work = Path(tmp)
-        print_privilege(measure_privilege(work, build_busybox_aci(work), args.runs))
-    return 0
+    return section_main(__doc__, measure_privilege, print_privilege)
 
 
 if __name__ == "__main__":

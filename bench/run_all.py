@@ -42,15 +42,15 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (KVMPOD, REPO, bench_env, build_busybox_aci, idle_pod, measure_start, print_start,  # noqa: E402
-                    pss_kib, stats, timed)
+from common import (KVMPOD, REPO, Unavailable as SectionUnavailable, bench_env, build_busybox_aci,  # noqa: E402
+                    idle_pod, measure_start, print_start, pss_kib, stats, timed)
 from agent import measure as measure_agent, print_agent  # noqa: E402
-from image import Unavailable, measure_image, print_image  # noqa: E402
-from stage1 import Unavailable as Stage1Unavailable, measure_stage1, print_stage1  # noqa: E402
-from oci import Unavailable as OciUnavailable, measure_oci, print_oci  # noqa: E402
+from image import measure_image, print_image  # noqa: E402
+from stage1 import measure_stage1, print_stage1  # noqa: E402
+from oci import measure_oci, print_oci  # noqa: E402
 from privilege import measure_privilege, print_privilege  # noqa: E402
 from soak import measure_soak, print_soak  # noqa: E402
-from backends import Unavailable as LibvirtUnavailable, measure_libvirt, print_libvirt  # noqa: E402
+from backends import measure_libvirt, print_libvirt  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -235,9 +235,9 @@ def main() -> int:
         print_agent(results["agent"])
         header("8. stage1 (rkt's stage1 ABI through tests/stage0.py)")
         results["stage1"] = optional(lambda: measure_stage1(work, aci, args.stage1_runs), print_stage1,
-                                     Stage1Unavailable)
+                                     SectionUnavailable)
         header("9. oci (podman run --rm IMAGE /bin/true)")
-        results["oci"] = optional(lambda: measure_oci(work, aci, args.oci_runs), print_oci, OciUnavailable)
+        results["oci"] = optional(lambda: measure_oci(work, aci, args.oci_runs), print_oci, SectionUnavailable)
         header("10. least privilege (confined QEMU vs [security] off)")
         results["least_privilege"] = measure_privilege(work, aci, args.runs)
         print_privilege(results["least_privilege"])
@@ -246,9 +246,9 @@ def main() -> int:
         print_soak(results["soak"])
         header("12. libvirt (the libvirt backend vs the QEMU backend vs the floor)")
         results["libvirt"] = optional(lambda: measure_libvirt(work, aci, args.runs), print_libvirt,
-                                      LibvirtUnavailable)
+                                      SectionUnavailable)
     header("6. image (import + rootfs disk of a Debian minbase)")
-    results["image"] = optional(lambda: measure_image(args.image_runs), print_image, Unavailable)
+    results["image"] = optional(lambda: measure_image(args.image_runs), print_image, SectionUnavailable)
     results["total_s"] = time.perf_counter() - began
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

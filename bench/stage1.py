@@ -15,24 +15,20 @@ Usage: bench/stage1.py [--runs N]   (prints a table; not a test, asserts nothing
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import KVMPOD, bench_env, build_busybox_aci, stats, timed  # noqa: E402
+from common import KVMPOD, Unavailable, bench_env, section_main, stats, timed  # noqa: E402
 
 from kvmpod.stage1.build import build_aci  # noqa: E402
 from tests.stage0 import App, Stage0  # noqa: E402
 
 
-class Unavailable(Exception):
-    pass
 
 
 def _stage1_once(stage0: Stage0, aci: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -88,16 +84,7 @@ def print_stage1(result: dict) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kvmpod-bench-") as tmp:
-        work = Path(tmp)
-        try:
-            print_stage1(measure_stage1(work, build_busybox_aci(work), args.runs))
-        except Unavailable as e:
-            print(f"skipped: {e}")
-    return 0
+    return section_main(__doc__, measure_stage1, print_stage1)
 
 
 if __name__ == "__main__":
