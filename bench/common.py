@@ -50,6 +50,16 @@ def section_main(doc: str, measure: Callable[[Path, Path, int], dict], show: Cal
     return 0
 
 
+def target(name: str, measured: float, limit: float, *, unit: str = "x", higher_is_better: bool = False,
+           note: str = "") -> dict:
+    """One of issue 22's targets as a section reports it: the measured figure, the limit, and whether it
+    is met. run_all.py collects every section's "targets" list and prints them in one table, met or not:
+    a target missed is shown with its figure, never dropped."""
+    met = measured >= limit if higher_is_better else measured <= limit
+    return {"target": name, "measured": measured, "limit": limit, "unit": unit,
+            "higher_is_better": higher_is_better, "met": met, "note": note}
+
+
 def timed(argv: list[str], **kwargs) -> float:
     start = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)

@@ -195,6 +195,23 @@ def optional(measure: Callable[[], dict], show: Callable[[dict], None], unavaila
     return result
 
 
+def collect_targets(results: dict) -> list[dict]:
+    """Every section's "targets" (bench/common.py target()), in section order."""
+    found: list[dict] = []
+    for section in results.values():
+        if isinstance(section, dict):
+            found.extend(section.get("targets", []))
+    return found
+
+
+def print_targets(targets: list[dict]) -> None:
+    for t in targets:
+        sign = ">=" if t["higher_is_better"] else "<="
+        verdict = "met" if t["met"] else "NOT met"
+        note = f"  ({t['note']})" if t["note"] else ""
+        print(f"{t['target']:52} {t['measured']:9.3f} {sign} {t['limit']:<7g}{t['unit']:5} {verdict}{note}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="start runs with the minimal kernel, and breakdown runs")
@@ -249,6 +266,9 @@ def main() -> int:
                                       SectionUnavailable)
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, SectionUnavailable)
+    results["targets"] = collect_targets(results)
+    header("targets (issue 22)")
+    print_targets(results["targets"])
     results["total_s"] = time.perf_counter() - began
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
