@@ -4,7 +4,8 @@
 1. start      kvmpod run /bin/true vs bare QEMU (minimal kernel, then the distro kernel)
 2. breakdown  where a run's time goes, from `--keep` runs' state.json timings
 3. memory     PSS of QEMU + kvmpod (kvmpod-relay once the pod is quiet) for an idle pod vs a sleeping python3
-4. scale      N concurrent pods vs N=1
+              (bench/density.py), and density: N = 1, 4, 16 idle pods at once, total and per-pod PSS
+4. scale      N = 1..32 concurrent pods: pods/s, N=32 vs N=2 (bench/density.py)
 5. cli        `kvmpod --help` vs `python3 -c pass`
 6. image      import + ISO build throughput on a Debian minbase rootfs vs gzip|sha512sum, tar -x, xorriso;
               the cost of a cached second run (bench/image.py; needs root + debootstrap the first time)
@@ -31,9 +32,7 @@ import datetime
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (KVMPOD, REPO, Unavailable as SectionUnavailable, bench_env, build_busybox_aci,  # noqa: E402
-                    idle_pod, measure_start, print_start, pss_kib, stats, timed)
+                    measure_start, print_start, stats, timed)
 from agent import measure as measure_agent, print_agent  # noqa: E402
 from image import measure_image, print_image  # noqa: E402
 from stage1 import measure_stage1, print_stage1  # noqa: E402
@@ -51,6 +50,7 @@ from oci import measure_oci, print_oci  # noqa: E402
 from privilege import measure_privilege, print_privilege  # noqa: E402
 from soak import measure_soak, print_soak  # noqa: E402
 from backends import measure_libvirt, print_libvirt  # noqa: E402
+from density import measure_density, measure_scale, memory, print_density, print_scale  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -88,70 +88,6 @@ def breakdown(work: Path, aci: Path, runs: int) -> dict:
     print(f"{'sum of phases':28}{total:8.3f}")
     print(f"{'wall (incl. python startup)':28}{wall:8.3f}   python+imports before 'start': {wall - total:.3f}")
     return {"runs": runs, "median_s": medians, "sum_s": total, "wall_median_s": wall, "samples_s": phases}
-
-
-def stop_time(env: dict[str, str], aci: Path) -> tuple[float, str]:
-    """SIGTERM to an idle pod's process until it has exited (the app is killed, the VM ends)."""
-    with idle_pod(env, aci) as (proc, _, host):
-        start = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        return time.perf_counter() - start, host
-
-
-def memory(work: Path, aci: Path, stop_runs: int = 3) -> dict:
-    env = bench_env(work)
-    with idle_pod(env, aci) as (proc, state, host):
-        qemu, kvmpod = pss_kib(state["qemu_pid"]), pss_kib(proc.pid)
-    base = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        time.sleep(0.5)
-        baseline = pss_kib(base.pid)
-    finally:
-        base.kill()
-        base.wait()
-    total = qemu + kvmpod
-    print(f"{'':34}{'PSS MiB':>8}")
-    print(f"{'QEMU (256M guest, idle sleep)':34}{qemu / 1024:8.1f}")
-    print(f"{'kvmpod process (' + host + ')':34}{kvmpod / 1024:8.1f}")
-    print(f"{'pod total':34}{total / 1024:8.1f}")
-    print(f"{'baseline: python3 sleeping':34}{baseline / 1024:8.1f}")
-    print(f"{'ratio pod/baseline':34}{total / baseline:8.1f}   kvmpod exit {proc.returncode}")
-    # what the relay costs: the way back into kvmpod on the first event, here a SIGTERM
-    stops: dict[str, list[float]] = {"kvmpod-relay": [], "kvmpod": []}
-    for _ in range(stop_runs):
-        for relay in ("on", "off"):
-            took, held_by = stop_time({**env, "KVMPOD_RELAY": "off"} if relay == "off" else env, aci)
-            stops[held_by].append(took)
-    medians = {k: statistics.median(v) for k, v in stops.items() if v}
-    print(f"{'SIGTERM to exit, median s':34}" + "   ".join(f"{k} {v:.3f} ({len(stops[k])})" for k, v in medians.items()))
-    if len(medians) == 2:
-        print(f"{'ratio relay/kvmpod':34}{medians['kvmpod-relay'] / medians['kvmpod']:8.2f}")
-    return {"qemu_pss_kib": qemu, "kvmpod_pss_kib": kvmpod, "total_pss_kib": total, "host_process": host,
-            "baseline_python_sleep_pss_kib": baseline, "ratio": total / baseline, "kvmpod_exit": proc.returncode,
-            "stop_s": stops}
-
-
-def scale(work: Path, aci: Path, counts: list[int]) -> dict:
-    env = bench_env(work)
-    argv = [*KVMPOD, "run", str(aci), "--exec", "/bin/true"]
-    rows = {}
-    for n in counts:
-        start = time.perf_counter()
-        procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for _ in range(n)]
-        results = [(p.wait(), p.stderr.read().decode(errors="replace").strip()) for p in procs]
-        wall = time.perf_counter() - start
-        failures = [f"exit {rc}: {err[-300:]}" for rc, err in results if rc != 0]
-        rows[n] = {"wall_s": wall, "pods_per_s": n / wall, "failures": failures}
-    base = rows[counts[0]]["pods_per_s"]
-    print(f"{'N':>4}{'wall s':>9}{'pods/s':>9}{'vs N=1':>8}  failures")
-    for n, row in rows.items():
-        row["speedup_vs_n1"] = row["pods_per_s"] / base
-        print(f"{n:4}{row['wall_s']:9.3f}{row['pods_per_s']:9.2f}{row['speedup_vs_n1']:8.2f}  {len(row['failures'])}")
-        for failure in row["failures"]:
-            print(f"      {failure}")
-    return {str(n): row for n, row in rows.items()}
 
 
 def cli(runs: int) -> dict:
@@ -217,7 +153,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10, help="start runs with the minimal kernel, and breakdown runs")
     parser.add_argument("--distro-runs", type=int, default=5)
     parser.add_argument("--help-runs", type=int, default=20)
-    parser.add_argument("--scale", default="1,2,4,8,16")
+    parser.add_argument("--scale", default="1,2,4,8,16,32")
+    parser.add_argument("--scale-rounds", type=int, default=3, help="rounds of the scale curve, Ns interleaved")
     parser.add_argument("--image-runs", type=int, default=3)
     parser.add_argument("--agent-mib", type=int, default=256, help="MiB streamed per agent transport")
     parser.add_argument("--stage1-runs", type=int, default=5)
@@ -243,8 +180,12 @@ def main() -> int:
         results["breakdown"] = breakdown(work, aci, args.runs)
         header("3. memory (idle busybox pod)")
         results["memory"] = memory(work, aci)
+        header("3. density (N idle busybox pods at once)")
+        results["density"] = measure_density(work, aci)
+        print_density(results["density"])
         header("4. scale (concurrent kvmpod run /bin/true)")
-        results["scale"] = scale(work, aci, [int(n) for n in args.scale.split(",")])
+        results["scale"] = measure_scale(work, aci, tuple(int(n) for n in args.scale.split(",")), args.scale_rounds)
+        print_scale(results["scale"])
         header("5. cli")
         results["cli"] = cli(args.help_runs)
         header("7. agent transports")
