@@ -18,7 +18,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils cpio busybox-static musl-tools kmod g
                 clang libclang-rt-14-dev
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench bench-deps bench-image bench-agent clean vagrant-deps libvirt-deps
+.PHONY: setup deps venv bytecode agent generate kernel kernel-distro qemu initrd demo stage1 test unit bench restore-floor bench-deps bench-image bench-agent clean vagrant-deps libvirt-deps
 
 # The per-machine builds are `kvmpod setup`'s (kvmpod/provision.py): the same path as for an installed kvmpod.
 setup: deps libvirt-deps venv bytecode agent
@@ -121,7 +121,17 @@ bench-image: venv bench-deps
 bench-agent: setup
 	$(VPY) bench/agent.py
 
-bench: setup bench-deps
+# The restore floor's harness (bench/restore_floor.c, run by bench/floor.py): C with the agent's generated
+# protocol tables and encoder, built with the system cc.
+RESTORE_FLOOR := $(BUILD)/bench/restore-floor
+AGENT_GEN := guest-agent/build/messages.c guest-agent/build/messages.h guest-agent/build/protocol.h
+restore-floor: agent $(RESTORE_FLOOR)
+$(RESTORE_FLOOR): bench/restore_floor.c guest-agent/src/tlv.c guest-agent/src/util.c $(AGENT_GEN)
+	@mkdir -p $(@D)
+	cc -std=gnu11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -Iguest-agent/build -Iguest-agent/src \
+	   $(filter %.c,$^) -o $@
+
+bench: setup bench-deps restore-floor
 	$(VPY) -m pip install -q --config-settings editable_mode=compat -e '.[bench]'
 	$(VPY) bench/run_all.py
 
