@@ -20,6 +20,8 @@
               of what could accumulate (bench/soak.py)
 12. libvirt   kvmpod run --backend libvirt /bin/true vs the QEMU backend vs the floor, and an idle pod's
               memory on each backend (bench/backends.py; needs root, libvirtd and libvirt-python)
+13. first run  `kvmpod run` of a new image from empty dirs vs cold floor + gzip|sha512sum, and the
+              metadata service's latency over a pod's first 20 requests (bench/firstrun.py)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -50,6 +52,7 @@ from oci import measure_oci, print_oci  # noqa: E402
 from privilege import measure_privilege, print_privilege  # noqa: E402
 from soak import measure_soak, print_soak  # noqa: E402
 from backends import measure_libvirt, print_libvirt  # noqa: E402
+from firstrun import measure_firstrun, measure_metadata, print_firstrun, print_metadata  # noqa: E402
 from density import measure_density, measure_scale, memory, print_density, print_scale  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
@@ -159,6 +162,7 @@ def main() -> int:
     parser.add_argument("--agent-mib", type=int, default=256, help="MiB streamed per agent transport")
     parser.add_argument("--stage1-runs", type=int, default=5)
     parser.add_argument("--oci-runs", type=int, default=5)
+    parser.add_argument("--firstrun-runs", type=int, default=3, help="first runs per image, metadata rounds")
     parser.add_argument("--soak-pods", type=int, default=500, help="the soak's sequential pods")
     parser.add_argument("--soak-waves", type=int, default=5, help="the soak's waves of 16 concurrent pods")
     args = parser.parse_args()
@@ -205,6 +209,11 @@ def main() -> int:
         header("12. libvirt (the libvirt backend vs the QEMU backend vs the floor)")
         results["libvirt"] = optional(lambda: measure_libvirt(work, aci, args.runs), print_libvirt,
                                       SectionUnavailable)
+        header("13. first run of a new image, and metadata service latency")
+        results["firstrun"] = measure_firstrun(work, aci, args.firstrun_runs)
+        print_firstrun(results["firstrun"])
+        results["metadata"] = optional(lambda: measure_metadata(work, aci, args.firstrun_runs), print_metadata,
+                                       SectionUnavailable)
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, SectionUnavailable)
     results["targets"] = collect_targets(results)
