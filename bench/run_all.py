@@ -2,6 +2,8 @@
 """All of kvmpod's benchmarks, each next to a baseline measured in the same run (`make bench`).
 
 1. start      kvmpod run /bin/true vs bare QEMU (minimal kernel, then the distro kernel)
+1b. restore floor  kvmpod run /bin/true (snapshot) vs a C harness restoring the same snapshot with the same
+              QEMU argv, and vs the cold floor (bench/floor.py, bench/restore_floor.c)
 2. breakdown  where a run's time goes, from `--keep` runs' state.json timings
 3. memory     PSS of QEMU + kvmpod (kvmpod-relay once the pod is quiet) for an idle pod vs a sleeping python3
               (bench/density.py), and density: N = 1, 4, 16 idle pods at once, total and per-pod PSS
@@ -52,6 +54,7 @@ from oci import measure_oci, print_oci  # noqa: E402
 from privilege import measure_privilege, print_privilege  # noqa: E402
 from soak import measure_soak, print_soak  # noqa: E402
 from backends import measure_libvirt, print_libvirt  # noqa: E402
+from floor import measure_floor, print_floor  # noqa: E402
 from firstrun import measure_firstrun, measure_metadata, print_firstrun, print_metadata  # noqa: E402
 from density import measure_density, measure_scale, memory, print_density, print_scale  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
@@ -180,6 +183,9 @@ def main() -> int:
         header("1. start (distro kernel)")
         results["start_distro"] = measure_start(work, aci, args.distro_runs, "distro")
         print_start(results["start_distro"])
+        header("1b. restore floor (kvmpod run vs the same snapshot restored by a C harness)")
+        results["restore_floor"] = optional(lambda: measure_floor(work, aci, args.runs), print_floor,
+                                            SectionUnavailable)
         header("2. breakdown (minimal kernel)")
         results["breakdown"] = breakdown(work, aci, args.runs)
         header("3. memory (idle busybox pod)")
