@@ -45,6 +45,8 @@ def decompression_errors() -> tuple[type[Exception], ...]:
     errors: tuple[type[Exception], ...] = (OSError, EOFError, lzma.LZMAError, ValueError)
     if zstd := sys.modules.get("zstandard"):
         errors += (zstd.ZstdError,)
+    if isal_zlib := sys.modules.get("isal.isal_zlib"):
+        errors += (isal_zlib.error,)  # not an OSError: what ISA-L's inflate raises on a bad block
     return errors
 
 
@@ -129,12 +131,22 @@ class _OwningReader(io.RawIOBase):
             super().close()
 
 
+def _gzip_reader(raw: BinaryIO) -> BinaryIO:
+    """gzip through ISA-L's inflate (the `isal` package: about 3x zlib's speed on x86-64, the same
+    stream semantics: multi-member files, CRC and length checked, EOFError on a cut stream), else zlib."""
+    try:
+        from isal import igzip  # lazy: only an import of gzip data pays for loading it
+    except ImportError:  # kvmpod installed without its dependencies: zlib reads the same streams
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return igzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+
+
 def decompressing_reader(kind: str, raw: BinaryIO, shown: str) -> BinaryIO:
     """A reader of `raw` decompressed as `kind` (a compression_of() result); `shown` names it in errors."""
     # The decompressing files are binary streams, which typeshed does not derive from typing.BinaryIO:
     # hence the ignores (here and for _OwningReader below).
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return _gzip_reader(raw)
     if kind == "bzip2":
         return bz2.BZ2File(raw, "rb")  # type: ignore[return-value]
     if kind == "xz":
