@@ -5,7 +5,8 @@ baselines measured in the same run on the same data, and what a cached second ru
 The rootfs is a Debian bookworm minbase made with debootstrap, plus a few packages so that it holds
 at least 200 MB of file data in at least 10,000 regular files; apt's package cache and lists are
 removed and /dev is emptied (device nodes cannot go into the rootfs disk, and images ship none).
-It is made once and cached under <kvmpod cache dir>/bench/debian-minbase/ ($KVMPOD_CACHE_DIR, else
+debootstrap fetches from the Debian mirror of the machine's own apt sources (bench/apt_sources.py:
+/etc/apt/sources.list, sources.list.d/*.list and *.sources); it is made once and cached under <kvmpod cache dir>/bench/debian-minbase/ ($KVMPOD_CACHE_DIR, else
 /var/cache/kvmpod as root), with its gzip ACI (built by kvmpod's build_aci), keyed by the rootfs.
 
 Measured, each run in a throwaway store under /tmp (removed afterwards), medians over the runs:
@@ -44,12 +45,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from apt_sources import NoMirror, debian_mirror  # noqa: E402
 from common import KVMPOD, Unavailable, stats, timed  # noqa: E402
 
 from kvmpod import paths  # noqa: E402
 
 SUITE = "bookworm"
-MIRROR = os.environ.get("KVMPOD_BENCH_MIRROR", "http://deb.debian.org/debian")
 # minbase alone has ~5,300 files in ~200 MB, a quarter of it apt's caches (removed): these take it past both
 # thresholds (bookworm, 2026: 256 MB in 11,252 files).
 INCLUDE = ["python3", "python3-pip", "perl", "locales"]
@@ -83,14 +84,26 @@ def fixture_dir() -> Path:
     return paths.cache_dir() / "bench" / "debian-minbase"
 
 
-def _debootstrap_argv(target: Path) -> list[str]:
-    return ["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", SUITE, str(target), MIRROR]
+def _debootstrap_argv(target: Path, mirror: str = "") -> list[str]:
+    """debootstrap's command line; without `mirror`, as _fixture_spec() records it."""
+    return ["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", SUITE, str(target),
+            *([mirror] if mirror else [])]
 
 
 def _fixture_spec() -> dict[str, Any]:
-    """What the cached rootfs was made from: a different spec means it is made again."""
+    """What the cached rootfs was made from: a different spec means it is made again. The mirror is not
+    part of it (any mirror serves the same suite), so a cached rootfs needs no apt source to be reused."""
     return {"debootstrap": _debootstrap_argv(Path("TARGET")), "cleaned": ["var/cache/apt/archives/*.deb",
             "var/lib/apt/lists/*", "dev/*"], "version": 1}
+
+
+def _same_spec(recorded: Any, spec: dict[str, Any]) -> bool:
+    """Whether a rootfs.json spec is `spec`; stamps written before the mirror came from apt's sources
+    have it as debootstrap's last word (dropped here: the rootfs is the same)."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("debootstrap"), list):
+        return False
+    argv = spec["debootstrap"]
+    return {**recorded, "debootstrap": recorded["debootstrap"][:len(argv)]} == spec
 
 
 def count_tree(root: Path) -> dict[str, int]:
@@ -142,7 +155,7 @@ def ensure_rootfs(base: Path) -> tuple[Path, dict[str, Any]]:
     spec = _fixture_spec()
     try:
         info = json.loads(stamp.read_text())
-        if info.get("spec") == spec and rootfs.is_dir():
+        if _same_spec(info.get("spec"), spec) and rootfs.is_dir():
             return rootfs, info
     except (OSError, ValueError):
         pass
@@ -151,16 +164,21 @@ def ensure_rootfs(base: Path) -> tuple[Path, dict[str, Any]]:
                           f"{rootfs}")
     if os.geteuid() != 0:
         raise Unavailable(f"making the Debian rootfs with debootstrap needs root (no cached one at {rootfs})")
+    try:
+        mirror = debian_mirror(SUITE)
+    except NoMirror as e:
+        raise Unavailable(f"no Debian mirror to make the rootfs from (no cached one at {rootfs}): {e}") from None
     base.mkdir(parents=True, exist_ok=True)
     _remove_tree(rootfs)
     stamp.unlink(missing_ok=True)
     tmp = base / "rootfs.tmp"
     _remove_tree(tmp)
     log = base / "debootstrap.log"
-    print(f"making the rootfs once: {' '.join(_debootstrap_argv(tmp))} (log: {log})", flush=True)
+    argv = _debootstrap_argv(tmp, mirror)
+    print(f"making the rootfs once: {' '.join(argv)} (log: {log})", flush=True)
     began = time.perf_counter()
     with log.open("w") as out:
-        rc = subprocess.run(_debootstrap_argv(tmp), stdout=out, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         last = lines[-1] if lines else "(no output)"
@@ -178,7 +196,7 @@ def ensure_rootfs(base: Path) -> tuple[Path, dict[str, Any]]:
         raise Unavailable(f"the debootstrap rootfs has {counts['bytes'] / MB:.0f} MB in {counts['files']} files, "
                           f"under the {MIN_BYTES / MB:.0f} MB / {MIN_FILES} files wanted: add packages to INCLUDE")
     os.rename(tmp, rootfs)
-    info = {"spec": spec, "made": time.time(), "made_in_s": time.perf_counter() - began, **counts}
+    info = {"spec": spec, "mirror": mirror, "made": time.time(), "made_in_s": time.perf_counter() - began, **counts}
     stamp.write_text(json.dumps(info, indent=2) + "\n")
     return rootfs, info
 
