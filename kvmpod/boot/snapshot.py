@@ -60,8 +60,8 @@ def unfit(config: VMConfig) -> str | None:
         return f"the agent transport {config.agent_transport} cannot be saved (the serial one can)"
     if config.filesystems:
         return "virtio-fs volumes (vhost-user) cannot be saved"
-    if config.shares_9p:
-        return "9p volumes cannot be saved while mounted"
+    # 9p volumes can: QEMU 7.2 blocks migration only once the guest has attached a 9p export (Tattach, at
+    # mount), and the snapshot VM mounts none; a restored VM gets the pod's directories on the same fsdevs
     if config.nics:
         return "network interfaces are not restored from snapshots yet"
     return None
@@ -88,6 +88,9 @@ class SnapshotShape:
     cpus: int
     disks: list[list[str]]   # [path, serial]: image disks are content-addressed, so the path names the content
     format: int = FORMAT
+    # the mount tags of the 9p devices (by volume index: the guest reads a tag once, when it probes the device);
+    # their directories, read-only flags and security models are the fsdev's, not saved: each pod gives its own
+    shares_9p: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def of(cls, config: VMConfig, qemu_binary: Path) -> "SnapshotShape":
@@ -96,7 +99,8 @@ class SnapshotShape:
                    firmware=_file_identity(config.firmware) if config.firmware else None,
                    cmdline=config.cmdline, machine=config.machine, machine_options=list(config.machine_options),
                    accel=config.accel, memory_mib=config.memory_mib, cpus=config.cpus,
-                   disks=[[str(d.path), d.serial] for d in config.disks])
+                   disks=[[str(d.path), d.serial] for d in config.disks],
+                   shares_9p=[share.tag for share in config.shares_9p])
 
     @property
     def key(self) -> str:
@@ -242,9 +246,15 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
         own, why = cgroup.for_vm(cgroup.snapshot_leaf(final.name), limits)
         if why:   # the pod has said so for its own cgroup
             log.debug("boot snapshot: %s", why)
+        # its 9p devices export an empty directory of its own: the guest never mounts them, and the snapshot
+        # VM has no business with the first pod's volumes
+        empty = work / "9p-empty"
+        if config.shares_9p:
+            empty.mkdir(mode=0o500)
         vm_config = dataclasses.replace(
             config, name=f"kvmpod-snapshot-{final.name[:12]}", console_log=work / "console.log",
-            memory_file=stage / "memory", memory_file_shared=True, incoming=False)
+            memory_file=stage / "memory", memory_file_shared=True, incoming=False,
+            shares_9p=[dataclasses.replace(share, path=empty, read_only=True) for share in config.shares_9p])
         vm = QemuVM(vm_config, work / "qemu.log", connect_timeout=timeout, cgroup=own)
         try:
             channel = await vm.start()

@@ -37,7 +37,7 @@ from kvmpod.vm import cgroup, sandbox
 from kvmpod.vm.accel import choose_accelerator
 from kvmpod.vm.backend_choice import BackendChoice, choose_backend
 from kvmpod.vm.cgroup import Cgroup, CgroupLimits
-from kvmpod.vm.config import Confinement, Disk, FsDevice, VMConfig
+from kvmpod.vm.config import Confinement, Disk, FsDevice, NinePShare, VMConfig
 from kvmpod.vm.machine import plan_boot
 from kvmpod.vm.qemu_binary import find_qemu
 from kvmpod.vm.spawn import SpawnedQemu, check_socket_path, qemu_binary, spawn_qemu
@@ -184,10 +184,6 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         notice(qemu.notice)
     log.debug("QEMU: %s (%s)", qemu.path, qemu.source)
     plan = plan_boot(kernel, size.cpus, options.debug, accel.name, options.kernel_args)
-    boot = options.boot or boot_setting()
-    # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit())
-    snapshot_possible = (boot == "snapshot" and not volumes.host and options.network.mode == "none"
-                         and not any(a.root_share for a in resolved) and backend.name == "qemu")
     if backend.name == "libvirt" and options.boot == "snapshot":
         raise KvmpodError("--boot snapshot: the libvirt backend boots cold (docs/libvirt.md)")
     if backend.name == "libvirt" and options.network.mode not in ("none", "user", "default"):
@@ -197,19 +193,6 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
                           "kvmpod's fds in namespaces of their own: docs/libvirt.md)")
     if backend.name == "libvirt" and volumes.host and os.geteuid() != 0:
         raise KvmpodError("--volume: host volumes on the libvirt backend need virtiofsd, and so root")
-    if backend.name == "libvirt":
-        agent_transport = libvirt_transport(options.agent_transport, kernel)
-    else:
-        agent_transport = choose_transport(options.agent_transport, kernel, snapshot=snapshot_possible)
-    if agent_transport.notice:
-        notice(agent_transport.notice)
-    disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved if not app.root_share}.values())
-    root_shares = [app for app in resolved if app.root_share]
-    if root_shares and os.geteuid() != 0:
-        raise KvmpodError(f"{root_shares[0].disk}: an app rooted in a host directory needs virtiofsd, "
-                          "and virtiofsd needs root")
-    if root_shares:
-        find_virtiofsd()  # fail before the pod exists, saying why
     if volumes.host:
         try:
             find_virtiofsd()
@@ -225,6 +208,25 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             notice("a host volume's owner= applies over virtio-fs (root) only: over virtio-9p the files "
                    "are " + ("the guest's owners'" if os.geteuid() == 0 else "yours"))
         volumes = dataclasses.replace(volumes, transport=transport)
+    boot = options.boot or boot_setting()
+    # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit()): host
+    # volumes over virtio-fs do, over 9p they do not (docs/snapshot.md)
+    snapshot_possible = (boot == "snapshot" and (not volumes.host or volumes.transport == "9p")
+                         and options.network.mode == "none"
+                         and not any(a.root_share for a in resolved) and backend.name == "qemu")
+    if backend.name == "libvirt":
+        agent_transport = libvirt_transport(options.agent_transport, kernel)
+    else:
+        agent_transport = choose_transport(options.agent_transport, kernel, snapshot=snapshot_possible)
+    if agent_transport.notice:
+        notice(agent_transport.notice)
+    disks = list({app.disk_serial: Disk(app.disk, app.disk_serial) for app in resolved if not app.root_share}.values())
+    root_shares = [app for app in resolved if app.root_share]
+    if root_shares and os.geteuid() != 0:
+        raise KvmpodError(f"{root_shares[0].disk}: an app rooted in a host directory needs virtiofsd, "
+                          "and virtiofsd needs root")
+    if root_shares:
+        find_virtiofsd()  # fail before the pod exists, saying why
     if backend.name == "libvirt":   # libvirt confines its QEMU itself (qemu.conf: user, seccomp, namespaces)
         confinement = Confinement()
         log.debug("QEMU confinement: libvirt's (%s; docs/libvirt.md)", backend.uri)
@@ -258,7 +260,11 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             machine=plan.machine,
             machine_options=plan.machine_options, firmware=plan.firmware, accel=accel.name,
             memory_mib=size.memory_mib, cpus=size.cpus, disks=disks, confinement=confinement,
-            filesystems=[FsDevice(s.tag, s.socket) for s in shares])
+            filesystems=[FsDevice(s.tag, s.socket) for s in shares],
+            # in the plan's config, as a snapshot restore spawned now needs them: the devices are the shape's
+            shares_9p=[NinePShare(volumes.tag(v), Path(v.source or ""), v.read_only,
+                                  "passthrough" if os.geteuid() == 0 else "none")
+                       for v in volumes.host if volumes.transport == "9p"])
         vsock_front = pod.file("vsock.sock") if agent_transport.kind == "vsock-user" else None
         # control.sock too: a runtime dir deep enough failed with an internal error once QEMU ran (test_faults)
         for sock in (pod.file("control.sock"), config.vhost_user_vsock, vsock_front, *(s.socket for s in shares)):

@@ -44,7 +44,7 @@ from kvmpod.pod.spec import AppOverrides, pod_manifest
 from kvmpod.store.locks import SharedLocks
 from kvmpod.vm.backend import VMBackend
 from kvmpod.vm.cgroup import Cgroup
-from kvmpod.vm.config import NinePShare, VMConfig
+from kvmpod.vm.config import VMConfig
 from kvmpod.vm.qemu import QemuVM
 from kvmpod.vm.spawn import qemu_binary
 from kvmpod.vm.virtiofsd import Virtiofsd
@@ -74,9 +74,6 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
             except OSError as e:
                 raise KvmpodError(f"--uuid-file-save {options.uuid_file}: {e.strerror}") from e
         manifest = pod_manifest(resolved, options.annotations, options.pod_isolators, volumes.volumes)
-        shares_9p = [NinePShare(volumes.tag(v), Path(v.source or ""), v.read_only,
-                                "passthrough" if os.geteuid() == 0 else "none")
-                     for v in volumes.host if volumes.transport == "9p"]
         pod.write_json("pod-manifest", manifest)
         plan.metadata_secrets.save_key(pod.path)
         metadata = PodMetadata.build(pod.uuid, manifest, resolved, plan.metadata_secrets)
@@ -89,7 +86,7 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
             pod.update(networks=network.summary())
         if plan.backend.name == "libvirt":   # libvirt opens the bridge's tap by name: it must outlive kvmpod's fd
             network.persist_taps()
-        config = dataclasses.replace(plan.config, shares_9p=shares_9p, nics=network.nics())
+        config = dataclasses.replace(plan.config, nics=network.nics())
         restore = plan.restore
         if plan.snapshot_possible and restore is None:
             restore = await use_snapshot(dataclasses.replace(config, cmdline=plan.snapshot_cmdline),

@@ -16,7 +16,7 @@ import pytest
 from kvmpod.agent import protocol as p
 from kvmpod.boot import snapshot
 from kvmpod.errors import ConfigError, VMError
-from kvmpod.vm.config import Disk, FsDevice, Nic, VMConfig, qemu_argv
+from kvmpod.vm.config import Disk, FsDevice, NinePShare, Nic, VMConfig, qemu_argv
 from kvmpod.vm.transport import SERIAL, choose_transport
 from tests.unit.test_protocol import _pair, run
 
@@ -72,6 +72,19 @@ def test_what_rules_a_snapshot_out(files, tmp_path):
     assert "vsock-user" in snapshot.unfit(vm_config(files, agent_transport="vsock-user"))
     assert "virtio-fs" in snapshot.unfit(vm_config(files, filesystems=[FsDevice("t", tmp_path / "s")]))
     assert "network" in snapshot.unfit(vm_config(files, nics=[Nic("52:54:00:00:00:01", user_options=())]))
+    # 9p volumes do not: QEMU blocks migration only once the guest mounts one, which the snapshot VM never does
+    assert snapshot.unfit(vm_config(files, shares_9p=[NinePShare("kvmpodvol0", tmp_path, read_only=True)])) is None
+
+
+def test_a_9p_shape_has_the_devices_tags_and_not_what_each_pod_exports(files, tmp_path):
+    def key(*shares: NinePShare) -> str:
+        return snapshot.SnapshotShape.of(vm_config(files, shares_9p=list(shares)), files["qemu"]).key
+
+    one = key(NinePShare("kvmpodvol0", tmp_path / "a"))
+    # the directory, read-only flag and security model are the fsdev's: every pod gives its own at restore
+    assert key(NinePShare("kvmpodvol0", tmp_path / "b", read_only=True, security_model="none")) == one
+    assert one != key() and one != key(NinePShare("kvmpodvol0", tmp_path), NinePShare("kvmpodvol1", tmp_path))
+    assert key(NinePShare("other", tmp_path / "a")) != one   # the guest read the tag when it probed the device
 
 
 def test_auto_transport_is_serial_for_a_snapshot_boot():
