@@ -60,6 +60,7 @@ enum {
     RTM_NEWLINK_KP = 16,
     RTM_NEWADDR_KP = 20,
     RTM_NEWROUTE_KP = 24,
+    IFLA_ADDRESS_KP = 1,
     IFLA_IFNAME_KP = 3,
     IFLA_MTU_KP = 4,
     IFA_ADDRESS_KP = 1,
@@ -219,16 +220,22 @@ static int nl_talk(int sock, struct nl_request *r)
     }
 }
 
-static void link_setup(int sock, const struct iface *i, const char *name, unsigned mtu)
+/* Name, MTU and (when `mac` is not NULL) the MAC address, while the link is still down; then up. */
+static void link_setup(int sock, const struct iface *i, const char *name, unsigned mtu, const unsigned char *mac)
 {
     struct nl_request r = {.h = {.len = sizeof(struct nl_header) + sizeof(struct if_info), .type = RTM_NEWLINK_KP}};
     r.body.link = (struct if_info){.family = AF_UNSPEC, .index = i->index};
     if (strcmp(name, i->name) != 0)
         nl_attr(&r, IFLA_IFNAME_KP, name, strlen(name) + 1);
+    /* virtio-net passes the change to QEMU over its control queue (VIRTIO_NET_CTRL_MAC_ADDR_SET), whose
+     * receive filter then takes frames for the new address */
+    if (mac)
+        nl_attr(&r, IFLA_ADDRESS_KP, mac, 6);
     if (mtu)
         nl_attr(&r, IFLA_MTU_KP, &mtu, sizeof mtu);
     if (nl_talk(sock, &r) < 0)
-        fatal("network", errno, "configure %s (MTU %u, name %s): %s", i->name, mtu, name, strerror(errno));
+        fatal("network", errno, "configure %s (MTU %u, name %s%s): %s", i->name, mtu, name,
+              mac ? ", new MAC" : "", strerror(errno));
     r = (struct nl_request){.h = {.len = sizeof(struct nl_header) + sizeof(struct if_info), .type = RTM_NEWLINK_KP}};
     r.body.link = (struct if_info){.family = AF_UNSPEC, .index = i->index, .flags = IFF_UP, .change = IFF_UP};
     if (nl_talk(sock, &r) < 0)
@@ -291,9 +298,9 @@ static void route_add(int sock, const struct iface *i, char *spec)
     log_debug("%s: route %s%s%s", i->name, spec, gateway ? " via " : "", gateway ? gateway : "");
 }
 
-/* The network device with this MAC (virtio-net probes it before the agent runs, or while its
+/* The network device with MAC `want` (virtio-net probes it before the agent runs, or while its
  * module loads; a short wait covers a slow probe). */
-static bool find_iface(struct iface *i)
+static bool find_iface(struct iface *i, const unsigned char want[6])
 {
     uint64_t deadline = boottime_ns() + (uint64_t)IFACE_TIMEOUT_MS * 1000000u;
     for (;;) {
@@ -303,7 +310,7 @@ static bool find_iface(struct iface *i)
             char path[PATH_MAX], text[64];
             unsigned char mac[6];
             if (e->d_name[0] == '.' || path_join(path, sizeof path, NET_DIR "/%s/address", e->d_name) < 0 ||
-                read_text_file(path, text, sizeof text) < 0 || !net_parse_mac(text, mac) || memcmp(mac, i->mac, 6))
+                read_text_file(path, text, sizeof text) < 0 || !net_parse_mac(text, mac) || memcmp(mac, want, 6))
                 continue;
             if (strlen(e->d_name) >= sizeof i->name)
                 continue;
@@ -338,23 +345,29 @@ static bool clean_text(const char *s)
     return true;
 }
 
+/* "MAC NAME MTU [DEVICE_MAC]": the device that has DEVICE_MAC now (a VM restored from a boot snapshot
+ * has the snapshot's) gets MAC; without it, the device already has MAC. */
 static void add_interface(int sock, const char *text)
 {
     char name[IF_NAMESIZE], tail;
     unsigned mtu;
-    char mac[18];
+    char mac[18], from[18] = "";
+    unsigned char device_mac[6];
     if (n_ifaces == MAX_IFACES)
         fatal("protocol", E2BIG, "NETWORK: more than %d interfaces", MAX_IFACES);
-    if (sscanf(text, "%17s %15s %u%c", mac, name, &mtu, &tail) != 3 || !net_parse_mac(mac, ifaces[n_ifaces].mac) ||
-        mtu < 68 || mtu > 65535)
-        fatal("protocol", EINVAL, "NET_INTERFACE: %.64s is not MAC NAME MTU", text);
     struct iface *new = &ifaces[n_ifaces];
-    if (!find_iface(new))
-        fatal("network", ENODEV, "no network device with MAC %s after %u s", mac, IFACE_TIMEOUT_MS / 1000);
-    link_setup(sock, new, name, mtu);
+    int got = sscanf(text, "%17s %15s %u %17s%c", mac, name, &mtu, from, &tail);
+    if ((got != 3 && got != 4) || !net_parse_mac(mac, new->mac) || mtu < 68 || mtu > 65535 ||
+        (got == 4 && !net_parse_mac(from, device_mac)))
+        fatal("protocol", EINVAL, "NET_INTERFACE: %.64s is not MAC NAME MTU [DEVICE_MAC]", text);
+    bool change = got == 4 && memcmp(device_mac, new->mac, 6) != 0;
+    if (!find_iface(new, change ? device_mac : new->mac))
+        fatal("network", ENODEV, "no network device with MAC %s after %u s", change ? from : mac,
+              IFACE_TIMEOUT_MS / 1000);
+    link_setup(sock, new, name, mtu, change ? new->mac : NULL);
     memcpy(new->name, name, sizeof name);
     n_ifaces++;
-    log_debug("interface %s (%s), MTU %u", name, mac, mtu);
+    log_debug("interface %s (%s%s%s), MTU %u", name, mac, change ? ", was " : "", change ? from : "", mtu);
 }
 
 /* The interface a NET_ADDRESS or NET_ROUTE names by its MAC; *rest: what follows the MAC. */

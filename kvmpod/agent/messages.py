@@ -570,8 +570,9 @@ class Network(Message):
         FieldSpec("hosts_entry", "HOSTS_ENTRY", Field.HOSTS_ENTRY, "str", repeated=True),
     )
 
-    # NET_INTERFACE (str, repeated): a guest interface, repeated: MAC NAME MTU (the agent
-    # renames the virtio-net device with that MAC to NAME)
+    # NET_INTERFACE (str, repeated): a guest interface, repeated: MAC NAME MTU [DEVICE_MAC] (the
+    # agent renames the virtio-net device with that MAC, or with DEVICE_MAC when given, to NAME,
+    # and gives it MAC)
     net_interface: list[bytes] = dataclasses.field(default_factory=list)
 
     # NET_ADDRESS (str, repeated): an address, repeated: MAC ADDRESS/PREFIX (IPv4 or IPv6)

@@ -34,11 +34,11 @@ from kvmpod import config as settings
 from kvmpod import faults, paths
 from kvmpod.errors import ConfigError, KvmpodError, VMError, printable
 from kvmpod.fsutil import pid_alive
-from kvmpod.vm.config import VMConfig
+from kvmpod.vm.config import Nic, VMConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2                # bump when what a snapshot holds changes meaning
+FORMAT = 3                # bump when what a snapshot holds changes meaning
 DEFAULT_KEEP = 8          # snapshots kept ([run] snapshots-kept); the least recently used go first
 BOOT_CHOICES = ("snapshot", "cold")
 
@@ -62,9 +62,14 @@ def unfit(config: VMConfig) -> str | None:
         return "virtio-fs volumes (vhost-user) cannot be saved"
     # 9p volumes can: QEMU 7.2 blocks migration only once the guest has attached a 9p export (Tattach, at
     # mount), and the snapshot VM mounts none; a restored VM gets the pod's directories on the same fsdevs
-    if config.nics:
-        return "network interfaces are not restored from snapshots yet"
     return None
+
+
+def device_macs(count: int) -> list[str]:
+    """The MACs of a snapshot's virtio-net devices (by index), which every VM restored from it has
+    until its agent sets the pod's own (NET_INTERFACE's DEVICE_MAC; docs/snapshot.md). Locally
+    administered, and never one of kvmpod/net's pod MACs (02:…)."""
+    return [f"06:6b:70:00:00:{i:02x}" for i in range(count)]
 
 
 def _file_identity(path: Path) -> list:
@@ -87,6 +92,9 @@ class SnapshotShape:
     memory_mib: int
     cpus: int
     disks: list[list[str]]   # [path, serial]: image disks are content-addressed, so the path names the content
+    # virtio-net devices, by count: their model follows the machine and their bus places the argv's order;
+    # their backends (tap, slirp) are not saved, and their MACs are device_macs()'s in every snapshot
+    nics: int
     format: int = FORMAT
     # the mount tags of the 9p devices (by volume index: the guest reads a tag once, when it probes the device);
     # their directories, read-only flags and security models are the fsdev's, not saved: each pod gives its own
@@ -99,7 +107,7 @@ class SnapshotShape:
                    firmware=_file_identity(config.firmware) if config.firmware else None,
                    cmdline=config.cmdline, machine=config.machine, machine_options=list(config.machine_options),
                    accel=config.accel, memory_mib=config.memory_mib, cpus=config.cpus,
-                   disks=[[str(d.path), d.serial] for d in config.disks],
+                   disks=[[str(d.path), d.serial] for d in config.disks], nics=len(config.nics),
                    shares_9p=[share.tag for share in config.shares_9p])
 
     @property
@@ -125,8 +133,11 @@ class BootSnapshot:
         return self.path.name
 
     def restore_config(self, config: VMConfig) -> VMConfig:
-        """`config` (a pod's VM, of this snapshot's shape) set to start from the snapshot."""
-        return dataclasses.replace(config, memory_file=self.memory, memory_file_shared=False, incoming=True)
+        """`config` (a pod's VM, of this snapshot's shape) set to start from the snapshot: its NICs on the
+        pod's backends, with the snapshot's MACs (the device state carries them; the agent sets the pod's)."""
+        nics = [dataclasses.replace(nic, mac=mac) for nic, mac in zip(config.nics, device_macs(len(config.nics)))]
+        return dataclasses.replace(config, memory_file=self.memory, memory_file_shared=False, incoming=True,
+                                   nics=nics)
 
 
 def snapshots_dir() -> Path:
@@ -254,6 +265,9 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
         vm_config = dataclasses.replace(
             config, name=f"kvmpod-snapshot-{final.name[:12]}", console_log=work / "console.log",
             memory_file=stage / "memory", memory_file_shared=True, incoming=False,
+            # its NICs on no backend: a hub port's peer has no vnet header, so the device offers (and the guest
+            # takes) the fewest features, a subset of every backend's, and saves no slirp state a tap lacks
+            nics=[Nic(mac, placeholder=True) for mac in device_macs(len(config.nics))],
             shares_9p=[dataclasses.replace(share, path=empty, read_only=True) for share in config.shares_9p])
         vm = QemuVM(vm_config, work / "qemu.log", connect_timeout=timeout, cgroup=own)
         try:

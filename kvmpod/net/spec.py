@@ -209,13 +209,18 @@ class GuestNetwork:
     dns: DnsConfig | None = None                 # None: the images' own /etc/resolv.conf
     hosts_entries: list[str] = field(default_factory=list)
 
-    def frame(self):
-        """The NETWORK frame (kvmpod/agent/protocol.toml), or None when there is nothing to say."""
+    def frame(self, device_macs: list[str] | None = None):
+        """The NETWORK frame (kvmpod/agent/protocol.toml), or None when there is nothing to say.
+        `device_macs`: the MACs the VM's devices have now, one per interface, when they are not the
+        interfaces' own (a VM restored from a boot snapshot has the snapshot's): the agent sets them."""
         from kvmpod.agent import protocol as p
 
         dns = self.dns or DnsConfig()
+        if device_macs is not None and len(device_macs) != len(self.interfaces):
+            raise ValueError(f"{len(device_macs)} device MACs for {len(self.interfaces)} interfaces")
         message = p.Network(
-            net_interface=[f"{i.mac} {i.name} {i.mtu}".encode() for i in self.interfaces],
+            net_interface=[f"{i.mac} {i.name} {i.mtu}{f' {device_macs[n]}' if device_macs else ''}".encode()
+                           for n, i in enumerate(self.interfaces)],
             net_address=[f"{i.mac} {a}".encode() for i in self.interfaces for a in i.addresses],
             net_route=[(f"{i.mac} {r.destination}" + (f" {r.gateway}" if r.gateway else "")).encode()
                        for i in self.interfaces for r in i.routes],

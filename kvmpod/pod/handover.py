@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 HANDOVER_FORMAT = "kvmpod-handover"
 # the body's version: bump it with any change to a dataclass the body holds (docs/relay.md lists them)
-HANDOVER_VERSION = 3
+HANDOVER_VERSION = 4
 T = TypeVar("T")
 MAX_RECORD = 64 << 20    # bytes: far above any real pod's record (a few KiB per app)
 

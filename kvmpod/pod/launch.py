@@ -212,7 +212,6 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
     # what rules a snapshot out before the VM is even described (kvmpod/boot/snapshot.py unfit()): host
     # volumes over virtio-fs do, over 9p they do not (docs/snapshot.md)
     snapshot_possible = (boot == "snapshot" and (not volumes.host or volumes.transport == "9p")
-                         and options.network.mode == "none"
                          and not any(a.root_share for a in resolved) and backend.name == "qemu")
     if backend.name == "libvirt":
         agent_transport = libvirt_transport(options.agent_transport, kernel)
@@ -282,7 +281,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         elif not cgroup.switched_off():   # libvirt's own cgroup of the domain gets the same limits
             planned.limits = cgroup.limits_for(size.memory_mib, size.cpus, size.cpu_limit, 0, cgroup.memory_override(),
                                                tcg=accel.name == "tcg")
-        if snapshot_possible:
+        if snapshot_possible and options.network.mode == "none":  # a pod with NICs restores once its taps exist
             _spawn_from_snapshot(planned, timings)
         return planned
     except BaseException as e:

@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from kvmpod import faults
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, Hello, OutputSink, ProcessSpec
+from kvmpod.boot.snapshot import device_macs
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, RunTimeout, VMError
 from kvmpod.net.attach import PodNetwork
 from kvmpod.pod import audit
@@ -130,7 +131,9 @@ class PodRunner:
         self.timings["agent_ready"] = time.time()
         log.debug("agent %s speaks protocol %d (guest boot to agent: %.3f s guest clock)",
                   hello.agent_version, hello.version, hello.boot_ns / 1e9)
-        if self.network and (frame := self.network.guest.frame()):  # interfaces, DNS, hosts entries
+        # interfaces, DNS, hosts entries; a restored VM's NICs have the snapshot's MACs: the agent sets the pod's
+        macs = device_macs(len(self.network.guest.interfaces)) if self.network and self.restore else None
+        if self.network and (frame := self.network.guest.frame(macs)):
             await self._until(session.send(frame))
         if self.metadata:  # served by the agent from before the first app starts (docs/metadata.md)
             for frame in self.metadata.frames():
@@ -296,7 +299,10 @@ class PodRunner:
         """Start QEMU and shake hands with the agent. A VM restored from a boot snapshot gets THAW first;
         one that fails to restore costs its snapshot (removed, to be made anew) and the pod boots cold."""
         try:
-            return await self._start_vm()
+            hello = await self._start_vm()
+            if self.network:
+                self.network.close_fds()  # QEMU holds the taps now: they end with it
+            return hello
         except (VMError, AgentError) as e:
             vm_exit = self.vm.ended.result() if self.vm.pid is not None and self.vm.ended.done() else None
             # a VM OOM-killed in its cgroup would be again, and one SIGKILLed from outside was: neither
@@ -314,7 +320,7 @@ class PodRunner:
                     await self.vm.stop(grace=0)
             why = e.args[0].describe() if isinstance(e, GuestDied) else str(e)   # GuestDied carries a VMExit
             notice(f"boot snapshot {failed.snapshot.key} did not restore ({why}): booting cold")
-            self.vm = self.cold_vm()
+            self.vm = self.cold_vm()   # on the same taps: kvmpod's fds stay open until a VM has booted
             return await self._start_vm()
 
     async def _start_vm(self) -> Hello:
@@ -323,8 +329,8 @@ class PodRunner:
         finally:
             if self.restore:  # QEMU has mapped the snapshot (or failed to): eviction may take it now
                 self.restore.use.release()
-        if self.network:
-            self.network.close_fds()  # QEMU holds the taps now: they end with it
+        if self.network and not self.restore:  # a cold VM's QEMU holds the taps now: they end with it
+            self.network.close_fds()
         if self.stop_reason is not None:  # stopped while QEMU was being spawned
             await self.vm.stop(grace=0)
             raise GuestDied(await self.vm.wait())

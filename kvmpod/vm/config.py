@@ -63,6 +63,9 @@ class Nic:
     # a persistent tap kvmpod made, opened by name (the libvirt backend: libvirt opens taps itself);
     # the QEMU backend gets tap_fd and never this
     tap_name: str | None = None
+    # no backend: a hub port of its own (the VM a boot snapshot is made of; kvmpod/boot/snapshot.py).
+    # Its peer has no vnet header, so the device offers the fewest features of all the backends
+    placeholder: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,9 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
             "-device", f"vhost-user-fs-{v},chardev=fs{i},tag={opt_value(fs.tag)}",
         ]
     for i, nic in enumerate(cfg.nics):
-        if nic.tap_fd is not None:
+        if nic.placeholder:
+            netdev = f"hubport,id=net{i},hubid={i}"
+        elif nic.tap_fd is not None:
             netdev = f"tap,id=net{i},fd={nic.tap_fd},vhost={'on' if nic.vhost else 'off'}"
         else:
             netdev = ",".join((f"user,id=net{i}", *nic.user_options))

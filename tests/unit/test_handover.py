@@ -37,6 +37,7 @@ SCHEMA_FINGERPRINTS = {
     2: "ad484a60dc258da8d69b4bcf74d8e86f310ec435d7eae7ba1af99fee71524e1a",   # VMConfig.confinement
     # RunOptions.transfer, timeout, backend, libvirt_uri; Volume.owner; Nic.tap_name
     3: "c36d331056901b388faf7aac41c414f0b4231ff30dc3c8a9b5b8abc8b56659b5",
+    4: "03ed67b3913765908754ac55e8d2637899267b3dd0a7fec2a7d1c9fbb23698cc",   # Nic.placeholder
 }
 
 
