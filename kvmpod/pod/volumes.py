@@ -16,7 +16,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmpod.errors import UsageError
+from kvmpod import config as settings
+from kvmpod.errors import ConfigError, UsageError
 from kvmpod.image.manifest import MountPoint
 from kvmpod.image.names import AC_NAME
 
@@ -287,16 +288,33 @@ def pod_volumes(volumes: dict[str, Volume], mounts: list[list[AppMount]]) -> Pod
 
 
 TRANSPORT_ENV = "KVMPOD_VOLUME_TRANSPORT"
+TRANSPORT_CHOICES = ("auto", "virtiofs", "9p")
+
+
+def transport_setting() -> str:
+    """`[run] volume-transport` in kvmpod.toml: "auto" (the default), "virtiofs" or "9p". 9p pods start
+    from a boot snapshot, virtio-fs ones boot cold (docs/volumes.md, "Which transport")."""
+    found = settings.lookup("volume-transport", "run")
+    if found is None:
+        return "auto"
+    if found.value not in TRANSPORT_CHOICES:
+        raise ConfigError(f"{found.describe('[run] volume-transport')}: {found.value!r} is not one of "
+                          f"{', '.join(TRANSPORT_CHOICES)}")
+    return found.value
 
 
 def host_transport(have_virtiofsd: bool, is_root: bool) -> tuple[str, str | None]:
     """virtio-fs when virtiofsd can run (it needs root for its namespace sandbox), else virtio-9p
-    served by QEMU itself; KVMPOD_VOLUME_TRANSPORT=virtiofs|9p forces one. Returns (transport, notice)."""
+    served by QEMU itself; KVMPOD_VOLUME_TRANSPORT=virtiofs|9p forces one, else `[run] volume-transport`
+    chooses. Returns (transport, notice)."""
     forced = os.environ.get(TRANSPORT_ENV, "")
     if forced in ("virtiofs", "9p"):
         return forced, None
     if forced:
         raise UsageError(f"{TRANSPORT_ENV}={forced!r}: use virtiofs or 9p")
+    chosen = transport_setting()
+    if chosen != "auto":
+        return chosen, None
     if have_virtiofsd and is_root:
         return "virtiofs", None
     why = "virtiofsd needs root" if have_virtiofsd else "virtiofsd is not installed"

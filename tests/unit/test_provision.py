@@ -102,7 +102,8 @@ def test_sample_config_shows_every_default():
     assert tomllib.loads(text) == {"run": {}, "net": {}, "image": {}, "security": {}}   # as shipped: changes nothing
     settings = tomllib.loads("\n".join(line[1:] if line.startswith("#") and "=" in line else line
                                        for line in text.splitlines()))
-    assert settings["run"] == {"boot": "snapshot", "snapshots-kept": DEFAULT_KEEP, "idle-relay": True,
+    assert settings["run"] == {"boot": "snapshot", "snapshots-kept": DEFAULT_KEEP, "volume-transport": "auto",
+                               "idle-relay": True,
                                "memory": f"{DEFAULT_POD_MEMORY_MIB}M", "cpus": 1}
     assert settings["net"]["default-subnet"] == DEFAULT_SUBNET
     assert settings["net"]["cni-config-dirs"] == list(DEFAULT_CONFIG_DIRS)

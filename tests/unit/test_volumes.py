@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmpod.cli.run import _parse_apps
-from kvmpod.errors import UsageError
+from kvmpod.errors import ConfigError, UsageError
 from kvmpod.image.manifest import MountPoint
 from kvmpod.pod.podmanifest import parse_pod_manifest
 from kvmpod.pod.volumes import (AppMount, Mount, PodVolumes, Volume, app_mounts, check_host_source, parse_mount,
@@ -209,6 +209,23 @@ def test_host_volumes_fall_back_to_9p_without_root_or_virtiofsd(monkeypatch):
     assert host_transport(True, True) == ("9p", None)
     monkeypatch.setenv("KVMPOD_VOLUME_TRANSPORT", "nfs")
     with pytest.raises(UsageError, match="^KVMPOD_VOLUME_TRANSPORT='nfs': use virtiofs or 9p$"):
+        host_transport(True, True)
+
+
+def test_the_volume_transport_setting_chooses_and_the_environment_wins(tmp_path, monkeypatch):
+    conf = tmp_path / "kvmpod.toml"
+    monkeypatch.setenv("KVMPOD_CONFIG", str(conf))
+    monkeypatch.delenv("KVMPOD_VOLUME_TRANSPORT", raising=False)
+    conf.write_text('[run]\nvolume-transport = "auto"\n')
+    assert host_transport(True, True) == ("virtiofs", None)
+    conf.write_text('[run]\nvolume-transport = "9p"\n')   # root's pods with volumes from a boot snapshot
+    assert host_transport(True, True) == ("9p", None)
+    monkeypatch.setenv("KVMPOD_VOLUME_TRANSPORT", "virtiofs")
+    assert host_transport(True, True) == ("virtiofs", None)
+    monkeypatch.delenv("KVMPOD_VOLUME_TRANSPORT")
+    conf.write_text('[run]\nvolume-transport = "nfs"\n')
+    with pytest.raises(ConfigError, match=r"^\[run\] volume-transport in .*kvmpod.toml: 'nfs' is not one of "
+                                          r"auto, virtiofs, 9p$"):
         host_transport(True, True)
 
 
