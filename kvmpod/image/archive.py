@@ -7,7 +7,9 @@ import gzip
 import hashlib
 import io
 import lzma
+import queue
 import sys
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -178,10 +180,12 @@ def decompress_to(path: Path, dest: BinaryIO, limits: ImportLimits | None = None
                   advance: Advance | None = None) -> str:
     """Copy the uncompressed tar of `path` into `dest`; return its image ID (sha512 of the uncompressed tar).
 
-    Stops with an ImageError as soon as the uncompressed size passes `limits.max_size` (a tar bomb)."""
+    Stops with an ImageError as soon as the uncompressed size passes `limits.max_size` (a tar bomb).
+    Inflating (this thread) overlaps with hashing and writing (_HashingWriter's thread): all three
+    release the GIL on big buffers, so on two CPUs the import takes about the longest of them."""
     max_size = (limits or ImportLimits()).max_size
-    digest = hashlib.sha512()
     written = 0
+    sink = _HashingWriter(dest, path)
     try:
         with open_decompressed(path, advance) as src:
             while chunk := src.read(COPY_CHUNK):
@@ -190,12 +194,59 @@ def decompress_to(path: Path, dest: BinaryIO, limits: ImportLimits | None = None
                     raise ImageError(
                         f"{path}: uncompressed image exceeds the {human_size(max_size)} limit (a tar bomb?); "
                         "if it is genuine, raise [image] max-size in kvmpod.toml")
-                digest.update(chunk)
-                try:
-                    dest.write(chunk)
-                except OSError as e:   # the store's filesystem (full, read-only), not the image, is at fault
-                    where = Path(str(getattr(dest, "name", ""))).parent
-                    raise ImageError(f"{path}: cannot import it into {where}: {e.strerror or e}") from e
+                sink.put(chunk)
     except decompression_errors() as e:
+        sink.abandon()
         raise ImageError(f"{path}: corrupt or truncated compressed stream: {e}") from e
-    return "sha512-" + digest.hexdigest()
+    except BaseException:
+        sink.abandon()
+        raise
+    return "sha512-" + sink.finish()
+
+
+class _HashingWriter:
+    """sha512 and write of decompressed chunks in a thread of its own, a few chunks behind the reader.
+
+    A write error (the store's filesystem full or read-only: not the image's fault) is kept and raised
+    as an ImageError by the next put() or by finish(); after one, chunks are drained unwritten so that
+    the reader never blocks on a full queue."""
+
+    DEPTH = 4  # chunks in flight: bounds the memory (4 MiB) and keeps both threads busy
+
+    def __init__(self, dest: BinaryIO, path: Path):
+        self.dest, self.path = dest, path
+        self.digest = hashlib.sha512()
+        self.queue: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, name="kvmpod-import-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is None:
+                self.digest.update(chunk)
+                try:
+                    self.dest.write(chunk)
+                except OSError as e:
+                    self.error = e
+
+    def put(self, chunk: bytes) -> None:
+        self._raise()
+        self.queue.put(chunk)
+
+    def finish(self) -> str:
+        """Wait for every chunk to be hashed and written; the hex digest."""
+        self.abandon()
+        self._raise()
+        return self.digest.hexdigest()
+
+    def abandon(self) -> None:
+        """Stop the thread (after the chunks already queued); safe to call twice."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+    def _raise(self) -> None:
+        if (e := self.error) is not None:
+            where = Path(str(getattr(self.dest, "name", ""))).parent
+            raise ImageError(f"{self.path}: cannot import it into {where}: {e.strerror or e}") from e

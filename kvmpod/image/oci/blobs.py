@@ -339,3 +339,8 @@ class _Counting:
         data = self._raw.read(n)
         self._advance(len(data))
         return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # what ISA-L's gzip reader calls
+        n = self._raw.readinto(buffer)  # type: ignore[attr-defined]  # typing.BinaryIO omits readinto
+        self._advance(n or 0)
+        return n
