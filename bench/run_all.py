@@ -24,6 +24,8 @@
               memory on each backend (bench/backends.py; needs root, libvirtd and libvirt-python)
 13. first run  `kvmpod run` of a new image from empty dirs vs cold floor + gzip|sha512sum, and the
               metadata service's latency over a pod's first 20 requests (bench/firstrun.py)
+14. volumes   start with a host volume over 9p (snapshot) and virtio-fs (cold) vs none, and each transport's
+              throughput vs tmpfs (bench/volumes.py; needs root)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -57,6 +59,7 @@ from backends import measure_libvirt, print_libvirt  # noqa: E402
 from floor import measure_floor, print_floor  # noqa: E402
 from firstrun import measure_firstrun, measure_metadata, print_firstrun, print_metadata  # noqa: E402
 from density import measure_density, measure_scale, memory, print_density, print_scale  # noqa: E402
+from volumes import measure_volumes, print_volumes  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
 
 PHASES = [  # (label, from, to) over state.json timings
@@ -220,6 +223,8 @@ def main() -> int:
         print_firstrun(results["firstrun"])
         results["metadata"] = optional(lambda: measure_metadata(work, aci, args.firstrun_runs), print_metadata,
                                        SectionUnavailable)
+        header("14. volumes (a host volume's start and throughput per transport)")
+        results["volumes"] = optional(lambda: measure_volumes(work, aci, 5), print_volumes, SectionUnavailable)
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, SectionUnavailable)
     results["targets"] = collect_targets(results)
