@@ -28,7 +28,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -80,11 +80,45 @@ def parse_kernel_config(text: str) -> dict[str, str]:
     return options
 
 
+class KernelConfig(Mapping[str, str]):
+    """A kernel .config's options, read and parsed on first use. Finding the kernel reads every cached
+    kernel's description, and only the chosen one's options are looked at: parsing the distro kernel's
+    ~2,800 options on every `kvmpod run` cost ~2 ms before QEMU could be spawned (docs/performance.md)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._options: Mapping[str, str] | None = None
+
+    def _load(self) -> Mapping[str, str]:
+        if self._options is None:
+            try:
+                text = self.path.read_text(errors="replace")
+            except OSError as e:
+                raise KernelError(f"cannot read kernel config {self.path}: {e.strerror}") from e
+            self._options = MappingProxyType(parse_kernel_config(text))
+        return self._options
+
+    def __getitem__(self, name: str) -> str:
+        return self._load()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __repr__(self) -> str:
+        return f"KernelConfig({str(self.path)!r})"
+
+
 def load_kernel_config(path: Path) -> Mapping[str, str]:
+    """The options of the .config at `path`, parsed when first used; a file that is not there (or not
+    readable) is a KernelError now, so a broken cache entry is skipped as before."""
     try:
-        return MappingProxyType(parse_kernel_config(path.read_text(errors="replace")))
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
     except OSError as e:
         raise KernelError(f"cannot read kernel config {path}: {e.strerror}") from e
+    return KernelConfig(path)
 
 
 # --- kernel images -------------------------------------------------------------------------

@@ -285,6 +285,27 @@ def test_kernel_fields_and_config(env):
     hash(k)  # frozen and hashable despite the config mapping
 
 
+def test_kernel_config_is_parsed_when_first_used(env, monkeypatch):
+    """Finding the kernel reads every cached kernel's description; only the chosen one's .config is
+    parsed, and only once (a missing one is still an error when the kernel is found: skipped in the cache)."""
+    cache = env / "cache" / "kernels"
+    make_kernel_dir(cache / "debian-cloud-6.1.0-56-cloud-amd64", "distro", "6.1.0-56-cloud-amd64")
+    make_kernel_dir(cache / "minimal-6.1.0", "minimal", "6.1.0")
+    parsed: list[int] = []
+    real_parse = kernel.parse_kernel_config
+    monkeypatch.setattr(kernel, "parse_kernel_config", lambda text: parsed.append(len(text)) or real_parse(text))
+    k = find_kernel()
+    assert k.kind == "minimal" and parsed == []
+    assert k.option("VIRTIO_PCI") == "y" and k.option("NOPE") is None and len(k.config) > 0
+    assert len(parsed) == 1   # the distro kernel's config was never parsed, the minimal one's once
+    assert dict(k.config) == real_parse((cache / "minimal-6.1.0" / "config").read_text())
+    (cache / "minimal-6.1.0" / "config").unlink()   # a kernel whose config is gone: skipped, as before
+    assert find_kernel().kind == "distro"
+    (cache / "debian-cloud-6.1.0-56-cloud-amd64" / "config").unlink()
+    with pytest.raises(KernelError, match=r"cannot read kernel config .*config: No such file"):
+        find_kernel(str(cache / "debian-cloud-6.1.0-56-cloud-amd64"))
+
+
 def test_kernel_image_file_is_custom(env):
     d = env / "boot"
     d.mkdir()
