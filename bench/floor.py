@@ -15,7 +15,10 @@ and the teardown's clean-up.
 
 The cold floor (bench/common.py floor_vm: bare QEMU booting the kernel to an init that powers off) is
 kept as the second baseline. The section also compares phases: the floor's own clock (spawn to HELLO,
-to the app's EXIT, to QEMU's exit) next to a `--keep` run's state.json timings.
+to the app's EXIT, to QEMU's exit, and QEMU's CPU time, which host load hardly moves) next to a
+`--keep` run's state.json timings; and a third variant of the floor that sends, in place of its minimal
+START, the frames kvmpod itself sent (the metadata documents, METADATA_START, kvmpod's START): the same
+guest work as kvmpod, without kvmpod.
 
 Usage: bench/floor.py [--runs N]   (run_all.py runs it as its "restore floor" section)
 """
@@ -40,10 +43,20 @@ from kvmpod.vm.spawn import restore_commands  # noqa: E402
 HARNESS = REPO / "build" / "bench" / "restore-floor"
 TARGET_RATIO = 1.25
 
-# run `kvmpod ARGS` in this process, keeping the argv of the QEMU it spawns to restore a snapshot
+# run `kvmpod ARGS` in this process, keeping the argv of the QEMU it spawns to restore a snapshot, and
+# the frames it sends the agent after HELLO_ACK up to its START
 _CATCH_ARGV = r"""
 import json, logging, runpy, sys
-out = sys.argv[1]
+import kvmpod.agent.session as session
+out, frames_out = sys.argv[1], sys.argv[2]
+send, recording = session.AgentSession.send, [True]
+async def recording_send(self, frame):
+    if recording[0] and frame.type.name not in ("THAW", "HELLO_ACK"):
+        with open(frames_out, "ab") as f:
+            f.write(frame.encode())
+        recording[0] = frame.type.name != "START"
+    await send(self, frame)
+session.AgentSession.send = recording_send
 class Catch(logging.Handler):
     def emit(self, record):
         if record.msg == "qemu argv: %s" and "-incoming" in record.args[0]:
@@ -53,7 +66,7 @@ spawn_log = logging.getLogger("kvmpod.vm.spawn")
 spawn_log.setLevel(logging.DEBUG)
 spawn_log.propagate = False
 spawn_log.addHandler(Catch())
-sys.argv = ["kvmpod", *sys.argv[2:]]
+sys.argv = ["kvmpod", *sys.argv[3:]]
 runpy.run_module("kvmpod", run_name="__main__")
 """
 
@@ -72,14 +85,16 @@ def _fd(argv: list[str], chardev: str) -> int:
     raise Unavailable(f"kvmpod's restore argv has no {chardev} channel on an fd (agent transport not serial?)")
 
 
-def harness_argv(work: Path, aci: Path, env: dict[str, str]) -> tuple[list[str], Path]:
+def harness_argv(work: Path, aci: Path, env: dict[str, str]) -> tuple[list[str], Path, Path]:
     """The restore floor's command line, from the QEMU argv of a real `kvmpod run --keep` (and that
-    pod's directory, whose console.log the argv names; the caller removes it)."""
-    caught = work / "restore-argv.json"
+    pod's directory, whose console.log the argv names; the caller removes it), and the file of the
+    frames that run sent between HELLO_ACK and START (for the harness's --frames)."""
+    caught, frames = work / "restore-argv.json", work / "kvmpod-frames.bin"
     caught.unlink(missing_ok=True)
+    frames.unlink(missing_ok=True)
     pods = Path(env["KVMPOD_RUN_DIR"]) / "pods"
     before = set(pods.glob("*")) if pods.exists() else set()
-    done = subprocess.run([sys.executable, "-c", _CATCH_ARGV, str(caught), "run", "--keep", str(aci)], env=env,
+    done = subprocess.run([sys.executable, "-c", _CATCH_ARGV, str(caught), str(frames), "run", "--keep", str(aci)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"kvmpod run --keep failed: {done.stderr.strip()}")
@@ -95,7 +110,7 @@ def harness_argv(work: Path, aci: Path, env: dict[str, str]) -> tuple[list[str],
             "--state-fd", str(state_fd), "--state", str(Path(memory).parent / "state"),
             "--restore-commands", restore_commands(state_fd).decode(), "--disk", serial,
             "--qemu-log", str(work / "restore-floor-qemu.log"), "--", *qemu]
-    return argv, pod
+    return argv, pod, frames
 
 
 def run_harness(argv: list[str]) -> tuple[float, dict[str, float]]:
@@ -130,11 +145,14 @@ def measure_floor(work: Path, aci: Path, runs: int) -> dict:
     cold = floor_vm(work)
     run_argv = [*KVMPOD, "run", str(aci)]
     timed(run_argv, env=env)  # the image's disk and boot snapshot made
-    harness, pod = harness_argv(work, aci, env)
+    harness, pod, frames = harness_argv(work, aci, env)
+    with_frames = [*harness[:1], "--frames", str(frames), *harness[1:]]
     try:
         run_harness(harness)  # warm
-        floor_t, run_t, cold_t = [], [], []
-        floor_phases: dict[str, list[float]] = {"hello": [], "exit": [], "end": []}
+        run_harness(with_frames)
+        floor_t, run_t, cold_t, framed_t = [], [], [], []
+        framed_phases: dict[str, list[float]] = {"hello": [], "exit": [], "end": [], "qemu_cpu": []}
+        floor_phases: dict[str, list[float]] = {"hello": [], "exit": [], "end": [], "qemu_cpu": []}
         kvmpod_phases: dict[str, list[float]] = {"before_spawn": [], "hello": [], "exit": [], "end": []}
         for i in range(runs):
             wall, phases = run_harness(harness)
@@ -142,6 +160,10 @@ def measure_floor(work: Path, aci: Path, runs: int) -> dict:
             for k in floor_phases:
                 floor_phases[k].append(phases[k])
             run_t.append(timed(run_argv, env=env))
+            wall, phases = run_harness(with_frames)
+            framed_t.append(wall)
+            for k in framed_phases:
+                framed_phases[k].append(phases[k])
             cold_t.append(timed(cold.argv))
             if i < max(3, runs // 2):
                 for k, v in kept_phases(aci, env).items():
@@ -151,12 +173,14 @@ def measure_floor(work: Path, aci: Path, runs: int) -> dict:
     ratio = statistics.median(run_t) / statistics.median(floor_t)
     kv = {k: statistics.median(v) for k, v in kvmpod_phases.items()}
     fl = {k: statistics.median(v) for k, v in floor_phases.items()}
+    ff = {k: statistics.median(v) for k, v in framed_phases.items()}
     note = (f"kvmpod before QEMU's spawn {kv['before_spawn']:.3f}s; spawn to HELLO {kv['hello']:.3f} vs "
             f"{fl['hello']:.3f}, HELLO to app exit {kv['exit'] - kv['hello']:.3f} vs {fl['exit'] - fl['hello']:.3f}, "
             f"teardown {kv['end'] - kv['exit']:.3f} vs {fl['end'] - fl['exit']:.3f}")
     return {"runs": runs, "restore_floor": stats(floor_t), "run": stats(run_t), "cold_floor": stats(cold_t),
-            "restore_floor_s": floor_t, "run_s": run_t, "cold_floor_s": cold_t,
-            "restore_floor_phases_s": fl, "kvmpod_phases_s": kv, "ratio_median": ratio,
+            "restore_floor_kvmpod_frames": stats(framed_t),
+            "restore_floor_s": floor_t, "run_s": run_t, "cold_floor_s": cold_t, "restore_floor_kvmpod_frames_s": framed_t,
+            "restore_floor_phases_s": fl, "restore_floor_kvmpod_frames_phases_s": ff, "kvmpod_phases_s": kv, "ratio_median": ratio,
             "ratio_min": min(run_t) / min(floor_t),
             "targets": [target("kvmpod run vs restore floor", ratio, TARGET_RATIO, note=note)]}
 
@@ -168,14 +192,20 @@ def print_floor(result: dict) -> None:
     print(f"{'restore floor (C harness, same snapshot)':40}{f['min']:8.3f}{f['median']:9.3f}{1:8.2f}")
     print(f"{'kvmpod run /bin/true (snapshot)':40}{r['min']:8.3f}{r['median']:9.3f}"
           f"{r['median'] / f['median']:8.2f}")
+    k = result["restore_floor_kvmpod_frames"]
+    print(f"{'restore floor sending kvmpod frames':40}{k['min']:8.3f}{k['median']:9.3f}{k['median'] / f['median']:8.2f}")
     print(f"{'cold floor (bare QEMU boot)':40}{c['min']:8.3f}{c['median']:9.3f}{c['median'] / f['median']:8.2f}")
     print(f"ratio of minima {result['ratio_min']:.2f}")
-    fl, kv = result["restore_floor_phases_s"], result["kvmpod_phases_s"]
-    print(f"{'phases, medians (s)':40}{'floor':>8}{'kvmpod':>9}")
-    print(f"{'before QEMU is spawned':40}{0:8.3f}{kv['before_spawn']:9.3f}")
-    print(f"{'spawn to the agent HELLO':40}{fl['hello']:8.3f}{kv['hello']:9.3f}")
-    print(f"{'HELLO to the app EXIT':40}{fl['exit'] - fl['hello']:8.3f}{kv['exit'] - kv['hello']:9.3f}")
-    print(f"{'app EXIT to the process exit':40}{fl['end'] - fl['exit']:8.3f}{kv['end'] - kv['exit']:9.3f}")
+    fl, ff, kv = (result["restore_floor_phases_s"], result["restore_floor_kvmpod_frames_phases_s"],
+                  result["kvmpod_phases_s"])
+    print(f"{'phases, medians (s)':40}{'floor':>8}{'frames':>9}{'kvmpod':>9}")
+    print(f"{'before QEMU is spawned':40}{0:8.3f}{0:9.3f}{kv['before_spawn']:9.3f}")
+    print(f"{'spawn to the agent HELLO':40}{fl['hello']:8.3f}{ff['hello']:9.3f}{kv['hello']:9.3f}")
+    print(f"{'HELLO to the app EXIT':40}{fl['exit'] - fl['hello']:8.3f}{ff['exit'] - ff['hello']:9.3f}"
+          f"{kv['exit'] - kv['hello']:9.3f}")
+    print(f"{'app EXIT to the process exit':40}{fl['end'] - fl['exit']:8.3f}{ff['end'] - ff['exit']:9.3f}"
+          f"{kv['end'] - kv['exit']:9.3f}")
+    print(f"{'QEMU CPU time (user + system)':40}{fl['qemu_cpu']:8.3f}{ff['qemu_cpu']:9.3f}")
 
 
 if __name__ == "__main__":

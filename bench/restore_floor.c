@@ -2,7 +2,7 @@
  * to run /bin/true in a pod restored from kvmpod's boot snapshot. No Python on this path.
  *
  *   restore-floor --qmp-fd N --agent-fd N --restore-fd N --state-fd N --state FILE --restore-commands JSON
- *                 --disk SERIAL --qemu-log FILE -- QEMU-ARGV...
+ *                 --disk SERIAL --qemu-log FILE [--frames FILE] -- QEMU-ARGV...
  *
  * bench/floor.py prepares everything that is not timed: QEMU's argv exactly as kvmpod spawned it for a
  * restore (so the same binary, options and snapshot files), the fd numbers that argv names, and the
@@ -16,9 +16,13 @@
  *   4. QMP quit (kvmpod's teardown of a pod without host volumes), wait for QEMU to exit.
  * The frames come from the agent's own generated protocol tables and encoder (guest-agent/build/
  * messages.c, src/tlv.c): one definition, kvmpod/agent/protocol.toml, for every end.
+ * With --frames, step 3 sends that file's frames (what kvmpod itself sent between HELLO_ACK and its
+ * START, recorded by bench/floor.py: the metadata documents, METADATA_START, the app's full START) in
+ * place of the minimal START, and waits for the EXIT on that START's stream: the same guest work as
+ * kvmpod's, without kvmpod.
  *
- * Prints one line: "hello S exit S end S" (seconds from spawn to the agent's HELLO, to the app's EXIT,
- * to QEMU's exit). Exit status 0 only if the app exited 0 and QEMU ended; anything else is a message on
+ * Prints one line: "hello S exit S end S qemu_cpu S" (seconds from spawn to the agent's HELLO, to the
+ * app's EXIT, to QEMU's exit; and the CPU time QEMU used, user + system: a figure host load hardly moves). Exit status 0 only if the app exited 0 and QEMU ended; anything else is a message on
  * stderr and status 1. */
 
 #include <errno.h>
@@ -31,6 +35,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -147,7 +152,7 @@ static int parse_fd(const char *s)
 int main(int argc, char **argv)
 {
     int qmp_fd = -1, agent_fd = -1, restore_fd = -1, state_fd = -1;
-    const char *state = NULL, *commands = NULL, *disk = NULL, *qemu_log = "/dev/null";
+    const char *state = NULL, *commands = NULL, *disk = NULL, *qemu_log = "/dev/null", *frames = NULL;
     int i = 1;
     for (; i + 1 < argc && strcmp(argv[i], "--") != 0; i += 2) {
         const char *opt = argv[i], *val = argv[i + 1];
@@ -159,6 +164,7 @@ int main(int argc, char **argv)
         else if (!strcmp(opt, "--restore-commands")) commands = val;
         else if (!strcmp(opt, "--disk")) disk = val;
         else if (!strcmp(opt, "--qemu-log")) qemu_log = val;
+        else if (!strcmp(opt, "--frames")) frames = val;
         else die("unknown option %s", opt);
     }
     if (i >= argc || strcmp(argv[i], "--") != 0 || i + 1 >= argc || qmp_fd < 0 || agent_fd < 0 ||
@@ -170,6 +176,27 @@ int main(int argc, char **argv)
         for (int b = a + 1; b < 4; b++)
             if (targets[a] == targets[b])
                 die("two channels at fd %d", targets[a]);
+
+    /* --frames: read (untimed), and the stream of the START among them */
+    static uint8_t recorded[4 << 20];
+    size_t recorded_len = 0;
+    uint32_t app_stream = 1;
+    if (frames) {
+        int fd = open(frames, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            die("%s: %s", frames, strerror(errno));
+        ssize_t n;
+        while ((n = read(fd, recorded + recorded_len, sizeof(recorded) - recorded_len)) > 0)
+            recorded_len += (size_t)n;
+        close(fd);
+        app_stream = 0;
+        for (size_t off = 0; off + KP_HEADER_SIZE <= recorded_len;
+             off += KP_HEADER_SIZE + le_get(recorded + off, 4))
+            if (le_get(recorded + off + 4, 2) == KP_MSG_START)
+                app_stream = le_get(recorded + off + 8, 4);
+        if (app_stream == 0)
+            die("%s: no START frame", frames);
+    }
 
     double spawn = now();
     int qmp[2], agent[2], restore[2];
@@ -243,9 +270,13 @@ int main(int argc, char **argv)
         send_frame(agent[0], KP_MSG_HELLO_ACK, 0, &kp_hello_ack_desc, &ack);
         break;
     }
-    char *args[] = {"/bin/true", NULL};
-    struct kp_start start = {.app_name = "floor", .disk_serial = (char *)disk, .arg = {.v = args, .n = 1}};
-    send_frame(agent[0], KP_MSG_START, 1, &kp_start_desc, &start);
+    if (frames) {
+        write_all(agent[0], recorded, recorded_len, "the agent");
+    } else {
+        char *args[] = {"/bin/true", NULL};
+        struct kp_start start = {.app_name = "floor", .disk_serial = (char *)disk, .arg = {.v = args, .n = 1}};
+        send_frame(agent[0], KP_MSG_START, app_stream, &kp_start_desc, &start);
+    }
     for (;;) {
         const uint8_t *payload = next_frame(agent[0], &type, &stream, &len, deadline);
         if (type == KP_MSG_ERROR) {
@@ -254,7 +285,7 @@ int main(int argc, char **argv)
                 die("ERROR: %s", f.msg);
             die("the agent failed (%s): %s", err.stage, err.message);
         }
-        if (type != KP_MSG_EXIT || stream != 1)
+        if (type != KP_MSG_EXIT || stream != app_stream)
             continue; /* STARTED, output, WINDOW, LOG */
         struct kp_exit ex;
         if (kp_exit_decode(&ex, payload, len, &f) < 0)
@@ -268,13 +299,16 @@ int main(int argc, char **argv)
     static const char quit[] = "{\"execute\": \"quit\"}\n";
     write_all(qmp[0], quit, sizeof(quit) - 1, "QMP");
     int status;
-    while (waitpid(qemu_pid, &status, 0) < 0)
+    struct rusage ru;
+    while (wait4(qemu_pid, &status, 0, &ru) < 0)
         if (errno != EINTR)
             die("waitpid: %s", strerror(errno));
     qemu_pid = -1;
     double end = now();
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
         die("QEMU ended with status %#x", status);
-    printf("hello %.6f exit %.6f end %.6f\n", hello_at - spawn, exit_at - spawn, end - spawn);
+    double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+                 (double)ru.ru_stime.tv_usec / 1e6;
+    printf("hello %.6f exit %.6f end %.6f qemu_cpu %.6f\n", hello_at - spawn, exit_at - spawn, end - spawn, cpu);
     return 0;
 }
