@@ -9,55 +9,103 @@ silently a smaller image), and the caps of kvmpod.toml [image] on entries and to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmpod.errors import DiskError, ImageError, ManifestError, printable
 from kvmpod.image.limits import ImportLimits, human_size
 from kvmpod.image.manifest import MAX_MANIFEST_BYTES
 
+if TYPE_CHECKING:
+    import tarfile
+
+    from kvmpod.disk.entries import RootfsEntry
+
 BLOCK = 512
+
+KEEP_ENTRIES = 100_000
+"""check_aci_keeping keeps the entries of an archive with at most this many (about 1 KiB each)."""
+
+
+@dataclass
+class CheckedRootfs:
+    """The rootfs entries check_aci_keeping validated, in archive order, for a disk build that follows
+    the import in the same process (`kvmpod run FILE.aci`), so that it does not parse and check every
+    header again. FILE openers read from `tar`, open on the checked file: renaming that file into
+    the store keeps it the same file. The owner must close() it."""
+
+    tar: tarfile.TarFile
+    entries: list[RootfsEntry]
+
+    def close(self) -> None:
+        self.tar.close()
 
 
 def check_aci(tar_path: Path, shown_as: str | Path, limits: ImportLimits) -> bytes:
     """Check the ACI tar at `tar_path` and return its manifest's bytes (not yet parsed)."""
+    return _check(tar_path, shown_as, limits, keep=False)[0]
+
+
+def check_aci_keeping(tar_path: Path, shown_as: str | Path,
+                      limits: ImportLimits) -> tuple[bytes, CheckedRootfs | None]:
+    """check_aci, and the checked entries (None for an archive of more than KEEP_ENTRIES)."""
+    return _check(tar_path, shown_as, limits, keep=True)
+
+
+def _check(tar_path: Path, shown_as: str | Path, limits: ImportLimits,
+           keep: bool) -> tuple[bytes, CheckedRootfs | None]:
     import tarfile  # lazy, with the tar reader below: `kvmpod run` of a stored image never opens one
 
     from kvmpod.disk.entries import EntryKind, entries_from_tar
 
     manifests: list[tarfile.TarInfo] = []
+    kept: list[RootfsEntry] | None = [] if keep else None
     entries = file_bytes = 0
+    tar: tarfile.TarFile | None = None
     try:
-        with tarfile.open(tar_path, "r:") as tar:
-            for entry in entries_from_tar(tar, on_manifest=manifests.append):
-                entries += 1
-                if entries > limits.max_entries:
-                    raise ImageError(f"more than {limits.max_entries} entries (a tar bomb?); if the image is "
-                                     "genuine, raise [image] max-entries in kvmpod.toml")
-                if entry.kind is EntryKind.FILE:
-                    file_bytes += entry.size
-                    if file_bytes > limits.max_size:
-                        raise ImageError(f"{printable(entry.path)}: the files add up to more than the "
-                                         f"{human_size(limits.max_size)} limit (sparse files count in full); "
-                                         "if the image is genuine, raise [image] max-size in kvmpod.toml")
-            end = tar.offset
-            if not manifests:
-                raise ImageError("not an ACI: no top-level 'manifest' file")
-            if entries == 0:
-                raise ImageError("not an ACI: no 'rootfs/' directory")
-            member = manifests[0]
-            if member.size > MAX_MANIFEST_BYTES:
-                raise ManifestError(f"manifest: {member.size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
-            f = tar.extractfile(member)
-            assert f is not None
-            data = f.read(member.size)
+        tar = tarfile.open(tar_path, "r:")
+        for entry in entries_from_tar(tar, on_manifest=manifests.append):
+            entries += 1
+            if entries > limits.max_entries:
+                raise ImageError(f"more than {limits.max_entries} entries (a tar bomb?); if the image is "
+                                 "genuine, raise [image] max-entries in kvmpod.toml")
+            if entry.kind is EntryKind.FILE:
+                file_bytes += entry.size
+                if file_bytes > limits.max_size:
+                    raise ImageError(f"{printable(entry.path)}: the files add up to more than the "
+                                     f"{human_size(limits.max_size)} limit (sparse files count in full); "
+                                     "if the image is genuine, raise [image] max-size in kvmpod.toml")
+            if kept is not None:
+                kept = kept if entries <= KEEP_ENTRIES else None
+                if kept is not None:
+                    kept.append(entry)
+        end = tar.offset
+        if not manifests:
+            raise ImageError("not an ACI: no top-level 'manifest' file")
+        if entries == 0:
+            raise ImageError("not an ACI: no 'rootfs/' directory")
+        member = manifests[0]
+        if member.size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest: {member.size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
+        f = tar.extractfile(member)
+        assert f is not None
+        data = f.read(member.size)
         _check_end_marker(tar_path, end)
-    except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:
-        raise ImageError(f"{shown_as}: not a valid tar archive: {printable(str(e))}") from e
-    except ManifestError as e:
-        raise ManifestError(f"{shown_as}: {e}") from e
-    except (ImageError, DiskError) as e:  # at import, whatever makes an image unusable is an image error
-        raise ImageError(f"{shown_as}: {e}") from e
-    return data
+    except BaseException as e:
+        if tar is not None:
+            tar.close()
+        if isinstance(e, (tarfile.TarError, EOFError, ValueError, OverflowError)):
+            raise ImageError(f"{shown_as}: not a valid tar archive: {printable(str(e))}") from e
+        if isinstance(e, ManifestError):
+            raise ManifestError(f"{shown_as}: {e}") from e
+        if isinstance(e, (ImageError, DiskError)):  # at import, whatever makes an image unusable is an image error
+            raise ImageError(f"{shown_as}: {e}") from e
+        raise
+    if kept is None:
+        tar.close()
+        return data, None
+    return data, CheckedRootfs(tar, kept)
 
 
 def _check_end_marker(tar_path: Path, end: int) -> None:

@@ -26,6 +26,7 @@ from kvmpod.store.stored import StoredImage
 
 if TYPE_CHECKING:
     from kvmpod.disk.entries import RootfsEntry
+    from kvmpod.image.aci import CheckedRootfs
 
 MAX_DEPTH = 16
 
@@ -80,9 +81,12 @@ def disk_key(image: StoredImage, chain: list[StoredImage]) -> str:
     return "assembled-" + hashlib.sha256(described.encode()).hexdigest()
 
 
-def build_rootfs_disk(image: StoredImage, chain: list[StoredImage], disk: Path) -> None:
+def build_rootfs_disk(image: StoredImage, chain: list[StoredImage], disk: Path,
+                      checked: CheckedRootfs | None = None) -> None:
     """Write `image`'s assembled rootfs (`chain`: its resolve_chain) to `disk`. The caller holds the
-    disk's lock (Store.rootfs_disk)."""
+    disk's lock (Store.rootfs_disk). `checked`: the entries its import just checked (kvmpod/image/aci.py),
+    used instead of reading the blob's headers again when the image is its own rootfs; the caller
+    closes it."""
     # The disk writer (pycdlib, tarfile, the rootfs readers) only when a disk is built: a run whose
     # image has its disk already, and `image list`, never load it.
     import tarfile
@@ -91,6 +95,9 @@ def build_rootfs_disk(image: StoredImage, chain: list[StoredImage], disk: Path) 
     from kvmpod.disk.iso import build_iso
     from kvmpod.image.layers import Layer, merge_layers
 
+    if checked is not None and len(chain) == 1 and not image.manifest.path_whitelist:
+        build_iso(checked.entries, disk)
+        return
     with ExitStack() as stack:
         tars = [stack.enter_context(tarfile.open(layer.blob, "r:")) for layer in chain]
         entries: Iterable[RootfsEntry]

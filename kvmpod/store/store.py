@@ -31,7 +31,7 @@ from kvmpod import faults, paths
 from kvmpod.config import bool_setting
 from kvmpod.errors import ImageError, ManifestError
 from kvmpod.fsutil import abandoned_temp, pid_alive
-from kvmpod.image.aci import check_aci
+from kvmpod.image.aci import CheckedRootfs, check_aci_keeping
 from kvmpod.image.archive import decompress_to
 from kvmpod.image.limits import ImportLimits, human_size
 from kvmpod.image.signature import (SIGNATURE_SUFFIX, UNVERIFIED, SignatureCheck, admit, check_signature,
@@ -72,6 +72,9 @@ class Store:
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
         self.layer_cache = LayerCache(self.root)  # blobs pulled from registries (kvmpod/store/layers.py)
+        # The last import's checked rootfs entries (kvmpod/image/aci.py), for its rootfs_disk: one slot,
+        # so that a process importing many images holds one archive's entries and one descriptor.
+        self._checked: tuple[str, CheckedRootfs] | None = None
 
     @property
     def limits(self) -> ImportLimits:
@@ -335,23 +338,43 @@ class Store:
                 with locks.exclusive(self.lock_file(hex_id)):
                     index.write_record(record_path, existing)
             return self._image(existing)  # the same bytes were checked when first imported
-        raw_manifest = check_aci(tmp, shown_as, self.limits)  # a hostile archive never enters the store
+        # a hostile archive never enters the store
+        raw_manifest, checked = check_aci_keeping(tmp, shown_as, self.limits)
         try:
-            manifest = parse_manifest(raw_manifest)
-        except ManifestError as e:
-            raise ManifestError(f"{shown_as}: {e}") from e
-        admitted(manifest)
-        blob = self.blobs / hex_id
-        with locks.exclusive(self.lock_file(hex_id)):
-            if not blob.is_file():
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, blob)
-                faults.at("import-commit")
-            record = index.read_record(record_path) or ImageRecord(
-                id=image_id, name=manifest.name, labels=dict(manifest.labels), imported=time.time(),
-                size=blob.stat().st_size, source=source, signature=signature, manifest=manifest.raw)
-            index.write_record(record_path, record)
+            try:
+                manifest = parse_manifest(raw_manifest)
+            except ManifestError as e:
+                raise ManifestError(f"{shown_as}: {e}") from e
+            admitted(manifest)
+            blob = self.blobs / hex_id
+            with locks.exclusive(self.lock_file(hex_id)):
+                if not blob.is_file():
+                    os.chmod(tmp, 0o644)
+                    os.replace(tmp, blob)
+                    faults.at("import-commit")
+                record = index.read_record(record_path) or ImageRecord(
+                    id=image_id, name=manifest.name, labels=dict(manifest.labels), imported=time.time(),
+                    size=blob.stat().st_size, source=source, signature=signature, manifest=manifest.raw)
+                index.write_record(record_path, record)
+        except BaseException:
+            if checked is not None:
+                checked.close()
+            raise
+        self._keep_checked(image_id, checked)
         return StoredImage(image_id, blob, manifest, record.signature)
+
+    def _keep_checked(self, image_id: str, checked: CheckedRootfs | None) -> None:
+        old, self._checked = self._checked, (image_id, checked) if checked is not None else None
+        if old is not None:
+            old[1].close()
+
+    def _take_checked(self, image_id: str) -> CheckedRootfs | None:
+        """The entries the import of `image_id` checked, if it was this Store's last import (then forgotten)."""
+        kept, self._checked = self._checked, None
+        if kept is not None and kept[0] != image_id:
+            kept[1].close()
+            return None
+        return kept[1] if kept is not None else None
 
     def _stamp_file(self, source: str) -> Path:
         return self.sources / f"{index.source_key(source)}.json"
@@ -533,17 +556,22 @@ class Store:
     def rootfs_disk(self, image: StoredImage) -> Path:
         """The image's rootfs disk (its dependencies laid down first), built once under a lock; later
         calls (any process) reuse it."""
-        chain = resolve_chain(lambda ref: self._admitted_dependency(image, ref), image)
-        key = disk_key(image, chain)
-        disk = self.disks / f"{key}.iso"
-        if disk.exists():
+        checked = self._take_checked(image.id)
+        try:
+            chain = resolve_chain(lambda ref: self._admitted_dependency(image, ref), image)
+            key = disk_key(image, chain)
+            disk = self.disks / f"{key}.iso"
+            if disk.exists():
+                return disk
+            self.disks.mkdir(parents=True, exist_ok=True)
+            self.locks.mkdir(parents=True, exist_ok=True)
+            with locks.exclusive(self.lock_file(key)):
+                if not disk.exists():  # else another process built it while we waited
+                    build_rootfs_disk(image, chain, disk, checked)
             return disk
-        self.disks.mkdir(parents=True, exist_ok=True)
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with locks.exclusive(self.lock_file(key)):
-            if not disk.exists():  # else another process built it while we waited
-                build_rootfs_disk(image, chain, disk)
-        return disk
+        finally:
+            if checked is not None:
+                checked.close()
 
     def claim(self, images: list[StoredImage]) -> locks.SharedLocks:
         """Shared locks that keep `image rm`/`gc` away from these images (and their disks) while held."""

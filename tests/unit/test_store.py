@@ -366,3 +366,18 @@ def test_store_location_root_user_and_dir_override(tmp_path, monkeypatch):
     assert paths.store_dir() == tmp_path / "env"
     paths.set_store_dir(tmp_path / "flag")  # --dir wins over everything
     assert paths.store_dir() == tmp_path / "flag"
+
+
+def test_a_disk_built_from_the_import_s_checked_entries_is_the_same_disk(tmp_path):
+    """rootfs_disk right after import_aci reuses the import's header pass (kvmpod/image/aci.py
+    CheckedRootfs); the disk must be byte-identical to one built from the stored blob by a new Store."""
+    aci = make_aci(tmp_path / "app.aci")
+    first = Store(tmp_path / "a")
+    image = first.import_aci(aci)
+    assert first._checked is not None and first._checked[0] == image.id
+    kept_disk = first.rootfs_disk(image)
+    assert first._checked is None
+    other = Store(tmp_path / "b")
+    other.import_aci(aci)
+    other._take_checked(image.id).close()  # forget the entries: build from the blob
+    assert kept_disk.read_bytes() == other.rootfs_disk(other.get(image.id)).read_bytes()
