@@ -35,7 +35,7 @@ from common import (KVMPOD, REPO, Unavailable, bench_env, floor_vm, section_main
 FIRST_RUN_LIMIT = 1.5      # issue 22: first run <= 1.5x (cold floor + gzip -dc | sha512sum)
 METADATA_MAX_MS = 50.0     # issue 22: max <= 50 ms over a pod's first 20 requests
 REQUESTS = 20
-_MADE = re.compile(r"boot snapshot \S+ made in ([0-9.]+) s")
+_MADE = re.compile(r"boot snapshot (?:\S+ )?made in ([0-9.]+) s")
 
 
 def _gzip_floor(aci: Path) -> float:
@@ -84,11 +84,11 @@ def measure_firstrun(work: Path, aci: Path, runs: int) -> dict:
         for i in range(runs):  # interleaved: host noise hits all alike
             samples["floor"].append(timed(floor.argv))
             samples["gzip"].append(_gzip_floor(path))
-            wall, made = _first_run(work, f"first-{name}-{i}", path, "snapshot")
+            wall, made = _first_run(work, f"f{i}{name[0]}", path, "snapshot")
             samples["run"].append(wall)
             if made is not None:
                 samples["snapshot_made"].append(made)
-            samples["run_cold"].append(_first_run(work, f"cold-{name}-{i}", path, "cold")[0])
+            samples["run_cold"].append(_first_run(work, f"c{i}{name[0]}", path, "cold")[0])
         med = {k: statistics.median(v) for k, v in samples.items() if v}
         base = med["floor"] + med["gzip"]
         rows[name] = {"aci_bytes": path.stat().st_size, "median_s": med, "samples_s": samples,
@@ -166,10 +166,10 @@ def measure_metadata(work: Path, aci: Path, runs: int) -> dict:
     cases: dict[str, list[list[float]]] = {"first pod of a new image": [], "snapshot pod": [],
                                            "two first pods at once": []}
     for i in range(runs):
-        d, env = _fresh(work, f"md-{i}")
+        d, env = _fresh(work, f"m{i}")
         cases["first pod of a new image"] += _md_pods([env], md)
         cases["snapshot pod"] += _md_pods([env], md)
-        (a, env_a), (b, env_b) = _fresh(work, f"md-{i}-a"), _fresh(work, f"md-{i}-b")
+        (a, env_a), (b, env_b) = _fresh(work, f"m{i}a"), _fresh(work, f"m{i}b")
         cases["two first pods at once"] += _md_pods([env_a, env_b], md)
         for path in (d, a, b):
             shutil.rmtree(path, ignore_errors=True)

@@ -176,7 +176,7 @@ def _complete(path: Path) -> bool:
 
 def find(config: VMConfig, qemu_binary: Path) -> SnapshotUse | None:
     """A claim on the snapshot for `config`'s shape if it exists and nobody is making it; None otherwise
-    (find_or_make then waits for it or makes it). No event loop needed: `kvmpod run` looks before it has
+    (the pod then boots cold, and make_missing makes it alongside). No event loop needed: `kvmpod run` looks before it has
     one, so that QEMU can start at once."""
     key = SnapshotShape.of(config, qemu_binary).key
     final = snapshots_dir() / key
@@ -194,39 +194,30 @@ def find(config: VMConfig, qemu_binary: Path) -> SnapshotUse | None:
     return SnapshotUse(BootSnapshot(final), fd)
 
 
-async def find_or_make(config: VMConfig, qemu_binary: Path, *, timeout: float,
-                       on_making=None) -> tuple[SnapshotUse, float]:
-    """A claim on the snapshot for `config`'s shape, made now if there is none (then `on_making()` is
-    called first, and the seconds it took are returned; 0.0 when it existed). Raises VMError (and leaves
-    nothing behind) when it cannot be made."""
-    import asyncio
-
+async def make_missing(config: VMConfig, qemu_binary: Path, *, timeout: float) -> float | None:
+    """Make the snapshot for `config`'s shape unless it exists or another process is making it: the
+    seconds making it took, 0.0 when it was there, None when someone else holds it (making or removing
+    it). `kvmpod run` calls it alongside the first pod of a shape, which boots cold meanwhile
+    (docs/snapshot.md, "The first pod"); nobody waits for it but that pod's process before it exits.
+    Raises VMError (and leaves nothing behind) when it cannot be made."""
     shape = SnapshotShape.of(config, qemu_binary)
     key = shape.key
     final = snapshots_dir() / key
     fd = _lock_fd(key)
     try:
-        # one pod makes it, the others of the same shape wait (in a thread: the loop goes on) and use it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        took = 0.0
-        if not _complete(final):
-            if on_making:
-                on_making()
-            started = time.monotonic()
-            await _make(config, shape, final, timeout)
-            took = time.monotonic() - started
-        fcntl.flock(fd, fcntl.LOCK_SH)  # downgrade: eviction and discard skip it while the pod starts
-        with contextlib.suppress(OSError):
-            os.utime(final)  # "recently used", for eviction
-    except BaseException:
+        except BlockingIOError:  # another first pod's process makes it (or it is being removed)
+            return None
+        if _complete(final):
+            return 0.0
+        started = time.monotonic()
+        await _make(config, shape, final, timeout)
+        took = time.monotonic() - started
+    finally:
         os.close(fd)
-        raise
-    if took:
-        evict(settings.int_setting("snapshots-kept", "run", DEFAULT_KEEP), keep_key=key)
-    return SnapshotUse(BootSnapshot(final), fd), took
+    evict(settings.int_setting("snapshots-kept", "run", DEFAULT_KEEP), keep_key=key)
+    return took
 
 
 async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: float) -> None:
@@ -270,22 +261,30 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
             nics=[Nic(mac, placeholder=True) for mac in device_macs(len(config.nics))],
             shares_9p=[dataclasses.replace(share, path=empty, read_only=True) for share in config.shares_9p])
         vm = QemuVM(vm_config, work / "qemu.log", connect_timeout=timeout, cgroup=own)
+        marks = [("start", time.monotonic())]
         try:
             channel = await vm.start()
             session = AgentSession(*channel)
             await asyncio.wait_for(session.handshake(), timeout)
+            marks.append(("boot to agent", time.monotonic()))
             await asyncio.wait_for(session.prepare_snapshot([d.serial for d in config.disks]), timeout)
+            marks.append(("prepare", time.monotonic()))
             faults.at("snapshot", vm.pid)
             await asyncio.wait_for(vm.save_snapshot(stage / "state"), timeout)
+            marks.append(("save", time.monotonic()))
         except asyncio.TimeoutError as cause:
             raise VMError(f"making a boot snapshot took longer than {timeout:.0f} s") from cause
         except KvmpodError as e:
             raise VMError(f"making a boot snapshot failed: {e}{_console_hint(work)}") from e
         await vm.stop(grace=0)
+        marks.append(("stop", time.monotonic()))
         (stage / "shape.json").write_text(json.dumps(dataclasses.asdict(shape), indent=1) + "\n")
         for name in ("memory", "state", "shape.json"):
             with open(stage / name, "rb") as f:
                 os.fsync(f.fileno())
+        marks.append(("fsync", time.monotonic()))
+        log.debug("boot snapshot: %s", ", ".join(f"{what} {t - marks[i][1]:.3f} s"
+                                                 for i, (what, t) in enumerate(marks[1:])))
         if final.exists():  # an incomplete one left by a crash
             shutil.rmtree(final)
         stage.rename(final)

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from kvmpod.agent.session import AgentSession
-from kvmpod.boot.snapshot import find_or_make
+from kvmpod.boot.snapshot import find as find_snapshot
+from kvmpod.boot.snapshot import make_missing
 from kvmpod.boot.snapshot import unfit as snapshot_unfit
 from kvmpod.errors import KvmpodError
 from kvmpod.fsutil import write_atomically
@@ -65,6 +66,7 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
     and network, QEMU (unless planning spawned it from a boot snapshot), the apps, and teardown."""
     pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
     network = None
+    maker: asyncio.Task | None = None   # the boot snapshot, made alongside a first pod that boots cold
     options = dataclasses.replace(options, backend=plan.backend.name)   # as chosen (--backend or [vm] backend)
     try:
         relay = relay_for(options, bool(plan.shares), plan.config.agent_transport)
@@ -89,8 +91,8 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
         config = dataclasses.replace(plan.config, nics=network.nics())
         restore = plan.restore
         if plan.snapshot_possible and restore is None:
-            restore = await use_snapshot(dataclasses.replace(config, cmdline=plan.snapshot_cmdline),
-                                         options.boot_timeout)
+            restore, maker = use_snapshot(dataclasses.replace(config, cmdline=plan.snapshot_cmdline),
+                                          options.boot_timeout)
         if plan.spawned is None:
             log.debug("boot: %s", f"from snapshot {restore.snapshot.key}" if restore else "cold")
 
@@ -115,12 +117,14 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
         runner = PodRunner(pod, vm, resolved, options, timings, metadata,
                            [Virtiofsd(s, pod.file(f"{s.tag}.log"), plan.cgroup) for s in plan.shares], volumes, network,
                            restore=restore, cold_vm=cold_vm, hostname=plan.hostname,
-                           claim_fds=claims.fds if claims else (), relay=relay)
+                           claim_fds=claims.fds if claims else (), relay=relay, side_task=maker)
         return await runner.run()
     except KvmpodError as e:
         raise _failed(pod, options, e)
     finally:
         plan.abandon()  # what no runner took: a spawned QEMU, the snapshot claim
+        if maker is not None:
+            await _finish_maker(maker, failed=sys.exc_info()[0] is not None)
         await _release(network, pod, options, timings)
 
 
@@ -203,21 +207,45 @@ async def _release(network: PodNetwork | None, pod: PodDir, options: RunOptions,
         pod.remove()
 
 
-async def use_snapshot(config: VMConfig, timeout: float) -> SnapshotClaim | None:
-    """A claim on the boot snapshot for `config` (made now if needed), or None with a notice when it
-    cannot be made (the pod then boots cold)."""
+def use_snapshot(config: VMConfig, timeout: float) -> tuple[SnapshotClaim | None, asyncio.Task | None]:
+    """A claim on the boot snapshot for `config` if it exists; if not, the pod boots cold and the second
+    value is a task making the snapshot alongside it (docs/snapshot.md, "The first pod"), which the pod's
+    process finishes before it exits."""
     if why := snapshot_unfit(config):
         log.debug("boot: cold, %s", why)
-        return None
+        return None, None
     try:
-        use, took = await find_or_make(config, qemu_binary(), timeout=timeout,
-                                       on_making=lambda: log.debug("boot: making a boot snapshot first"))
+        use = find_snapshot(config, qemu_binary())
+    except OSError as e:
+        notice(f"booting cold: boot snapshots: {e}")
+        return None, None
+    if use is not None:
+        return SnapshotClaim(use.snapshot, use, config.cmdline), None
+    log.debug("boot: cold, the boot snapshot is made alongside")
+    return None, asyncio.get_running_loop().create_task(make_alongside(config, timeout))
+
+
+async def make_alongside(config: VMConfig, timeout: float) -> None:
+    """The first pod's boot snapshot, made while that pod boots cold; a failure is a notice (the next pod
+    tries again)."""
+    try:
+        took = await make_missing(config, qemu_binary(), timeout=timeout)
     except (KvmpodError, OSError) as e:
-        notice(f"booting cold: {e}")
-        return None
-    if took:
-        log.debug("boot snapshot %s made in %.2f s", use.snapshot.key, took)
-    return SnapshotClaim(use.snapshot, use, config.cmdline)
+        notice(f"no boot snapshot made: {e}")
+        return
+    if took is None:
+        log.debug("boot snapshot: another process is making it")
+    elif took:
+        log.debug("boot snapshot made in %.2f s, alongside the pod", took)
+
+
+async def _finish_maker(maker: asyncio.Task, failed: bool) -> None:
+    """Before the pod's process exits: the snapshot being made is finished (its VM would die with this
+    process), or given up when the pod failed or was interrupted."""
+    if failed and not maker.done():
+        maker.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await maker
 
 
 def release_network(network: PodNetwork | None, pod: PodDir) -> bool:

@@ -65,11 +65,13 @@ class PodRunner:
                  fs_daemons: list[Virtiofsd] | None = None, volumes: PodVolumes | None = None,
                  network: "PodNetwork | None" = None, restore: SnapshotClaim | None = None,
                  cold_vm: Callable[[], VMBackend] | None = None, hostname: str = "",
-                 claim_fds: tuple[int, ...] = (), relay: Path | None = None):
+                 claim_fds: tuple[int, ...] = (), relay: Path | None = None,
+                 side_task: asyncio.Task | None = None):
         self.pod = pod
         self.lifecycle = Lifecycle(pod)
         self.relay = relay   # kvmpod-relay, to hand the pod to once it is quiet (kvmpod/pod/relay.py)
         self.claim_fds = claim_fds   # the store locks: kept open across an exec into kvmpod-relay
+        self.side_task = side_task   # work of this process's own that an exec would kill (a boot snapshot's making)
         self.restore = restore    # `vm` starts from this boot snapshot; cold_vm() is the fallback
         self.cold_vm = cold_vm
         self.hostname = hostname
@@ -244,6 +246,7 @@ class PodRunner:
         return (session is not None and self.lifecycle.state is PodState.RUNNING and self.stop_task is None
                 and self.stop_reason is None and self.signals_seen == 0 and self.killed_by_user is None
                 and session.open_streams <= {p.stream for p in self.processes} and self.pump.idle
+                and (self.side_task is None or self.side_task.done())
                 and time.monotonic() - session.quiet_since >= QUIET_FOR)
 
     def hand_over_channels(self) -> tuple[QemuHandover, int, int, bytes] | None:

@@ -6,11 +6,15 @@ Each test asks for its own --memory size, so it gets a snapshot shape no other t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.e2e.conftest import stderr_lines
 
@@ -37,8 +41,8 @@ def test_first_run_makes_the_snapshot_and_the_next_restores_it(kvmpod, busybox_a
     before = set(snapshots(kvmpod.env))
     state, first = kept_state(kvmpod, "--memory", "200M", str(busybox_aci), *SH, "echo one")
     assert first.returncode == 0, first.stderr.decode()
-    assert first.stdout == b"one\n" and state["boot"] == "snapshot"   # made, then restored
-    (made,) = set(snapshots(kvmpod.env)) - before
+    assert first.stdout == b"one\n" and state["boot"] == "cold"   # booted cold, the snapshot made alongside
+    (made,) = set(snapshots(kvmpod.env)) - before   # and finished before `kvmpod run` exited
     assert sorted(p.name for p in made.iterdir()) == ["memory", "shape.json", "state"]
     assert json.loads((made / "shape.json").read_text())["memory_mib"] == 200
     state, second = kept_state(kvmpod, "--memory", "200M", str(busybox_aci), *SH, "echo two; cat /proc/meminfo")
@@ -74,9 +78,11 @@ def test_a_broken_snapshot_costs_one_cold_boot_and_is_made_anew(kvmpod, busybox_
     notices = [line for line in result.stderr.decode().splitlines() if "did not restore" in line]
     assert len(notices) == 1 and made.name in notices[0] and notices[0].endswith("booting cold"), result.stderr
     assert not made.exists()
-    state, again = kept_state(kvmpod, "--memory", "216M", str(busybox_aci), *SH, "true")  # made anew, used
-    assert again.returncode == 0 and state["boot"] == "snapshot" and state["snapshot"] == made.name
+    state, again = kept_state(kvmpod, "--memory", "216M", str(busybox_aci), *SH, "true")  # made anew alongside
+    assert again.returncode == 0 and state["boot"] == "cold"
     assert (made / "state").read_bytes() != b"QEVM broken"
+    state, used = kept_state(kvmpod, "--memory", "216M", str(busybox_aci), *SH, "true")
+    assert used.returncode == 0 and state["boot"] == "snapshot" and state["snapshot"] == made.name
 
 
 def test_concurrent_first_runs_make_one_snapshot(kvmpod, busybox_aci):
@@ -87,6 +93,62 @@ def test_concurrent_first_runs_make_one_snapshot(kvmpod, busybox_aci):
     assert [o[0] for o in outs] == [b"ok\n"] * 4
     assert len(set(snapshots(kvmpod.env)) - before) == 1
     assert not list(Path(kvmpod.env["KVMPOD_SNAPSHOT_DIR"]).glob("*.new-*"))
+
+
+def test_a_first_pod_that_fails_leaves_no_half_made_snapshot(kvmpod, busybox_aci):
+    """The snapshot is made alongside the first pod: when that pod fails, the making is finished or given
+    up before kvmpod exits, never left half-way (no stage, no work directory, no QEMU)."""
+    before = set(snapshots(kvmpod.env))
+    result = kvmpod.run("--memory", "240M", str(busybox_aci), "--exec", "/no/such/program")
+    assert result.returncode != 0 and b"/no/such/program" in result.stderr, result.stderr
+    root = Path(kvmpod.env["KVMPOD_SNAPSHOT_DIR"])
+    assert not list(root.glob("*.new-*"))
+    assert not list(Path(kvmpod.env["KVMPOD_RUN_DIR"]).glob("snapshot-*"))
+    for made in set(snapshots(kvmpod.env)) - before:   # finished, if it was: complete
+        assert sorted(p.name for p in made.iterdir()) == ["memory", "shape.json", "state"]
+    state, again = kept_state(kvmpod, "--memory", "240M", str(busybox_aci), *SH, "echo fine")
+    assert again.returncode == 0 and again.stdout == b"fine\n", again.stderr
+    assert len(set(snapshots(kvmpod.env)) - before) == 1
+
+
+def test_a_quiet_first_pod_goes_to_the_relay_only_once_its_snapshot_making_is_over(kvmpod, busybox_aci):
+    """kvmpod-relay replaces the pod's process, whose event loop drives the snapshot being made alongside:
+    a quiet first pod is handed over only once that is over. Here the maker's guest is frozen before its
+    save (a test fault), so the making lasts until --boot-timeout gives it up; meanwhile the pod stays in
+    kvmpod, and afterwards it goes to the relay with nothing of the maker left."""
+    from kvmpod.pod.relay import find_relay
+    from tests.e2e.test_relay import exe_name
+
+    if find_relay() is None:
+        pytest.skip("kvmpod-relay is not built (make -C kvmpod/relay)")
+    faulty = type(kvmpod)({**kvmpod.env, "KVMPOD_TEST_FAULT": "snapshot:stop-qemu"})
+    root = Path(kvmpod.env["KVMPOD_SNAPSHOT_DIR"])
+    pods = Path(kvmpod.env["KVMPOD_RUN_DIR"], "pods")
+    old_pods = set(pods.glob("*")) if pods.exists() else set()
+    before = set(snapshots(kvmpod.env))
+    proc = faulty.popen("--memory", "248M", "--boot-timeout", "10", str(busybox_aci), "--exec", "/bin/sleep",
+                        "--", "120")
+    try:
+        deadline, staged, relayed = time.time() + 120, False, None
+        while relayed is None and time.time() < deadline and proc.poll() is None:
+            stage = list(root.glob("*.new-*")) if root.exists() else []
+            staged = staged or bool(stage)
+            for state_file in set(pods.glob("*/state.json")) - {p / "state.json" for p in old_pods}:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    state = json.loads(state_file.read_text())
+                    if state.get("host_process") == "kvmpod-relay" and exe_name(state["kvmpod_pid"]) == "kvmpod-relay":
+                        relayed = (state, stage)
+            time.sleep(0.05)
+        assert staged, "the snapshot was never being made"
+        assert relayed is not None, "never handed to kvmpod-relay"
+        state, stage_then = relayed
+        assert state["boot"] == "cold" and stage_then == [], "handed over while the snapshot was being made"
+        assert set(snapshots(kvmpod.env)) == before and not list(Path(kvmpod.env["KVMPOD_RUN_DIR"]).glob("snapshot-*"))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert b"no boot snapshot made: making a boot snapshot took longer than 10 s" in err, err
 
 
 def test_cold_boot_on_request_and_where_a_snapshot_cannot_carry_the_pod(kvmpod, busybox_aci, tmp_path):
