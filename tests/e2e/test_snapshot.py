@@ -237,7 +237,8 @@ def test_the_spare_app_root_made_with_the_snapshot_goes_to_the_first_writable_ap
     first writable app on that disk moves it into place; a second app on the disk and a read-only app
     build their own, as on a cold boot. Each app still gets its own root, /etc/hosts and hostname."""
     args = ["--memory", "216M", "--hostname", "spare-test"]
-    assert kvmpod.run(*args, str(busybox_aci), *SH, "true").returncode == 0  # makes the snapshot
+    # makes the snapshot (--debug as below: kvmpod.debug=1 is on the kernel command line, part of the shape)
+    assert kvmpod.run("--debug", *args, str(busybox_aci), *SH, "true").returncode == 0
     script = "echo {0} > /mine; cat /mine; ls /; grep -q localhost /etc/hosts && echo hosts-{0}; hostname"
     result = kvmpod.run("--debug", *args,
                         str(busybox_aci), "--name", "one", *SH, script.format("one"), "---",
