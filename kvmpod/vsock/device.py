@@ -187,6 +187,14 @@ class VsockDevice:
         if self.on_failure:
             self.on_failure(error)
 
+    def _bug(self, error: Exception) -> None:
+        """An exception of kvmpod's own escaped the device (not the guest's doing: that is GuestFault).
+        Left to the loop, it would leave a chain taken and never used, and the guest's ring stalled:
+        the pod ends instead, with the cause chained for --debug."""
+        failure = VMError(f"the vsock device failed: {type(error).__name__}: {error}")
+        failure.__cause__ = error
+        self.fail(failure)
+
     def front_end_gone(self) -> None:
         """QEMU closed the vhost-user socket (it is exiting): the guest's connections end with it."""
         self.vhost = None
@@ -201,7 +209,14 @@ class VsockDevice:
         return self.vhost.queues[index] if self.vhost is not None else None
 
     def memory_changed(self) -> None:
-        self._spare_rx.clear()  # views into the old mapping
+        """A new memory table (SET_MEM_TABLE, also while the rings run): the spare receive buffers are
+        views into the old mapping, so they go back to the ring, to be taken again through the new one.
+        Dropped instead, they were lost to the guest, and the next stop and start skipped their used
+        slots (the CI hang of docs/reliability.md)."""
+        rx = self._queue(RX)
+        if rx is not None:
+            rx.unpop(len(self._spare_rx))   # the last ones taken: the device uses chains in order
+        self._spare_rx.clear()
 
     def queue_started(self, index: int) -> None:
         self.queue_kicked(index)
@@ -228,6 +243,8 @@ class VsockDevice:
             self.fail(GuestFault(f"the guest broke its vsock device: {e}"))
         except KvmpodError as e:
             self.fail(e)
+        except Exception as e:  # noqa: BLE001 — kvmpod's own bug: end the pod with it, never stall a ring
+            self._bug(e)
 
     # -- guest to host ---------------------------------------------------------------------------
 
@@ -401,6 +418,8 @@ class VsockDevice:
             self._flush_rx_notify()
         except KvmpodError as e:
             self.fail(e)
+        except Exception as e:  # noqa: BLE001 — as in queue_kicked
+            self._bug(e)
 
     def _after_shutdown(self, conn: Connection) -> None:
         if conn.state is State.CLOSED or conn.to_host:
@@ -500,6 +519,8 @@ class VsockDevice:
             self.fail(GuestFault(f"the guest broke its vsock device: {e}"))
         except KvmpodError as e:
             self.fail(e)
+        except Exception as e:  # noqa: BLE001 — kvmpod's own bug: end the pod with it, never stall a ring
+            self._bug(e)
 
     def _read_host(self, conn: Connection) -> None:
         rx = self._queue(RX)

@@ -236,6 +236,7 @@ class VhostUserConnection:
             index, num = _STATE.unpack_from(payload)
             q = self._queue(index)
             q.last_avail = q.used_idx = num & 0xFFFF
+            q.resync = True
             return None
         if request == GET_VRING_BASE:
             (index, _) = _STATE.unpack_from(payload)
@@ -309,7 +310,7 @@ class VhostUserConnection:
         q.close_fds()
         q.unmap()
         unused = self.device.queue_stopped(q.index)
-        q.last_avail = (q.last_avail - unused) & 0xFFFF   # GET_VRING_BASE: where the device resumes
+        q.unpop(unused)   # GET_VRING_BASE: where the device resumes
 
     def _stop_rings(self) -> None:
         for q in self.queues:

@@ -146,6 +146,7 @@ class VirtQueue:
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.enabled = True        # SET_VRING_ENABLE; started once it has a kick fd and addresses
+        self.resync = False        # SET_VRING_BASE came: map() takes used_idx from the guest's used ring
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
@@ -169,6 +170,15 @@ class VirtQueue:
         self._desc = memory.view(memory.user_to_guest(self.desc_user, 16 * n, "descriptor table"), 16 * n)
         self._avail = memory.view(memory.user_to_guest(self.avail_user, 4 + 2 * n, "available ring"), 4 + 2 * n)
         self._used = memory.view(memory.user_to_guest(self.used_user, 4 + 8 * n, "used ring"), 4 + 8 * n)
+        if self.resync:
+            # A ring (re)starts where the guest's used ring says the device left off, not where the
+            # front end's base says: chains taken and never used (receive buffers the device held, or
+            # any lost to a bug) are offered again. A device that skipped them would fill the next
+            # used slot past one it never wrote, and Linux reads that stale slot as "id 0 is not a
+            # head" and stops the queue for good. The device uses chains in the order it took them.
+            self.resync = False
+            self.used_idx = _U16.unpack_from(self._used, 2)[0]
+            self.last_avail = self.used_idx
 
     def unmap(self) -> None:
         self._desc = self._avail = self._used = self._memory = None
@@ -222,6 +232,10 @@ class VirtQueue:
             index = nxt
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
+
+    def unpop(self, count: int) -> None:
+        """Give back the last `count` chains taken, unused: the next pops return them again."""
+        self.last_avail = (self.last_avail - count) & 0xFFFF
 
     def push(self, chain: Chain, written: int) -> None:
         """Return a chain to the guest with `written` bytes written into it."""
