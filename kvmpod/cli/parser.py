@@ -80,8 +80,8 @@ def build_parser() -> KvmpodParser:
                           "as root, qemu:///session otherwise)")
     run.add_argument("--boot", choices=["snapshot", "cold"], default=None,
                      help="snapshot (default, [run] boot in kvmpod.toml): restore a VM booted once and saved, "
-                          "made the first time it is needed, where the pod allows (no vsock, host volumes or "
-                          "network interfaces); cold: boot the guest kernel (docs/snapshot.md)")
+                          "made the first time it is needed, where the pod allows (no vsock transport or virtio-fs "
+                          "host volume); cold: boot the guest kernel (docs/snapshot.md)")
     run.add_argument("--interactive", "-i", action="store_true",
                      help="forward stdin to the app (a terminal: the app gets a pty, raw mode here)")
     run.add_argument("--detach", "-d", action="store_true",
