@@ -26,6 +26,8 @@
               metadata service's latency over a pod's first 20 requests (bench/firstrun.py)
 14. volumes   start with a host volume over 9p (snapshot) and virtio-fs (cold) vs none, and each transport's
               throughput vs tmpfs (bench/volumes.py; needs root)
+15. paths     start per network (none, user, the bridge in a netns of its own) and with vsock-user, from the
+              snapshot and cold, vs the cold floor and --net none (bench/paths.py)
 
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
@@ -58,6 +60,7 @@ from soak import measure_soak, print_soak  # noqa: E402
 from backends import measure_libvirt, print_libvirt  # noqa: E402
 from floor import measure_floor, print_floor  # noqa: E402
 from firstrun import measure_firstrun, measure_metadata, print_firstrun, print_metadata  # noqa: E402
+from paths import measure_paths, print_paths  # noqa: E402
 from density import measure_density, measure_scale, memory, print_density, print_scale  # noqa: E402
 from volumes import measure_volumes, print_volumes  # noqa: E402
 from kvmpod.vm.qemu_binary import find_qemu  # noqa: E402
@@ -109,22 +112,83 @@ def cli(runs: int) -> dict:
     return {"runs": runs, "help": stats(help_t), "python_pass": stats(pass_t), "ratio_median": h / p}
 
 
-def plot(result: dict, out: Path) -> None:
+def plot(results: dict, out: Path) -> None:
+    """One PNG a user can read: start side by side with its floors, phase by phase (Python start
+    included), the breakdown of kvmpod's own phases, and the density and scale curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    medians = result["median_s"]
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    start_ax, phase_ax, density_ax, scale_ax = axes.flat
+    floor = results.get("restore_floor", {})
+    if "kvmpod_phases_s" in floor:
+        kv, fl = floor["kvmpod_phases_s"], floor["restore_floor_phases_s"]
+        bars = {  # label: [(phase, seconds)], stacked bottom to top
+            "restore floor\n(C harness)": [("spawn to agent HELLO", fl["hello"]),
+                                            ("HELLO to app exit", fl["exit"] - fl["hello"]),
+                                            ("teardown", fl["end"] - fl["exit"])],
+            "kvmpod run\n(snapshot)": [("Python start + planning", kv["before_spawn"]),
+                                        ("spawn to agent HELLO", kv["hello"]),
+                                        ("HELLO to app exit", kv["exit"] - kv["hello"]),
+                                        ("teardown", kv["end"] - kv["exit"])],
+            "cold floor\n(bare QEMU boot)": [("cold boot, whole", floor["cold_floor"]["median"])],
+        }
+        colours = {"Python start + planning": "tab:red", "spawn to agent HELLO": "tab:blue",
+                   "HELLO to app exit": "tab:green", "teardown": "tab:gray", "cold boot, whole": "tab:purple"}
+        seen: set[str] = set()
+        for x, (label, parts) in enumerate(bars.items()):
+            bottom = 0.0
+            for phase, value in parts:
+                start_ax.bar(x, value, bottom=bottom, color=colours[phase],
+                             label=None if phase in seen else phase)
+                seen.add(phase)
+                bottom += value
+            start_ax.text(x, bottom, f"{bottom:.3f} s", ha="center", va="bottom", fontsize=9)
+        start_ax.set_xticks(range(len(bars)), list(bars))
+        start_ax.set_ylabel("seconds (medians)")
+        start_ax.set_title(f"start of /bin/true: {floor['ratio_median']:.2f}x the restore floor")
+        start_ax.legend(fontsize=8)
+    else:
+        start_ax.text(0.5, 0.5, f"restore floor: {floor.get('skipped', 'not measured')}", ha="center")
+    breakdown = results["breakdown"]
     bottom = 0.0
-    for label, value in medians.items():
-        ax.bar(["kvmpod run /bin/true"], [value], bottom=bottom, label=f"{label} ({value:.3f}s)")
+    python = breakdown["wall_median_s"] - breakdown["sum_s"]
+    for label, value in [("Python start and imports", python), *breakdown["median_s"].items()]:
+        phase_ax.barh(["kvmpod run"], [value], left=bottom, label=f"{label} {value:.3f}s")
         bottom += value
-    ax.set_ylabel("seconds (median)")
-    ax.set_title(f"kvmpod start-time breakdown ({result['runs']} runs)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    phase_ax.set_xlabel("seconds (medians)")
+    phase_ax.set_title(f"kvmpod run's phases, wall {breakdown['wall_median_s']:.3f} s ({breakdown['runs']} runs)")
+    phase_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    rows = results.get("density", {}).get("density", [])
+    if rows:
+        ns = [r["n"] for r in rows]
+        density_ax.plot(ns, [r["total_mib"] for r in rows], "o-", label="total PSS")
+        density_ax.plot(ns, [r["n"] * 16 for r in rows], "--", color="gray", label="target: 16 MiB a pod")
+        for r in rows:
+            density_ax.annotate(f"{r['per_pod_mib']:.1f} MiB/pod", (r["n"], r["total_mib"]), fontsize=8,
+                                textcoords="offset points", xytext=(4, -10))
+        density_ax.set_xlabel("idle pods at once")
+        density_ax.set_ylabel("MiB")
+        density_ax.set_title("density: idle busybox pods, total PSS")
+        density_ax.legend(fontsize=8)
+    rows = results.get("scale", {}).get("scale", [])
+    if rows:
+        ns = [r["n"] for r in rows]
+        scale_ax.plot(ns, [r["pods_per_s"] for r in rows], "o-", label="pods/s")
+        by_n = {r["n"]: r for r in rows}
+        if 2 in by_n:
+            scale_ax.axhline(0.9 * by_n[2]["pods_per_s"], ls="--", color="gray", label="target: 0.9x N=2")
+        scale_ax.set_xscale("log", base=2)
+        scale_ax.set_xticks(ns, [str(n) for n in ns])
+        scale_ax.set_xlabel("concurrent kvmpod run /bin/true")
+        scale_ax.set_ylabel("pods per second")
+        scale_ax.set_ylim(bottom=0)
+        scale_ax.set_title("scale")
+        scale_ax.legend(fontsize=8)
+    fig.suptitle(f"kvmpod bench {results['date']}, {results['cpus']} CPUs, {results.get('accel', '')}")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
@@ -183,6 +247,7 @@ def main() -> int:
         header("1. start (minimal kernel)")
         results["start_minimal"] = measure_start(work, aci, args.runs)
         print_start(results["start_minimal"])
+        results["accel"] = results["start_minimal"]["accel"]
         header("1. start (distro kernel)")
         results["start_distro"] = measure_start(work, aci, args.distro_runs, "distro")
         print_start(results["start_distro"])
@@ -225,6 +290,9 @@ def main() -> int:
                                        SectionUnavailable)
         header("14. volumes (a host volume's start and throughput per transport)")
         results["volumes"] = optional(lambda: measure_volumes(work, aci, 5), print_volumes, SectionUnavailable)
+        header("15. paths (start per network and agent transport, snapshot and cold)")
+        results["paths"] = measure_paths(work, aci, 5)
+        print_paths(results["paths"])
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, SectionUnavailable)
     results["targets"] = collect_targets(results)
@@ -235,7 +303,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"{results['date']}.json", out / f"{results['date']}.png"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results["breakdown"], png_path)
+    plot(results, png_path)
     print(f"\nwrote {json_path.relative_to(REPO)}, {png_path.relative_to(REPO)}; "
           f"total {results['total_s']:.0f}s")
     return 0

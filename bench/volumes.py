@@ -7,7 +7,7 @@ boots cold, vhost-user-fs being unmigratable), against the same pod without a vo
 snapshot), interleaved. Throughput: in one pod per transport, a host volume against a kind=empty one
 (tmpfs in the guest): write a file of SIZE MiB with fsync, read it back, create and stat N small files,
 remove them, timed by the guest (/proc/uptime, 10 ms resolution), so the ratio is what the transport
-costs. Needs root (virtiofsd). docs/performance.md ("Host volumes and the vsock transport").
+costs. Needs root (virtiofsd). docs/performance.md ("The default paths").
 
 Usage: bench/volumes.py [--runs N]   (prints tables; not a test, asserts nothing)
 """
