@@ -6,30 +6,14 @@ The restores themselves are in tests/e2e/test_snapshot_net.py."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from kvmpod.agent import protocol as p
 from kvmpod.boot import snapshot
 from kvmpod.net.spec import GuestInterface, GuestNetwork, Route, pod_mac
-from kvmpod.vm.config import Disk, Nic, VMConfig, qemu_argv
-
-
-@pytest.fixture
-def files(tmp_path) -> dict[str, Path]:
-    made = {}
-    for name in ("qemu", "vmlinux", "initrd", "disk.iso"):
-        (tmp_path / name).write_bytes(name.encode())
-        made[name] = tmp_path / name
-    return made
-
-
-def vm_config(files, **changes) -> VMConfig:
-    base = VMConfig(name="kvmpod-x", kernel=files["vmlinux"], initrd=files["initrd"], cmdline="quiet",
-                    console_log=Path("/run/x/console.log"), qmp_fd=3, agent_fd=4, machine="microvm",
-                    disks=[Disk(files["disk.iso"], "img0")])
-    return dataclasses.replace(base, **changes)
+from kvmpod.vm.config import Nic, qemu_argv
+from tests.unit.test_snapshot import files, vm_config  # noqa: F401  (files is a fixture)
 
 
 USER = Nic("02:11:22:33:44:00", user_options=("net=10.0.2.0/24", "hostfwd=tcp:127.0.0.1:8080-:80"))
