@@ -154,8 +154,9 @@ def plot(results: dict, out: Path) -> None:
     breakdown = results["breakdown"]
     bottom = 0.0
     python = breakdown["wall_median_s"] - breakdown["sum_s"]
+    palette = iter(["tab:red", "tab:orange", "tab:blue", "tab:green", "tab:olive", "tab:gray", "tab:cyan"])
     for label, value in [("Python start and imports", python), *breakdown["median_s"].items()]:
-        phase_ax.barh(["kvmpod run"], [value], left=bottom, label=f"{label} {value:.3f}s")
+        phase_ax.barh(["kvmpod run"], [value], left=bottom, color=next(palette), label=f"{label} {value:.3f}s")
         bottom += value
     phase_ax.set_xlabel("seconds (medians)")
     phase_ax.set_title(f"kvmpod run's phases, wall {breakdown['wall_median_s']:.3f} s ({breakdown['runs']} runs)")
