@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FORMAT = 3                # bump when what a snapshot holds changes meaning
 DEFAULT_KEEP = 8          # snapshots kept ([run] snapshots-kept); the least recently used go first
 BOOT_CHOICES = ("snapshot", "cold")
+MAKER_CPU_WEIGHT = 10     # the snapshot maker's cgroup cpu.weight: a tenth of a pod's 100 (see _make)
 
 
 def boot_setting() -> str:
@@ -244,7 +245,11 @@ async def _make(config: VMConfig, shape: SnapshotShape, final: Path, timeout: fl
         # trusted than a pod's; and not the pod's, which would be charged the memory file's pages for good.
         # Not KVMPOD_CGROUP_MEMORY_MAX's: that is for a pod's QEMU (a maker below its RAM would crawl,
         # its RAM being a file's page cache that is written back rather than OOM-killed)
-        limits = cgroup.limits_for(config.memory_mib, config.cpus, tcg=config.accel == "tcg")
+        # and a tenth of a pod's share of contended CPU: the maker runs alongside the first pod, which a
+        # user waits for, and on a busy host it took the CPU that pod's app (and its metadata service's
+        # answers) needed; uncontended, it runs at full speed all the same
+        limits = dataclasses.replace(cgroup.limits_for(config.memory_mib, config.cpus, tcg=config.accel == "tcg"),
+                                     cpu_weight=MAKER_CPU_WEIGHT)
         own, why = cgroup.for_vm(cgroup.snapshot_leaf(final.name), limits)
         if why:   # the pod has said so for its own cgroup
             log.debug("boot snapshot: %s", why)

@@ -73,6 +73,9 @@ class CgroupLimits:
     cpu_quota_us: int | None        # cpu.max's quota per period (None: no CPU limit)
     cpu_period_us: int = CPU_PERIOD_US
     swap_bytes: int = 0             # memory.swap.max (v1: memory.memsw.limit_in_bytes = memory + swap)
+    # a share of contended CPU, as v2's cpu.weight (1-10000, the kernel's default 100); v1: cpu.shares
+    # (default 1024) scaled alike. None: the kernel's default
+    cpu_weight: int | None = None
 
     @property
     def cpus(self) -> Decimal | None:
@@ -80,11 +83,12 @@ class CgroupLimits:
 
     def describe(self) -> str:
         cpu = "no CPU limit" if self.cpus is None else f"cpu {self.cpus.normalize():f} CPUs ({self.cpu_quota_us}/{self.cpu_period_us} us)"
-        return f"memory {self.memory_bytes // MIB} MiB, swap {self.swap_bytes // MIB} MiB, pids {self.pids}, {cpu}"
+        weight = "" if self.cpu_weight is None else f", cpu weight {self.cpu_weight}"
+        return f"memory {self.memory_bytes // MIB} MiB, swap {self.swap_bytes // MIB} MiB, pids {self.pids}, {cpu}{weight}"
 
     def record(self) -> dict[str, Any]:
         return {"memory_bytes": self.memory_bytes, "swap_bytes": self.swap_bytes, "pids": self.pids,
-                "cpu_quota_us": self.cpu_quota_us, "cpu_period_us": self.cpu_period_us}
+                "cpu_quota_us": self.cpu_quota_us, "cpu_period_us": self.cpu_period_us, "cpu_weight": self.cpu_weight}
 
 
 def overhead_mib(memory_mib: int, vcpus: int, virtiofsd: int = 0, tcg: bool = True) -> int:
@@ -327,7 +331,8 @@ class Cgroup:
                                                  for (p, v), cs in by_dir.items()),
                        CgroupLimits(int(limits["memory_bytes"]), int(limits["pids"]),
                                     None if limits["cpu_quota_us"] is None else int(limits["cpu_quota_us"]),
-                                    int(limits["cpu_period_us"]), int(limits["swap_bytes"])))
+                                    int(limits["cpu_period_us"]), int(limits["swap_bytes"]),
+                                    None if limits.get("cpu_weight") is None else int(limits["cpu_weight"])))
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -442,11 +447,16 @@ def _limit_files(controller: str, version: int, limits: CgroupLimits, d: Path) -
     if controller == "pids":
         return [("pids.max", str(limits.pids))]
     if controller == "cpu":
+        files = []
+        if limits.cpu_weight is not None:
+            files.append(("cpu.weight", str(limits.cpu_weight)) if version == 2 else
+                         ("cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100))))
         if limits.cpu_quota_us is None:
-            return []
+            return files
         if version == 2:
-            return [("cpu.max", f"{limits.cpu_quota_us} {limits.cpu_period_us}")]
-        return [("cpu.cfs_period_us", str(limits.cpu_period_us)), ("cpu.cfs_quota_us", str(limits.cpu_quota_us))]
+            return [*files, ("cpu.max", f"{limits.cpu_quota_us} {limits.cpu_period_us}")]
+        return [*files, ("cpu.cfs_period_us", str(limits.cpu_period_us)),
+                ("cpu.cfs_quota_us", str(limits.cpu_quota_us))]
     return []
 
 

@@ -4,6 +4,8 @@ kill's report, removal and gc of strays."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import json
 import os
@@ -119,9 +121,9 @@ class FakeCgroupFs:
     V1_FILES = {"memory": {"memory.limit_in_bytes": "9223372036854771712\n", "memory.failcnt": "0\n",
                            "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n"},
                 "pids": {"pids.max": "max\n"},
-                "cpu": {"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n"}}
+                "cpu": {"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n", "cpu.shares": "1024\n"}}
     V2_FILES = {"memory": {"memory.max": "max\n", "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n"},
-                "pids": {"pids.max": "max\n"}, "cpu": {"cpu.max": "max 100000\n"}}
+                "pids": {"pids.max": "max\n"}, "cpu": {"cpu.max": "max 100000\n", "cpu.weight": "100\n"}}
 
     def __init__(self, root: Path, mountinfo: str, proc_self: str, v2_controllers: str = "",
                  swap_accounting: bool = True):
@@ -245,6 +247,24 @@ def test_v1_every_controller_its_directory_and_files(fake):
     assert ((cpu_dir / "cpu.cfs_quota_us").read_text(), (cpu_dir / "cpu.cfs_period_us").read_text()) == ("50000", "100000")
     assert made.procs_files == tuple(os.fsencode(d / "cgroup.procs") for d in (mem, pids, cpu_dir))
     assert made.controllers == ("cpu", "memory", "pids")
+
+
+def test_a_cpu_weight_is_v1_cpu_shares(fake):
+    fs = fake()
+    limits = dataclasses.replace(limits_for(256, 1), cpu_weight=10)
+    made, notice = cgroup.create(UUID, limits, parent="kvmpod")
+    assert notice == "" and made is not None
+    assert (fs.root / "cpu" / "kvmpod" / UUID / "cpu.shares").read_text() == "102"   # 1024 x 10 / 100
+    assert Cgroup.from_record(json.loads(json.dumps(made.record()))) == made
+
+
+def test_a_cpu_weight_is_v2_cpu_weight_and_none_leaves_the_default(fake):
+    fs = fake(V2, "0::/init.scope\n", v2="cpu memory pids io")
+    limits = dataclasses.replace(limits_for(256, 1), cpu_weight=10)
+    made, notice = cgroup.create(UUID, limits, parent="kvmpod")
+    assert notice == "" and (fs.root / "kvmpod" / UUID / "cpu.weight").read_text() == "10"
+    plain, _ = cgroup.create("other", limits_for(256, 1), parent="kvmpod")
+    assert (fs.root / "kvmpod" / "other" / "cpu.weight").read_text() == "100\n"   # left at the kernel's default
 
 
 def test_v1_without_swap_accounting_sets_no_memsw(fake):
