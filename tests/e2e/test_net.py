@@ -240,7 +240,12 @@ def test_user_networking_without_root_forwards_a_port(web_aci, nobody_home):
     image = home / "web.aci"
     shutil.copy(web_aci, image)
     os.chown(image, 65534, 65534)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+    # its runtime dir inside the home, removed with it (without XDG_RUNTIME_DIR kvmpod would use
+    # /tmp/kvmpod-65534, which outlived the test)
+    runtime = home / "run"
+    runtime.mkdir(mode=0o700)
+    os.chown(runtime, 65534, 65534)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "kvmpod"]
     started = subprocess.run([*as_nobody, "run", "--detach", "--port", "http:127.0.0.1:18090", str(image)],
                              capture_output=True, env=env, timeout=VM_TIMEOUT, cwd=home)
@@ -255,7 +260,9 @@ def test_user_networking_without_root_forwards_a_port(web_aci, nobody_home):
     finally:
         stopped = subprocess.run([*as_nobody, "stop", uuid], capture_output=True, env=env, timeout=60, cwd=home)
         assert stopped.returncode == 0, stopped.stderr.decode()
-        subprocess.run([*as_nobody, "rm", uuid], capture_output=True, env=env, timeout=60, cwd=home)
+        removed = subprocess.run([*as_nobody, "rm", uuid], capture_output=True, env=env, timeout=60, cwd=home)
+        assert removed.returncode == 0, removed.stderr.decode()
+        assert list((runtime / "kvmpod" / "pods").glob("*")) == []
 
 
 def test_gc_sweeps_port_forwards_no_lease_accounts_for(netns, busybox_aci):
