@@ -9,6 +9,7 @@ silently a smaller image), and the caps of kvmpod.toml [image] on entries and to
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,50 +63,47 @@ def _check(tar_path: Path, shown_as: str | Path, limits: ImportLimits,
     manifests: list[tarfile.TarInfo] = []
     kept: list[RootfsEntry] | None = [] if keep else None
     entries = file_bytes = 0
-    tar: tarfile.TarFile | None = None
     try:
-        tar = tarfile.open(tar_path, "r:")
-        for entry in entries_from_tar(tar, on_manifest=manifests.append):
-            entries += 1
-            if entries > limits.max_entries:
-                raise ImageError(f"more than {limits.max_entries} entries (a tar bomb?); if the image is "
-                                 "genuine, raise [image] max-entries in kvmpod.toml")
-            if entry.kind is EntryKind.FILE:
-                file_bytes += entry.size
-                if file_bytes > limits.max_size:
-                    raise ImageError(f"{printable(entry.path)}: the files add up to more than the "
-                                     f"{human_size(limits.max_size)} limit (sparse files count in full); "
-                                     "if the image is genuine, raise [image] max-size in kvmpod.toml")
-            if kept is not None:
-                kept = kept if entries <= KEEP_ENTRIES else None
+        with ExitStack() as stack:
+            tar = stack.enter_context(tarfile.open(tar_path, "r:"))
+            for entry in entries_from_tar(tar, on_manifest=manifests.append):
+                entries += 1
+                if entries > limits.max_entries:
+                    raise ImageError(f"more than {limits.max_entries} entries (a tar bomb?); if the image is "
+                                     "genuine, raise [image] max-entries in kvmpod.toml")
+                if entry.kind is EntryKind.FILE:
+                    file_bytes += entry.size
+                    if file_bytes > limits.max_size:
+                        raise ImageError(f"{printable(entry.path)}: the files add up to more than the "
+                                         f"{human_size(limits.max_size)} limit (sparse files count in full); "
+                                         "if the image is genuine, raise [image] max-size in kvmpod.toml")
                 if kept is not None:
-                    kept.append(entry)
-        end = tar.offset
-        if not manifests:
-            raise ImageError("not an ACI: no top-level 'manifest' file")
-        if entries == 0:
-            raise ImageError("not an ACI: no 'rootfs/' directory")
-        member = manifests[0]
-        if member.size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"manifest: {member.size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
-        f = tar.extractfile(member)
-        assert f is not None
-        data = f.read(member.size)
-        _check_end_marker(tar_path, end)
-    except BaseException as e:
-        if tar is not None:
-            tar.close()
-        if isinstance(e, (tarfile.TarError, EOFError, ValueError, OverflowError)):
-            raise ImageError(f"{shown_as}: not a valid tar archive: {printable(str(e))}") from e
-        if isinstance(e, ManifestError):
-            raise ManifestError(f"{shown_as}: {e}") from e
-        if isinstance(e, (ImageError, DiskError)):  # at import, whatever makes an image unusable is an image error
-            raise ImageError(f"{shown_as}: {e}") from e
-        raise
-    if kept is None:
-        tar.close()
-        return data, None
-    return data, CheckedRootfs(tar, kept)
+                    if entries > KEEP_ENTRIES:
+                        kept = None
+                    else:
+                        kept.append(entry)
+            end = tar.offset
+            if not manifests:
+                raise ImageError("not an ACI: no top-level 'manifest' file")
+            if entries == 0:
+                raise ImageError("not an ACI: no 'rootfs/' directory")
+            member = manifests[0]
+            if member.size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"manifest: {member.size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
+            f = tar.extractfile(member)
+            assert f is not None
+            data = f.read(member.size)
+            _check_end_marker(tar_path, end)
+            if kept is not None:
+                stack.pop_all()   # the archive stays open for CheckedRootfs's openers; its owner closes it
+                return data, CheckedRootfs(tar, kept)
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:
+        raise ImageError(f"{shown_as}: not a valid tar archive: {printable(str(e))}") from e
+    except ManifestError as e:
+        raise ManifestError(f"{shown_as}: {e}") from e
+    except (ImageError, DiskError) as e:  # at import, whatever makes an image unusable is an image error
+        raise ImageError(f"{shown_as}: {e}") from e
+    return data, None
 
 
 def _check_end_marker(tar_path: Path, end: int) -> None:
