@@ -132,6 +132,15 @@ static void refused(uint32_t port)
 static void echo_server(int lfd, unsigned n)
 {
     for (unsigned i = 0; i < n; i++) {
+        /* A connection the host lost must end the test with a message, not leave it waiting forever. */
+        struct pollfd lp = {.fd = lfd, .events = POLLIN};
+        int ready = poll(&lp, 1, CONNECT_TIMEOUT_S * 1000);
+        if (ready == 0) {
+            fprintf(stderr, "vsock-test: %u of %u host connections came in %d s\n", i, n, CONNECT_TIMEOUT_S);
+            exit(1);
+        }
+        if (ready < 0)
+            die("poll (accept)");
         conns[i] = (struct conn){.fd = accept(lfd, NULL, NULL)};
         if (conns[i].fd < 0)
             die("accept");

@@ -53,7 +53,8 @@ MALFORMED_LIMIT = 16          # malformed packets before the guest is cut off
 MAX_QUEUED = 4096             # control packets waiting for receive buffers before the guest is cut off
 HOST_PORT_BASE = 1 << 30      # local ports of host-initiated connections (as Firecracker)
 CONNECT_LINE_MAX = 32         # "CONNECT 4294967295\n" fits
-MAX_PENDING_FRONT = 64        # front connections that have not sent their CONNECT line yet
+MAX_PENDING_FRONT = 64        # front connections read at once before their CONNECT line; more wait in the backlog
+FRONT_BACKLOG = socket.SOMAXCONN  # a burst of host connects waits in the kernel instead of failing
 BATCH = 64                    # chains handled per event before yielding to the loop
 
 
@@ -112,6 +113,8 @@ class VsockDevice:
         self._loop = asyncio.get_running_loop()
         self._listeners: list[socket.socket] = []
         self._front_pending: dict[socket.socket, bytes] = {}   # front sockets -> CONNECT line so far
+        self._front_listener: socket.socket | None = None
+        self._front_paused = False   # MAX_PENDING_FRONT reached: new connections wait in the backlog
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -120,27 +123,31 @@ class VsockDevice:
 
     def listen_vhost_user(self, path: Path) -> None:
         """Listen for the front-end (QEMU) before it starts; the first connection is served."""
-        self._listen(path, self._accept_vhost)
+        self._listen(path, self._accept_vhost, backlog=16)
 
     def listen_front(self) -> None:
-        """The Firecracker-style unix socket host programs reach guest ports through."""
+        """The Firecracker-style unix socket host programs reach guest ports through. Its backlog is
+        deep: a connect() to a unix socket whose backlog is full fails at once with EAGAIN when the
+        socket is non-blocking (Python's with a timeout, Go's always), and a burst of connects while
+        the loop is busy with the guest filled a backlog of 16 (the CI hang of docs/reliability.md)."""
         if self.uds_path is not None:
-            self._listen(self.uds_path, self._accept_front)
+            self._front_listener = self._listen(self.uds_path, self._accept_front, backlog=FRONT_BACKLOG)
 
-    def _listen(self, path: Path, on_accept: Callable[[socket.socket], None]) -> None:
+    def _listen(self, path: Path, on_accept: Callable[[socket.socket], None], backlog: int) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             sock.bind(str(path))
             os.chmod(path, 0o600)
-            sock.listen(16)
+            sock.listen(backlog)
         except OSError as e:
             sock.close()
             raise VMError(f"{path}: cannot listen: {e.strerror}") from e
         sock.setblocking(False)
         self._listeners.append(sock)
         self._loop.add_reader(sock.fileno(), self._on_listener, sock, on_accept)
+        return sock
 
     def _on_listener(self, listener: socket.socket, on_accept: Callable[[socket.socket], None]) -> None:
         try:
@@ -168,6 +175,7 @@ class VsockDevice:
                     os.unlink(path)
             sock.close()
         self._listeners.clear()
+        self._front_listener = None
         for sock in list(self._front_pending):
             self._drop_front(sock)
         for conn in list(self.conns.values()):
@@ -614,16 +622,29 @@ class VsockDevice:
     # -- the Firecracker-style front: CONNECT <port>\n -> OK <host port>\n ----------------------------
 
     def _accept_front(self, sock: socket.socket) -> None:
-        if len(self._front_pending) >= MAX_PENDING_FRONT or self.failure is not None:
+        if self.failure is not None:
             sock.close()
             return
         sock.setblocking(False)
         self._front_pending[sock] = b""
         self._loop.add_reader(sock.fileno(), self._front_line, sock)
+        if len(self._front_pending) >= MAX_PENDING_FRONT and self._front_listener is not None:
+            # Backpressure, not refusal: the host program's connect waits in the backlog until a
+            # pending connection has sent its line (or gone), as with any busy server.
+            self._front_paused = True
+            self._loop.remove_reader(self._front_listener.fileno())
 
-    def _drop_front(self, sock: socket.socket) -> None:
+    def _front_settled(self, sock: socket.socket) -> None:
+        """`sock` is no longer waiting for its CONNECT line: a paused listener may accept again."""
         self._front_pending.pop(sock, None)
         self._loop.remove_reader(sock.fileno())
+        listener = self._front_listener
+        if self._front_paused and listener is not None and len(self._front_pending) < MAX_PENDING_FRONT:
+            self._front_paused = False
+            self._loop.add_reader(listener.fileno(), self._on_listener, listener, self._accept_front)
+
+    def _drop_front(self, sock: socket.socket) -> None:
+        self._front_settled(sock)
         sock.close()
 
     def _front_line(self, sock: socket.socket) -> None:
@@ -646,8 +667,7 @@ class VsockDevice:
                 self._front_pending[sock] = line
             return
         words = line.split()
-        self._front_pending.pop(sock, None)
-        self._loop.remove_reader(sock.fileno())
+        self._front_settled(sock)
         if len(words) != 2 or words[0] != b"CONNECT" or not words[1].isdigit() or not 0 < int(words[1]) < 1 << 32:
             sock.close()
             return

@@ -214,9 +214,13 @@ def test_64_concurrent_connections_each_way(kvmpod, vsock_test_aci, kvmpod_env):
         server.join(180)
         out, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        if proc.poll() is None:   # SIGTERM first: kvmpod ends the pod and removes its cgroup (SIGKILL would not)
+            proc.terminate()
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
     assert errors == [], f"the pod said: {err.decode()}"  # the guest program's own error says which step failed
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines() == ["listening on 5001", f"guest->host: {n} connections ok", "refused: ok",

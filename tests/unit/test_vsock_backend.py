@@ -395,6 +395,34 @@ async def test_front_rejects_a_bad_line(rig):
 
 
 @with_rig
+async def test_a_burst_of_front_connects_waits_instead_of_failing(rig):
+    """More non-blocking connects than MAX_PENDING_FRONT while the loop is busy: none fails with EAGAIN
+    (a full backlog did, and the guest waited for a connection that never came), and each one's
+    CONNECT reaches the guest once earlier ones have sent their lines."""
+    n = d.MAX_PENDING_FRONT + 36
+    clients = []
+    for _ in range(n):   # the loop does not run meanwhile: every connect waits in the backlog
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        c.connect(str(rig.tmp / "v.sock"))
+        clients.append(c)
+    for i, c in enumerate(clients):
+        c.send(f"CONNECT {7100 + i}\n".encode())
+    ports: list[int] = []
+    for _ in range(4 * n):
+        await settle()
+        got = rig.guest.received()
+        ports += [hdr[3] for hdr, _ in got if hdr[6] == d.OP_REQUEST]
+        rig.guest.post_rx(len(got))
+        if len(ports) == n:
+            break
+    assert sorted(ports) == [7100 + i for i in range(n)]
+    assert not rig.device._front_paused
+    for c in clients:
+        c.close()
+
+
+@with_rig
 async def test_in_process_connect_and_refusal(rig):
     task = asyncio.ensure_future(rig.device.connect(1024))
     await settle()
