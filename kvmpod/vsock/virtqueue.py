@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from kvmpod.errors import GuestFault, VMError
@@ -26,6 +27,8 @@ _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _EVENTFD_ONE = (1).to_bytes(8, "little")
+# Taking a lock is a locked instruction on x86: the one full barrier Python has (below, in notify).
+_FENCE = threading.Lock()
 
 
 @dataclass
@@ -248,6 +251,12 @@ class VirtQueue:
         """Interrupt the guest (the call eventfd) unless it asked not to be."""
         if self.call_fd is None or self._avail is None:
             return
+        # x86 may let the load of the guest's flags pass the store of the used index. A guest that
+        # re-enables interrupts (a store, a full barrier, a load of the used index) could then see
+        # neither the new index nor an interrupt, and wait forever: the device's half of that pairing
+        # is a full barrier here, as vhost's vhost_notify() has its smp_mb().
+        with _FENCE:
+            pass
         if _U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT:
             return
         try:
