@@ -38,7 +38,7 @@ from kvmpod.vm.config import Nic, VMConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3                # bump when what a snapshot holds changes meaning
+FORMAT = 4                # bump when what a snapshot holds changes meaning
 DEFAULT_KEEP = 8          # snapshots kept ([run] snapshots-kept); the least recently used go first
 BOOT_CHOICES = ("snapshot", "cold")
 MAKER_CPU_WEIGHT = 10     # the snapshot maker's cgroup cpu.weight: a tenth of a pod's 100 (see _make)

@@ -19,6 +19,25 @@ AGENT_PORT_NAME = "org.kvmpod.agent"
 TCG_CACHE_MIB = 64
 
 
+def max_vcpus(cpus: int, accel: str) -> int:
+    """How many vCPUs the machine is declared able to hold, for `cpus` running. Under TCG the machine is declared able to hold two at least: QEMU 7.2
+    translates a guest's memory barriers and locked instructions faithfully only when it could run
+    two vCPUs at once (CF_PARALLEL, max_cpus > 1); with one, a barrier becomes nothing and `lock add`
+    plain loads and stores. A virtio driver's "re-enable interrupts, full barrier, look at the used
+    index" then lets its load pass its store while a device in another thread (QEMU's I/O threads,
+    a vhost-user back-end such as kvmpod's vsock or virtiofsd) does the mirror-image check, and both
+    miss: the guest waits for an interrupt that never comes (docs/reliability.md). QEMU 8.1 stopped
+    eliding tcg_gen_mb in system mode for this reason, which still leaves x86's `lock`-prefixed
+    barrier non-atomic. The second vCPU is only possible, never started."""
+    return max(cpus, 2) if accel == "tcg" else cpus
+
+
+def smp_value(cpus: int, accel: str) -> str:
+    """-smp: `cpus` running, max_vcpus() possible."""
+    most = max_vcpus(cpus, accel)
+    return f"{cpus},maxcpus={most}" if most != cpus else str(cpus)
+
+
 def opt_value(value: object) -> str:
     """`value` as one value inside a QEMU option list (`key=value,...`): commas doubled."""
     return str(value).replace(",", ",,")
@@ -160,7 +179,7 @@ def qemu_argv(cfg: VMConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         "-machine", ",".join((cfg.machine, *machine_options)),
         "-accel", f"tcg,tb-size={TCG_CACHE_MIB}" if cfg.accel == "tcg" else cfg.accel,
         "-m", f"{cfg.memory_mib}M",
-        "-smp", str(cfg.cpus),
+        "-smp", smp_value(cfg.cpus, cfg.accel),
         "-nodefaults", "-no-user-config", "-nographic",
         "-no-reboot",                       # a guest reset (panic=-1, reboot=t) ends QEMU
         "-action", "panic=exit-failure",    # with pvpanic: the panic is reported, then QEMU exits

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpod.vm.cgroup import CPU_PERIOD_US, CgroupLimits
-from kvmpod.vm.config import AGENT_PORT_NAME, TCG_CACHE_MIB, VMConfig, opt_value
+from kvmpod.vm.config import AGENT_PORT_NAME, TCG_CACHE_MIB, VMConfig, max_vcpus, opt_value
 
 # kvmpod's element in <metadata>: `kvmpod gc` finds a pod's domain by it (never by its name alone)
 METADATA_NS = "https://kvmpod.dev/xmlns/libvirt/pod/1"
@@ -103,7 +103,7 @@ def render(cfg: VMConfig, spec: DomainSpec) -> str:
                              autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.get_template("domain.xml.j2").render(
         cfg=cfg, spec=spec, shared_memory=bool(cfg.filesystems), tcg_cache_mib=TCG_CACHE_MIB,
-        cpu_period_us=CPU_PERIOD_US, agent_port=AGENT_PORT_NAME, panic_model=panic_model(cfg), qemu_args=qemu_args(cfg),
+        max_vcpus=max_vcpus(cfg.cpus, cfg.accel), cpu_period_us=CPU_PERIOD_US, agent_port=AGENT_PORT_NAME, panic_model=panic_model(cfg), qemu_args=qemu_args(cfg),
         tap_nics=[n for n in cfg.nics if n.tap_name is not None],
         # microvm has no PCI bus: libvirt puts virtio devices on virtio-mmio only when told to
         mmio=Markup("\n      <address type='virtio-mmio'/>") if cfg.machine == "microvm" else "")

@@ -135,6 +135,12 @@ def test_a_tap_on_microvm_is_on_virtio_mmio_without_a_rom():
     assert nic.find("address").get("type") == "virtio-mmio" and nic.find("rom") is None
 
 
+def test_a_one_vcpu_tcg_domain_may_hold_two_like_qemus_own_argv():
+    dom = parse(config(cpus=1))
+    assert (dom.findtext("vcpu"), dom.find("vcpu").get("current")) == ("2", "1")
+    assert parse(config(cpus=1, accel="kvm")).find("vcpu").get("current") is None
+
+
 def test_rendering_leaves_the_config_and_its_qemu_argv_as_they_were():
     cfg = config(agent_fd=7, qmp_fd=8)
     before, argv = copy.deepcopy(cfg), qemu_argv(cfg)
