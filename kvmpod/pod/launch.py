@@ -24,6 +24,9 @@ from kvmpod.boot.kernel import find_kernel
 from kvmpod.boot.snapshot import BootSnapshot, SnapshotUse, boot_setting, find, unfit
 from kvmpod.errors import KvmpodError, VMError
 from kvmpod.image.manifest import check_runnable
+from kvmpod.net.attach import AppPorts, PodNetwork
+from kvmpod.net.attach import setup as setup_network
+from kvmpod.net.spec import NET_NONE, NET_USER
 from kvmpod.pod.metadata_secrets import MetadataSecrets
 from kvmpod.pod.options import RunOptions, notice
 from kvmpod.pod.poddir import PodDir
@@ -134,7 +137,7 @@ class PodPlan:
     pod: PodDir
     apps: list[ResolvedApp]
     volumes: PodVolumes
-    config: VMConfig          # without NICs: the network is set up by the second half
+    config: VMConfig          # with NICs only if `network` is set
     snapshot_cmdline: str       # the command line without per-pod words: a boot snapshot's
     hostname: str
     metadata_secrets: MetadataSecrets
@@ -146,6 +149,9 @@ class PodPlan:
     cgroup: Cgroup | None = None          # QEMU's and virtiofsd's, with the pod's limits (kvmpod/vm/cgroup.py)
     backend: BackendChoice = BackendChoice("qemu")   # QEMU itself, or a libvirt domain (docs/libvirt.md)
     limits: CgroupLimits | None = None        # a libvirt domain's (its <memtune>, <cputune>)
+    # set up while planning when that needs no netlink (--net user), so that a snapshot restore can be
+    # spawned here; otherwise (bridge, CNI, a given namespace: taps and pyroute2) by the second half
+    network: PodNetwork | None = None
 
     def abandon(self) -> None:
         """The pod fails before a runner took the VM: QEMU goes, and so does the snapshot claim. Also
@@ -281,17 +287,31 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         elif not cgroup.switched_off():   # libvirt's own cgroup of the domain gets the same limits
             planned.limits = cgroup.limits_for(size.memory_mib, size.cpus, size.cpu_limit, 0, cgroup.memory_override(),
                                                tcg=accel.name == "tcg")
-        if snapshot_possible and options.network.mode == "none":  # a pod with NICs restores once its taps exist
+        if snapshot_possible and options.network.mode in (NET_NONE, NET_USER):
+            # a pod on a bridge or CNI restores once the second half has made its taps
+            if options.network.mode == NET_USER:
+                planned.network = setup_network(options.network, pod.uuid, pod.path, app_ports(resolved), notice)
+                planned.config = dataclasses.replace(config, nics=planned.network.nics())
             _spawn_from_snapshot(planned, timings)
         return planned
     except BaseException as e:
         if planned is not None:
             planned.abandon()
+            if planned.network is not None:
+                try:
+                    planned.network.release()
+                except KvmpodError as failure:  # the pod's own error is the one to report
+                    log.debug("releasing the network of a pod that failed to start: %s", failure)
         if options.keep and isinstance(e, KvmpodError):
             pod.update(error=str(e))
             raise KvmpodError(f"{e} (pod directory kept: {pod.path})") from e
         pod.remove()
         raise
+
+
+def app_ports(apps: list[ResolvedApp]) -> list[AppPorts]:
+    """Each app's declared ports (its image manifest's), which --port names."""
+    return [AppPorts(a.name, a.image.manifest.app.ports if a.image.manifest.app else []) for a in apps]
 
 
 def pod_cgroup(pod: PodDir, size: VMSize, virtiofsd: int, accel: str) -> Cgroup | None:
@@ -321,7 +341,7 @@ def _spawn_from_snapshot(plan: PodPlan, timings: dict[str, float]) -> None:
     if use is None:
         return
     plan.restore = SnapshotClaim(use.snapshot, use, plan.snapshot_cmdline)
-    log.debug("boot: from snapshot %s", use.snapshot.key)
+    log.debug("boot: from snapshot %s, QEMU spawned while planning", use.snapshot.key)
     timings["qemu_spawn"] = time.time()
     plan.spawned = spawn_qemu(use.snapshot.restore_config(config), plan.pod.file("qemu.log"), use.snapshot.state,
                               cgroup=plan.cgroup)

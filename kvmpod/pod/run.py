@@ -28,12 +28,12 @@ from kvmpod.boot.snapshot import make_missing
 from kvmpod.boot.snapshot import unfit as snapshot_unfit
 from kvmpod.errors import KvmpodError
 from kvmpod.fsutil import write_atomically
-from kvmpod.net.attach import AppPorts, PodNetwork, needs_netlink, release
+from kvmpod.net.attach import PodNetwork, needs_netlink, release
 from kvmpod.net.attach import setup as setup_network
 from kvmpod.pod import audit
 from kvmpod.pod.control import ControlServer
 from kvmpod.pod.handover import RelayState
-from kvmpod.pod.launch import PodPlan, SnapshotClaim, plan_pod
+from kvmpod.pod.launch import PodPlan, SnapshotClaim, app_ports, plan_pod
 from kvmpod.pod.metadata import PodMetadata
 from kvmpod.pod.options import RunOptions, notice
 from kvmpod.pod.poddir import PodDir
@@ -65,7 +65,7 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
     """The second half of `kvmpod run` (the first: kvmpod/pod/launch.py): the pod's manifest, metadata
     and network, QEMU (unless planning spawned it from a boot snapshot), the apps, and teardown."""
     pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
-    network = None
+    network = plan.network   # --net user: set up while planning (launch.py); released at the end here
     maker: asyncio.Task | None = None   # the boot snapshot, made alongside a first pod that boots cold
     options = dataclasses.replace(options, backend=plan.backend.name)   # as chosen (--backend or [vm] backend)
     try:
@@ -79,11 +79,11 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
         pod.write_json("pod-manifest", manifest)
         plan.metadata_secrets.save_key(pod.path)
         metadata = PodMetadata.build(pod.uuid, manifest, resolved, plan.metadata_secrets)
-        app_ports = [AppPorts(a.name, a.image.manifest.app.ports if a.image.manifest.app else []) for a in resolved]
-        if needs_netlink(options.network):  # in a thread: pyroute2's synchronous API runs its own event loop
-            network = await asyncio.to_thread(setup_network, options.network, pod.uuid, pod.path, app_ports, notice)
-        else:
-            network = setup_network(options.network, pod.uuid, pod.path, app_ports, notice)
+        if network is None and needs_netlink(options.network):  # in a thread: pyroute2's synchronous API
+            network = await asyncio.to_thread(setup_network, options.network, pod.uuid, pod.path,  # runs its own
+                                              app_ports(resolved), notice)                       # event loop
+        elif network is None:
+            network = setup_network(options.network, pod.uuid, pod.path, app_ports(resolved), notice)
         if network.attachments:
             pod.update(networks=network.summary())
         if plan.backend.name == "libvirt":   # libvirt opens the bridge's tap by name: it must outlive kvmpod's fd
