@@ -134,7 +134,7 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
         with open(stderr_log, "wb") as err:
             try:
                 process = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=qemu_env(),
                     preexec_fn=functools.partial(qemu_preexec, cgroup.procs_files if cgroup else ()),
                     pass_fds=[*theirs, *(n.tap_fd for n in config.nics if n.tap_fd is not None)],
                     start_new_session=True)  # Ctrl-C reaches kvmpod, which decides what the apps get
@@ -153,6 +153,14 @@ def spawn_qemu(config: VMConfig, stderr_log: Path, restore_from: Path | None = N
             os.close(fd)
     faults.at("spawn", process.pid)
     return SpawnedQemu(process, config, ours.get("qmp"), ours.get("agent"), ours.get("restore_monitor"), cgroup)
+
+
+def qemu_env() -> dict[str, str]:
+    """QEMU's environment: kvmpod's, with glibc's malloc held to one arena (unless the caller chose).
+    Each of QEMU's threads (vCPU, I/O, RCU, workers) otherwise gets an arena of its own, and an idle
+    pod keeps their touched pages: one arena is 1.3 MiB less per pod (16 idle pods: 492 -> 471 MiB PSS)
+    with no change in start time or streaming measured (docs/performance.md)."""
+    return {"MALLOC_ARENA_MAX": "1", **os.environ}
 
 
 def qemu_binary() -> Path:

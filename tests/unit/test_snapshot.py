@@ -266,3 +266,11 @@ def test_gc_sweeps_what_killed_makers_left_and_never_a_live_makers(tmp_path, mon
         (d / "memory").write_bytes(b"x")
     assert sorted(snapshot.sweep_makers()) == sorted([str(snaps / f"k1.new-{dead}"), str(run_dir / f"snapshot-{dead}-abc")])
     assert [d.name for d in made if d.exists()] == [f"k2.new-{live}", f"snapshot-{live}-def", "snapshot-old", "k3"]
+
+
+def test_qemu_gets_one_malloc_arena_unless_the_caller_chose(monkeypatch):
+    from kvmpod.vm.spawn import qemu_env
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert qemu_env()["MALLOC_ARENA_MAX"] == "1"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert qemu_env()["MALLOC_ARENA_MAX"] == "4"
