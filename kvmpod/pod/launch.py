@@ -5,7 +5,9 @@ Planning finds (or imports) the images and builds their disks, picks the kernel,
 machine and agent transport, sizes the VM, makes the pod directory and describes the VM. A pod that
 starts from a boot snapshot which already exists gets its QEMU spawned right there (kvmpod/vm/spawn.py):
 QEMU initialises and the guest resumes while this process imports asyncio, qemu.qmp and the agent
-session and sets up the rest (the second half, kvmpod/pod/run.py). Nothing here imports those.
+session and sets up the rest (the second half, kvmpod/pod/run.py). Nothing here imports those. That
+takes a pod whose NICs are known without netlink: `--net none`, and `--net user`, whose network is set
+up here (slirp needs no tap); a bridge's, CNI's or a given namespace's taps are the second half's.
 """
 
 from __future__ import annotations
