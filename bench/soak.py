@@ -106,8 +106,8 @@ def leftovers(env: dict[str, str], base: Path | None = None) -> list[str]:
     found += [f"pod directory {p.name}" for p in (sorted(pods.iterdir()) if pods.is_dir() else [])]
     for path in sorted(run.rglob("*")) if run.is_dir() else []:
         rel = path.relative_to(run)
-        if rel.parts[0] in ("pods", "qemu-root"):   # pods: above; qemu-root: QEMU's chroot, kept (security.md)
-            continue
+        if rel.parts[0] in ("pods", "qemu-root", "start-slots"):   # pods: above; qemu-root: QEMU's chroot, kept
+            continue        # (security.md); start-slots: N lock files, made once (kvmpod/pod/admission.py)
         if rel.parts[0] == "net" and not path.name[0].isdigit():   # a pool's lock and last_reserved_ip stay
             continue                                                # (docs/layout.md); a lease is an address
         if path.is_socket() or path.is_file() or rel.parts[0].startswith("snapshot-"):
@@ -144,10 +144,11 @@ def _tree_bytes(root: Path) -> int:
 
 
 def _run_entries(run: Path) -> int:
-    """Files and pod directories in the runtime dir (not QEMU's chroot, not the directories made once)."""
+    """Files and pod directories in the runtime dir (not QEMU's chroot, the start slots or the directories
+    made once)."""
     if not run.is_dir():
         return 0
-    return sum(1 for p in run.rglob("*") if p.relative_to(run).parts[0] != "qemu-root"
+    return sum(1 for p in run.rglob("*") if p.relative_to(run).parts[0] not in ("qemu-root", "start-slots")
                and (not p.is_dir() or p.parent.name == "pods"))
 
 

@@ -29,6 +29,7 @@ from kvmpod.image.manifest import check_runnable
 from kvmpod.net.attach import AppPorts, PodNetwork
 from kvmpod.net.attach import setup as setup_network
 from kvmpod.net.spec import NET_NONE, NET_USER
+from kvmpod.pod import admission
 from kvmpod.pod.metadata_secrets import MetadataSecrets
 from kvmpod.pod.options import RunOptions, notice
 from kvmpod.pod.poddir import PodDir
@@ -154,6 +155,11 @@ class PodPlan:
     # set up while planning when that needs no netlink (--net user), so that a snapshot restore can be
     # spawned here; otherwise (bridge, CNI, a given namespace: taps and pyroute2) by the second half
     network: PodNetwork | None = None
+    start_slot: admission.StartSlot | None = None   # held until the apps run (kvmpod/pod/admission.py)
+
+    def release_start_slot(self) -> None:
+        if self.start_slot is not None:
+            self.start_slot.release()
 
     def abandon(self) -> None:
         """The pod fails before a runner took the VM: QEMU goes, and so does the snapshot claim. Also
@@ -166,6 +172,7 @@ class PodPlan:
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
+        self.release_start_slot()
 
 
 def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
@@ -244,7 +251,13 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             notice(line)
         log.debug("QEMU confinement: %s", sandbox.describe(confinement))
 
-    pod = PodDir.create(uuid=options.pod_uuid)
+    # the images are ready: from here until its apps run the pod takes one of the host's start slots
+    slot = admission.take()
+    try:
+        pod = PodDir.create(uuid=options.pod_uuid)
+    except BaseException:
+        slot.release()
+        raise
     planned = None
     try:
         hostname = options.hostname or f"kvmpod-{pod.uuid[:8]}"
@@ -284,6 +297,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         planned = PodPlan(pod, resolved, volumes, config, snapshot_cmdline, hostname, metadata_secrets, shares,
                           vsock_front, snapshot_possible)
         planned.backend = backend
+        planned.start_slot = slot
         if backend.name == "qemu":
             planned.cgroup = pod_cgroup(pod, size, len(shares), accel.name)   # before any QEMU is spawned
         elif not cgroup.switched_off():   # libvirt's own cgroup of the domain gets the same limits
@@ -297,6 +311,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             _spawn_from_snapshot(planned, timings)
         return planned
     except BaseException as e:
+        slot.release()
         if planned is not None:
             planned.abandon()
             if planned.network is not None:

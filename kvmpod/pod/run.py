@@ -67,7 +67,15 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
     pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
     network = plan.network   # --net user: set up while planning (launch.py); released at the end here
     maker: asyncio.Task | None = None   # the boot snapshot, made alongside a first pod that boots cold
-    options = dataclasses.replace(options, backend=plan.backend.name)   # as chosen (--backend or [vm] backend)
+    reported = options.on_started
+
+    def started(started_pod: PodDir) -> None:   # the apps run: the next pod may start (admission.py)
+        plan.release_start_slot()
+        if reported is not None:
+            reported(started_pod)
+
+    # the backend as chosen (--backend or [vm] backend)
+    options = dataclasses.replace(options, backend=plan.backend.name, on_started=started)
     try:
         relay = relay_for(options, bool(plan.shares), plan.config.agent_transport)
         if options.uuid_file:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The pod runtime, top to bottom: a module may import those below it, never one above.
 POD_LAYERS = ["kvmpod.pod.entry", "kvmpod.pod.detach", "kvmpod.pod.resume", "kvmpod.pod.run", "kvmpod.pod.runner",
               "kvmpod.pod.control", "kvmpod.pod.relay", "kvmpod.pod.handover", "kvmpod.pod.launch",
-              "kvmpod.pod.state", "kvmpod.pod.options", "kvmpod.pod.output"]
+              "kvmpod.pod.admission", "kvmpod.pod.state", "kvmpod.pod.options", "kvmpod.pod.output"]
 
 
 @pytest.fixture(scope="module")
