@@ -23,7 +23,8 @@ PODMAN = shutil.which("podman")
 KVMPOD_OCI = Path(sys.executable).parent / "kvmpod-oci"
 IMAGE = "localhost/kvmpod-test/bb:1"
 CONFIGURED = "localhost/kvmpod-test/configured:1"   # ENV GREETING, WORKDIR /home/app, USER 1000:1000
-KVMPOD_ENV_KEYS = ("KVMPOD_RUN_DIR", "KVMPOD_STORE_DIR", "KVMPOD_AUDIT_LOG", "XDG_CONFIG_HOME", "KVMPOD_SNAPSHOT_DIR")
+KVMPOD_ENV_KEYS = ("KVMPOD_RUN_DIR", "KVMPOD_STORE_DIR", "KVMPOD_AUDIT_LOG", "XDG_CONFIG_HOME", "KVMPOD_SNAPSHOT_DIR",
+                   "KVMPOD_CONFIG")
 TIMEOUT = 240
 
 

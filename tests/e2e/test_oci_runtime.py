@@ -38,7 +38,12 @@ pytestmark = pytest.mark.skipif(PODMAN is None or os.geteuid() != 0,
 
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory, kvmpod_dirs, busybox_rootfs) -> Iterator[Podman]:
-    with isolated_podman(tmp_path_factory.mktemp("podman") / "env", kvmpod_dirs, busybox_rootfs) as p:
+    # one start slot (kvmpod/pod/admission.py) for every container here: they start one at a time, and a
+    # created container that waits for `start` must not keep the slot (test_init_several_then_start_them)
+    config = tmp_path_factory.mktemp("kvmpod-config") / "kvmpod.toml"
+    config.write_text("[run]\nconcurrent-starts = 1\n")
+    with isolated_podman(tmp_path_factory.mktemp("podman") / "env", {**kvmpod_dirs, "KVMPOD_CONFIG": str(config)},
+                         busybox_rootfs) as p:
         yield p
 
 
@@ -78,6 +83,21 @@ def test_ten_mib_through_stdin_byte_exact(podman):
     done = run(podman, "-i", IMAGE, "/bin/cat", input=data)
     assert done.returncode == 0, done.stderr
     assert done.stdout == data
+
+
+def test_init_several_then_start_them(podman):
+    # `podman init` is the runtime's create: each pod boots and waits for `start` with its start slot given
+    # back, or the second init would wait for the first's start for ever (one slot in this module)
+    names = ["slot-a", "slot-b", "slot-c"]
+    try:
+        for name in names:
+            podman("create", "--name", name, IMAGE, "/bin/sh", "-c", f"echo {name}", check=True)
+        for name in names:
+            assert podman("init", name, timeout=120).returncode == 0
+        for name in names:
+            assert podman("start", "--attach", name, timeout=120).stdout.decode().split() == [name]
+    finally:
+        podman("rm", "--force", "--time", "0", *names)
 
 
 def test_network_host_is_refused_in_one_line(podman):
