@@ -251,7 +251,7 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
             notice(line)
         log.debug("QEMU confinement: %s", sandbox.describe(confinement))
 
-    # the images are ready: from here until its apps run the pod takes one of the host's start slots
+    # the images are ready: from here until its apps run, the pod holds one of the user's start slots
     slot = admission.take()
     try:
         pod = PodDir.create(uuid=options.pod_uuid)

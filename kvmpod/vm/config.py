@@ -20,8 +20,8 @@ TCG_CACHE_MIB = 64
 
 
 def max_vcpus(cpus: int, accel: str) -> int:
-    """How many vCPUs the machine is declared able to hold, for `cpus` running. Under TCG the machine is declared able to hold two at least: QEMU 7.2
-    translates a guest's memory barriers and locked instructions faithfully only when it could run
+    """How many vCPUs the machine is declared able to hold, for `cpus` running: under TCG two at least.
+    QEMU 7.2 translates a guest's memory barriers and locked instructions faithfully only when it could run
     two vCPUs at once (CF_PARALLEL, max_cpus > 1); with one, a barrier becomes nothing and `lock add`
     plain loads and stores. A virtio driver's "re-enable interrupts, full barrier, look at the used
     index" then lets its load pass its store while a device in another thread (QEMU's I/O threads,

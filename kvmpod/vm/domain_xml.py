@@ -103,7 +103,8 @@ def render(cfg: VMConfig, spec: DomainSpec) -> str:
                              autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.get_template("domain.xml.j2").render(
         cfg=cfg, spec=spec, shared_memory=bool(cfg.filesystems), tcg_cache_mib=TCG_CACHE_MIB,
-        max_vcpus=max_vcpus(cfg.cpus, cfg.accel), cpu_period_us=CPU_PERIOD_US, agent_port=AGENT_PORT_NAME, panic_model=panic_model(cfg), qemu_args=qemu_args(cfg),
+        max_vcpus=max_vcpus(cfg.cpus, cfg.accel), cpu_period_us=CPU_PERIOD_US, agent_port=AGENT_PORT_NAME,
+        panic_model=panic_model(cfg), qemu_args=qemu_args(cfg),
         tap_nics=[n for n in cfg.nics if n.tap_name is not None],
         # microvm has no PCI bus: libvirt puts virtio devices on virtio-mmio only when told to
         mmio=Markup("\n      <address type='virtio-mmio'/>") if cfg.machine == "microvm" else "")
