@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kvmpod.agent.session import AgentSession
@@ -67,23 +68,19 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
     pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
     network = plan.network   # --net user: set up while planning (launch.py); released at the end here
     maker: asyncio.Task | None = None   # the boot snapshot, made alongside a first pod that boots cold
-    # the start slot (admission.py) goes once the apps run, or once an OCI-created pod waits for `start`:
-    # a runtime may create several containers before it starts any
-    reported_started, reported_created = options.on_started, options.on_created
 
-    def started(started_pod: PodDir) -> None:
-        plan.release_start_slot()
-        if reported_started is not None:
-            reported_started(started_pod)
+    def freeing_the_slot(then: Callable[[PodDir], None] | None) -> Callable[[PodDir], None]:
+        def callback(ready: PodDir) -> None:
+            plan.release_start_slot()
+            if then is not None:
+                then(ready)
+        return callback
 
-    def created(created_pod: PodDir) -> None:
-        plan.release_start_slot()
-        if reported_created is not None:
-            reported_created(created_pod)
-
-    # the backend as chosen (--backend or [vm] backend)
-    options = dataclasses.replace(options, backend=plan.backend.name, on_started=started,
-                                  on_created=created if options.hold_apps else options.on_created)
+    # the start slot (admission.py) goes once the apps run, or once an OCI-created pod waits for `start`
+    # (a runtime may create several containers before it starts any); the backend as chosen
+    options = dataclasses.replace(
+        options, backend=plan.backend.name, on_started=freeing_the_slot(options.on_started),
+        on_created=freeing_the_slot(options.on_created) if options.hold_apps else options.on_created)
     try:
         relay = relay_for(options, bool(plan.shares), plan.config.agent_transport)
         if options.uuid_file:
