@@ -1,7 +1,9 @@
 """--net default: the bridge `kvmpod0` with a private subnet, a tap per pod on it, host-local leases,
 NAT for egress and DNAT for --port (docs/networking.md).
 
-Links, addresses and the bridge are made with pyroute2 (netlink); the taps are kvmpod's own fds
+The bridge and its address are made with pyroute2 (netlink), which a pod imports only when they are
+missing: a pod checks them and puts its tap on the bridge with interface ioctls (kvmpod/net/ifioctl.py,
+why there). The taps are kvmpod's own fds
 (kvmpod/net/tap.py), so they vanish with the pod (a libvirt pod's is made persistent, for libvirt
 opens it by name, and removed by name at release); NAT lives in kvmpod's nftables table
 (kvmpod/net/nft.py). The bridge and the table stay once made (other pods use them): they hold no
@@ -20,7 +22,7 @@ from typing import Any
 
 from kvmpod import config, paths
 from kvmpod.errors import ConfigError, NetworkError
-from kvmpod.net import nft
+from kvmpod.net import ifioctl, nft
 from kvmpod.net.ipam import LeasePool
 from kvmpod.net.spec import Attachment, GuestInterface, PortForward, Route
 from kvmpod.net.tap import open_tap, remove_persistent
@@ -65,9 +67,32 @@ def _write_sysctl(path: str, value: str) -> None:
         raise NetworkError(f"{path}: {e.strerror}") from e
 
 
+def bridge_ready(net: DefaultNetwork) -> bool:
+    """Is the bridge there, up, with the gateway's address as its primary one? Then a pod has nothing
+    for netlink to do."""
+    flags = ifioctl.flags(BRIDGE)   # a kvmpod0 that is no bridge: the tap's SIOCBRADDIF says so
+    gateway = ipaddress.IPv4Interface(f"{net.gateway}/{net.subnet.prefixlen}")
+    return flags is not None and bool(flags & ifioctl.IFF_UP) and ifioctl.primary_ipv4(BRIDGE) == gateway
+
+
 def ensure_bridge(net: DefaultNetwork) -> None:
     """The bridge with the gateway address, up; IP forwarding on; the NAT table. Idempotent; called
     under the network's lock, so concurrent pods never race to create them."""
+    if not bridge_ready(net):
+        from concurrent.futures import ThreadPoolExecutor   # 4 ms: not on a pod's usual path
+
+        # pyroute2's synchronous API runs an event loop of its own, which fails in a thread whose loop
+        # already runs (a detached or OCI-created pod plans from one): so it gets a thread of its own
+        with ThreadPoolExecutor(1, thread_name_prefix="kvmpod-netlink") as pool:
+            pool.submit(_make_bridge, net).result()
+    _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")   # routing for the pods: NAT needs it
+    # --port forwards reached at 127.0.0.1 are DNATed out of loopback onto the bridge
+    _write_sysctl(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet", "1")
+    nft.ensure_table(net.subnet, BRIDGE)
+
+
+def _make_bridge(net: DefaultNetwork) -> None:
+    """Make the bridge, give it the gateway's address, bring it up: whichever of these is missing."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -84,10 +109,6 @@ def ensure_bridge(net: DefaultNetwork) -> None:
             ipr.link("set", index=index, state="up")
     except NetlinkError as e:
         raise NetworkError(f"bridge {BRIDGE}: {os.strerror(e.code) if e.code else e}") from e
-    _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")   # routing for the pods: NAT needs it
-    # --port forwards reached at 127.0.0.1 are DNATed out of loopback onto the bridge
-    _write_sysctl(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet", "1")
-    nft.ensure_table(net.subnet, BRIDGE)
 
 
 def intent(pod_uuid: str) -> dict[str, Any]:
@@ -101,9 +122,6 @@ def intent(pod_uuid: str) -> dict[str, Any]:
 def attach(pod_uuid: str, mac: str, ifname: str, forwards: list[PortForward],
            owner_gone: Callable[[str], bool]) -> Attachment:
     """A lease, a tap on the bridge and the pod's port forwards; undone in full if any part fails."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
     net = DefaultNetwork.configured()
     pool = net.pool
     with pool.locked():
@@ -114,13 +132,9 @@ def attach(pod_uuid: str, mac: str, ifname: str, forwards: list[PortForward],
     try:
         tap = f"kvtap{pod_uuid.replace('-', '')[:8]}"
         tap_fd = open_tap(tap)
-        try:
-            with IPRoute() as ipr:
-                bridge = ipr.link_lookup(ifname=BRIDGE)[0]
-                index = ipr.link_lookup(ifname=tap)[0]
-                ipr.link("set", index=index, master=bridge, mtu=MTU, state="up")
-        except (NetlinkError, IndexError) as e:
-            raise NetworkError(f"attach {tap} to {BRIDGE}: {e}") from e
+        ifioctl.set_mtu(tap, MTU)
+        ifioctl.add_to_bridge(BRIDGE, tap)
+        ifioctl.set_up(tap)
         record["tap"] = tap
         nft.add_forwards(forwards, str(address))
         record["forwards"] = [dataclasses.asdict(f) for f in forwards]

@@ -6,8 +6,9 @@ machine and agent transport, sizes the VM, makes the pod directory and describes
 starts from a boot snapshot which already exists gets its QEMU spawned right there (kvmpod/vm/spawn.py):
 QEMU initialises and the guest resumes while this process imports asyncio, qemu.qmp and the agent
 session and sets up the rest (the second half, kvmpod/pod/run.py). Nothing here imports those. That
-takes a pod whose NICs are known without netlink: `--net none`, and `--net user`, whose network is set
-up here (slirp needs no tap); a bridge's, CNI's or a given namespace's taps are the second half's.
+takes a pod whose NICs are known before an event loop runs: `--net none`; `--net user`, whose network is
+set up here (slirp needs no tap); `--net default`, whose tap is put on the bridge here (with ioctls once
+the bridge exists: kvmpod/net/ifioctl.py). CNI's and a given namespace's taps are the second half's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from kvmpod.errors import KvmpodError, VMError
 from kvmpod.image.manifest import check_runnable
 from kvmpod.net.attach import AppPorts, PodNetwork
 from kvmpod.net.attach import setup as setup_network
-from kvmpod.net.spec import NET_NONE, NET_USER
+from kvmpod.net.spec import NET_DEFAULT, NET_NONE, NET_USER
 from kvmpod.pod import admission
 from kvmpod.pod.metadata_secrets import MetadataSecrets
 from kvmpod.pod.options import RunOptions, notice
@@ -303,9 +304,9 @@ def plan_pod(apps: list[AppOverrides], options: RunOptions, claims: SharedLocks,
         elif not cgroup.switched_off():   # libvirt's own cgroup of the domain gets the same limits
             planned.limits = cgroup.limits_for(size.memory_mib, size.cpus, size.cpu_limit, 0, cgroup.memory_override(),
                                                tcg=accel.name == "tcg")
-        if snapshot_possible and options.network.mode in (NET_NONE, NET_USER):
-            # a pod on a bridge or CNI restores once the second half has made its taps
-            if options.network.mode == NET_USER:
+        if snapshot_possible and options.network.mode in (NET_NONE, NET_USER, NET_DEFAULT):
+            # a pod on CNI or in a given namespace restores once the second half has made its taps
+            if options.network.mode != NET_NONE:
                 planned.network = setup_network(options.network, pod.uuid, pod.path, app_ports(resolved), notice)
                 planned.config = dataclasses.replace(config, nics=planned.network.nics())
             _spawn_from_snapshot(planned, timings)

@@ -66,7 +66,7 @@ async def run_planned(plan: PodPlan, options: RunOptions, timings: dict[str, flo
     """The second half of `kvmpod run` (the first: kvmpod/pod/launch.py): the pod's manifest, metadata
     and network, QEMU (unless planning spawned it from a boot snapshot), the apps, and teardown."""
     pod, resolved, volumes = plan.pod, plan.apps, plan.volumes
-    network = plan.network   # --net user: set up while planning (launch.py); released at the end here
+    network = plan.network   # --net user or default: set up while planning (launch.py); released at the end here
     maker: asyncio.Task | None = None   # the boot snapshot, made alongside a first pod that boots cold
 
     def freeing_the_slot(then: Callable[[PodDir], None] | None) -> Callable[[PodDir], None]:

@@ -73,19 +73,27 @@ def test_user_networking_restores_and_its_port_forward_reaches_the_pod(netns, we
         netns.stop(uuid)
 
 
-def test_a_user_network_pod_is_restored_by_the_planning_half(netns, web_aci, busybox_aci):
-    # slirp needs no tap: the NIC is known while planning, so QEMU restores while the second half's
-    # imports run, as with --net none (kvmpod/pod/launch.py); a bridge's tap waits for the second half
-    shape = ("--debug", "--memory", "208M", "--net", "user")
+@pytest.mark.parametrize("mode, memory, address", [("user", "208M", "inet 10.0.2.15/24"),
+                                                    ("default", "200M", "inet 172.16.28.")])
+def test_user_and_bridge_network_pods_are_restored_by_the_planning_half(netns, web_aci, busybox_aci, mode, memory,
+                                                                        address):
+    # slirp needs no tap, and a bridge's tap is made and put on it with ioctls (kvmpod/net/ifioctl.py): the
+    # NIC is known while planning, so QEMU restores while the second half's imports run, as with --net
+    # none (kvmpod/pod/launch.py)
+    shape = ("--debug", "--memory", memory, "--net", mode)
     warm_up(netns, *shape, str(web_aci))
     result = netns.kvmpod("run", *shape, "--port", "http:18098", str(web_aci), *SH, "ip -4 -o addr show eth0")
     assert result.returncode == 0, result.stderr.decode()
-    assert "QEMU spawned while planning" in result.stderr.decode() and "inet 10.0.2.15/24" in result.stdout.decode()
-    # the network set up while planning is undone when planning fails after it
+    assert "QEMU spawned while planning" in result.stderr.decode() and address in result.stdout.decode()
+    # a pod whose planning fails (here: resolving its --port, in the network's setup) leaves no pod
+    # directory, tap or lease
     pods = Path(netns.env["KVMPOD_RUN_DIR"], "pods")
-    failed = netns.kvmpod("run", "--net", "user", "--port", "http:18098", str(busybox_aci))
+    failed = netns.kvmpod("run", "--net", mode, "--port", "http:18098", str(busybox_aci))
     assert failed.returncode != 0 and "no app of the pod declares a port named 'http'" in failed.stderr.decode()
     assert not list(pods.glob("*")) if pods.exists() else True
+    assert "kvtap" not in netns.ip("-o", "link")
+    leases = Path(netns.env["KVMPOD_RUN_DIR"], "net", "default")
+    assert not [f for f in leases.glob("*") if f.name[0].isdigit()] if leases.exists() else True   # lease files
 
 
 def test_two_restored_pods_on_the_bridge_have_their_own_macs_and_reach_each_other(netns, web_aci):
