@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -97,20 +98,10 @@ static void wait_writable(void)
     }
 }
 
-void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t len)
+/* The port is non-blocking (the event loop polls it); a frame is still written whole and in order,
+ * so wait for room rather than dropping or interleaving bytes. */
+static void write_all(const uint8_t *p, size_t left)
 {
-    if (len > KP_MAX_PAYLOAD)
-        abort(); /* a bug in the agent; PID 1 dying makes the host report it */
-    le_put(wbuf, (uint32_t)len, 4);
-    le_put(wbuf + 4, type, 2);
-    le_put(wbuf + 6, 0, 2);
-    le_put(wbuf + 8, stream, 4);
-    if (len && payload != wbuf + KP_HEADER_SIZE) /* channel_send_message encodes in place */
-        memcpy(wbuf + KP_HEADER_SIZE, payload, len);
-    /* The port is non-blocking (the event loop polls it); a frame is still written whole and in
-     * order, so wait for room rather than dropping or interleaving bytes. */
-    const uint8_t *p = wbuf;
-    size_t left = KP_HEADER_SIZE + len;
     while (left) {
         ssize_t n = write(fd, p, left);
         if (n > 0) {
@@ -126,9 +117,67 @@ void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t le
     }
 }
 
+static void put_header(uint16_t type, uint32_t stream, size_t len)
+{
+    le_put(wbuf, (uint32_t)len, 4);
+    le_put(wbuf + 4, type, 2);
+    le_put(wbuf + 6, 0, 2);
+    le_put(wbuf + 8, stream, 4);
+}
+
+void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t len)
+{
+    if (len > KP_MAX_PAYLOAD)
+        abort(); /* a bug in the agent; PID 1 dying makes the host report it */
+    put_header(type, stream, len);
+    if (len && payload != wbuf + KP_HEADER_SIZE) /* channel_payload_space()'s is in place */
+        memcpy(wbuf + KP_HEADER_SIZE, payload, len);
+    write_all(wbuf, KP_HEADER_SIZE + len);
+}
+
+void channel_send_from_pipe(uint16_t type, uint32_t stream, int pipe_fd, size_t len)
+{
+    static bool copy; /* splice() refused once (a port driver without splice_write): copy from then on */
+    if (len > KP_MAX_PAYLOAD)
+        abort();
+    put_header(type, stream, len);
+    write_all(wbuf, KP_HEADER_SIZE);
+    while (len) {
+        ssize_t n = copy ? -1 : splice(pipe_fd, NULL, fd, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            len -= (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) { /* the port is full (the pipe cannot be empty: checked, not spun on) */
+            int held = 0;
+            if (ioctl(pipe_fd, FIONREAD, &held) < 0 || held <= 0)
+                fatal("channel", 0, "stream %u: %zu bytes of output announced are not in its pipe", stream, len);
+            wait_writable();
+            continue;
+        }
+        if (!copy && n < 0 && errno == EINVAL)
+            copy = true;
+        /* copy what the header promised: the bytes are in the pipe (only the agent reads it) */
+        n = read(pipe_fd, wbuf + KP_HEADER_SIZE, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            fatal("channel", n < 0 ? errno : 0, "stream %u: %zu bytes of output announced are not in its pipe", stream, len);
+        write_all(wbuf + KP_HEADER_SIZE, (size_t)n);
+        len -= (size_t)n;
+    }
+}
+
+uint8_t *channel_payload_space(void)
+{
+    return wbuf + KP_HEADER_SIZE;
+}
+
 void channel_send_message(const struct kp_msg_desc *d, uint32_t stream, const void *msg)
 {
-    uint8_t *payload = wbuf + KP_HEADER_SIZE;
+    uint8_t *payload = channel_payload_space();
     channel_send(d->type, stream, payload, kp_encode(d, msg, payload, KP_MAX_PAYLOAD));
 }
 

@@ -28,6 +28,13 @@ void channel_wait_for_host(void);
  * len must not exceed KP_MAX_PAYLOAD. */
 void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t len);
 
+/* Sends a frame whose payload is the next `len` bytes of the pipe `pipe_fd` (which holds at least that
+ * many, and which nothing else reads), moved by splice(): virtio_console takes the pipe's pages as
+ * they are, and a vsock socket copies them once, instead of the agent reading and writing them. */
+void channel_send_from_pipe(uint16_t type, uint32_t stream, int pipe_fd, size_t len);
+/* Where channel_send() builds a frame's payload (KP_MAX_PAYLOAD bytes): data read straight into it is
+ * sent without a copy. Valid until the next channel_send(). */
+uint8_t *channel_payload_space(void);
 /* Encodes and sends a message struct of messages.h: channel_send_msg(stream, &(struct kp_started){...}).
  * KP_DESC checks at compile time that it is one and picks its table. (Variadic: a compound literal's
  * commas.) */
