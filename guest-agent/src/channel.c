@@ -135,38 +135,51 @@ void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t le
     write_all(wbuf, KP_HEADER_SIZE + len);
 }
 
-void channel_send_from_pipe(uint16_t type, uint32_t stream, int pipe_fd, size_t len)
+/* The staging pipe: output is spliced into it first, so that a frame's payload is all it holds. A
+ * splice() to a virtio-serial port must empty its source pipe: Linux's port_fops_splice_write (6.1)
+ * sizes its scatterlist by the pipe's buffers and does not end it after fewer, so taking part of a
+ * pipe a writer keeps filling queued zero-length descriptors, and QEMU stopped the device ("virtio:
+ * zero sized buffers are not allowed"; the pod hung). Nothing but the agent writes this one. */
+static int stage[2] = {-1, -1};
+static size_t staged;
+
+ssize_t channel_stage(int pipe_fd, size_t max)
 {
-    static bool copy; /* splice() refused once (a port driver without splice_write): copy from then on */
-    if (len > KP_MAX_PAYLOAD)
+    if (stage[0] < 0 && pipe2(stage, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -1;
+    ssize_t n;
+    do
+        n = splice(pipe_fd, NULL, stage[1], NULL, max, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    while (n < 0 && errno == EINTR);
+    if (n > 0)
+        staged += (size_t)n;
+    return n;
+}
+
+void channel_send_staged(uint16_t type, uint32_t stream)
+{
+    static bool copy; /* splice() to the channel refused once (a driver without it): copy from then on */
+    if (staged > KP_MAX_PAYLOAD)
         abort();
-    put_header(type, stream, len);
+    put_header(type, stream, staged);
     write_all(wbuf, KP_HEADER_SIZE);
-    while (len) {
-        ssize_t n = copy ? -1 : splice(pipe_fd, NULL, fd, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-        if (n > 0) {
-            len -= (size_t)n;
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EAGAIN) { /* the port is full (the pipe cannot be empty: checked, not spun on) */
-            int held = 0;
-            if (ioctl(pipe_fd, FIONREAD, &held) < 0 || held <= 0)
-                fatal("channel", 0, "stream %u: %zu bytes of output announced are not in its pipe", stream, len);
+    while (staged) {
+        ssize_t n = copy ? -1 : splice(stage[0], NULL, fd, NULL, staged, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n < 0 && errno == EAGAIN) { /* the port is full (the staging pipe holds `staged` bytes) */
             wait_writable();
             continue;
         }
-        if (!copy && n < 0 && errno == EINVAL)
+        if (n < 0 && errno == EINVAL)
             copy = true;
-        /* copy what the header promised: the bytes are in the pipe (only the agent reads it) */
-        n = read(pipe_fd, wbuf + KP_HEADER_SIZE, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            fatal("channel", n < 0 ? errno : 0, "stream %u: %zu bytes of output announced are not in its pipe", stream, len);
-        write_all(wbuf + KP_HEADER_SIZE, (size_t)n);
-        len -= (size_t)n;
+        if (n <= 0 && !(n < 0 && errno == EINTR)) {
+            n = read(stage[0], wbuf + KP_HEADER_SIZE, staged);
+            if (n <= 0 && !(n < 0 && errno == EINTR))
+                fatal("channel", n < 0 ? errno : 0, "stream %u: %zu bytes of output staged are gone", stream, staged);
+            if (n > 0)
+                write_all(wbuf + KP_HEADER_SIZE, (size_t)n);
+        }
+        if (n > 0)
+            staged -= (size_t)n;
     }
 }
 

@@ -28,10 +28,13 @@ void channel_wait_for_host(void);
  * len must not exceed KP_MAX_PAYLOAD. */
 void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t len);
 
-/* Sends a frame whose payload is the next `len` bytes of the pipe `pipe_fd` (which holds at least that
- * many, and which nothing else reads), moved by splice(): virtio_console takes the pipe's pages as
- * they are, and a vsock socket copies them once, instead of the agent reading and writing them. */
-void channel_send_from_pipe(uint16_t type, uint32_t stream, int pipe_fd, size_t len);
+/* Output moved to the channel without passing through the agent: channel_stage() splices up to `max`
+ * bytes of the pipe `pipe_fd` (the agent's end of a process's output) into a staging pipe and returns
+ * splice()'s result (bytes staged, 0 at EOF, -1 with errno: EAGAIN when it is empty); a frame of
+ * everything staged is then sent by channel_send_staged(). virtio_console takes the pages as they
+ * are; a vsock socket copies them once. */
+ssize_t channel_stage(int pipe_fd, size_t max);
+void channel_send_staged(uint16_t type, uint32_t stream);
 /* Where channel_send() builds a frame's payload (KP_MAX_PAYLOAD bytes): data read straight into it is
  * sent without a copy. Valid until the next channel_send(). */
 uint8_t *channel_payload_space(void);

@@ -99,81 +99,53 @@ static void stream_free(struct stream *s)
 /* An app writing in small pieces (busybox cat: 4 KiB) wakes the agent at each write, and the agent,
  * which mostly sleeps, preempts it (sched_yield() does not hand the CPU back: the scheduler picks the
  * agent again). Sending each piece as a frame cost a virtio kick, a host wake-up and an interrupt per
- * 4 KiB, half the guest's time under TCG. So a frame of less than half a chunk waits PAUSE_NS, once,
- * for the writer to add to it: what that adds to output's latency (and to the agent's other work) is
- * bounded by it. Not once the process has ended (drain_output): its writers are gone. */
+ * 4 KiB, half the guest's time under TCG. So when a running process's pipe holds less than half a
+ * chunk, the agent waits PAUSE_NS before taking it: once per frame, which bounds what it adds to
+ * output's latency (and to the agent's other work). The pause comes before the pipe is taken, not
+ * after: a writer that finds its pipe emptied writes into it again at once, and taking first, then
+ * pausing was 30 % slower (256 MiB through cat: 17.0 s against 13.2 in the guest). */
 #define PAUSE_NS 1000000L
 
-static void pause_for_writer(void)
-{
-    struct timespec pause = {0, PAUSE_NS};
-    nanosleep(&pause, NULL); /* a signal cutting it short is fine: the frame goes sooner */
-}
-
-/* How much of the pipe to send as one frame: what it holds (after a pause, if that is little and
- * `wait`), at most a chunk; 0 if it holds nothing (or is no pipe). */
-static size_t pipe_frame(int fd, bool wait)
+static void pause_if_little(int fd)
 {
     int held = 0;
-    if (ioctl(fd, FIONREAD, &held) < 0 || held <= 0)
-        return 0;
-    if (wait && (size_t)held < KP_DATA_CHUNK / 2) {
-        pause_for_writer();
-        if (ioctl(fd, FIONREAD, &held) < 0)
-            return 0;
+    if (ioctl(fd, FIONREAD, &held) == 0 && held > 0 && (size_t)held < KP_DATA_CHUNK / 2) {
+        struct timespec pause = {0, PAUSE_NS};
+        nanosleep(&pause, NULL); /* a signal cutting it short is fine: the frame goes sooner */
     }
-    return (size_t)held < KP_DATA_CHUNK ? (size_t)held : KP_DATA_CHUNK;
-}
-
-/* Reads one frame's worth of output into `buf` (a pty, or a pipe that looked empty); returns the bytes
- * read; *end: -1 for EOF, else the errno that stopped it (EAGAIN), 0 for a full frame. */
-static size_t read_frame(int fd, uint8_t *buf, bool wait, int *end)
-{
-    size_t have = 0;
-    *end = 0;
-    while (have < KP_DATA_CHUNK) {
-        ssize_t n = read(fd, buf + have, KP_DATA_CHUNK - have);
-        if (n > 0) {
-            have += (size_t)n;
-        } else if (n < 0 && errno == EINTR) {
-            continue;
-        } else if (n < 0 && errno == EAGAIN && wait && have && have < KP_DATA_CHUNK / 2) {
-            wait = false;
-            pause_for_writer();
-        } else {
-            *end = n < 0 ? errno : -1;
-            break;
-        }
-    }
-    return have;
 }
 
 /* Relays up to `limit` bytes from one output pipe (or pty), a frame of at most KP_DATA_CHUNK at a
- * time: a pipe's bytes moved by splice (channel_send_from_pipe), a pty's read straight into the
- * frame; stops at EAGAIN and closes the fd at EOF (or on a read error). */
+ * time: a pipe's bytes spliced (channel_stage), a pty's read straight into the frame; stops at
+ * EAGAIN and closes the fd at EOF (or on an error). `wait`: the process runs, so pause_if_little(). */
 static void relay_output(struct stream *s, int which, size_t limit, bool wait)
 {
     static const uint16_t type[2] = {[OUT_STDOUT] = KP_MSG_STDOUT, [OUT_STDERR] = KP_MSG_STDERR};
     bool is_pipe = s->out_fd[which] >= 0 && fcntl(s->out_fd[which], F_GETPIPE_SZ) > 0;
     size_t total = 0;
     while (s->out_fd[which] >= 0 && total < limit) {
-        size_t n = is_pipe ? pipe_frame(s->out_fd[which], wait) : 0;
-        if (n) {
-            channel_send_from_pipe(type[which], s->id, s->out_fd[which], n);
-            total += n;
-            continue;
+        if (wait)
+            pause_if_little(s->out_fd[which]);
+        ssize_t n;
+        if (is_pipe) {
+            n = channel_stage(s->out_fd[which], KP_DATA_CHUNK);
+            if (n > 0)
+                channel_send_staged(type[which], s->id);
+        } else {
+            uint8_t *buf = channel_payload_space();
+            n = read(s->out_fd[which], buf, KP_DATA_CHUNK);
+            if (n > 0)
+                channel_send(type[which], s->id, buf, (size_t)n);
         }
-        uint8_t *buf = channel_payload_space();
-        int end;
-        n = read_frame(s->out_fd[which], buf, wait, &end);
-        if (n) {
-            channel_send(type[which], s->id, buf, n);
-            total += n;
-        }
-        if (end == EAGAIN)
+        if (n > 0) {
+            total += (size_t)n;
+        } else if (n < 0 && errno == EINVAL && is_pipe) {
+            is_pipe = false; /* splice refused: read it */
+        } else if (n < 0 && errno == EAGAIN) {
             return;
-        if (end)
-            close_fd(&s->out_fd[which]); /* EOF: every writer has closed it */
+        } else if (!(n < 0 && errno == EINTR)) {
+            close_fd(&s->out_fd[which]); /* EOF: every writer has closed it (or an error) */
+        }
     }
 }
 
