@@ -117,8 +117,10 @@ def measure(work: Path, aci: Path, mib: int, execs: int, rounds: int) -> dict:
     targets = [target(f"stdout over {t} vs the guest's own pipeline", stream_mbps[t] / ceiling, STREAM_LIMIT,
                       higher_is_better=True,
                       note="" if stream_mbps[t] / ceiling >= STREAM_LIMIT else
-                      "the agent's read+write per 64 KiB frame and the host's per-frame decode, under TCG; "
-                      "a splice() relay of pipe pages to the port was tried and dropped (no gain, a hang)")
+                      "the stream costs the guest one more pipe stage than the pipeline into /dev/null (cat "
+                      "writing into the agent's pipe; the agent splices it on); about one stream in five runs "
+                      "at 9-13 MB/s against 18-21 for the others, unexplained, and a median of few rounds "
+                      "takes it in (docs/performance.md, Streaming)")
                for t in names]
     return {"mib": mib, "execs": execs, "rounds": rounds, "guest_floor_mbps": ceiling, "targets": targets,
             "stream_mbps": stream_mbps,
@@ -141,7 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="MiB streamed through cat")
     parser.add_argument("--execs", type=int, default=20, help="execs per pod")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds over the transports")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the transports (odd: a median that one slow stream does not move)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvmpod-bench-") as tmp:
