@@ -6,7 +6,6 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -145,8 +144,11 @@ static size_t staged;
 
 ssize_t channel_stage(int pipe_fd, size_t max)
 {
-    if (stage[0] < 0 && pipe2(stage, O_CLOEXEC | O_NONBLOCK) < 0)
+    if (stage[0] < 0 && pipe2(stage, O_CLOEXEC | O_NONBLOCK) < 0) {
+        log_debug("no staging pipe (%s): output is read and written", strerror(errno));
+        errno = EINVAL; /* as when splice() is refused: the caller reads the pipe instead */
         return -1;
+    }
     ssize_t n;
     do
         n = splice(pipe_fd, NULL, stage[1], NULL, max, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);

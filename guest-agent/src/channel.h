@@ -30,9 +30,9 @@ void channel_send(uint16_t type, uint32_t stream, const void *payload, size_t le
 
 /* Output moved to the channel without passing through the agent: channel_stage() splices up to `max`
  * bytes of the pipe `pipe_fd` (the agent's end of a process's output) into a staging pipe and returns
- * splice()'s result (bytes staged, 0 at EOF, -1 with errno: EAGAIN when it is empty); a frame of
- * everything staged is then sent by channel_send_staged(). virtio_console takes the pages as they
- * are; a vsock socket copies them once. */
+ * splice()'s result: bytes staged, 0 at EOF, -1 with errno EAGAIN when it is empty, EINVAL when it
+ * cannot be spliced (read it instead). A frame of everything staged is then sent by
+ * channel_send_staged(). virtio_console takes the pages as they are; a vsock socket copies them once. */
 ssize_t channel_stage(int pipe_fd, size_t max);
 void channel_send_staged(uint16_t type, uint32_t stream);
 /* Where channel_send() builds a frame's payload (KP_MAX_PAYLOAD bytes): data read straight into it is
