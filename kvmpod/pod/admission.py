@@ -50,7 +50,7 @@ def take(count: int | None = None) -> StartSlot:
     """A free slot, waiting for one if all `count` are held."""
     n = slot_count() if count is None else count
     directory = paths.runtime_dir() / "start-slots"
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)   # nobody else's business, like the files
     first = random.randrange(n)   # spread the waiters over the slots
     started = time.monotonic()
     for i in [(first + k) % n for k in range(n)]:

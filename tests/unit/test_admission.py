@@ -20,7 +20,7 @@ def runtime_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_past_n_starts_the_next_waits_until_a_slot_is_released():
+def test_past_n_starts_the_next_waits_until_a_slot_is_released(runtime_dir):
     first, second = admission.take(2), admission.take(2)
     assert {first.index, second.index} == {0, 1}
     got: list[admission.StartSlot] = []
@@ -35,6 +35,8 @@ def test_past_n_starts_the_next_waits_until_a_slot_is_released():
     got[0].release()
     first.release()   # idempotent
     assert not first.held
+    slots = runtime_dir / "run" / "start-slots"
+    assert (slots.stat().st_mode & 0o777, (slots / "0").stat().st_mode & 0o777) == (0o700, 0o600)
 
 
 def test_a_dead_holder_leaves_no_slot_taken():
