@@ -6,7 +6,7 @@ machine and agent transport, sizes the VM, makes the pod directory and describes
 starts from a boot snapshot which already exists gets its QEMU spawned right there (kvmpod/vm/spawn.py):
 QEMU initialises and the guest resumes while this process imports asyncio, qemu.qmp and the agent
 session and sets up the rest (the second half, kvmpod/pod/run.py). Nothing here imports those. That
-takes a pod whose NICs are known before an event loop runs: `--net none`; `--net user`, whose network is
+takes a pod whose NICs can be known while planning: `--net none`; `--net user`, whose network is
 set up here (slirp needs no tap); `--net default`, whose tap is put on the bridge here (with ioctls once
 the bridge exists: kvmpod/net/ifioctl.py). CNI's and a given namespace's taps are the second half's.
 """
