@@ -104,15 +104,32 @@ def _kvm_as_udev_has_it() -> Iterator[None]:
             os.chmod(kvm, kvm_mode[2])
 
 
+def machine_cgroups() -> set[Path]:
+    """The cgroups libvirt made for kvmpod's domains (`machine/qemu-N-kvmpod-….libvirt-qemu`, in any
+    hierarchy), which it removes when a domain ends."""
+    return set(Path("/sys/fs/cgroup").glob("*/machine/qemu-*-kvmpod-*")) | set(
+        Path("/sys/fs/cgroup").glob("machine/qemu-*-kvmpod-*"))
+
+
+def _remove_cgroup_tree(path: Path) -> None:
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
 @contextlib.contextmanager
 def libvirt_daemon(netns: str | None = None) -> Iterator[str]:
     """The URI of a libvirt daemon: the machine's (when no `netns` is asked for and it answers), else
     one started here — inside the network namespace `netns` if given — and stopped after. Asserts on
-    the way out that no `kvmpod-*` domain is left, and removes the logs libvirt kept of the domains."""
+    the way out that no `kvmpod-*` domain is left and none of their cgroups (removing any), and removes
+    the logs libvirt kept of the domains."""
     with _kvm_as_udev_has_it():
         started: list[Path] = []
         reaper = None
         logs_before = set(QEMU_LOGS.glob("kvmpod-*.log*"))   # libvirt keeps a log per domain: ours go after
+        cgroups_before = machine_cgroups()
         work = Path(tempfile.mkdtemp(prefix="kvt-libvirt-"))
         uri = SYSTEM_URI
         try:
@@ -139,6 +156,11 @@ def libvirt_daemon(netns: str | None = None) -> Iterator[str]:
                     time.sleep(0.2)
             yield uri
             assert domains(uri) == [], f"libvirt domains outlived the libvirt tests: {domains(uri)}"
+            deadline = time.time() + 10   # libvirt removes a domain's cgroups as it reports the domain's end
+            while (machine_cgroups() - cgroups_before) and time.time() < deadline:
+                time.sleep(0.2)
+            left = sorted(str(p) for p in machine_cgroups() - cgroups_before)
+            assert left == [], f"cgroups of ended libvirt domains are left: {left}"
         finally:
             for pidfile in reversed(started):   # libvirtd first, then virtlogd
                 if (pid := _pid_alive(pidfile)) is not None:
@@ -150,6 +172,8 @@ def libvirt_daemon(netns: str | None = None) -> Iterator[str]:
                 reaper.wait(timeout=30)
             for log in set(QEMU_LOGS.glob("kvmpod-*.log*")) - logs_before:
                 log.unlink(missing_ok=True)
+            for cgroup in machine_cgroups() - cgroups_before:   # the next tests start clean
+                _remove_cgroup_tree(cgroup)
             shutil.rmtree(work, ignore_errors=True)
 
 
