@@ -542,6 +542,15 @@ class VsockDevice:
                 self._rx_blocked = True
                 break
             room = min(chain.writable_len - HEADER.size, conn.credit(), MAX_PACKET)
+            if room <= 0:
+                # a receive buffer of the header alone (the credit is checked above) carries no data; a
+                # recv() of 0 bytes would read as the host's EOF. It takes a credit update instead, and
+                # the data goes in the next buffer: chains are used in the order they were taken
+                packet = self._header(conn, OP_CREDIT_UPDATE)
+                chain.write(packet)
+                rx.push(chain, len(packet))
+                delivered += 1
+                continue
             try:
                 data = conn.sock.recv(room) if room > 0 else b""
             except (BlockingIOError, InterruptedError):

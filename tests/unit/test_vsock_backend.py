@@ -452,6 +452,26 @@ async def _connected(rig, port: int, buf_alloc: int) -> tuple[socket.socket, int
 
 
 @with_rig
+async def test_a_header_only_receive_buffer_takes_a_credit_update_not_a_false_eof(rig):
+    # room for the header alone: a recv() of 0 bytes would have read as the host program's EOF
+    sock, _ = await _connected(rig, 2009, buf_alloc=1 << 20)   # its REQUEST took 1 of the 12 buffers
+    g = rig.guest
+    i = g.free_desc[0].pop(0)
+    off = g.alloc(HEADER.size)
+    g.set_desc(0, i, g.gpa(off), HEADER.size, 2)
+    g.rx_bufs[i] = off
+    g.publish(0, i, kick=False)
+    g.post_rx(4)
+    sock.sendall(b"x" * (11 * RX_BUF + 100))
+    await settle()
+    got = g.received()
+    assert ops(got) == ["RW"] * 11 + ["CREDIT_UPDATE", "RW"], ops(got)
+    assert b"".join(data for _, data in got) == b"x" * (11 * RX_BUF + 100)
+    assert rig.device.conns and rig.failures == []
+    sock.close()
+
+
+@with_rig
 async def test_host_to_guest_respects_the_guest_credit(rig):
     sock, host_port = await _connected(rig, 2000, buf_alloc=6000)
     sock.setblocking(False)
