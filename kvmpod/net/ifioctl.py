@@ -17,6 +17,7 @@ import socket
 import struct
 
 from kvmpod.errors import NetworkError
+from kvmpod.net.tap import IFNAMSIZ
 
 # <linux/sockios.h>
 _SIOCGIFFLAGS = 0x8913
@@ -26,7 +27,6 @@ _SIOCGIFNETMASK = 0x891B
 _SIOCSIFMTU = 0x8922
 _SIOCBRADDIF = 0x89A2
 IFF_UP = 0x1
-IFNAMSIZ = 16
 _IFREQ = 40   # sizeof(struct ifreq) on 64-bit Linux: a name, then a 24-byte union
 
 
