@@ -58,6 +58,13 @@ FRONT_BACKLOG = socket.SOMAXCONN  # a burst of host connects waits in the kernel
 BATCH = 64                    # chains handled per event before yielding to the loop
 
 
+def _describe(hdr: tuple) -> str:
+    """A guest packet's header in one line: `op RST type 0, 0:0 -> 0:0, 0 bytes`."""
+    src_cid, dst_cid, src_port, dst_port, length, ptype, op, flags, buf_alloc, fwd_cnt = hdr
+    return (f"op {OP_NAMES.get(op, op)} type {ptype}, {src_cid}:{src_port} -> {dst_cid}:{dst_port}, "
+            f"{length} bytes, flags 0x{flags:x}, buf_alloc {buf_alloc}, fwd_cnt {fwd_cnt}")
+
+
 class State(enum.Enum):
     CONNECTING = "connecting"   # host-initiated, REQUEST sent
     CONNECTED = "connected"
@@ -106,6 +113,7 @@ class VsockDevice:
         self.vhost: VhostUserConnection | None = None
         self.conns: dict[tuple[int, int], Connection] = {}
         self.malformed = 0
+        self._first_malformed = ""
         self._queued: collections.deque[tuple[bytes, Connection | None]] = collections.deque()
         self._spare_rx: collections.deque[Chain] = collections.deque()
         self._next_port = HOST_PORT_BASE
@@ -277,7 +285,11 @@ class VsockDevice:
 
     def _malformed(self, why: str, hdr: tuple | None = None) -> None:
         self.malformed += 1
+        if hdr is not None:   # the whole header: a cut-off must say what the guest sent (docs/reliability.md)
+            why = f"{why}: {_describe(hdr)}"
         log.debug("vsock: malformed packet %d: %s", self.malformed, why)
+        if self.malformed == 1:
+            self._first_malformed = why
         if hdr is not None:  # reset what it names, as Linux does; never answer RST with RST
             conn = self.conns.get((hdr[3], hdr[2]))
             if conn is not None:
@@ -285,7 +297,8 @@ class VsockDevice:
             elif hdr[6] != OP_RST:
                 self._send_rst_to(hdr)
         if self.malformed >= MALFORMED_LIMIT:
-            raise GuestFault(f"{self.malformed} malformed vsock packets (the last: {why})")
+            raise GuestFault(f"{self.malformed} malformed vsock packets (the first: {self._first_malformed}; "
+                             f"the last: {why})")
 
     def _packet(self, chain: Chain) -> None:
         total = chain.readable_len

@@ -256,5 +256,6 @@ def test_a_guest_spamming_malformed_packets_is_cut_off(busybox_aci, kvmpod_env):
     assert result.returncode == 125
     error = the_error(result)
     assert error.startswith("kvmpod: error: the VM ended before the app finished: the guest broke its vsock device: "
-                            "16 malformed vsock packets (the last: unknown operation 238)"), error
+                            "16 malformed vsock packets (the first: unknown operation 238: op 238 type 1, "), error
+    assert "; the last: unknown operation 238: op 238 type 1, " in error and "\n" not in error, error
     assert time.time() - started < 60
