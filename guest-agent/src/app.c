@@ -52,6 +52,7 @@ struct spare {
     struct spare *next;
     char *serial;
     size_t first_mount, nmounts; /* its entries in mounts[] */
+    bool made_hosts;             /* it has the executor's /etc/hosts (the image has none) */
     char base[PATH_MAX];
 };
 
@@ -265,6 +266,26 @@ static int replace_etc_file(int rootfd, const char *name, const char *content, s
     return write_all_or_fail(fd, content, what, f);
 }
 
+/* The executor's /etc/hosts for an image without one (localhost only: the same in every pod); *made when
+ * it was created. */
+static int create_default_hosts(int rootfd, bool *made, struct failure *f)
+{
+    *made = false;
+    int etc = open_etc(rootfd);
+    if (etc < 0)
+        return failf(f, "rootfs", errno, "open /etc in the app's rootfs: %s", strerror(errno));
+    int fd = openat(etc, "hosts", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    int e = errno;
+    close(etc);
+    if (fd < 0 && e == EEXIST)
+        return 0;
+    if (fd < 0)
+        return failf(f, "rootfs", e, "create /etc/hosts in the app's rootfs: %s", strerror(e));
+    log_debug("created /etc/hosts");
+    *made = true;
+    return write_all_or_fail(fd, HOSTS, "/etc/hosts", f);
+}
+
 /* /etc/hosts: with hosts entries for the pod (--hosts-entry), written anew with localhost, the pod's
  * hostname and the entries. Otherwise the executor gives an app without /etc/hosts one that resolves
  * localhost, and an image's own /etc/hosts (even a dangling symlink) is never touched. */
@@ -277,18 +298,8 @@ static int write_hosts(int rootfd, struct failure *f)
         snprintf(content, sizeof content, "%s127.0.1.1 %s\n%s", HOSTS, hostname, entries);
         return replace_etc_file(rootfd, "hosts", content, f);
     }
-    int etc = open_etc(rootfd);
-    if (etc < 0)
-        return failf(f, "rootfs", errno, "open /etc in the app's rootfs: %s", strerror(errno));
-    int fd = openat(etc, "hosts", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-    int e = errno;
-    close(etc);
-    if (fd < 0 && e == EEXIST)
-        return 0;
-    if (fd < 0)
-        return failf(f, "rootfs", e, "create /etc/hosts in the app's rootfs: %s", strerror(e));
-    log_debug("created /etc/hosts");
-    return write_all_or_fail(fd, HOSTS, "/etc/hosts", f);
+    bool made;
+    return create_default_hosts(rootfd, &made, f);
 }
 
 /* The files the executor provides in /etc: hosts, and resolv.conf when the pod's network gives DNS
@@ -591,6 +602,19 @@ static int image_root(const char *base, const char *image, const char *root, str
     return overlay_root(base, image, root, f) < 0 ? -1 : appc_filesystems(root, f);
 }
 
+/* The spare's /etc/hosts as an app without hosts entries gets it. Creating it copies the image's /etc up
+ * into the overlay, under TCG the costliest step of a restored pod's START (~30 ms, docs/performance.md);
+ * the file is the same in every pod, so the snapshot can hold it. A START with entries replaces it. */
+static int spare_etc(const char *root, bool *made, struct failure *f)
+{
+    int rootfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0)
+        return failf(f, "rootfs", errno, "open %s: %s", root, strerror(errno));
+    int rc = create_default_hosts(rootfd, made, f);
+    close(rootfd);
+    return rc;
+}
+
 int app_prebuild(const char *serial, struct failure *f)
 {
     const char *image = image_mount(serial, f);
@@ -607,7 +631,7 @@ int app_prebuild(const char *serial, struct failure *f)
         path_join(root, sizeof root, "%s/rootfs", s->base) < 0) {
         failf(f, "rootfs", ENAMETOOLONG, "spare root path too long");
     } else if (make_dir_or_fail(KVMPOD_RUN, "rootfs", f) == 0 && make_dir_or_fail(SPARES_DIR, "rootfs", f) == 0 &&
-               image_root(s->base, image, root, f) == 0) {
+               image_root(s->base, image, root, f) == 0 && spare_etc(root, &s->made_hosts, f) == 0) {
         s->nmounts = nmounts - s->first_mount;
         s->next = spares;
         spares = s;
@@ -620,14 +644,15 @@ int app_prebuild(const char *serial, struct failure *f)
 }
 
 /* The spare root of `serial` moved to `base`: 1 when taken (its mount entries in *first, *n), 0 when
- * there is none or it cannot be moved (the caller builds the root itself). */
-static int take_spare(const char *serial, const char *base, size_t *first, size_t *n)
+ * there is none, it cannot be moved, or the app keeps the image's /etc and the spare has the executor's
+ * /etc/hosts (the caller builds the root itself). */
+static int take_spare(const char *serial, const char *base, bool keep_etc, size_t *first, size_t *n)
 {
     struct spare **link = &spares;
     while (*link && strcmp((*link)->serial, serial) != 0)
         link = &(*link)->next;
     struct spare *s = *link;
-    if (!s || make_dir(base, 0755) < 0)
+    if (!s || (keep_etc && s->made_hosts) || make_dir(base, 0755) < 0)
         return 0;
     if (mount(s->base, base, NULL, MS_MOVE, NULL) < 0) {
         log_debug("spare root of %s not used: move to %s: %s", serial, base, strerror(errno));
@@ -664,7 +689,7 @@ static int build_root(struct app *a, const char *image, const struct app_root_re
     if (make_dir_or_fail(KVMPOD_RUN, "rootfs", f) < 0 || make_dir_or_fail(APPS_DIR, "rootfs", f) < 0)
         return -1;
     size_t spare_first = 0, spare_n = 0;
-    bool spare = !req->share_tag && !readonly && req->nmounts == 0 && take_spare(a->serial, base, &spare_first, &spare_n);
+    bool spare = !req->share_tag && !readonly && req->nmounts == 0 && take_spare(a->serial, base, req->keep_etc, &spare_first, &spare_n);
     if (spare)
         log_debug("app %s: spare root of disk %s moved in", a->name, a->serial);
     else if (req->share_tag ? share_root(base, req->share_tag, a->root, f) < 0 : image_root(base, image, a->root, f) < 0)

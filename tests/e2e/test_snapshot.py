@@ -251,3 +251,22 @@ def test_the_spare_app_root_made_with_the_snapshot_goes_to_the_first_writable_ap
     assert "none" in out and out.count("spare-test") == 2
     spare_lines = [line for line in result.stderr.decode().splitlines() if "spare root of disk" in line]
     assert len(spare_lines) == 1 and "app one:" in spare_lines[0], spare_lines
+
+
+def test_the_spare_root_holds_the_executors_etc_hosts_and_a_pods_entries_replace_it(kvmpod, busybox_aci):
+    """The spare root is made with the executor's /etc/hosts (the image has none): creating it copies /etc
+    up into the overlay, the costliest step of a restored START, so the snapshot holds it. A pod without
+    hosts entries gets that file as it would have made it; one with entries gets them (replaced)."""
+    args = ["--memory", "216M", "--hostname", "hosts-test"]
+    assert kvmpod.run("--debug", *args, str(busybox_aci), *SH, "true").returncode == 0   # makes the snapshot
+
+    def restored(*extra: str) -> str:
+        result = kvmpod.run("--debug", *args, *extra, str(busybox_aci), *SH, "cat /etc/hosts")
+        assert result.returncode == 0, result.stderr.decode()
+        assert "spare root of disk" in result.stderr.decode()   # restored, and the spare moved in
+        assert "created /etc/hosts" not in result.stderr.decode()   # the START found it made
+        return result.stdout.decode()
+
+    assert restored() == "127.0.0.1 localhost\n::1 localhost\n"
+    assert restored("--hosts-entry", "192.0.2.7=db.example.org") == (
+        "127.0.0.1 localhost\n::1 localhost\n127.0.1.1 hosts-test\n192.0.2.7 db.example.org\n")
