@@ -31,6 +31,18 @@ if TYPE_CHECKING:
     from kvmpod.vsock.device import VsockDevice
 
 log = logging.getLogger(__name__)
+
+
+async def negotiate_qmp(client: "QMPClient", sock: socket.socket) -> None:
+    """Connect `client` over `sock` and leave capabilities negotiation. qemu.qmp's own negotiation takes
+    the first message after `qmp_capabilities` for its answer, but QEMU 7.2 may emit an event first: it
+    switches the monitor to command mode, then yields before it answers, and a restore finishing meanwhile
+    says RESUME (one `kvmpod run` in 32 at once failed with "Negotiation failed:", docs/reliability.md).
+    Sent through the running session instead, the answer is matched by its id and events go to the
+    event listener."""
+    client.negotiate = False   # the greeting is still awaited and checked
+    await client.connect(sock)
+    await client.execute("qmp_capabilities")
 # Until the agent listens on its vsock port the guest answers kvmpod's connection with RST; kvmpod
 # asks again after this long (nothing in the guest announces the listener). Bounded by the boot timeout.
 VSOCK_RETRY = 0.01
@@ -108,7 +120,7 @@ class QemuVM(VMBackend):
         self._qmp_sock = spawned.take("qmp")
         assert self._qmp_sock is not None  # spawn_qemu always makes the QMP pair
         try:
-            await self._race(self._qmp.connect(self._qmp_sock), "QEMU did not answer on QMP")
+            await self._race(negotiate_qmp(self._qmp, self._qmp_sock), "QEMU did not answer on QMP")
             self._events_task = loop.create_task(self._watch_events())
             if (restore_monitor := spawned.take("restore_monitor")) is not None:
                 await self._race(self._restore_answers(restore_monitor),
