@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from kvmpod.vsock.device import VsockDevice
 
 log = logging.getLogger(__name__)
+# Until the agent listens on its vsock port the guest answers kvmpod's connection with RST; kvmpod
+# asks again after this long (nothing in the guest announces the listener). Bounded by the boot timeout.
+VSOCK_RETRY = 0.01
+TEST_QMP_ENV = "KVMPOD_TEST_QMP"   # test-only: a QMP command to send once QEMU runs the guest
 
 
 async def negotiate_qmp(client: "QMPClient", sock: socket.socket) -> None:
@@ -43,10 +47,6 @@ async def negotiate_qmp(client: "QMPClient", sock: socket.socket) -> None:
     client.negotiate = False   # the greeting is still awaited and checked
     await client.connect(sock)
     await client.execute("qmp_capabilities")
-# Until the agent listens on its vsock port the guest answers kvmpod's connection with RST; kvmpod
-# asks again after this long (nothing in the guest announces the listener). Bounded by the boot timeout.
-VSOCK_RETRY = 0.01
-TEST_QMP_ENV = "KVMPOD_TEST_QMP"   # test-only: a QMP command to send once QEMU runs the guest
 
 
 class QemuVM(VMBackend):

@@ -59,7 +59,8 @@ BATCH = 64                    # chains handled per event before yielding to the 
 
 
 def _describe(hdr: tuple) -> str:
-    """A guest packet's header in one line: `op RST type 0, 0:0 -> 0:0, 0 bytes`."""
+    """A guest packet's header in one line: `op RST type 0, 0:0 -> 0:0, 0 bytes, flags 0x0, buf_alloc 0,
+    fwd_cnt 0`."""
     src_cid, dst_cid, src_port, dst_port, length, ptype, op, flags, buf_alloc, fwd_cnt = hdr
     return (f"op {OP_NAMES.get(op, op)} type {ptype}, {src_cid}:{src_port} -> {dst_cid}:{dst_port}, "
             f"{length} bytes, flags 0x{flags:x}, buf_alloc {buf_alloc}, fwd_cnt {fwd_cnt}")
