@@ -230,7 +230,7 @@ def main() -> int:
     parser.add_argument("--scale", default="1,2,4,8,16,32")
     parser.add_argument("--scale-rounds", type=int, default=3, help="rounds of the scale curve, Ns interleaved")
     parser.add_argument("--image-runs", type=int, default=3)
-    parser.add_argument("--agent-mib", type=int, default=256, help="MiB streamed per agent transport")
+    parser.add_argument("--agent-mib", type=int, default=128, help="MiB streamed per agent transport (and per ceiling run)")
     parser.add_argument("--stage1-runs", type=int, default=5)
     parser.add_argument("--oci-runs", type=int, default=5)
     parser.add_argument("--firstrun-runs", type=int, default=3, help="first runs per image, metadata rounds")
@@ -268,7 +268,7 @@ def main() -> int:
         header("5. cli")
         results["cli"] = cli(args.help_runs)
         header("7. agent transports")
-        results["agent"] = measure_agent(work, aci, args.agent_mib, execs=20, rounds=2)
+        results["agent"] = measure_agent(work, aci, args.agent_mib, execs=20, rounds=5)
         print_agent(results["agent"])
         header("8. stage1 (rkt's stage1 ABI through tests/stage0.py)")
         results["stage1"] = optional(lambda: measure_stage1(work, aci, args.stage1_runs), print_stage1,
