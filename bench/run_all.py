@@ -29,6 +29,8 @@
 15. paths     start per network (none, user, the bridge in a netns of its own) and with vsock-user, from the
               snapshot and cold, vs the cold floor and --net none (bench/paths.py)
 
+Each section's header shows a machine probe (a fixed CPU-bound loop, ms): the test machine's speed drifts, and
+the JSON keeps the probes (`machine_probe_ms`) next to the figures.
 Writes bench/results/<date>.json and bench/results/<date>.png (the breakdown as a stacked bar).
 Usage: bench/run_all.py [--runs N] [--distro-runs N] [--image-runs N]   (not a test, asserts nothing)
 """
@@ -74,8 +76,25 @@ PHASES = [  # (label, from, to) over state.json timings
 ]
 
 
+# The machine's own speed at each section's start: a fixed CPU-bound loop, the fastest of three tries.
+# This test machine is itself a VM whose speed drifts by up to 3x within the hour (the same loop took
+# 80 to 300 ms on the evening of 2026-12-07), so a figure compared across sections or runs needs it
+# next to it; the ratios within a section are measured interleaved and need it less.
+SPEED_PROBES: dict[str, float] = {}
+
+
+def machine_probe_ms() -> float:
+    def once() -> float:
+        began, total = time.perf_counter(), 0
+        for i in range(1_000_000):
+            total += i
+        return (time.perf_counter() - began) * 1000
+    return min(once() for _ in range(3))
+
+
 def header(title: str) -> None:
-    print(f"\n== {title} ==")
+    SPEED_PROBES[title] = probe = machine_probe_ms()
+    print(f"\n== {title} ==  (machine probe {probe:.0f} ms: a fixed loop, lower is faster)")
 
 
 def breakdown(work: Path, aci: Path, runs: int) -> dict:
@@ -297,6 +316,10 @@ def main() -> int:
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, SectionUnavailable)
     results["targets"] = collect_targets(results)
+    results["machine_probe_ms"] = dict(SPEED_PROBES)
+    probes = sorted(SPEED_PROBES.values())
+    print(f"\nmachine probe over the run: {probes[0]:.0f} to {probes[-1]:.0f} ms "
+          f"({probes[-1] / probes[0]:.2f}x between its fastest and slowest section)")
     header("targets (issue 22)")
     print_targets(results["targets"])
     results["total_s"] = time.perf_counter() - began
