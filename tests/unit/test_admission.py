@@ -72,3 +72,70 @@ def test_the_count_comes_from_the_config_and_is_checked(runtime_dir):
         admission.slot_count()
     (runtime_dir / "kvmpod.toml").unlink()
     assert admission.slot_count() == max(2, 2 * (os.cpu_count() or 1))
+
+
+@pytest.mark.parametrize("released", [0, 1, 2])
+def test_a_waiter_takes_whichever_slot_is_released_first(released, monkeypatch):
+    held = {}
+    while len(held) < 3:
+        slot = admission.take(3)
+        held[slot.index] = slot
+    # the waiter's tries start at another slot than the one released: it may not wait on that one alone
+    monkeypatch.setattr(admission.random, "randrange", lambda n: (released + 1) % n)
+    got: list[admission.StartSlot] = []
+    waiter = threading.Thread(target=lambda: got.append(admission.take(3)), daemon=True)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got
+    held.pop(released).release()
+    waiter.join(30)
+    try:
+        assert not waiter.is_alive() and got[0].index == released
+    finally:
+        for slot in [*held.values(), *got]:
+            slot.release()
+
+
+def test_waiters_queue_and_each_release_lets_one_through():
+    held = [admission.take(2), admission.take(2)]
+    got: list[admission.StartSlot] = []
+    waiters = [threading.Thread(target=lambda: got.append(admission.take(2)), daemon=True) for _ in range(3)]
+    for w in waiters:
+        w.start()
+    for _ in range(3):
+        threading.Event().wait(0.2)
+        before = len(got)
+        (held.pop() if held else got[0]).release()
+        for _ in range(300):
+            if len(got) > before:
+                break
+            threading.Event().wait(0.1)
+        assert len(got) == before + 1, "a release let no waiter, or more than one, through"
+    for w in waiters:
+        w.join(30)
+    assert all(not w.is_alive() for w in waiters)
+    for slot in [*held, *got]:
+        slot.release()
+
+
+def test_a_dead_holder_wakes_a_waiter():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        admission.take(1)
+        os.write(write, b"x")
+        signal.pause()
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"x"
+    os.close(read)
+    got: list[admission.StartSlot] = []
+    waiter = threading.Thread(target=lambda: got.append(admission.take(1)), daemon=True)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    os.kill(pid, signal.SIGKILL)   # the kernel closes its slot: IN_CLOSE_WRITE
+    os.waitpid(pid, 0)
+    waiter.join(30)
+    assert not waiter.is_alive() and got[0].held and got[0].waited > 0
+    got[0].release()
