@@ -4,10 +4,10 @@
 Per transport (serial, vsock-user = kvmpod's userspace vsock backend, vhost-vsock where
 /dev/vhost-vsock is usable):
   stream   stdout throughput: N MiB through `cat` in the guest (`head -c N /dev/zero | cat`), timed on
-           the host from the first byte to the last; in the same pod just before and just after, the
-           same pipeline into /dev/null timed inside the guest (what the guest alone costs under this
-           accelerator: the ceiling). The target is the median over rounds of each stream's ratio
-           to its own pod's ceiling
+           the host from the first byte to the last, in six parts, each between two runs of the same
+           pipeline into /dev/null in the same pod, timed inside the guest (what the guest alone costs
+           under this accelerator: the ceiling). The target is the median over rounds of each pod's
+           stream over its own ceiling
   exec     exec round-trip: `kvmpod enter`'s path (control socket -> agent START -> /bin/true ->
            EXIT) into a running pod, without the CLI's Python start-up; median of N
 Transports are interleaved run by run so host noise hits them alike; every figure is printed with its
@@ -45,34 +45,42 @@ def transports() -> list[str]:
 # the guest's own pipeline into /dev/null, timed inside the guest (10 ms resolution), on stderr
 _GUEST_PIPELINE = ('alone() {{ read a _ < /proc/uptime; head -c {size} /dev/zero | cat > /dev/null; '
                    'read b _ < /proc/uptime; echo "$a $b" >&2; }}; ')
+LEGS = 6   # streams per pod, each between two runs of the ceiling's pipeline
 
 
 def stream(env: dict[str, str], aci: Path, transport: str, mib: int) -> tuple[float, float]:
-    """MB/s (10^6 bytes) of app stdout reaching kvmpod's stdout, first byte to last, and the guest's own
-    pipeline into /dev/null in the same pod just before and just after (the mean of the two).
+    """MB/s (10^6 bytes) of app stdout reaching kvmpod's stdout, and of the guest's own pipeline into
+    /dev/null (the ceiling), measured in one pod in turns: ceiling, stream, ceiling, ... ceiling, LEGS
+    streams of mib/LEGS MiB each. A stream's time runs from the arrival of its first byte to that of
+    its last (the host tells the streams apart by their byte counts; the ceiling's runs write nothing).
 
-    The ceiling is measured in the same VM, seconds apart, because this machine's speed drifts by up
-    to 1.6x from one minute to the next (a host-side spin loop and a pod's pipeline moving together):
-    a ceiling taken in a pod of its own, a stream earlier, made the ratio swing between 0.7 and 1.05."""
-    size = mib << 20
-    script = _GUEST_PIPELINE.format(size=size) + f"alone; head -c {size} /dev/zero | cat; alone"
+    The turns are short (~1-2 s each) because this machine's speed drifts by up to 3x within the hour,
+    and within a minute too: a ceiling from a pod of its own made the ratio swing between 0.7 and 1.05,
+    and one stream between two ceiling runs of 7 s each between 0.67 and 1.10."""
+    leg = (mib << 20) // LEGS
+    script = (_GUEST_PIPELINE.format(size=leg)
+              + f"i=0; alone; while [ $i -lt {LEGS} ]; do head -c {leg} /dev/zero | cat; alone; i=$((i+1)); done")
     proc = subprocess.Popen([*KVMPOD, "run", "--net", "none", "--agent-transport", transport, str(aci), "--exec",
                              "/bin/sh", "--", "-c", script],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None and proc.stderr is not None
-    got, first, last = 0, 0.0, 0.0
+    got, spent, first, legs = 0, 0.0, 0.0, 0
     while chunk := proc.stdout.read1(1 << 20):
-        last = time.perf_counter()  # the last byte's arrival, not EOF: the pod runs on (the ceiling again)
-        if not got:
-            first = last
+        now = time.perf_counter()
+        if got % leg == 0:
+            first = now   # a stream's first bytes (a chunk does not span two: a ceiling run lies between)
         got += len(chunk)
+        if got % leg == 0:
+            spent, legs = spent + now - first, legs + 1
     err = proc.stderr.read().decode(errors="replace")
-    if proc.wait() or got != size:
-        raise SystemExit(f"{transport}: kvmpod run failed ({got} of {size} bytes): {err.strip()[-300:]}")
+    if proc.wait() or got != leg * LEGS:
+        raise SystemExit(f"{transport}: kvmpod run failed ({got} of {leg * LEGS} bytes): {err.strip()[-300:]}")
     spans = [float(b) - float(a) for a, b in (line.split() for line in err.splitlines() if line.count(" ") == 1)]
-    if len(spans) != 2:
+    if legs != LEGS:
+        raise SystemExit(f"{transport}: {legs} of the {LEGS} streams told apart (a chunk spanned two)")
+    if len(spans) != LEGS + 1:
         raise SystemExit(f"{transport}: the guest's pipeline timings are missing from stderr: {err.strip()[-300:]}")
-    return got / (last - first) / 1e6, size / statistics.mean(spans) / 1e6
+    return got / spent / 1e6, leg * len(spans) / sum(spans) / 1e6
 
 
 def exec_latency(env: dict[str, str], aci: Path, transport: str, execs: int) -> list[float]:
