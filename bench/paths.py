@@ -85,4 +85,4 @@ def print_paths(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(section_main(__doc__, measure_paths, print_paths, runs=5))
+    raise SystemExit(section_main(__doc__, measure_paths, print_paths, runs=10))

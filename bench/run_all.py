@@ -311,7 +311,7 @@ def main() -> int:
         header("14. volumes (a host volume's start and throughput per transport)")
         results["volumes"] = optional(lambda: measure_volumes(work, aci, 5), print_volumes, SectionUnavailable)
         header("15. paths (start per network and agent transport, snapshot and cold)")
-        results["paths"] = measure_paths(work, aci, 5)
+        results["paths"] = measure_paths(work, aci, 10)   # 5 runs let the drift decide a 1.15x line
         print_paths(results["paths"])
     header("6. image (import + rootfs disk of a Debian minbase)")
     results["image"] = optional(lambda: measure_image(args.image_runs), print_image, SectionUnavailable)
