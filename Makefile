@@ -109,8 +109,9 @@ unit: venv
 	$(VPY) -m pytest -m 'not vm' $(PYTEST_ARGS) tests
 
 # All benchmarks, each against a baseline measured in the same run; writes bench/results/<date>.{json,png}.
-# The image benchmark makes a Debian minbase with debootstrap once (root) and compares with xorriso.
-BENCH_DEB_PACKAGES := debootstrap xorriso
+# The image benchmark makes a Debian minbase with debootstrap once (root) and compares with xorriso;
+# the OCI one compares with crun (Debian's default runtime) where it can run.
+BENCH_DEB_PACKAGES := debootstrap xorriso crun
 bench-deps:
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(BENCH_DEB_PACKAGES)'
 
