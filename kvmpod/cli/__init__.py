@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from kvmpod import paths
 from kvmpod.cli.parser import build_parser, parse
 from kvmpod.outcome import configure_logging, exit_now, reporting_failures
+from kvmpod.startup import imports_without_gc, own_the_process
 
 __all__ = ["build_parser", "entry", "main"]
 
@@ -25,6 +26,7 @@ def command_function(name: str) -> Callable[..., int]:
 def entry() -> None:
     """The `kvmpod` command: main(), then out at once. By then every pod, file and child kvmpod made
     is dealt with, and tearing the interpreter down would only add ~20-50 ms to each command."""
+    own_the_process()
     exit_now(main())
 
 
@@ -42,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths.set_store_dir(ns.dir)
         debug = getattr(ns, "debug", False)
         configure_logging(debug)
-        return command_function(ns.func)(ns)
+        with imports_without_gc():
+            function = command_function(ns.func)
+        return function(ns)
 
     return reporting_failures(command, lambda: debug)
