@@ -23,6 +23,7 @@ from kvmpod import paths
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, Interrupted, KvmpodError
 from kvmpod.outcome import configure_logging, exit_now
 from kvmpod.pod.entry import run
+from kvmpod.startup import own_the_process
 
 
 def _die_with_parent() -> None:
@@ -79,4 +80,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    own_the_process()   # a process of kvmpod's own: the pod's second half imports with the GC paused
     main()

@@ -24,6 +24,7 @@ from kvmpod.oci_runtime.bundle import CAPABILITIES, NAMESPACES
 from kvmpod.oci_runtime.execute import ExecRequest, execute
 from kvmpod.oci_runtime.records import DEFAULT_ROOT, OCI_VERSION, Records
 from kvmpod.outcome import exit_now
+from kvmpod.startup import own_the_process
 
 PROG = "kvmpod-oci"
 
@@ -215,4 +216,5 @@ def _record(message: str):
 
 
 def entry() -> None:
+    own_the_process()   # the pod's second half imports with the GC paused (kvmpod/startup.py)
     exit_now(main())

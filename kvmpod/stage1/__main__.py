@@ -11,6 +11,7 @@ import sys
 from kvmpod.errors import EXIT_KVMPOD_FAILURE, KvmpodError
 from kvmpod.outcome import exit_now
 from kvmpod.stage1.flags import EXIT_STAGE1_FAILURE
+from kvmpod.startup import own_the_process
 
 ENTRYPOINTS = ("run", "enter", "stop", "gc")
 
@@ -49,4 +50,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    own_the_process()   # the pod's second half imports with the GC paused (kvmpod/startup.py)
     exit_now(main(sys.argv[1:]))
