@@ -39,7 +39,8 @@ def test_past_n_starts_the_next_waits_until_a_slot_is_released(runtime_dir):
     assert (slots.stat().st_mode & 0o777, (slots / "0").stat().st_mode & 0o777) == (0o700, 0o600)
 
 
-def test_a_dead_holder_leaves_no_slot_taken():
+def holding_child() -> int:
+    """A child process that holds the only slot (count 1) until it is killed; its pid."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -49,6 +50,12 @@ def test_a_dead_holder_leaves_no_slot_taken():
         os._exit(0)
     os.close(write)
     assert os.read(read, 1) == b"x"
+    os.close(read)
+    return pid
+
+
+def test_a_dead_holder_leaves_no_slot_taken():
+    pid = holding_child()
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     slot = admission.take(1)   # would wait forever if the dead child's flock outlived it
@@ -119,16 +126,7 @@ def test_waiters_queue_and_each_release_lets_one_through():
 
 
 def test_a_dead_holder_wakes_a_waiter():
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        admission.take(1)
-        os.write(write, b"x")
-        signal.pause()
-        os._exit(0)
-    os.close(write)
-    assert os.read(read, 1) == b"x"
-    os.close(read)
+    pid = holding_child()
     got: list[admission.StartSlot] = []
     waiter = threading.Thread(target=lambda: got.append(admission.take(1)), daemon=True)
     waiter.start()
