@@ -12,9 +12,9 @@ fetch and import happen before a slot is taken, so a slow download holds up no o
 A pod that finds every slot held waits for whichever is released first. flock() can only wait for one
 file, so the waiters queue on a turnstile (`start-slots/queue`, flocked too); the one at its head keeps
 a descriptor of every slot open and waits for an inotify IN_CLOSE_WRITE in the directory (a holder's
-release, exit or exec closes its slot, opened for writing) before trying them all again. Waiting for a
-slot picked at random instead left slots idle at the end of a burst while another slot's queue still
-ran one pod at a time.
+release, exit or exec closes its slot, opened for writing) before trying them all again. Waiting on a
+slot picked at random, as before, could keep a pod behind a slow starter (a cold boot, a first run
+making its snapshot) while other slots stood free.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ class _CloseWatch:
         if self._fd < 0:
             time.sleep(_NO_WATCH_RETRY_S)
             return
-        select.select([self._fd], [], [], timeout)
+        poller = select.poll()   # not select(): a process may hold fds past FD_SETSIZE
+        poller.register(self._fd, select.POLLIN)
+        poller.poll(timeout * 1000)
         try:
             os.read(self._fd, 65536)   # the events themselves do not matter: every slot is tried again
         except BlockingIOError:
