@@ -52,7 +52,9 @@ def stream(env: dict[str, str], aci: Path, transport: str, mib: int) -> tuple[fl
     """MB/s (10^6 bytes) of app stdout reaching kvmpod's stdout, and of the guest's own pipeline into
     /dev/null (the ceiling), measured in one pod in turns: ceiling, stream, ceiling, ... ceiling, LEGS
     streams of mib/LEGS MiB each. A stream's time runs from the arrival of its first byte to that of
-    its last (the host tells the streams apart by their byte counts; the ceiling's runs write nothing).
+    its last (the host tells the streams apart by their byte counts; the ceiling's runs write nothing),
+    while a ceiling's run is timed in the guest from before `head` and `cat` start: that favours the
+    stream by their start-up, a few percent of a turn under TCG.
 
     The turns are short (~1-2 s each) because this machine's speed drifts by up to 3x within the hour,
     and within a minute too: a ceiling from a pod of its own made the ratio swing between 0.7 and 1.05,
