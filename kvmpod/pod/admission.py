@@ -118,16 +118,13 @@ class _CloseWatch:
         self._fd = -1
         libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
-        if fd < 0:
-            log.debug("no inotify for the start slots (%s): trying them every %.0f ms", os.strerror(ctypes.get_errno()),
-                      _NO_WATCH_RETRY_S * 1000)
+        if fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(directory), self._IN_CLOSE_WRITE) >= 0:
+            self._fd = fd
             return
-        if libc.inotify_add_watch(fd, os.fsencode(directory), self._IN_CLOSE_WRITE) < 0:
-            log.debug("no inotify watch on %s (%s): trying the slots every %.0f ms", directory,
-                      os.strerror(ctypes.get_errno()), _NO_WATCH_RETRY_S * 1000)
+        log.debug("no inotify watch on %s (%s): trying the start slots every %.0f ms", directory,
+                  os.strerror(ctypes.get_errno()), _NO_WATCH_RETRY_S * 1000)
+        if fd >= 0:
             os.close(fd)
-            return
-        self._fd = fd
 
     def wait(self, timeout: float) -> None:
         """Until some file in the directory that was open for writing is closed, or `timeout`."""
