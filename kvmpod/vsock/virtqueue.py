@@ -24,11 +24,20 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
+_U16 = struct.Struct("<H")   # only for ring fields nobody writes while the device reads them (see _index)
 _USED_ELEM = struct.Struct("<II")
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 # Taking a lock is a locked instruction on x86: the one full barrier Python has (below, in notify).
 _FENCE = threading.Lock()
+
+
+def _index(ring: memoryview, offset: int) -> memoryview:
+    """A ring's 16-bit index (or flags) field as a one-item view: reading and writing it is one 16-bit load
+    or store. struct packs and unpacks byte by byte, so the guest, reading concurrently, saw the used index
+    torn when its low byte wrapped (0x01FF -> 0x0100 -> 0x0200): it then took the next, unwritten slot of
+    the used ring for an entry, said "id 0 is not a head!" and stopped the queue for good (the rare CI hang
+    of docs/reliability.md). Native byte order: kvmpod runs on little-endian hosts, as virtio's rings are."""
+    return ring[offset:offset + 2].cast("H")
 
 
 @dataclass
@@ -153,6 +162,9 @@ class VirtQueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        self._avail_flags: memoryview | None = None   # _index() views of the three fields both sides
+        self._avail_idx: memoryview | None = None     # touch while the ring runs
+        self._used_idx: memoryview | None = None
         self._memory: GuestMemory | None = None
 
     @property
@@ -173,6 +185,8 @@ class VirtQueue:
         self._desc = memory.view(memory.user_to_guest(self.desc_user, 16 * n, "descriptor table"), 16 * n)
         self._avail = memory.view(memory.user_to_guest(self.avail_user, 4 + 2 * n, "available ring"), 4 + 2 * n)
         self._used = memory.view(memory.user_to_guest(self.used_user, 4 + 8 * n, "used ring"), 4 + 8 * n)
+        self._avail_flags, self._avail_idx = _index(self._avail, 0), _index(self._avail, 2)
+        self._used_idx = _index(self._used, 2)
         if self.resync:
             # A ring (re)starts where the guest's used ring says the device left off, not where the
             # front end's base says: chains taken and never used (receive buffers the device held, or
@@ -180,11 +194,12 @@ class VirtQueue:
             # used slot past one it never wrote, and Linux reads that stale slot as "id 0 is not a
             # head" and stops the queue for good. The device uses chains in the order it took them.
             self.resync = False
-            self.used_idx = _U16.unpack_from(self._used, 2)[0]
+            self.used_idx = self._used_idx[0]
             self.last_avail = self.used_idx
 
     def unmap(self) -> None:
         self._desc = self._avail = self._used = self._memory = None
+        self._avail_flags = self._avail_idx = self._used_idx = None
 
     def close_fds(self) -> None:
         for fd in (self.kick_fd, self.call_fd):
@@ -193,8 +208,8 @@ class VirtQueue:
         self.kick_fd = self.call_fd = None
 
     def _pending(self) -> int:
-        assert self._avail is not None
-        avail_idx = _U16.unpack_from(self._avail, 2)[0]
+        assert self._avail_idx is not None
+        avail_idx = self._avail_idx[0]
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise GuestFault(f"vsock queue {self.index}: available index ran {pending} entries ahead "
@@ -242,14 +257,14 @@ class VirtQueue:
 
     def push(self, chain: Chain, written: int) -> None:
         """Return a chain to the guest with `written` bytes written into it."""
-        assert self._used is not None
+        assert self._used is not None and self._used_idx is not None
         _USED_ELEM.pack_into(self._used, 4 + 8 * (self.used_idx % self.size), chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.used_idx)  # x86 keeps stores in order: the element is visible first
+        self._used_idx[0] = self.used_idx  # one store, after the element's: x86 keeps stores in order
 
     def notify(self) -> None:
         """Interrupt the guest (the call eventfd) unless it asked not to be."""
-        if self.call_fd is None or self._avail is None:
+        if self.call_fd is None or self._avail_flags is None:
             return
         # x86 may let the load of the guest's flags pass the store of the used index. A guest that
         # re-enables interrupts (a store, a full barrier, a load of the used index) could then see
@@ -257,7 +272,7 @@ class VirtQueue:
         # is a full barrier here, as vhost's vhost_notify() has its smp_mb().
         with _FENCE:
             pass
-        if _U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT:
+        if self._avail_flags[0] & VRING_AVAIL_F_NO_INTERRUPT:
             return
         try:
             os.write(self.call_fd, _EVENTFD_ONE)
