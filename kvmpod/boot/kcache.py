@@ -85,6 +85,20 @@ def replace_dir(stage: Path, final: Path, scratch: Path) -> None:
     stage.rename(final)
 
 
+def find_patches(patch_dir: Path) -> list[Path]:
+    """The patches a build applies to its source (the minimal kernel's, kvmpod's QEMU), in name order."""
+    return sorted(p for p in patch_dir.glob("*.patch") if p.is_file()) if patch_dir.is_dir() else []
+
+
+def apply_patches(src: Path, patches: list[Path], log: Callable[[str], None],
+                  error: type[KvmpodError] = KernelError) -> None:
+    """Apply `patches` to the source tree `src`, in order; `error` names the one that does not apply."""
+    for patch in patches:
+        log(f"applying {patch.name}")
+        run_tool(["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i", str(patch)], cwd=src,
+                 error=error)
+
+
 def add_build_arguments(parser: "argparse.ArgumentParser", what: str, installed_in: str, source_size: str) -> None:
     """The options `build` commands share (the minimal kernel, kvmpod's QEMU)."""
     parser.add_argument("--cache", type=Path, help=f"cache directory (default: kvmpod's cache dir); {what} goes "

@@ -128,11 +128,6 @@ def verify_config(wanted: dict[str, str | None], config_text: str, name: str = "
 
 # --- what gets built: the hash ---------------------------------------------------------------
 
-def find_patches(patch_dir: Path = PATCH_DIR) -> list[Path]:
-    """The patches applied to the source, in name order."""
-    return sorted(p for p in patch_dir.glob("*.patch") if p.is_file()) if patch_dir.is_dir() else []
-
-
 def build_hash(fragment: bytes, source_version: str, patches: list[tuple[str, bytes]]) -> str:
     """sha256 over everything that decides the kernel: recipe version, source package version,
     fragment, and the patches (names and contents, in order)."""
@@ -269,9 +264,7 @@ def _unpack(tarball: Path, src: Path, patches: list[Path], stamp: str, log: Call
         tops[0].rename(src)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for patch in patches:
-        log(f"applying {patch.name}")
-        kcache.run_tool(["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i", str(patch)], cwd=src)
+    kcache.apply_patches(src, patches, log)
     stamp_file.write_text(stamp)
 
 
@@ -302,7 +295,7 @@ def current_digest(fragment_path: Path = FRAGMENT, patch_dir: Path = PATCH_DIR) 
         fragment = fragment_path.read_bytes()
     except OSError as e:
         raise KernelError(f"cannot read the kernel config fragment {fragment_path}: {e.strerror}") from e
-    return build_hash(fragment, source_version(), [(p.name, p.read_bytes()) for p in find_patches(patch_dir)])
+    return build_hash(fragment, source_version(), [(p.name, p.read_bytes()) for p in kcache.find_patches(patch_dir)])
 
 
 def build(cache: Path | None = None, fragment_path: Path = FRAGMENT, patch_dir: Path = PATCH_DIR,
@@ -314,7 +307,7 @@ def build(cache: Path | None = None, fragment_path: Path = FRAGMENT, patch_dir: 
     except OSError as e:
         raise KernelError(f"cannot read the kernel config fragment {fragment_path}: {e.strerror}") from e
     wanted = parse_fragment(fragment.decode("utf-8", "replace"), str(fragment_path))
-    patches = find_patches(patch_dir)
+    patches = kcache.find_patches(patch_dir)
     patch_data = [(p.name, p.read_bytes()) for p in patches]
     version = source_version()
     digest = build_hash(fragment, version, patch_data)

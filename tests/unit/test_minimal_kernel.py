@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpod.boot import minimal, tsc
+from kvmpod.boot import kcache, minimal, tsc
 from kvmpod.boot.kernel import load_kernel_json
 from kvmpod.boot.minimal import build_hash, dropped_options, has_pvh_note, installed_kernel, parse_fragment, verify_config
 from kvmpod.boot.tsc import parse_tsc_khz
@@ -74,7 +74,7 @@ def test_fragment_is_grouped_and_commented():
 
 
 def test_patches_are_unified_diffs_against_the_tree():
-    for patch in minimal.find_patches():
+    for patch in kcache.find_patches(minimal.PATCH_DIR):
         text = patch.read_text()
         assert "\n--- a/" in "\n" + text and "\n+++ b/" in text, patch
         assert "\n@@ " in text, patch
