@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from kvmpod import faults
 from kvmpod.agent.session import AgentSession, ExitStatus, GuestProcess, Hello, OutputSink, ProcessSpec
 from kvmpod.boot.snapshot import device_macs
+from kvmpod.config import bool_setting
 from kvmpod.errors import EXIT_SIGNAL_BASE, AgentError, AppStartError, Interrupted, KvmpodError, RunTimeout, VMError
 from kvmpod.net.attach import PodNetwork
 from kvmpod.pod import audit
@@ -199,11 +200,25 @@ class PodRunner:
             for index, proc in enumerate(self.processes):
                 proc.exited.add_done_callback(functools.partial(self._app_ended, index))
         waiting = asyncio.ensure_future(statuses())
-        while self.relay is not None and not waiting.done():
+        released = not bool_setting("release-translations", "run", True)
+        while not waiting.done() and (self.relay is not None or not released):
             await asyncio.wait({waiting}, timeout=QUIET_FOR)
-            if not waiting.done() and self.quiet() and not await self._hand_off(self.relay):
+            if waiting.done() or not self.quiet():
+                continue
+            if not released:
+                released = True
+                await self._release_translations()
+            if self.relay is not None and self.quiet() and not await self._hand_off(self.relay):
                 self.relay = None
         return await waiting
+
+    async def _release_translations(self) -> None:
+        """Under TCG, what QEMU translated while the pod started (~12 MiB for a busybox app here) is
+        dead weight once the pod is quiet: QEMU drops it and gives the pages back, once per quiet
+        spell of this process (after a way back from kvmpod-relay, again). Code the pod runs later is
+        translated again (docs/qemu.md)."""
+        if await self.vm.release_translations():
+            log.debug("the pod is quiet: QEMU dropped its translations")
 
     async def _hand_off(self, relay: Path) -> bool:
         """hand_off() with the pod's signals blocked first. A signal the kernel delivered just before

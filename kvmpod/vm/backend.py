@@ -74,6 +74,12 @@ class VMBackend(abc.ABC):
     async def resume(self) -> None:
         """Let the vCPUs of a paused VM run again. Raises VMError."""
 
+    async def release_translations(self) -> bool:
+        """Software emulation: drop the code translated so far and give its memory back to the host
+        (a quiet pod keeps only what it runs again). False where the backend or its hypervisor cannot;
+        never raises: the pod runs on either way."""
+        return False
+
     @property
     @abc.abstractmethod
     def pid(self) -> int | None:

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # asks again after this long (nothing in the guest announces the listener). Bounded by the boot timeout.
 VSOCK_RETRY = 0.01
 TEST_QMP_ENV = "KVMPOD_TEST_QMP"   # test-only: a QMP command to send once QEMU runs the guest
+# kvmpod's QEMU build only (kvmpod/vm/data/qemu-patches/0001-*, docs/qemu.md): a TCG flush that gives
+# the translation buffer's pages back. Debian's QEMU answers CommandNotFound.
+RELEASE_TRANSLATIONS = "x-kvmpod-tb-flush"
+RELEASE_TIMEOUT = 5.0   # s; the command returns at once (the flush itself runs on the vCPU)
 
 
 async def negotiate_qmp(client: "QMPClient", sock: socket.socket) -> None:
@@ -394,6 +398,21 @@ class QemuVM(VMBackend):
             await self._qmp.execute(command)
         except QMPError as e:
             raise VMError(f"QMP {command}: {e}") from e
+
+    async def release_translations(self) -> bool:
+        from qemu.qmp import ExecuteError, QMPError
+
+        if self.config.accel != "tcg" or self._qmp is None or self._ended is None or self._ended.done():
+            return False
+        try:
+            await asyncio.wait_for(self._qmp.execute(RELEASE_TRANSLATIONS), RELEASE_TIMEOUT)
+        except ExecuteError as e:   # not kvmpod's build (Debian's QEMU, a KVMPOD_QEMU binary)
+            log.debug("QEMU keeps its translations: %s", e)
+            return False
+        except (QMPError, OSError, asyncio.TimeoutError) as e:   # QEMU is going away: its own watch reports that
+            log.debug("QMP %s: %s", RELEASE_TRANSLATIONS, e or type(e).__name__)
+            return False
+        return True
 
     async def wait(self) -> VMExit:
         return await asyncio.shield(self.ended)

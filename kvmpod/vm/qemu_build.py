@@ -12,7 +12,8 @@ Debian's patches, so this binary carries the same security fixes as the one apt 
 
 1. `apt-get source --download-only qemu=<version>`, with the host's apt sources copied as deb-src
    entries into a private apt directory (apt checks the archive's signature and every file's hash),
-   then `dpkg-source -x`, which applies Debian's patches, into <cache>/build/qemu-<version>/src;
+   then `dpkg-source -x`, which applies Debian's patches, into <cache>/build/qemu-<version>/src, and
+   then kvmpod's own (PATCH_DIR, in name order: what each does is in its header and docs/qemu.md);
 2. configure: x86_64-softmmu only, --without-default-features and --without-default-devices, plus
    FEATURES and the device list DEVICES (written as configs/devices/x86_64-softmmu/kvmpod.mak);
 3. `make qemu-system-x86_64` (~2 min on 2 cores), then strip. The binary must offer every machine
@@ -20,8 +21,8 @@ Debian's patches, so this binary carries the same security fixes as the one apt 
    is missing;
 4. installed atomically as <cache>/qemu/kvmpod-qemu-<version>-<hash8>/ with qemu.json.
 
-The hash covers RECIPE_VERSION, the source version, FEATURES and DEVICES: when none changed, `build`
-does nothing. qemu.json also records the identity (size, mtime) of Debian's binary at build time.
+The hash covers RECIPE_VERSION, the source version, FEATURES, DEVICES and kvmpod's patches: when none
+changed, `build` does nothing. qemu.json also records the identity (size, mtime) of Debian's binary at build time.
 Which binary a pod runs is decided by kvmpod/vm/qemu_binary.py. docs/qemu.md has the details.
 """
 
@@ -50,12 +51,13 @@ BINARY_PACKAGE = "qemu-system-x86"   # its source package is what gets built
 SOURCE_PACKAGE = "qemu"
 # Bump when the build steps change what comes out for the same source, features and devices.
 RECIPE_VERSION = 1
-BUILD_LOG = "build.log"   # make's output, kept in the installed build's directory
+BUILD_LOG = "build.log"
+PATCH_DIR = Path(__file__).parent / "data" / "qemu-patches"   # kvmpod's own, applied after Debian's   # make's output, kept in the installed build's directory
 # What the build needs (`make deps` installs them): Debian's source tools, QEMU's build system and
 # the libraries FEATURES link against.
 BUILD_PACKAGES = ("dpkg-dev", "build-essential", "python3", "meson", "ninja-build", "pkg-config", "binutils",
                   "libglib2.0-dev", "libpixman-1-dev", "libslirp-dev", "libfdt-dev", "libcap-ng-dev",
-                  "libattr1-dev", "libseccomp-dev", "xz-utils")
+                  "libattr1-dev", "libseccomp-dev", "xz-utils", "patch")
 
 # configure options besides the target and the device list. Everything not named here is off.
 FEATURES = (
@@ -66,6 +68,8 @@ FEATURES = (
     "--enable-vhost-user",           # virtiofsd, vhost-user-vsock
     "--enable-virtfs", "--enable-attr", "--enable-cap-ng",  # 9p shares (unprivileged volumes)
     "--enable-seccomp",              # -sandbox: every pod's QEMU runs under its syscall filter (docs/security.md)
+    "--enable-malloc-trim",          # QEMU gives freed heap back (its RCU thread, and x-kvmpod-tb-flush): an auto
+                                     # feature, so --without-default-features had turned it off
     "--disable-docs", "--disable-user", "--audio-drv-list=",
 )
 
@@ -95,13 +99,28 @@ REQUIRED_DEVICES = tuple(f"{device}-{bus}" for device in (
     "vhost-vsock") for bus in ("device", "pci")) + ("virtserialport", "pvpanic", "pvpanic-pci")
 
 
-def build_hash(source_version: str, features: tuple[str, ...] = FEATURES, devices: str = DEVICES) -> str:
-    """sha256 over everything that decides the binary."""
+def read_patches(patch_dir: Path = PATCH_DIR) -> list[tuple[str, bytes]]:
+    """kvmpod's QEMU patches: (name, contents), in the order they are applied."""
+    try:
+        return [(p.name, p.read_bytes()) for p in kcache.find_patches(patch_dir)]
+    except OSError as e:
+        raise QemuBuildError(f"cannot read kvmpod's QEMU patches in {patch_dir}: {e.strerror}") from e
+
+
+def build_hash(source_version: str, features: tuple[str, ...] = FEATURES, devices: str = DEVICES,
+               patches: list[tuple[str, bytes]] | None = None) -> str:
+    """sha256 over everything that decides the binary (`patches`: read_patches() when None)."""
     h = hashlib.sha256()
-    for part in (f"kvmpod-qemu/{RECIPE_VERSION}", source_version, "\0".join(features), devices):
-        data = part.encode()
+
+    def part(data: bytes) -> None:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
+
+    for text in (f"kvmpod-qemu/{RECIPE_VERSION}", source_version, "\0".join(features), devices):
+        part(text.encode())
+    for name, data in read_patches() if patches is None else patches:
+        part(name.encode())
+        part(data)
     return h.hexdigest()
 
 
@@ -167,11 +186,14 @@ def _write_apt_sources(apt_dir: Path, etc_apt: Path = Path("/etc/apt")) -> None:
             (parts / source.name).write_text(deb_src_sources(source.read_text(), deb822=False))
 
 
-def _fetch_source(work: Path, version: str, log: Callable[[str], None]) -> Path:
-    """Debian's source package of `version`, unpacked and patched; returns the source tree."""
+def _fetch_source(work: Path, version: str, log: Callable[[str], None], patch_dir: Path = PATCH_DIR) -> Path:
+    """Debian's source package of `version`, unpacked with Debian's patches and then kvmpod's; returns
+    the source tree. A kept tree is reused only if it was made with the same version and patches."""
     src = work / "src"
     stamp = src / ".kvmpod-unpacked"
-    if stamp.is_file() and stamp.read_text() == version:
+    patches = kcache.find_patches(patch_dir)
+    wanted = build_hash(version, features=(), devices="", patches=read_patches(patch_dir))
+    if stamp.is_file() and stamp.read_text() == wanted:
         return src
     apt_dir, download = work / "apt", work / "download"
     _write_apt_sources(apt_dir)
@@ -192,7 +214,8 @@ def _fetch_source(work: Path, version: str, log: Callable[[str], None]) -> Path:
     # against the archive's signed index.
     kcache.run_tool(["dpkg-source", "--no-check", "-x", str(dsc), str(src)], error=QemuBuildError)
     shutil.rmtree(download, ignore_errors=True)
-    stamp.write_text(version)
+    kcache.apply_patches(src, patches, log, error=QemuBuildError)
+    stamp.write_text(wanted)
     return src
 
 
@@ -258,6 +281,7 @@ def _install(binary: Path, root: Path, version: str, digest: str) -> Path:
             raise QemuBuildError(f"the built {binary} lacks {', '.join(missing)}: see DEVICES in {__file__}")
         meta = {"source_package": SOURCE_PACKAGE, "source_version": version, "build_sha256": digest,
                 "recipe": RECIPE_VERSION, "features": list(FEATURES), "devices": DEVICES.splitlines(),
+                "patches": [name for name, _ in read_patches()],
                 "debian_binary": binary_identity(DEBIAN_QEMU)}
         tmp = stage / f".{BUILD_JSON}.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")

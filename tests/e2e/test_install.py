@@ -106,6 +106,7 @@ def test_wheel_carries_what_kvmpod_needs(wheel):
                  "kvmpod/image/schema/image-manifest.schema.json", "kvmpod/pod/schema/pod-manifest.schema.json"):
         assert data in entries
     assert any(n.startswith("kvmpod/boot/data/patches/") and n.endswith(".patch") for n in entries)
+    assert any(n.startswith("kvmpod/vm/data/qemu-patches/") and n.endswith(".patch") for n in entries)
 
 
 def test_wheel_build_without_a_compiler_fails_in_one_line(tmp_path):

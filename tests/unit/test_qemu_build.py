@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpod.boot import kcache
 from kvmpod.errors import VMError
 from kvmpod.vm import qemu_binary, qemu_build
 from kvmpod.vm.qemu_binary import find_qemu
@@ -45,6 +46,19 @@ def test_the_hash_covers_version_features_and_devices():
     assert base != qemu_build.build_hash("1:7.2+dfsg-7+deb12u1")
     assert base != qemu_build.build_hash("1:7.2+dfsg-7", features=(*qemu_build.FEATURES, "--enable-seccomp"))
     assert base != qemu_build.build_hash("1:7.2+dfsg-7", devices=qemu_build.DEVICES + "CONFIG_VIRTIO_SCSI=y\n")
+    assert base != qemu_build.build_hash("1:7.2+dfsg-7", patches=[])
+    ours = qemu_build.read_patches()
+    assert base == qemu_build.build_hash("1:7.2+dfsg-7", patches=ours)
+    assert base != qemu_build.build_hash("1:7.2+dfsg-7", patches=[(name, data + b"\n") for name, data in ours])
+
+
+def test_kvmpods_qemu_patches_are_unified_diffs_in_the_package():
+    patches = kcache.find_patches(qemu_build.PATCH_DIR)
+    assert [p.name for p in patches][:1] == ["0001-tcg-x-kvmpod-tb-flush-gives-the-translation-buffer-back.patch"]
+    for patch in patches:
+        text = patch.read_text()
+        assert "\n--- a/" in text and "\n+++ b/" in text and "\n@@ " in text, patch
+        assert text.split("\n", 1)[0].startswith("kvmpod: "), f"{patch.name}: the first line says what it does"
 
 
 def test_dir_name_drops_the_epoch():
