@@ -210,7 +210,7 @@ def test_64_concurrent_connections_each_way(kvmpod, vsock_test_aci, kvmpod_env):
         for t in clients:
             t.start()
         # one budget, under pytest-timeout's 300 s: a hang is then reported with what the pod and the
-        # host's ends said (one such hang in ~290 runs under two CPU hogs, 2026-12-07, was not)
+        # host's ends said (the hangs of 2026-12-07 were a torn used index: docs/reliability.md)
         budget = time.monotonic() + 200
         for t in [*clients, server]:
             t.join(max(0.0, budget - time.monotonic()))
