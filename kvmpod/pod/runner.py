@@ -208,7 +208,9 @@ class PodRunner:
             if not released:
                 released = True
                 await self._release_translations()
-            if self.relay is not None and self.quiet() and not await self._hand_off(self.relay):
+            if self.relay is None or waiting.done():   # the apps may have ended during the release
+                continue
+            if self.quiet() and not await self._hand_off(self.relay):
                 self.relay = None
         return await waiting
 

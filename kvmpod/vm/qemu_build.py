@@ -22,7 +22,8 @@ Debian's patches, so this binary carries the same security fixes as the one apt 
 4. installed atomically as <cache>/qemu/kvmpod-qemu-<version>-<hash8>/ with qemu.json.
 
 The hash covers RECIPE_VERSION, the source version, FEATURES, DEVICES and kvmpod's patches: when none
-changed, `build` does nothing. qemu.json also records the identity (size, mtime) of Debian's binary at build time.
+changed, `build` does nothing. qemu.json also records the identity (size, mtime) of Debian's binary at
+build time.
 Which binary a pod runs is decided by kvmpod/vm/qemu_binary.py. docs/qemu.md has the details.
 """
 
@@ -51,8 +52,8 @@ BINARY_PACKAGE = "qemu-system-x86"   # its source package is what gets built
 SOURCE_PACKAGE = "qemu"
 # Bump when the build steps change what comes out for the same source, features and devices.
 RECIPE_VERSION = 1
-BUILD_LOG = "build.log"
-PATCH_DIR = Path(__file__).parent / "data" / "qemu-patches"   # kvmpod's own, applied after Debian's   # make's output, kept in the installed build's directory
+BUILD_LOG = "build.log"   # make's output, kept in the installed build's directory
+PATCH_DIR = Path(__file__).parent / "data" / "qemu-patches"   # kvmpod's own, applied after Debian's
 # What the build needs (`make deps` installs them): Debian's source tools, QEMU's build system and
 # the libraries FEATURES link against.
 BUILD_PACKAGES = ("dpkg-dev", "build-essential", "python3", "meson", "ninja-build", "pkg-config", "binutils",
