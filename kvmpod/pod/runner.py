@@ -200,14 +200,15 @@ class PodRunner:
             for index, proc in enumerate(self.processes):
                 proc.exited.add_done_callback(functools.partial(self._app_ended, index))
         waiting = asyncio.ensure_future(statuses())
-        released = not bool_setting("release-translations", "run", True)
+        released = False   # the setting is read at the first quiet moment: short pods never pay for it
         while not waiting.done() and (self.relay is not None or not released):
             await asyncio.wait({waiting}, timeout=QUIET_FOR)
             if waiting.done() or not self.quiet():
                 continue
             if not released:
                 released = True
-                await self._release_translations()
+                if bool_setting("release-translations", "run", True):
+                    await self._release_translations()
             if self.relay is None or waiting.done():   # the apps may have ended during the release
                 continue
             if self.quiet() and not await self._hand_off(self.relay):
